@@ -1,0 +1,34 @@
+# Two entry points, both doing their own set-up on a fresh Debian machine (as root) and fast when
+# already set up:  make demo  (the main job on the embedded default)  and  make test.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PKGS := dataset-fashion-mnist
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP) $(FMNIST)
+
+# torch is pinned here (not in pyproject) so pip takes the CPU build on local disk instead of
+# a multi-GB CUDA download; the package itself accepts any torch >= 2.11.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+$(FMNIST):
+	$(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) || \
+	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
+
+demo: setup
+	$(VENV)/bin/sparsedistill kd experiment --config short --run-dir runs/demo-kd $(if $(wildcard runs/demo-kd/config.toml),--resume,)
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,100 @@
+"""Typed configs: dataclass defaults <- a TOML file <- ``key.sub=value`` overrides.
+
+Recipes declare their config as (nested) dataclasses; this module fills them and rejects
+unknown keys with the list of valid ones, so a typo never silently runs the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+__all__ = ["load_config", "config_to_dict", "dump_toml", "preset_path"]
+
+C = TypeVar("C")
+
+
+def preset_path(name: str) -> Path:
+    """Path of a config shipped with the package (``recipes/configs/<name>.toml``)."""
+    return Path(str(resources.files("sparsedistill.recipes") / "configs" / f"{name}.toml"))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings need no quotes on the command line
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in [{where or 'top level'}]; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ValueError(f"config [{sub}] must be a table")
+            kwargs[name] = _build(typ, value, sub)
+        else:
+            kwargs[name] = _coerce(value, typ, sub)
+    return dataclasses.replace(cls(), **kwargs)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, tuple) and isinstance(value, list):
+        (item,) = typing.get_args(typ)[:1] or (Any,)
+        coerced = [_coerce(v, item, where) for v in value]
+        return coerced if origin is list else tuple(coerced)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ValueError(f"config key {where} expects {typ.__name__}, got {value!r}")
+    return value
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+def load_config(cls: type[C], source: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build ``cls`` from its defaults, a TOML file or preset name, then ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if source:
+        path = Path(source)
+        if not path.exists() and not path.suffix:
+            path = preset_path(str(source))
+        if not path.exists():
+            raise FileNotFoundError(f"config {source!r} not found (a TOML path or a preset in {preset_path('x').parent})")
+        data = tomllib.loads(path.read_text())
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        _set_path(data, key.strip(), _parse_value(text.strip()))
+    return _build(cls, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_toml(cfg: Any) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))

@@ -1,0 +1,157 @@
+"""The one training loop every recipe uses: step-based, DDP-ready, resumable.
+
+Batches come from a stateless sampler (``batch_rows``): the rows of step ``s`` are a pure
+function of ``(seed, s)``, so resuming from a checkpoint at step ``s`` sees exactly the batches
+an uninterrupted run would, and under ``torchrun`` each rank takes an interleaved share of the
+same global batch (DDP then averages gradients, which equals the single-process update).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .. import distributed as dist
+from ..runs import Run
+
+__all__ = ["TrainConfig", "batch_rows", "train", "predict"]
+
+LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float | Tensor]]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256  # global, across all ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0  # 0 disables
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+def batch_rows(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:
+    """Global row indices of ``step``: epoch-wise shuffles of ``range(num_rows)``, dropping the ragged tail."""
+    if batch_size > num_rows:
+        raise ValueError(f"batch size {batch_size} exceeds the dataset size {num_rows}")
+    per_epoch = num_rows // batch_size
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=g)[i * batch_size : (i + 1) * batch_size]
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    get_batch: Callable[[Tensor], Any],
+    num_rows: int,
+    cfg: TrainConfig,
+    *,
+    job: str,
+    run: Run | None = None,
+    seed: int = 0,
+    enforce: Callable[[nn.Module], None] | None = None,
+    extra_params: list[nn.Parameter] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place for ``cfg.steps`` steps and return it.
+
+    ``get_batch(rows)`` turns this rank's row indices into a batch; ``loss_fn(model, batch)``
+    returns ``(loss, metrics)``. ``enforce(model)`` runs after every optimizer step (sparsity
+    masks). ``extra_params`` are trained too (e.g. a hint-loss projection). With a ``run``, the
+    loop logs reduced metrics, checkpoints atomically every ``cfg.checkpoint_every`` steps and at
+    the end, and resumes from ``run``'s checkpoint for ``job`` if there is one.
+    """
+    if cfg.batch_size % dist.world_size():
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    start = 0
+    state = run.load_checkpoint(job) if run else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if extra_params:
+            for p, v in zip(extra_params, state["extra_params"]):
+                p.data.copy_(v)
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    if start >= cfg.steps:
+        return model
+
+    net = DistributedDataParallel(model) if dist.world_size() > 1 else model
+
+    def checkpoint(step: int) -> None:
+        if run is not None:
+            run.save_checkpoint(job, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "extra_params": [p.detach().clone() for p in extra_params or []],
+                "rng": torch.get_rng_state(), "step": step,
+            })
+
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc=job, disable=not (progress and dist.is_main()), leave=False, mininterval=1.0)
+    for step in bar:
+        rows = dist.shard_rows(batch_rows(step, num_rows, cfg.batch_size, seed))
+        loss, metrics = loss_fn(net, get_batch(rows))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{job}: loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in extra_params or []:  # outside DDP, so average their gradients by hand
+            if p.grad is not None and dist.world_size() > 1:
+                p.grad.copy_(dist.all_reduce_mean(p.grad))
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if enforce is not None:
+            enforce(model)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            names = ["loss", *metrics]
+            vals = dist.all_reduce_mean(torch.tensor([loss.item(), *[float(v) for v in metrics.values()]]))
+            logged = dict(zip(names, vals.tolist()))
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if run is not None:
+                run.log(job, step + 1, lr=sched.get_last_lr()[0], **logged)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1)
+    checkpoint(cfg.steps)
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: Tensor, batch_size: int = 1024) -> Tensor:
+    """Outputs for every row of ``inputs``; under ``torchrun`` ranks split the rows and share results."""
+    was_training = model.training
+    model.eval()
+    n = len(inputs)
+    mine = torch.arange(n)[dist.rank() :: dist.world_size()]
+    out = None
+    for s in range(0, len(mine), batch_size):
+        rows = mine[s : s + batch_size]
+        y = model(inputs[rows]).float()
+        if out is None:
+            out = torch.zeros(n, *y.shape[1:], device=y.device)
+        out[rows.to(y.device)] = y
+    if out is None:  # more ranks than rows
+        out = torch.zeros(n, *model(inputs[:1]).shape[1:], device=inputs.device)
+    model.train(was_training)
+    return dist.all_reduce_sum(out)

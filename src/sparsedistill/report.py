@@ -1,0 +1,64 @@
+"""Small helpers shared by every recipe's report: seed statistics, markdown tables, PNG plots."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["mean_std", "fmt_mean_std", "markdown_table", "save_figure", "environment", "plt"]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def fmt_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if len(values) > 1 else f"{m * scale:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_figure(fig: Any, path: Path) -> str:
+    """Save a matplotlib figure as PNG and return its file name (for a markdown link)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def environment() -> dict[str, str]:
+    """Versions and commit, recorded with every report and benchmark."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "commit": commit or "unknown",
+    }

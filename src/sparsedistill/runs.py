@@ -1,0 +1,129 @@
+"""A run directory: resolved config, metrics as JSON lines, atomic checkpoints and job results.
+
+Layout::
+
+    <run>/config.toml          the resolved config
+    <run>/metrics.jsonl        one JSON object per logged step, tagged with its job
+    <run>/checkpoints/<job>.pt model/optimizer/step, written atomically, removed when the job is done
+    <run>/results/<job>.json   a finished job's outputs; its presence means "skip on --resume"
+    <run>/report.md, *.png     written by the recipe
+
+Only rank 0 writes; every rank reads, so all ranks skip the same finished jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed as dist
+from .config import dump_toml
+
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "Run", "latest_run"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _job_file(job: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", job):
+        raise ValueError(f"job name {job!r} must use letters, digits, '_', '.', '-' only")
+    return job
+
+
+def latest_run(root: Path, prefix: str) -> Path | None:
+    runs = sorted(p for p in root.glob(f"{prefix}-*") if (p / "config.toml").exists())
+    return runs[-1] if runs else None
+
+
+class Run:
+    """Handle on a run directory.
+
+    Without ``resume`` the directory must not hold results or checkpoints yet, so an existing
+    checkpoint is always this run's own and loading it is what resuming means.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Any, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.resume = resume
+        if not resume and any(any((self.path / sub).glob("*")) for sub in ("results", "checkpoints") if (self.path / sub).is_dir()):
+            raise FileExistsError(f"{self.path} already holds results or checkpoints; pass --resume to continue it or choose another --run-dir")
+        if dist.is_main():
+            for sub in ("checkpoints", "results"):
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path / "config.toml", dump_toml(config).encode())
+        dist.barrier()
+
+    # metrics ---------------------------------------------------------------------------------
+    def log(self, job: str, step: int, **metrics: float) -> None:
+        if not dist.is_main():
+            return
+        row = {"job": job, "step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self, job: str | None = None) -> list[dict[str, Any]]:
+        f = self.path / "metrics.jsonl"
+        if not f.exists():
+            return []
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        return [r for r in rows if job is None or r["job"] == job]
+
+    # checkpoints -----------------------------------------------------------------------------
+    def checkpoint_path(self, job: str) -> Path:
+        return self.path / "checkpoints" / f"{_job_file(job)}.pt"
+
+    def save_checkpoint(self, job: str, state: dict[str, Any]) -> None:
+        if dist.is_main():
+            atomic_torch_save(state, self.checkpoint_path(job))
+        dist.barrier()
+
+    def load_checkpoint(self, job: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(job)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # finished jobs ---------------------------------------------------------------------------
+    def result(self, job: str) -> dict[str, Any] | None:
+        f = self.path / "results" / f"{_job_file(job)}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def save_result(self, job: str, result: dict[str, Any]) -> None:
+        if dist.is_main():
+            atomic_write_bytes(self.path / "results" / f"{_job_file(job)}.json", json.dumps(result, indent=1).encode())
+        dist.barrier()
+
+    def artifact(self, name: str) -> Path:
+        return self.path / name
