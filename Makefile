@@ -25,7 +25,7 @@ $(FMNIST):
 	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
 
 demo: setup
-	$(VENV)/bin/sparsedistill kd experiment --config short --run-dir runs/demo-kd $(if $(wildcard runs/demo-kd/config.toml),--resume,)
+	$(VENV)/bin/sparsedistill kd experiment --config short
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile -q

@@ -7,6 +7,7 @@ Systems register here as their recipes land (``kd`` today; ``vit``, ``attention`
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -45,6 +46,9 @@ def _kd_experiment(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args, "kd-experiment")
     command = "sparsedistill " + shlex.join(sys.argv[1:])
     report = run_experiment(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command=command)
+    from .recipes.kd_report import format_summary
+
+    print(format_summary(json.loads((report.parent / "summary.json").read_text())))
     print(f"report: {report}")
     return 0
 

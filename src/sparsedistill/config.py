@@ -33,23 +33,25 @@ def _parse_value(text: str) -> Any:
         return text  # bare strings need no quotes on the command line
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(base: Any, data: dict[str, Any], where: str) -> Any:
+    """``base`` (a dataclass instance) with ``data`` applied; nested tables update nested defaults."""
+    cls = type(base)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)} in [{where or 'top level'}]; valid keys: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        typ = hints[name]
         sub = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(typ):
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"config [{sub}] must be a table")
-            kwargs[name] = _build(typ, value, sub)
+            kwargs[name] = _build(current, value, sub)
         else:
-            kwargs[name] = _coerce(value, typ, sub)
-    return dataclasses.replace(cls(), **kwargs)
+            kwargs[name] = _coerce(value, hints[name], sub)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -89,7 +91,7 @@ def load_config(cls: type[C], source: str | Path | None = None, overrides: list[
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
         _set_path(data, key.strip(), _parse_value(text.strip()))
-    return _build(cls, data, "")
+    return _build(cls(), data, "")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

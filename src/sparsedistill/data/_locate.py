@@ -13,14 +13,16 @@ class DatasetNotFound(FileNotFoundError):
 
 
 def locate(env_var: str, candidates: list[Path], required: list[str]) -> Path | None:
-    """First directory holding every file in ``required``: ``$env_var``, then ``candidates``."""
-    dirs = ([Path(os.environ[env_var])] if os.environ.get(env_var) else []) + candidates
-    for d in dirs:
+    """Directory holding every file in ``required``: ``$env_var`` if set (authoritative), else the first candidate."""
+    override = os.environ.get(env_var)
+    if override:
+        missing = [f for f in required if not (Path(override) / f).exists()]
+        if missing:
+            raise DatasetNotFound(f"${env_var}={override} is missing {missing}")
+        return Path(override)
+    for d in candidates:
         if all((d / f).exists() for f in required):
             return d
-    if os.environ.get(env_var):
-        missing = [f for f in required if not (Path(os.environ[env_var]) / f).exists()]
-        raise DatasetNotFound(f"${env_var}={os.environ[env_var]} is missing {missing}")
     return None
 
 

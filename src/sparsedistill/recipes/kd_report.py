@@ -14,7 +14,7 @@ from ..distill import brier_bias_variance, fit_inverse_n, log_loss_bias_variance
 from ..report import environment, fmt_mean_std, markdown_table, mean_std, plt, save_figure
 from ..runs import Run
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "format_summary"]
 
 LABELS = {"full": "KD (full logits)", "ce": "CE only", "topk": "KD top-{k}", "sampled": "KD sampled ({k}/step)", "hard": "hard labels (text-only)"}
 
@@ -37,6 +37,19 @@ def _bias_variance(run: Run, jobs: list[str], labels: torch.Tensor) -> dict[str,
     return {"brier_bias": b.bias, "brier_variance": b.variance, "logloss_bias": l.bias, "logloss_variance": l.variance}
 
 
+def _accuracy_bars(path: Path, labels: list[str], accs: list[list[float]], teacher_mean: float, colors: list[str]) -> str:
+    """Bar chart of mean test accuracy (± std over seeds) against the dense teacher; returns the PNG name."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    means = [mean_std(a)[0] * 100 for a in accs]
+    ax.bar(range(len(labels)), means, yerr=[mean_std(a)[1] * 100 for a in accs], color=colors)
+    ax.axhline(teacher_mean * 100, color="k", ls="--", lw=1, label="dense teacher")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylim(min(means) - 2, max(max(means), teacher_mean * 100) + 1)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
     seeds = cfg.seeds
     teacher_accs = [index["teachers"][s]["test_acc"] for s in seeds]
@@ -54,7 +67,7 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
         "",
         f"Model: MLP {cfg.model.hidden} (dropout {cfg.model.dropout}); the classifier head stays dense. "
         f"Teacher: {cfg.teacher.steps} steps of cross-entropy. Students start from the teacher's weights and get "
-        f"{cfg.student.steps} fine-tuning steps in total (split evenly across stages); KD students use "
+        f"{cfg.student.steps} fine-tuning steps (multi-stage budgets: see (b)); KD students use "
         f"{cfg.kd.alpha:g} x KD + {1 - cfg.kd.alpha:g} x CE at T = {cfg.kd.temperature:g} ({cfg.kd.operator} operator). "
         "Accuracies are top-1 on the test set in %, mean ± sample std over seeds.",
         "",
@@ -81,17 +94,8 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
             if bv:
                 bv_rows.append([sp, _label(spec)] + [f"{bv[k]:.4f}" for k in ("brier_bias", "brier_variance", "logloss_bias", "logloss_variance")])
             summary["parts"].setdefault("kd_vs_ce", {})[f"{sp} / {_label(spec)}"] = mean_std(accs)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        names = [f"{r[0]}\n{r[1]}" for r in table]
-        means = [mean_std(a)[0] * 100 for _, _, a in rows]
-        errs = [mean_std(a)[1] * 100 for _, _, a in rows]
-        ax.bar(range(len(names)), means, yerr=errs, color=["C0", "C1"] * (len(names) // 2 + 1))
-        ax.axhline(t_mean * 100, color="k", ls="--", lw=1, label="dense teacher")
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        ax.set_ylim(min(means) - 2, t_mean * 100 + 1)
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend()
-        png = save_figure(fig, run.artifact("kd_vs_ce.png"))
+        png = _accuracy_bars(run.artifact("kd_vs_ce.png"), [f"{r[0]}\n{r[1]}" for r in table], [a for _, _, a in rows],
+                             t_mean, ["C0" if spec["loss"] != "ce" else "C1" for spec, _, _ in rows])
         md += ["## (a) KD vs cross-entropy at equal sparsity", "",
                markdown_table(["sparsity", "student", "accuracy", "Δ vs teacher (pts)"], table), "", f"![KD vs CE]({png})", ""]
         if bv_rows:
@@ -110,6 +114,8 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
             gap = [t - a for t, a in zip(teacher_accs, accs)]
             table.append([spec["stages"], "—" if one_shot else spec["teacher_source"],
                           "—" if one_shot else budgets[spec.get("budget", "split")], fmt_mean_std(accs), fmt_mean_std(gap)])
+            key = "one-shot" if one_shot else f"n={spec['stages']} teacher={spec['teacher_source']} steps {budgets[spec.get('budget', 'split')]}"
+            summary["parts"].setdefault("multistage", {})[key] = mean_std(accs)
             for curve in curves if one_shot else [(spec["teacher_source"], spec.get("budget", "split"))]:
                 series.setdefault(f"teacher={curve[0]}, steps {budgets[curve[1]]}", []).append((spec["stages"], mean_std(gap)[0], mean_std(gap)[1]))
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -125,6 +131,8 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
                 ax.plot(grid, fit.predict(grid) * 100, color=f"C{i}", lw=1,
                         label=f"fit {fit.a * 100:.2f} + {fit.b * 100:.2f}/n (R² {fit.r2:.2f})")
         ax.set_xscale("log", base=2)
+        ticks = sorted({n for pts in series.values() for n, _, _ in pts})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("stages n")
         ax.set_ylabel("teacher − student accuracy (pts)")
         ax.legend(fontsize=7)
@@ -140,7 +148,6 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
             md.append(f"- fit ({source}): gap(n) = {fit.a * 100:.3f} + {fit.b * 100:.3f}/n pts, R² = {fit.r2:.3f}; "
                       f"power-law exponent γ = {gamma} (1/n predicts b > 0 and γ ≈ 1).")
             summary["parts"].setdefault("multistage_fit", {})[source] = vars(fit)
-        summary["parts"]["multistage"] = {f"n={r[0]} teacher={r[1]} steps={r[2]}": r[3] for r in table}
         md += ["", f"![gap vs stages]({png})", ""]
 
     # (c) teacher access ---------------------------------------------------------------------
@@ -152,15 +159,8 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
             kept_s = f"{np.mean(kept) * 100:.1f}" if kept and kept[0] is not None else ("100" if spec["loss"] == "full" else "—")
             table.append([_label(spec), kept_s, fmt_mean_std(accs), f"{(mean_std(accs)[0] - t_mean) * 100:+.2f}"])
             summary["parts"].setdefault("teacher_access", {})[_label(spec)] = mean_std(accs)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        means = [mean_std(a)[0] * 100 for _, _, a in rows]
-        ax.bar(range(len(rows)), means, yerr=[mean_std(a)[1] * 100 for _, _, a in rows], color="C2")
-        ax.axhline(t_mean * 100, color="k", ls="--", lw=1, label="dense teacher")
-        ax.set_xticks(range(len(rows)), [r[0] for r in table], fontsize=7, rotation=15)
-        ax.set_ylim(min(means) - 2, t_mean * 100 + 1)
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend()
-        png = save_figure(fig, run.artifact("teacher_access.png"))
+        png = _accuracy_bars(run.artifact("teacher_access.png"), [r[0].replace(" (", "\n(") for r in table],
+                             [a for _, _, a in rows], t_mean, ["C2"] * len(rows))
         md += [f"## (c) Teacher access at {cfg.sparsity.unstructured:.0%} unstructured sparsity", "",
                "Top-k and hard-label targets come from a memory-mapped teacher cache built once per seed; "
                "the sampled teacher draws fresh classes from the softened teacher every step (unbiased KL estimate).", "",
@@ -211,3 +211,18 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
     path = run.artifact("report.md")
     path.write_text("\n".join(md))
     return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Plain-text digest of ``summary.json`` for the terminal (accuracy in %, mean ± std over seeds)."""
+    m, s = mean_std(summary["teacher_acc"])
+    lines = [f"{'dense teacher':<58} {m * 100:6.2f} ± {s * 100:.2f}"]
+    for part, entries in summary["parts"].items():
+        if part == "multistage_fit":
+            for source, fit in entries.items():
+                lines.append(f"  1/n fit ({source}): gap = {fit['a'] * 100:.2f} + {fit['b'] * 100:.2f}/n pts, R² {fit['r2']:.2f}")
+            continue
+        lines.append(part)
+        for name, (mean, std) in entries.items():
+            lines.append(f"  {name:<56} {mean * 100:6.2f} ± {std * 100:.2f}")
+    return "\n".join(lines)

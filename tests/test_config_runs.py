@@ -1,0 +1,121 @@
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from sparsedistill.config import dump_toml, load_config
+from sparsedistill.distill import TrainConfig, train
+from sparsedistill.distill.trainer import batch_rows
+from sparsedistill.recipes.kd_experiment import ExperimentConfig
+from sparsedistill.runs import Run, atomic_write_bytes
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    lr: float = 0.1
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('name = "from-file"\n[inner]\nsteps = 50\n')
+    cfg = load_config(Outer, f, ["inner.lr=1", "seeds=[1, 2]", "name=bare-string"])
+    assert cfg == Outer("bare-string", [1, 2], Inner(50, 1.0))
+    assert isinstance(cfg.inner.lr, float)
+    assert "steps = 50" in dump_toml(cfg)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['step'\].*valid keys"):
+        load_config(Outer, overrides=["inner.step=5"])
+    with pytest.raises(ValueError, match="expects int"):
+        load_config(Outer, overrides=["inner.steps=fast"])
+    with pytest.raises(ValueError, match="key.sub=value"):
+        load_config(Outer, overrides=["inner.steps"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(Outer, "nonexistent")
+
+
+def test_shipped_presets_load():
+    short = load_config(ExperimentConfig, "short")
+    full = load_config(ExperimentConfig, "full")
+    assert short.seeds == [0] and full.seeds == [0, 1, 2]
+    assert full == ExperimentConfig()  # the full preset writes out the defaults
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    p = tmp_path / "a" / "f.json"
+    atomic_write_bytes(p, b"{}")
+    assert p.read_bytes() == b"{}" and [x.name for x in p.parent.iterdir()] == ["f.json"]
+
+
+def test_run_refuses_to_overwrite_without_resume(tmp_path):
+    run = Run(tmp_path / "r", Outer())
+    run.save_result("job", {"acc": 1.0})
+    assert (tmp_path / "r" / "config.toml").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Run(tmp_path / "r", Outer())
+    assert Run(tmp_path / "r", Outer(), resume=True).result("job") == {"acc": 1.0}
+    with pytest.raises(ValueError, match="job name"):
+        run.result("../escape")
+
+
+def test_batch_rows_is_a_shuffle_per_epoch():
+    rows = torch.cat([batch_rows(s, 100, 10, seed=1) for s in range(10)])
+    assert sorted(rows.tolist()) == list(range(100))
+    assert not torch.equal(batch_rows(0, 100, 10, 1), batch_rows(10, 100, 10, 1))
+    with pytest.raises(ValueError, match="exceeds"):
+        batch_rows(0, 5, 10, 0)
+
+
+def _setup():
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    loss = lambda net, b: (nn.functional.cross_entropy(net(b[0]), b[1]), {})  # noqa: E731
+    return x, y, model, loss
+
+
+def test_resumed_training_matches_uninterrupted(tmp_path):
+    x, y, model, loss = _setup()
+    cfg = TrainConfig(steps=40, batch_size=20, lr=0.01, log_every=5, checkpoint_every=15)
+    ref = train(model, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "a", cfg), progress=False)
+
+    x, y, model, loss = _setup()
+    run = Run(tmp_path / "b", cfg)
+    short = TrainConfig(**{**vars(cfg), "steps": 40, "checkpoint_every": 15})
+
+    class Stop(Exception):
+        pass
+
+    def crashing(net, b, calls=[0]):
+        calls[0] += 1
+        if calls[0] > 22:  # dies after the step-15 checkpoint
+            raise Stop
+        return loss(net, b)
+
+    with pytest.raises(Stop):
+        train(model, crashing, lambda r: (x[r], y[r]), 200, short, job="j", run=run, progress=False)
+    assert torch.load(run.checkpoint_path("j"), weights_only=False)["step"] == 15
+    _, _, fresh, _ = _setup()
+    resumed = train(fresh, loss, lambda r: (x[r], y[r]), 200, short, job="j", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40
+
+
+def test_training_stops_on_non_finite_loss():
+    x, y, model, _ = _setup()
+    bad = lambda net, b: (net(b[0]).sum() * float("nan"), {})  # noqa: E731
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train(model, bad, lambda r: (x[r], y[r]), 200, TrainConfig(steps=5, batch_size=10), job="j", progress=False)

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from sparsedistill.data import DatasetNotFound, load_fashion_mnist
+from sparsedistill.models import create_model, list_models
+
+
+def test_real_fashion_mnist_loads_offline():
+    data = load_fashion_mnist(download=False)
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert data.train_x.dtype == torch.float32 and 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
+    assert torch.equal(torch.bincount(data.test_y), torch.full((10,), 1000))
+    assert data.classes[9] == "Ankle boot"
+
+
+def test_subsets_are_class_balanced_and_deterministic():
+    a = load_fashion_mnist(train_subset=1000, test_subset=500, download=False)
+    b = load_fashion_mnist(train_subset=1000, test_subset=500, download=False)
+    assert len(a.train_y) == 1000 and torch.equal(torch.bincount(a.train_y), torch.full((10,), 100))
+    assert len(a.test_y) == 500 and torch.equal(a.train_x, b.train_x)
+
+
+def test_missing_dataset_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEDISTILL_FASHION_MNIST", str(tmp_path))
+    with pytest.raises(DatasetNotFound, match="missing"):
+        load_fashion_mnist(download=False)
+    monkeypatch.delenv("SPARSEDISTILL_FASHION_MNIST")
+    monkeypatch.setattr("sparsedistill.data.fashion_mnist.DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("SPARSEDISTILL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DatasetNotFound, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(download=False)
+
+
+def test_model_registry():
+    assert "mlp" in list_models()
+    model = create_model("mlp", hidden=[32], num_classes=10)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="784 input features"):
+        model(torch.randn(3, 100))
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
+        create_model("vit_huge")
