@@ -43,6 +43,10 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(Outer, overrides=["inner.steps"])
     with pytest.raises(FileNotFoundError, match="not found"):
         load_config(Outer, "nonexistent")
+    with pytest.raises(ValueError, match="expects a list"):
+        load_config(Outer, overrides=["seeds=0"])
+    with pytest.raises(ValueError, match="expects int"):
+        load_config(Outer, overrides=["inner.steps=true"])
 
 
 def test_shipped_presets_load():
@@ -67,20 +71,30 @@ def test_run_refuses_to_overwrite_without_resume(tmp_path):
     assert Run(tmp_path / "r", Outer(), resume=True).result("job") == {"acc": 1.0}
     with pytest.raises(ValueError, match="job name"):
         run.result("../escape")
+    with pytest.raises(ValueError, match="config differs"):
+        Run(tmp_path / "r", Outer(name="changed"), resume=True)
+
+
+def test_metrics_keep_the_latest_row_per_step(tmp_path):
+    run = Run(tmp_path / "r", Outer())
+    run.log("j", 10, loss=2.0)
+    run.log("j", 20, loss=1.0)
+    run.log("j", 20, loss=0.5)  # replayed after a resume
+    assert [(r["step"], r["loss"]) for r in run.metrics("j")] == [(10, 2.0), (20, 0.5)]
 
 
 def test_batch_rows_is_a_shuffle_per_epoch():
     rows = torch.cat([batch_rows(s, 100, 10, seed=1) for s in range(10)])
     assert sorted(rows.tolist()) == list(range(100))
     assert not torch.equal(batch_rows(0, 100, 10, 1), batch_rows(10, 100, 10, 1))
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="batch size must be"):
         batch_rows(0, 5, 10, 0)
 
 
 def _setup():
     torch.manual_seed(0)
     x, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))  # dropout: RNG must resume too
     loss = lambda net, b: (nn.functional.cross_entropy(net(b[0]), b[1]), {})  # noqa: E731
     return x, y, model, loss
 
@@ -92,7 +106,6 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
 
     x, y, model, loss = _setup()
     run = Run(tmp_path / "b", cfg)
-    short = TrainConfig(**{**vars(cfg), "steps": 40, "checkpoint_every": 15})
 
     class Stop(Exception):
         pass
@@ -104,10 +117,11 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
         return loss(net, b)
 
     with pytest.raises(Stop):
-        train(model, crashing, lambda r: (x[r], y[r]), 200, short, job="j", run=run, progress=False)
+        train(model, crashing, lambda r: (x[r], y[r]), 200, cfg, job="j", run=run, progress=False)
     assert torch.load(run.checkpoint_path("j"), weights_only=False)["step"] == 15
     _, _, fresh, _ = _setup()
-    resumed = train(fresh, loss, lambda r: (x[r], y[r]), 200, short, job="j", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
+    torch.manual_seed(123)  # the checkpoint, not the caller, decides the RNG state
+    resumed = train(fresh, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
     for a, b in zip(ref.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

@@ -40,6 +40,9 @@ def test_magnitude_sparsifier_walks_a_nested_path(path):
             for k in masks:
                 assert not (masks[k] & ~previous[k]).any()  # nothing pruned is revived
         previous = masks
+        with torch.no_grad():  # "training": surviving weights move, some below pruned magnitudes
+            for lin in (model[0], model[2]):
+                lin.weight.mul_(torch.rand_like(lin.weight))
     assert abs(stats["sparsity"] - 0.9) < 0.01
     for lin in (model[0], model[2]):
         assert abs(float((lin.weight == 0).float().mean()) - 0.9) < 0.01
@@ -69,7 +72,11 @@ def test_nm_sparsifier_reaches_exact_2_4_through_intermediate_levels():
     sp = NMSparsifier(2, 4, include=lambda name, mod: name != "2")
     half = sp.step_to(model, 0.5)["sparsity"]
     assert abs(half - 0.25) < 0.01
+    first = sp.masks.masks["0"].clone()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight))  # survivors shrink between stages
     assert sp.step_to(model, 1.0)["sparsity"] == pytest.approx(0.5)
+    assert not (sp.masks.masks["0"] & ~first).any()  # the 2:4 mask contains every earlier pruning
     assert is_nm_sparse(model[0].weight) and not is_nm_sparse(model[2].weight)  # excluded layer stays dense
 
 

@@ -26,8 +26,11 @@ def _add_run_options(p: argparse.ArgumentParser, preset_help: str) -> None:
 
 
 def _run_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """The run directory, decided on rank 0 so that every ``torchrun`` rank uses the same one."""
+    from . import distributed as dist
     from .runs import latest_run
 
+    dist.init()
     if args.run_dir:
         return args.run_dir
     if args.resume:
@@ -35,7 +38,7 @@ def _run_dir(args: argparse.Namespace, prefix: str) -> Path:
         if latest is None:
             raise SystemExit(f"--resume: no earlier {prefix} run under runs/; pass --run-dir")
         return latest
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dist.broadcast_object(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _kd_experiment(args: argparse.Namespace) -> int:

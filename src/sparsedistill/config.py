@@ -58,13 +58,15 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if origin in (list, tuple) and isinstance(value, list):
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"config key {where} expects a list, e.g. {where}=[{value!r}]")
         (item,) = typing.get_args(typ)[:1] or (Any,)
         coerced = [_coerce(v, item, where) for v in value]
         return coerced if origin is list else tuple(coerced)
     if origin in (typing.Union, types.UnionType):
         return value
-    if typ in (int, float, str, bool) and not isinstance(value, typ):
+    if typ in (int, float) and isinstance(value, bool) or typ in (int, float, str, bool) and not isinstance(value, typ):
         raise ValueError(f"config key {where} expects {typ.__name__}, got {value!r}")
     return value
 

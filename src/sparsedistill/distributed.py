@@ -13,7 +13,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "shard_rows", "on_main_first"]
+__all__ = [
+    "init", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "shard_rows", "on_main_first",
+]
 
 
 def init(backend: str | None = None) -> torch.device:
@@ -57,6 +59,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (e.g. a run directory named after the start time)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Layout::
 
     <run>/config.toml          the resolved config
     <run>/metrics.jsonl        one JSON object per logged step, tagged with its job
-    <run>/checkpoints/<job>.pt model/optimizer/step, written atomically, removed when the job is done
+    <run>/checkpoints/<job>.pt model/optimizer/step, written atomically; the last one stays (a finished
+                               job's weights, which later stages and resumed runs reload)
     <run>/results/<job>.json   a finished job's outputs; its presence means "skip on --resume"
     <run>/report.md, *.png     written by the recipe
 
@@ -79,6 +80,12 @@ class Run:
         self.resume = resume
         if not resume and any(any((self.path / sub).glob("*")) for sub in ("results", "checkpoints") if (self.path / sub).is_dir()):
             raise FileExistsError(f"{self.path} already holds results or checkpoints; pass --resume to continue it or choose another --run-dir")
+        saved = self.path / "config.toml"
+        if resume and saved.exists() and saved.read_text() != dump_toml(config):
+            raise ValueError(
+                f"the config differs from the one {self.path} was started with ({saved}); "
+                "resume with the same config, or start a new run"
+            )
         if dist.is_main():
             for sub in ("checkpoints", "results"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
@@ -98,7 +105,9 @@ class Run:
         if not f.exists():
             return []
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        return [r for r in rows if job is None or r["job"] == job]
+        # A resumed job logs again the steps after its last checkpoint; the later row wins.
+        latest = {(r["job"], r["step"]): r for r in rows if job is None or r["job"] == job}
+        return list(latest.values())
 
     # checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self, job: str) -> Path:

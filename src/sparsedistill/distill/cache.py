@@ -4,12 +4,12 @@ Layout of a cache directory::
 
     meta.json      {"num_rows", "k", "num_classes", "fingerprint"}
     indices.npy    (num_rows, k) int16/int32, classes sorted by logit, descending
-    logits.npy     (num_rows, k) float16 top-k logits
+    logits.npy     (num_rows, k) float32 top-k logits
     logsumexp.npy  (num_rows,)   float32 log-partition of the full logits
 
 The arrays are memory-mapped, so a cache larger than RAM works. Top-k log-probabilities at
 ``T = 1`` are exact (``logit - logsumexp``); with ``k == num_classes`` the cache is lossless up
-to fp16 rounding. The directory is built under a temporary name and renamed when complete, so an
+to float32 rounding. The directory is built under a temporary name and renamed when complete, so an
 interrupted build never leaves a half-written cache behind.
 """
 
@@ -90,7 +90,7 @@ class TeacherCache:
         indices = logits = lse = None
         with torch.no_grad():
             for start in tqdm(range(0, n, batch_size), desc="teacher cache", disable=not progress, leave=False):
-                out = teacher(inputs[start : start + batch_size]).float()
+                out = teacher(inputs[start : start + batch_size]).float().cpu()
                 if out.ndim != 2:
                     raise ValueError(f"teacher must return (batch, classes) logits, got {tuple(out.shape)}")
                 if not torch.isfinite(out).all():
@@ -101,13 +101,13 @@ class TeacherCache:
                 if indices is None:
                     idx_dtype = np.int16 if C <= np.iinfo(np.int16).max else np.int32
                     indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", idx_dtype, (n, k))
-                    logits = np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float16, (n, k))
+                    logits = np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float32, (n, k))
                     lse = np.lib.format.open_memmap(tmp / "logsumexp.npy", "w+", np.float32, (n,))
                     num_classes = C
                 top, idx = out.topk(k, dim=-1)
                 stop = start + len(out)
                 indices[start:stop] = idx.numpy().astype(indices.dtype)
-                logits[start:stop] = top.numpy().astype(np.float16)
+                logits[start:stop] = top.numpy()
                 lse[start:stop] = torch.logsumexp(out, -1).numpy()
         for arr in (indices, logits, lse):
             arr.flush()

@@ -35,6 +35,8 @@ def check_logits(student: Tensor, teacher: Tensor | None = None, name: str = "lo
     """Raise a clear error for mismatched shapes, missing class dimension or NaN/inf values."""
     if student.ndim < 1:
         raise ValueError(f"{name} need a class dimension, got a scalar")
+    if student.numel() == 0:
+        raise ValueError(f"empty {name} of shape {tuple(student.shape)}: nothing to distill")
     if teacher is not None and student.shape != teacher.shape:
         if student.shape[:-1] == teacher.shape[:-1]:
             raise ValueError(
@@ -67,8 +69,8 @@ def forward_kl(
 ) -> Tensor:
     """Hinton's KD loss ``T^2 KL(S(p_t, T) || S(p_s, T))``.
 
-    The ``T^2`` factor keeps gradient magnitudes comparable across temperatures (exact for the
-    power operator, a convention for the others).
+    The ``T^2`` factor keeps gradient magnitudes roughly independent of ``T`` for the power
+    operator (Hinton et al.); for the other families it is kept as a convention.
     """
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
@@ -76,22 +78,26 @@ def forward_kl(
     return loss * (T * T if scale_t2 else 1.0)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power") -> Tensor:
-    """Mode-seeking ``KL(S(p_s, T) || S(p_t, T))``, scaled by ``T^2``."""
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool = True
+) -> Tensor:
+    """Mode-seeking ``KL(S(p_s, T) || S(p_t, T))``, scaled by ``T^2`` unless ``scale_t2=False``."""
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
     loss = _kl(soften_log_probs(student_logits, T, operator), soften_log_probs(teacher_logits.detach(), T, operator))
-    return loss * T * T
+    return loss * (T * T if scale_t2 else 1.0)
 
 
-def js_divergence(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power") -> Tensor:
-    """Jensen-Shannon divergence between the softened distributions (bounded by log 2), scaled by ``T^2``."""
+def js_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool = True
+) -> Tensor:
+    """Jensen-Shannon divergence between the softened distributions (at most log 2 before the ``T^2`` scale)."""
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
     log_s = soften_log_probs(student_logits, T, operator)
     log_t = soften_log_probs(teacher_logits.detach(), T, operator)
     log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - torch.log(torch.tensor(2.0))
-    return 0.5 * (_kl(log_s, log_m) + _kl(log_t, log_m)) * T * T
+    return 0.5 * (_kl(log_s, log_m) + _kl(log_t, log_m)) * (T * T if scale_t2 else 1.0)
 
 
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor, center: bool = True) -> Tensor:

@@ -8,11 +8,12 @@ when it satisfies five axioms:
 2. continuity in ``p`` and in ``T``;
 3. entropy monotonicity: ``H(S(p, T))`` is non-decreasing in ``T``;
 4. identity at the neutral parameter: ``S(p, 1) = p``;
-5. boundary behaviour: ``T -> 0`` gives the one-hot (uniform over the argmax set) and
-   ``T -> inf`` gives the uniform distribution.
+5. boundary behaviour: ``T -> 0`` gives the one-hot (uniform over the argmax set when there are
+   ties) and ``T -> inf`` gives the uniform distribution (over the classes with nonzero mass).
 
-Three non-equivalent families are provided. They work in log space (``log_soften``) so that
-losses stay finite when teachers are confident.
+Three non-equivalent families are provided: power (Hinton's temperature), exp-tilt (a softmax
+in the probability domain) and odds-power (temperature on each class's log-odds). They work in
+log space (``log_soften``) so that losses stay finite when a student's probabilities underflow.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 __all__ = [
     "SofteningOperator",
     "PowerOperator",
-    "MixtureOperator",
+    "ExpTiltOperator",
     "OddsPowerOperator",
     "OPERATORS",
     "get_operator",
@@ -45,11 +46,11 @@ def check_temperature(T: float | Tensor) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {T!r}")
 
 
-def check_log_probs(log_p: Tensor) -> None:
-    if log_p.ndim == 0 or log_p.shape[-1] < 1:
-        raise ValueError(f"expected (..., num_classes) probabilities, got shape {tuple(log_p.shape)}")
-    if torch.isnan(log_p).any() or torch.isposinf(log_p).any():
-        raise ValueError("probabilities contain NaN or values above 1; check the teacher outputs")
+def check_probs(p: Tensor) -> None:
+    if p.ndim == 0 or p.shape[-1] < 1:
+        raise ValueError(f"expected (..., num_classes) probabilities, got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError("probabilities must be finite and non-negative; pass softmax outputs, not logits")
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
@@ -67,6 +68,7 @@ class SofteningOperator(ABC):
         """Return ``log S(p, T)`` along the last dimension."""
 
     def __call__(self, p: Tensor, T: float | Tensor) -> Tensor:
+        check_probs(p)
         return self.log_soften(p.log(), T).exp()
 
     def __repr__(self) -> str:
@@ -90,38 +92,49 @@ class PowerOperator(SofteningOperator):
         return torch.log_softmax(log_p / T, dim=-1)
 
 
-class MixtureOperator(SofteningOperator):
-    """Linear interpolation: towards uniform for ``T > 1``, towards the argmax for ``T < 1``.
+class ExpTiltOperator(SofteningOperator):
+    """Softmax in the probability domain: ``q_i ∝ expm1(beta p_i) / beta`` with ``beta = 1/T - T``.
 
-    ``T >= 1``: ``q = (1 - a) p + a u`` with ``a = 1 - 1/T`` and ``u`` uniform.
-    ``T < 1``:  ``q = (1 - b) p + b e`` with ``b = 1 - T`` and ``e`` uniform over argmax(p).
+    ``beta = 0`` (``T = 1``) is the limit ``q = p``; large ``beta`` gives ``softmax(beta p)``, which
+    sharpens by probability *differences* rather than ratios; negative ``beta`` gives
+    ``q_i ∝ 1 - exp(-|beta| p_i)``, which flattens every class that has mass. Computed as
+    ``log q = log p + phi(beta p) - log Z`` with ``phi(x) = log(expm1(x) / x)``, finite even when
+    ``p`` underflows.
 
-    Why the axioms hold: both maps are affine in ``p`` with a positive slope and add a vector
-    that is constant (``u``) or largest exactly where ``p`` is largest (``e``), so order is kept;
-    ``a`` and ``b`` are continuous in ``T`` and vanish at ``T = 1`` (identity); ``T -> inf``
-    gives ``u`` and ``T -> 0`` gives ``e`` (boundary). Entropy is concave along a segment, so on
-    the segment to ``u`` (its maximiser) it rises monotonically; along the segment to ``e`` its
-    derivative is proportional to ``-log q_max - H(q) <= 0`` (Shannon entropy is at least the
-    min-entropy), so it falls monotonically as ``T -> 0``.
+    Why the axioms hold: ``x -> expm1(beta x) / beta`` is strictly increasing for every ``beta``
+    (ranking) and continuous in ``p`` and ``T`` (including ``beta = 0``, continuity); ``T = 1``
+    gives ``p`` (identity); ``beta -> +inf`` (``T -> 0``) concentrates on the argmax set and
+    ``beta -> -inf`` (``T -> inf``) sends every positive entry to the same value (boundary,
+    uniform over the support of ``p``; entries below about ``1/|beta|`` stay proportional to ``p``
+    until ``T`` is large enough, so the uniform limit is slow for near-zero probabilities). Entropy: with ``f_i = expm1(beta p_i) / beta``,
+    ``dH/dbeta = -Cov_q(log f, d log f / dbeta)``; ``d log f / dbeta = (x e^x / (e^x - 1) - 1) / beta``
+    with ``x = beta p_i`` is increasing in ``p_i`` for either sign of ``beta`` (``x e^x / (e^x - 1)``
+    is increasing in ``x``), and so is ``log f``; comonotone functions have non-negative covariance,
+    so entropy falls as ``beta`` rises, i.e. rises with ``T``.
 
-    Not equivalent to the power family: for three or more classes the two trace different
-    curves, and at equal entropy they give different distributions (the mixture keeps
-    relative gaps, the power operator keeps ratios).
+    Not equivalent to the power family: at equal entropy it keeps a different shape (it compresses
+    large probability gaps and leaves small probabilities almost proportional to ``p``).
     """
 
-    name = "mixture"
+    name = "exptilt"
 
     def log_soften(self, log_p: Tensor, T: float | Tensor) -> Tensor:
         check_temperature(T)
         T = torch.as_tensor(T, dtype=log_p.dtype, device=log_p.device)
-        p = log_p.exp()
-        k = p.shape[-1]
-        is_max = log_p == log_p.amax(dim=-1, keepdim=True)
-        e = is_max.to(p.dtype) / is_max.sum(dim=-1, keepdim=True)
-        a = (1 - 1 / T).clamp(min=0)
-        b = (1 - T).clamp(min=0)
-        q = (1 - a) * ((1 - b) * p + b * e) + a / k
-        return q.log()
+        beta = 1 / T - T
+        return torch.log_softmax(log_p + _log_expm1_ratio(beta * log_p.exp()), dim=-1)
+
+
+def _log_expm1_ratio(x: Tensor) -> Tensor:
+    """``log(expm1(x) / x)``, smooth through ``x = 0`` and stable for large ``|x|``."""
+    small = x.abs() < 1e-3
+    big = x > 30
+    xs = torch.where(small | big, torch.ones_like(x), x)  # keeps unused branches finite (and their gradients)
+    mid = torch.log(torch.expm1(xs) / xs)
+    xb = torch.where(big, x, torch.full_like(x, 31.0))
+    large = xb - torch.log(xb) + torch.log1p(-torch.exp(-xb))
+    series = x / 2 + x * x / 24
+    return torch.where(small, series, torch.where(big, large, mid))
 
 
 class OddsPowerOperator(SofteningOperator):
@@ -163,7 +176,7 @@ def _log_one_minus(log_p: Tensor) -> Tensor:
 
 
 OPERATORS: dict[str, SofteningOperator] = {
-    op.name: op for op in (PowerOperator(), MixtureOperator(), OddsPowerOperator())
+    op.name: op for op in (PowerOperator(), ExpTiltOperator(), OddsPowerOperator())
 }
 
 
@@ -235,9 +248,9 @@ def check_axioms(
 ) -> AxiomReport:
     """Test the five axioms numerically on a batch of probability vectors ``p`` (float64).
 
-    Returns the worst violation per axiom; use ``report.ok`` or ``report.passed``.
-    ``p`` should have strictly positive entries and a unique maximum per row for the boundary
-    test to be meaningful.
+    Returns the worst violation per axiom; use ``report.ok`` or ``report.passed``. Rows of ``p``
+    should be strictly positive (the uniform limit is over the support); the limits are probed at
+    ``T = 1e-12`` and ``T = 1e12``.
     """
     p = p.double()
     if p.ndim != 2:
@@ -256,9 +269,13 @@ def check_axioms(
     # 2. continuity: a small step in T or in p moves q by a small amount.
     eps = 1e-6
     jump_t = max(float((op(p, T * (1 + eps)) - op(p, T)).abs().amax()) for T in temps)
-    p_eps = p + eps * torch.rand_like(p) * p
-    p_eps = p_eps / p_eps.sum(-1, keepdim=True)
-    jump_p = max(float((op(p_eps, T) - op(p, T)).abs().amax()) for T in temps)
+    # Tilt p slightly towards its first and towards its last classes, so ties break both ways.
+    w = torch.linspace(0, 1, p.shape[-1], dtype=p.dtype)
+    jump_p = 0.0
+    for tilt in (w, w.flip(0)):
+        p_eps = p * (1 + eps * tilt)
+        p_eps = p_eps / p_eps.sum(-1, keepdim=True)
+        jump_p = max(jump_p, max(float((op(p_eps, T) - op(p, T)).abs().amax()) for T in temps))
     v["continuity"] = max(0.0, max(jump_t, jump_p) - 1e-3)
 
     # 3. entropy is non-decreasing in T.
@@ -268,10 +285,11 @@ def check_axioms(
     # 4. identity at T = 1.
     v["identity"] = float((op(p, 1.0) - p).abs().amax())
 
-    # 5. boundaries: one-hot at argmax as T -> 0, uniform as T -> inf.
-    onehot = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double()
+    # 5. boundaries: uniform over the argmax set as T -> 0, uniform as T -> inf.
+    is_max = p == p.amax(-1, keepdim=True)
+    top = is_max.double() / is_max.sum(-1, keepdim=True)
     uniform = torch.full_like(p, 1.0 / p.shape[-1])
-    low = float((op(p, 1e-4) - onehot).abs().amax())
-    high = float((op(p, 1e6) - uniform).abs().amax())
+    low = float((op(p, 1e-12) - top).abs().amax())
+    high = float((op(p, 1e12) - uniform).abs().amax())
     v["boundary"] = max(0.0, max(low, high) - 1e-3)
     return AxiomReport(op.name, v, tol)

@@ -137,6 +137,9 @@ def hard_label_loss(student_logits: Tensor, labels: Tensor, ignore_index: int = 
     check_logits(student_logits)
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape[:-1])}")
+    live = labels[labels != ignore_index]
+    if live.numel() and (int(live.min()) < 0 or int(live.max()) >= student_logits.shape[-1]):
+        raise ValueError(f"teacher labels must be in [0, {student_logits.shape[-1]}) or {ignore_index} (ignored)")
     return F.cross_entropy(student_logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
 
 

@@ -39,8 +39,8 @@ class TrainConfig:
 
 def batch_rows(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:
     """Global row indices of ``step``: epoch-wise shuffles of ``range(num_rows)``, dropping the ragged tail."""
-    if batch_size > num_rows:
-        raise ValueError(f"batch size {batch_size} exceeds the dataset size {num_rows}")
+    if not 0 < batch_size <= num_rows:
+        raise ValueError(f"batch size must be in [1, dataset size {num_rows}], got {batch_size}")
     per_epoch = num_rows // batch_size
     epoch, i = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -92,6 +92,8 @@ def train(
             for p, v in zip(extra_params, state["extra_params"]):
                 p.data.copy_(v)
         torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
     if start >= cfg.steps:
         return model
@@ -103,7 +105,8 @@ def train(
             run.save_checkpoint(job, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "extra_params": [p.detach().clone() for p in extra_params or []],
-                "rng": torch.get_rng_state(), "step": step,
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "step": step,
             })
 
     model.train()
@@ -111,8 +114,10 @@ def train(
     for step in bar:
         rows = dist.shard_rows(batch_rows(step, num_rows, cfg.batch_size, seed))
         loss, metrics = loss_fn(net, get_batch(rows))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{job}: loss became {loss.item()} at step {step}; lower the learning rate")
+        # Every rank must agree to stop, or the healthy ones hang in DDP's all-reduce.
+        finite = dist.all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1))
+        if int(finite.item()) != dist.world_size():
+            raise FloatingPointError(f"{job}: loss became non-finite at step {step} (value here {loss.item()}); lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in extra_params or []:  # outside DDP, so average their gradients by hand
@@ -126,7 +131,8 @@ def train(
             enforce(model)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             names = ["loss", *metrics]
-            vals = dist.all_reduce_mean(torch.tensor([loss.item(), *[float(v) for v in metrics.values()]]))
+            local = torch.stack([loss.detach().float(), *[torch.as_tensor(v, dtype=torch.float32, device=loss.device) for v in metrics.values()]])
+            vals = dist.all_reduce_mean(local)  # on the loss's device: NCCL reduces CUDA tensors only
             logged = dict(zip(names, vals.tolist()))
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if run is not None:

@@ -88,7 +88,7 @@ class AccessConfig:
 
 @dataclass
 class OperatorConfig:
-    families: list[str] = field(default_factory=lambda: ["power", "mixture", "odds"])
+    families: list[str] = field(default_factory=lambda: ["power", "exptilt", "odds"])
     # Entropy targets: the teacher's mean entropy under the power operator at these temperatures.
     reference_temperatures: list[float] = field(default_factory=lambda: [2.0, 4.0])
 
@@ -135,11 +135,33 @@ class Student:
         return "-".join(parts) + f"-s{seed}"
 
 
+def validate(cfg: ExperimentConfig) -> None:
+    """Reject bad choices before any training starts, naming the valid ones."""
+    sp = cfg.sparsity
+    choices = [
+        ("parts", cfg.parts, PARTS),
+        ("kd.operator", [cfg.kd.operator], tuple(OPERATORS)),
+        ("operators.families", cfg.operators.families, tuple(OPERATORS)),
+        ("sparsity.teacher_sources", sp.teacher_sources, ("previous", "original")),
+        ("sparsity.stage_budgets", sp.stage_budgets, ("split", "each")),
+        ("sparsity.schedule", [sp.schedule], ("linear", "cubic")),
+        ("sparsity.path", [sp.path], ("geometric", "linear")),
+    ]
+    for key, values, valid in choices:
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise ValueError(f"{key}: {bad} not understood; choose from {list(valid)}")
+    if not cfg.seeds:
+        raise ValueError("seeds is empty; give at least one, e.g. --set seeds=[0]")
+    if any(n < 1 for n in sp.stages):
+        raise ValueError(f"sparsity.stages must be positive, got {sp.stages}")
+    if not 0.0 <= cfg.kd.alpha <= 1.0:
+        raise ValueError(f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
+
+
 class Experiment:
     def __init__(self, cfg: ExperimentConfig, run: Run, progress: bool = True) -> None:
-        unknown = set(cfg.parts) - set(PARTS)
-        if unknown:
-            raise ValueError(f"unknown experiment parts {sorted(unknown)}; choose from {PARTS}")
+        validate(cfg)
         self.cfg, self.run, self.progress = cfg, run, progress
         self.device = dist.init()
         self.data = load_fashion_mnist(cfg.data.train_subset, cfg.data.test_subset)
@@ -227,7 +249,10 @@ class Experiment:
         if done is not None:
             return done
         teacher = self.teacher(seed)
-        cache = self.cache(seed) if spec.loss in ("topk", "sampled", "hard") else None
+        cached = spec.loss in ("topk", "sampled", "hard")
+        if cached and spec.stages > 1:
+            raise ValueError(f"{job}: cached teacher modes hold the dense teacher only; multi-stage runs need loss='full'")
+        cache = self.cache(seed) if cached else None
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         not_head = lambda name, mod: not name.startswith("head")  # noqa: E731  (the classifier stays dense)
         if spec.sparsity == "2:4":
@@ -269,7 +294,8 @@ class Experiment:
             if spec.loss == "topk":
                 return sparse_kl(logits, cache.topk_targets(rows, spec.k, T, op).to(logits.device), T, op)
             if spec.loss == "sampled":
-                g = torch.Generator().manual_seed(seed * 7919 + int(rows[0]))  # fresh per batch, same on resume
+                # Fresh draws for every batch (and rank), the same ones again after a resume.
+                g = torch.Generator().manual_seed(zlib.crc32(rows.numpy().tobytes(), seed))
                 return sparse_kl(logits, sampled_targets(cache.full_logits(rows), spec.k, T, op, g).to(logits.device), T, op)
             if spec.loss == "hard":
                 return hard_label_loss(logits, cache.labels(rows).to(logits.device))
@@ -292,7 +318,7 @@ class Experiment:
         if dist.is_main():
             pred_dir = self.run.artifact("predictions")
             pred_dir.mkdir(exist_ok=True)
-            np.save(pred_dir / f"{job}.npy", probs.cpu().numpy().astype(np.float16))
+            np.save(pred_dir / f"{job}.npy", probs.cpu().numpy())
         return {
             "job": job,
             "test_acc": float((logits.argmax(-1) == self.test_y).float().mean()),
@@ -324,6 +350,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, p
     """Run (or resume) the experiment in ``run_dir`` and write ``report.md``; returns its path."""
     from .kd_report import write_report
 
+    validate(cfg)
+    dist.init()  # before Run, so that only rank 0 writes
     run = Run(run_dir, cfg, resume=resume)
     exp = Experiment(cfg, run, progress=progress)
     t0 = time.time()

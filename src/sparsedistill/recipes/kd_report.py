@@ -32,7 +32,6 @@ def _bias_variance(run: Run, jobs: list[str], labels: torch.Tensor) -> dict[str,
     if len(files) < 2 or not all(f.exists() for f in files):
         return None
     probs = torch.from_numpy(np.stack([np.load(f).astype(np.float64) for f in files]))
-    probs = probs / probs.sum(-1, keepdim=True)
     b, l = brier_bias_variance(probs, labels), log_loss_bias_variance(probs, labels)
     return {"brier_bias": b.bias, "brier_variance": b.variance, "logloss_bias": l.bias, "logloss_variance": l.variance}
 
