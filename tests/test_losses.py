@@ -124,3 +124,12 @@ def test_bad_input_gives_clear_errors(logits):
         ensemble_scores([torch.zeros(2, 3), torch.zeros(2, 4)])
     with pytest.raises(ValueError, match="minmax"):
         normalize_scores(t, "rank")
+
+
+def test_t2_factor_defaults_to_power_only(logits):
+    s, t = logits
+    from sparsedistill.distill.losses import soften_log_probs
+
+    ref = (soften_log_probs(t, 3.0, "odds").exp() * (soften_log_probs(t, 3.0, "odds") - soften_log_probs(s, 3.0, "odds"))).sum(-1).mean()
+    assert torch.allclose(forward_kl(s, t, 3.0, "odds"), ref, atol=1e-6)
+    assert torch.allclose(forward_kl(s, t, 3.0, "odds", scale_t2=True), 9 * ref, atol=1e-5)

@@ -54,6 +54,18 @@ def soften_log_probs(logits: Tensor, T: float, operator: Operator = "power") -> 
     return get_operator(operator).log_soften(torch.log_softmax(logits.float(), dim=-1), T)
 
 
+def t2_factor(T: float, operator: Operator, scale_t2: bool | None) -> float:
+    """Hinton's ``T^2``: it undoes the ``1/T^2`` shrinkage of power-softened gradients.
+
+    ``None`` (the default) applies it for the power operator only; the other families shrink
+    gradients differently (exp-tilt's T can be in the thousands at moderate entropy), so they
+    get ``1`` unless asked.
+    """
+    if scale_t2 is None:
+        scale_t2 = get_operator(operator).name == "power"
+    return T * T if scale_t2 else 1.0
+
+
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Mean over leading positions of KL(p || q), with 0 log 0 = 0."""
     p = log_p.exp()
@@ -65,39 +77,35 @@ def forward_kl(
     teacher_logits: Tensor,
     T: float = 1.0,
     operator: Operator = "power",
-    scale_t2: bool = True,
+    scale_t2: bool | None = None,
 ) -> Tensor:
-    """Hinton's KD loss ``T^2 KL(S(p_t, T) || S(p_s, T))``.
-
-    The ``T^2`` factor keeps gradient magnitudes roughly independent of ``T`` for the power
-    operator (Hinton et al.); for the other families it is kept as a convention.
-    """
+    """Hinton's KD loss ``T^2 KL(S(p_t, T) || S(p_s, T))`` (``T^2`` as in ``t2_factor``)."""
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
     loss = _kl(soften_log_probs(teacher_logits.detach(), T, operator), soften_log_probs(student_logits, T, operator))
-    return loss * (T * T if scale_t2 else 1.0)
+    return loss * t2_factor(T, operator, scale_t2)
 
 
 def reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool = True
+    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool | None = None
 ) -> Tensor:
-    """Mode-seeking ``KL(S(p_s, T) || S(p_t, T))``, scaled by ``T^2`` unless ``scale_t2=False``."""
+    """Mode-seeking ``KL(S(p_s, T) || S(p_t, T))`` (``T^2`` as in ``t2_factor``)."""
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
     loss = _kl(soften_log_probs(student_logits, T, operator), soften_log_probs(teacher_logits.detach(), T, operator))
-    return loss * (T * T if scale_t2 else 1.0)
+    return loss * t2_factor(T, operator, scale_t2)
 
 
 def js_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool = True
+    student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, operator: Operator = "power", scale_t2: bool | None = None
 ) -> Tensor:
-    """Jensen-Shannon divergence between the softened distributions (at most log 2 before the ``T^2`` scale)."""
+    """Jensen-Shannon divergence between the softened distributions (at most log 2 before ``t2_factor``)."""
     check_logits(student_logits, teacher_logits)
     check_temperature(T)
     log_s = soften_log_probs(student_logits, T, operator)
     log_t = soften_log_probs(teacher_logits.detach(), T, operator)
     log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - torch.log(torch.tensor(2.0))
-    return 0.5 * (_kl(log_s, log_m) + _kl(log_t, log_m)) * (T * T if scale_t2 else 1.0)
+    return 0.5 * (_kl(log_s, log_m) + _kl(log_t, log_m)) * t2_factor(T, operator, scale_t2)
 
 
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor, center: bool = True) -> Tensor:

@@ -194,7 +194,7 @@ def temperature_for_entropy(
     p: Tensor,
     target: float,
     lo: float = 1e-3,
-    hi: float = 1e3,
+    hi: float = 1e8,
     iters: int = 60,
 ) -> float:
     """Temperature at which the mean entropy of ``op(p, T)`` over the batch equals ``target``.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import Operator, check_logits, forward_kl, soften_log_probs
+from .losses import Operator, check_logits, forward_kl, soften_log_probs, t2_factor
 from .softening import check_temperature, get_operator
 
 __all__ = [
@@ -115,8 +115,10 @@ def hard_targets(teacher_logits: Tensor) -> Tensor:
     return teacher_logits.argmax(-1)
 
 
-def sparse_kl(student_logits: Tensor, targets: SparseTargets, T: float = 1.0, operator: Operator = "power") -> Tensor:
-    """``T^2 sum_j w_j (log p_j - log q_j)`` over the stored entries, averaged over positions.
+def sparse_kl(
+    student_logits: Tensor, targets: SparseTargets, T: float = 1.0, operator: Operator = "power", scale_t2: bool | None = None
+) -> Tensor:
+    """``T^2 sum_j w_j (log p_j - log q_j)`` over the stored entries, averaged over positions (``T^2`` as in ``t2_factor``).
 
     For top-k targets this is ``KL(p_topk || q)`` restricted to the kept classes; for sampled
     targets it is the unbiased Monte-Carlo estimate of the full ``KL(p || q)``.
@@ -129,7 +131,7 @@ def sparse_kl(student_logits: Tensor, targets: SparseTargets, T: float = 1.0, op
         raise ValueError(f"student positions {tuple(student_logits.shape[:-1])} != target positions {tuple(targets.indices.shape[:-1])}")
     log_q = soften_log_probs(student_logits, T, operator).gather(-1, targets.indices)
     per_pos = (targets.weights * (targets.log_probs - log_q)).sum(-1)
-    return per_pos.mean() * T * T
+    return per_pos.mean() * t2_factor(T, operator, scale_t2)
 
 
 def hard_label_loss(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
