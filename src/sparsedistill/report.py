@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +12,7 @@ matplotlib.use("Agg")  # reports are written headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["mean_std", "fmt_mean_std", "markdown_table", "save_figure", "environment", "plt"]
+__all__ = ["mean_std", "fmt_mean_std", "markdown_table", "save_figure", "plt"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -44,21 +42,3 @@ def save_figure(fig: Any, path: Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
-
-
-def environment() -> dict[str, str]:
-    """Versions and commit, recorded with every report and benchmark."""
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "commit": commit or "unknown",
-    }

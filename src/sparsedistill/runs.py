@@ -3,6 +3,7 @@
 Layout::
 
     <run>/config.toml          the resolved config
+    <run>/environment.json     versions and git commit when the run started (kept on --resume)
     <run>/metrics.jsonl        one JSON object per logged step, tagged with its job
     <run>/checkpoints/<job>.pt model/optimizer/step, written atomically; the last one stays (a finished
                                job's weights, which later stages and resumed runs reload)
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 import re
 import tempfile
 import time
@@ -27,7 +30,7 @@ import torch
 from . import distributed as dist
 from .config import dump_toml
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "Run", "latest_run"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -57,6 +60,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+def environment() -> dict[str, str]:
+    """Versions and commit, recorded with every report and benchmark."""
+    import numpy
+
+    try:
+        # Ask the package's own checkout, not whatever repository the caller stands in.
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)  # noqa: E731
+        head = git("rev-parse", "--short", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+        if commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+            commit += "+uncommitted changes"
+    except OSError:
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "commit": commit or "unknown",
+    }
+
+
 def _job_file(job: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", job):
         raise ValueError(f"job name {job!r} must use letters, digits, '_', '.', '-' only")
@@ -75,7 +101,7 @@ class Run:
     checkpoint is always this run's own and loading it is what resuming means.
     """
 
-    def __init__(self, path: str | os.PathLike, config: Any, resume: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, config: Any, resume: bool = False, command: str = "") -> None:
         self.path = Path(path)
         self.resume = resume
         if not resume and any(any((self.path / sub).glob("*")) for sub in ("results", "checkpoints") if (self.path / sub).is_dir()):
@@ -90,7 +116,21 @@ class Run:
             for sub in ("checkpoints", "results"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.path / "config.toml", dump_toml(config).encode())
+            if not (self.path / "environment.json").exists():
+                start = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_unix": time.time()}
+                atomic_write_bytes(self.path / "environment.json", json.dumps({**start, **environment()}, indent=1).encode())
         dist.barrier()
+
+    def environment(self) -> dict[str, Any]:
+        """Command, start time, versions and commit recorded when the run started."""
+        f = self.path / "environment.json"
+        return json.loads(f.read_text()) if f.exists() else environment()
+
+    def elapsed_seconds(self) -> float | None:
+        """From the run's start to its last finished job (spans any --resume)."""
+        start = self.environment().get("started_unix")
+        done = [p.stat().st_mtime for p in (self.path / "results").glob("*.json")]
+        return max(done) - start if start and done else None
 
     # metrics ---------------------------------------------------------------------------------
     def log(self, job: str, step: int, **metrics: float) -> None:

@@ -352,13 +352,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, p
 
     validate(cfg)
     dist.init()  # before Run, so that only rank 0 writes
-    run = Run(run_dir, cfg, resume=resume)
+    run = Run(run_dir, cfg, resume=resume, command=command)
     exp = Experiment(cfg, run, progress=progress)
-    t0 = time.time()
     index = exp.run_all()
-    index["wall_seconds"] = time.time() - t0
     index["data_source"] = str(exp.data.source)
-    index["command"] = command
     report = run.artifact("report.md")
     if dist.is_main():
         write_report(run, cfg, index)

@@ -11,7 +11,7 @@ import torch
 
 from ..data import load_fashion_mnist
 from ..distill import brier_bias_variance, fit_inverse_n, log_loss_bias_variance
-from ..report import environment, fmt_mean_std, markdown_table, mean_std, plt, save_figure
+from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
 from ..runs import Run
 
 __all__ = ["write_report", "format_summary"]
@@ -55,14 +55,17 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
     t_mean, _ = mean_std(teacher_accs)
     test_y = load_fashion_mnist(cfg.data.train_subset, cfg.data.test_subset).test_y
     summary: dict[str, Any] = {"teacher_acc": teacher_accs, "parts": {}}
+    env = run.environment()
+    secs = run.elapsed_seconds()
+    elapsed = f"{secs / 60:.1f} min to the last finished job" if secs is not None else "elapsed time unknown"
     md = [
         "# Distillation-core experiment (Fashion-MNIST)",
         "",
-        f"Command: `{index.get('command', '')}`  ",
+        f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}; {elapsed})  ",
         f"Seeds: {seeds}; training rows: {cfg.data.train_subset or 'all 60,000'}; "
-        f"test rows: {index['teachers'][seeds[0]]['test_rows']}; data: `{index['data_source']}`; "
-        f"wall time {index['wall_seconds'] / 60:.1f} min.  ",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + ".",
+        f"test rows: {index['teachers'][seeds[0]]['test_rows']}; data: `{index['data_source']}`.  ",
+        "Environment at the run's start: "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".",
         "",
         f"Model: MLP {cfg.model.hidden} (dropout {cfg.model.dropout}); the classifier head stays dense. "
         f"Teacher: {cfg.teacher.steps} steps of cross-entropy. Students start from the teacher's weights and get "
