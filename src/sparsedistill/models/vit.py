@@ -1,0 +1,230 @@
+"""Vision Transformer in one file, with timm's ``vit_*`` state_dict key names.
+
+Pre-norm blocks (LayerNorm eps 1e-6, exact GELU), a class token or mean pooling, learned
+absolute position embeddings that include the class token: the layout of timm's
+``VisionTransformer`` with default options, so ``model.load_state_dict(timm_model.state_dict())``
+works for ``vit_base_patch16_224``-style checkpoints (see ``load_timm_state_dict`` for resizing
+and head replacement). Every Linear the 2:4 recipe prunes is an ``nn.Linear`` named ``qkv``,
+``proj``, ``fc1`` or ``fc2``. ``forward_features(..., return_attn=True)`` also returns each
+block's attention probabilities, for attention-map distillation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import register_model
+
+__all__ = ["ViTConfig", "VisionTransformer", "ViTOutput", "load_timm_state_dict"]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    global_pool: str = "token"  # "token" (class token) or "avg" (mean of patch tokens)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass
+class ViTOutput:
+    logits: Tensor
+    tokens: Tensor  # (B, 1 + num_patches, D) after the final norm
+    attentions: list[Tensor]  # per block (B, H, N, N); empty unless asked for
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.img_size, self.in_chans = cfg.img_size, cfg.in_chans
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if return_attn:  # explicit softmax, so the map can be distilled
+            attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
+            out = attn @ v
+        else:
+            attn, out = None, F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = Mlp(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, attn = self.attn(self.norm1(x), return_attn)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        # timm puts the final LayerNorm before pooling ("norm") for the class token, after it ("fc_norm") for mean pooling.
+        avg = cfg.global_pool == "avg"
+        self.norm = nn.Identity() if avg else nn.LayerNorm(D, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if avg else nn.Identity()
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.apply(_init_weights)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, list[Tensor]]:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        attns = []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attn)
+            if attn is not None:
+                attns.append(attn)
+        return self.norm(x), attns
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        pooled = tokens[:, 1:].mean(1) if self.cfg.global_pool == "avg" else tokens[:, 0]
+        return self.head(self.fc_norm(pooled))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x)[0])
+
+    def forward_distill(self, x: Tensor, return_attn: bool = True) -> ViTOutput:
+        """Logits plus what feature and attention distillation need."""
+        tokens, attns = self.forward_features(x, return_attn)
+        return ViTOutput(self.forward_head(tokens), tokens, attns)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def load_timm_state_dict(model: VisionTransformer, state_dict: dict[str, Tensor]) -> list[str]:
+    """Load a timm ``vit_*`` state_dict into ``model``; returns notes on what was adapted.
+
+    Position embeddings are resampled (bicubic) to the model's patch grid; a classifier head of
+    another size is left at its initialisation, with a warning. Anything else that does not
+    match (another architecture, depth or width) is an error that lists the offending keys.
+    """
+    sd = dict(state_dict)
+    own = model.state_dict()
+    notes: list[str] = []
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    if unexpected or missing:
+        raise ValueError(
+            "checkpoint does not match this ViT (another architecture, depth or options?): "
+            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+        )
+    pe = sd["pos_embed"]
+    if pe.shape != own["pos_embed"].shape:
+        sd["pos_embed"] = _resample_pos_embed(pe, model.cfg.num_patches)
+        notes.append(f"pos_embed resampled from {tuple(pe.shape)} to {tuple(own['pos_embed'].shape)}")
+    if sd["head.weight"].shape != own["head.weight"].shape:
+        for k in ("head.weight", "head.bias"):
+            sd[k] = own[k]
+        notes.append(f"classifier head ({state_dict['head.weight'].shape[0]} classes) not loaded: the model has {model.cfg.num_classes}")
+        warnings.warn(notes[-1], stacklevel=2)
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"checkpoint shapes do not match this ViT: {bad[:6]}")
+    model.load_state_dict(sd)
+    return notes
+
+
+def _resample_pos_embed(pe: Tensor, num_patches: int) -> Tensor:
+    cls, grid = pe[:, :1], pe[:, 1:]
+    old, new = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches))
+    if old * old != grid.shape[1] or new * new != num_patches:
+        raise ValueError("position embeddings can only be resampled between square patch grids")
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pe.dtype)], dim=1)
+
+
+def _vit(**kw) -> VisionTransformer:
+    return VisionTransformer(ViTConfig(**kw))
+
+
+@register_model
+def vit_fmnist_tiny(num_classes: int = 10, **kw) -> VisionTransformer:
+    """A small ViT for 28x28 grey images (Fashion-MNIST): patch 4, width 192, 6 blocks, mean pooling."""
+    return _vit(**{"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": num_classes, "embed_dim": 192,
+                   "depth": 6, "num_heads": 3, "global_pool": "avg", **kw})
+
+
+@register_model
+def vit_base_patch16_224(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(**{"num_classes": num_classes, "embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+
+
+@register_model
+def vit_large_patch16_224(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(**{"num_classes": num_classes, "embed_dim": 1024, "depth": 24, "num_heads": 16, **kw})

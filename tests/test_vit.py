@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from sparsedistill.models import create_model
+from sparsedistill.models.vit import ViTConfig, VisionTransformer, load_timm_state_dict
+
+
+def _tiny(**kw):
+    return create_model("vit_fmnist_tiny", depth=2, **kw).eval()
+
+
+def test_forward_shapes_and_attention_maps():
+    model = _tiny()
+    x = torch.randn(3, 1, 28, 28)
+    out = model.forward_distill(x)
+    assert out.logits.shape == (3, 10) and out.tokens.shape == (3, 50, 192)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 3, 50, 50)
+    assert torch.allclose(out.attentions[1].sum(-1), torch.ones(3, 3, 50), atol=1e-5)
+    # the SDPA path and the explicit-softmax path compute the same function
+    assert torch.allclose(model(x), out.logits, atol=1e-5)
+
+
+def test_state_dict_uses_timm_key_names():
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2))
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "norm.weight", "norm.bias", "head.weight", "head.bias", *(f"blocks.0.{k}" for k in block)}
+    assert set(model.state_dict()) == expected
+    avg = VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, global_pool="avg"))
+    assert "fc_norm.weight" in avg.state_dict() and "norm.weight" not in avg.state_dict()
+
+
+def test_loading_resamples_position_embeddings_and_skips_a_foreign_head():
+    src = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=1000))
+    dst = VisionTransformer(ViTConfig(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10))
+    with pytest.warns(UserWarning, match="1000 classes"):
+        notes = load_timm_state_dict(dst, src.state_dict())
+    assert any("pos_embed" in n for n in notes)
+    assert torch.equal(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    same = VisionTransformer(src.cfg)
+    load_timm_state_dict(same, src.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(same.eval()(x), src.eval()(x))
+
+
+def test_bad_checkpoint_and_bad_input_are_clear_errors():
+    model = _tiny()
+    deeper = create_model("vit_fmnist_tiny", depth=3)
+    with pytest.raises(ValueError, match="missing .*unexpected .*blocks.2"):
+        load_timm_state_dict(model, deeper.state_dict())
+    wider = create_model("vit_fmnist_tiny", depth=2, embed_dim=96)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_timm_state_dict(model, wider.state_dict())
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        model(torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="not divisible"):
+        ViTConfig(embed_dim=100, num_heads=3)
+
+
+def test_matches_timm_on_the_same_weights():
+    timm = pytest.importorskip("timm")  # installed on the GPU machine, not on the CPU CI
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    ours = create_model("vit_base_patch16_224").eval()
+    load_timm_state_dict(ours, ref.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-4, rtol=1e-4)
