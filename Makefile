@@ -1,5 +1,5 @@
 # Two entry points, both doing their own set-up on a fresh Debian machine (as root) and fast when
-# already set up:  make demo  (the main job on the embedded default)  and  make test.
+# already set up:  make demo  (the main job, its short preset)  and  make test.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -14,7 +14,7 @@ setup: $(STAMP) $(FMNIST)
 # torch is pinned here (not in pyproject) so pip takes the CPU build on local disk instead of
 # a multi-GB CUDA download; the package itself accepts any torch >= 2.11.
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	python3 -m venv $(VENV) || { $(SUDO) apt-get install -y python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"

@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsedistill.runs import environment as run_environment  # noqa: E402
 
 VIT = {  # name: (width, mlp width)
     "vit_b16": (768, 3072),
@@ -168,18 +169,15 @@ def bench_shape(M: int, K: int, N: int, results: list, tag: dict) -> None:
 
 
 def environment() -> dict:
-    # The device copy of the tree has no .git: the caller passes the commit in SPARSEDISTILL_COMMIT.
-    commit = os.environ.get("SPARSEDISTILL_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = {
+        **run_environment(),
         "command": " ".join([sys.executable, *sys.argv]),
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        "cuda_runtime": torch.version.cuda,
         "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
-        "python": platform.python_version(),
-        "commit": commit or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    # The device copy of the tree has no .git: the caller passes the commit in SPARSEDISTILL_COMMIT.
+    env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
     try:
         import triton
 

@@ -1,8 +1,10 @@
 """End to end: the real CLI on a small slice of real Fashion-MNIST."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,8 @@ def test_experiment_writes_report_and_resumes(tmp_path):
     assert abs(student["sparsity"] - 0.9) < 0.01
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["teacher_acc"]) == 2
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["command"].startswith("sparsedistill kd experiment --run-dir")
 
     # Without --resume an existing run is protected; with it, finished jobs are not rerun.
     assert main(["kd", "experiment", "--run-dir", str(run_dir), *TINY]) == 2
@@ -57,5 +61,7 @@ def test_experiment_writes_report_and_resumes(tmp_path):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "sparsedistill.cli", "--help"], capture_output=True, text=True)
+    exe = shutil.which("sparsedistill", path=str(Path(sys.executable).parent))
+    assert exe, "the sparsedistill console script is not installed next to this Python"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "kd" in out.stdout

@@ -105,8 +105,7 @@ def test_multistage_distill_hands_each_stage_the_right_teacher(source):
     teacher = _mlp()
     student = _mlp()
     student.load_state_dict(teacher.state_dict())
-    sp = MagnitudeSparsifier(0.8)
-    assert isinstance(sp, Sparsifier)
+    sp: Sparsifier = MagnitudeSparsifier(0.8)
     seen = []
 
     def train_stage(i, model, stage_teacher, sparsifier):

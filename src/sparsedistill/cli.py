@@ -47,7 +47,7 @@ def _kd_experiment(args: argparse.Namespace) -> int:
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     run_dir = _run_dir(args, "kd-experiment")
-    command = "sparsedistill " + shlex.join(sys.argv[1:])
+    command = "sparsedistill " + shlex.join(args.argv)
     report = run_experiment(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command=command)
     from .recipes.kd_report import format_summary
 
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in each run's environment.json
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -8,6 +8,7 @@ same global batch (DDP then averages gradients, which equals the single-process 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,10 +42,14 @@ def batch_rows(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:
     """Global row indices of ``step``: epoch-wise shuffles of ``range(num_rows)``, dropping the ragged tail."""
     if not 0 < batch_size <= num_rows:
         raise ValueError(f"batch size must be in [1, dataset size {num_rows}], got {batch_size}")
-    per_epoch = num_rows // batch_size
-    epoch, i = divmod(step, per_epoch)
+    epoch, i = divmod(step, num_rows // batch_size)
+    return _epoch_order(num_rows, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_rows, generator=g)[i * batch_size : (i + 1) * batch_size]
+    return torch.randperm(num_rows, generator=g)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:

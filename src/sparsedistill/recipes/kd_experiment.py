@@ -29,16 +29,14 @@ from ..distill import (
     OPERATORS,
     TeacherCache,
     TrainConfig,
-    forward_kl,
+    distill_loss,
     multistage_distill,
     predict,
     sampled_targets,
-    sparse_kl,
     temperature_for_entropy,
     train,
 )
 from ..distill.softening import entropy
-from ..distill.teachers import hard_label_loss
 from ..models import create_model
 from ..runs import Run
 from ..weights import MagnitudeSparsifier, NMSparsifier
@@ -286,20 +284,21 @@ class Experiment:
         T, op, alpha = spec.temperature, spec.operator, self.cfg.kd.alpha
 
         def kd_term(logits: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+            """The KD loss for this access mode; only ``full`` runs the (stage) teacher."""
             if spec.loss == "full":
                 with torch.no_grad():
                     t_logits = teacher(x)
-                return forward_kl(logits, t_logits, T, op)
+                return distill_loss(logits, "full", teacher_logits=t_logits, T=T, operator=op)
             assert cache is not None
             if spec.loss == "topk":
-                return sparse_kl(logits, cache.topk_targets(rows, spec.k, T, op).to(logits.device), T, op)
-            if spec.loss == "sampled":
+                targets = cache.topk_targets(rows, spec.k, T, op)
+            elif spec.loss == "sampled":
                 # Fresh draws for every batch (and rank), the same ones again after a resume.
                 g = torch.Generator().manual_seed(zlib.crc32(rows.numpy().tobytes(), seed))
-                return sparse_kl(logits, sampled_targets(cache.full_logits(rows), spec.k, T, op, g).to(logits.device), T, op)
-            if spec.loss == "hard":
-                return hard_label_loss(logits, cache.labels(rows).to(logits.device))
-            raise ValueError(f"unknown student loss {spec.loss!r}")
+                targets = sampled_targets(cache.full_logits(rows), spec.k, T, op, g)
+            else:
+                targets = cache.labels(rows)
+            return distill_loss(logits, spec.loss, targets=targets.to(logits.device), T=T, operator=op)
 
         def loss(net: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             x, y, rows = batch

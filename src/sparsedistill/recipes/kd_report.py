@@ -24,7 +24,8 @@ def _label(spec: dict[str, Any]) -> str:
 
 
 def _accs(run: Run, jobs: list[str]) -> list[float]:
-    return [r["test_acc"] for j in jobs if (r := run.result(j)) is not None]
+    """Test accuracy per seed, in seed order (the report is written once every job has finished)."""
+    return [run.result(j)["test_acc"] for j in jobs]
 
 
 def _bias_variance(run: Run, jobs: list[str], labels: torch.Tensor) -> dict[str, float] | None:

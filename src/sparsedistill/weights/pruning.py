@@ -37,19 +37,25 @@ class MaskSet:
 
     def __init__(self, masks: dict[str, Tensor] | None = None) -> None:
         self.masks: dict[str, Tensor] = dict(masks or {})
+        self._bound: tuple[nn.Module, list[tuple[Tensor, Tensor]]] | None = None  # (model, [(weight, mask)]) cache
 
     def __len__(self) -> int:
         return len(self.masks)
 
+    def set(self, name: str, mask: Tensor) -> None:
+        self.masks[name] = mask.bool()
+        self._bound = None  # rebind weights on the next apply_
+
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
-        """Zero the pruned weights (and their gradients, if any) in place."""
-        modules = dict(model.named_modules())
-        for name, mask in self.masks.items():
-            w = _unwrap(modules, name).weight
-            w.mul_(mask.to(w.dtype))
-            if w.grad is not None:
-                w.grad.mul_(mask.to(w.grad.dtype))
+        """Zero the pruned weights in place (called after every optimizer step)."""
+        if self._bound is None or self._bound[0] is not model:
+            modules = dict(model.named_modules())
+            self._bound = (model, [(_unwrap(modules, n).weight, m) for n, m in self.masks.items()])
+        for w, mask in self._bound[1]:
+            if mask.device != w.device:
+                mask = mask.to(w.device)
+            w.mul_(mask)
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
@@ -61,6 +67,7 @@ class MaskSet:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.masks = {k: v.bool().clone() for k, v in state.items()}
+        self._bound = None
 
 
 def _unwrap(modules: dict[str, nn.Module], name: str) -> nn.Module:
@@ -137,7 +144,7 @@ class _WeightSparsifier:
                 masked_scores = torch.where(final_pruned, scores, torch.full_like(scores, float("inf")))
                 drop = masked_scores.flatten().topk(n_prune, largest=False).indices
                 keep.view(-1)[drop] = False
-            self.masks.masks[name] = keep
+            self.masks.set(name, keep)
         self.masks.apply_(model)
         return {"sparsity": self.masks.sparsity()}
 
