@@ -14,8 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomli_w
-
 __all__ = ["load_config", "config_to_dict", "dump_toml", "preset_path"]
 
 C = TypeVar("C")
@@ -101,4 +99,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_toml(cfg: Any) -> str:
+    import tomli_w  # only writers need it (the GPU benchmark machine lacks it)
+
     return tomli_w.dumps(config_to_dict(cfg))

@@ -92,13 +92,15 @@ def _weight_scale(w: Tensor, fmt: QuantFormat) -> Tensor:
 
 
 def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
-    """Replace every ``nn.Linear`` for which ``make(name, linear)`` returns a module; returns the names.
+    """Replace every ``nn.Linear`` (subclasses included) for which ``make(name, linear)`` returns a module.
+
+    Returns the names of the replaced layers.
 
     The one place where this project swaps modules (fake-quant for QAT, sparse kernels at export).
     """
     swapped = []
     for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear:
+        if isinstance(mod, nn.Linear):
             new = make(name, mod)
             if new is not None:
                 parent, _, child = name.rpartition(".")

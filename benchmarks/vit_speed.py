@@ -1,0 +1,161 @@
+"""Whole-ViT speed on one GPU: dense fp16 vs PyTorch's 2:4 path vs ours (2:4 fp16 / int8 / fp8).
+
+ViT-B/16 and ViT-L/16 at 224x224, throughput at batch 256 and latency at batch 1. Weights are
+random but 2:4-pruned in every qkv/proj/fc1/fc2 (speed does not depend on the values); every
+variant's logits are checked against the dense fp16 model with the same pruned weights.
+
+  dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of the three
+  torch_24                                   to_sparse_semi_structured weights, eager (PyTorch's path)
+  ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
+
+    python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsedistill.models import create_model  # noqa: E402
+from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
+from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
+
+PRUNED = ("qkv", "proj", "fc1", "fc2")
+
+
+def median_ms(fn, reps: int = 20, inner: int = 5) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    return statistics.median(times)
+
+
+def pruned_vit(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PRUNED:
+                m.weight.mul_(nm_mask(m.weight))
+    return model.half().cuda()
+
+
+def input_scales(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per-layer absmax of the inputs on the benchmark batch (what calibration would give)."""
+    scales, hooks = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PRUNED:
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: scales.__setitem__(n, float(inp[0].abs().amax()))))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return scales
+
+
+def ours(model: torch.nn.Module, fmt: str, scales: dict[str, float]) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    qmax = {"fp16": 1.0, "int8": 127.0, "fp8": 448.0}[fmt]
+    swap_linears(m, lambda n, lin: Sparse24Linear(lin.weight, lin.bias, fmt, None if fmt == "fp16" else scales[n] / qmax)
+                 if n.rsplit(".", 1)[-1] in PRUNED else None)
+    return m
+
+
+def torch_24(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    m = copy.deepcopy(model)
+    for n, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PRUNED:
+            mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+    return m
+
+
+def bench(name: str, batch: int, compile_dense: bool) -> dict:
+    model = pruned_vit(name)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = model(x).float()
+    rows: dict[str, dict] = {}
+
+    def add(key: str, build) -> None:
+        t0 = time.time()
+        try:
+            with torch.no_grad():
+                fn = build()
+                out = fn(x).float()
+                err = float((out - ref).norm() / ref.norm())
+                rows[key] = {"ms": median_ms(lambda: fn(x)), "rel_err_vs_dense": err}
+        except Exception as e:  # noqa: BLE001  (report and go on)
+            rows[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        rows[key]["setup_s"] = round(time.time() - t0, 1)
+        print(f"  {name} b{batch} {key}: {rows[key]}", flush=True)
+
+    add("dense_eager", lambda: model)
+    add("dense_graph", lambda: CUDAGraphed(model, x))
+    if compile_dense:
+        add("dense_compile", lambda: torch.compile(model))
+    add("torch_24", lambda: torch_24(model))
+    scales = input_scales(model, x)
+    for fmt in ("fp16", "int8", "fp8"):
+        add(f"ours_24_{fmt}", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x))
+    dense = [r["ms"] for k, r in rows.items() if k.startswith("dense") and "ms" in r]
+    best = min(dense)
+    for r in rows.values():
+        if "ms" in r:
+            r["speedup_vs_best_dense"] = best / r["ms"]
+            r["images_per_s"] = batch / r["ms"] * 1000
+    del model
+    torch.cuda.empty_cache()
+    return {"model": name, "batch": batch, "best_dense_ms": best, "variants": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vit_speed.json"))
+    ap.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_large_patch16_224"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[256, 1])
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile for the dense baseline")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("vit_speed.py needs a CUDA GPU with 2:4 sparse tensor cores (Ampere or newer); none was found.", file=sys.stderr)
+        return 2
+    from sparsedistill.runs import environment
+
+    env = {**environment(), "command": " ".join([sys.executable, *sys.argv]),
+           "cusparselt": torch.backends.cusparselt.version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
+    results = []
+    for name in args.models:
+        for batch in args.batches:
+            results.append(bench(name, batch, not args.no_compile))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    print("\nmodel                   batch  best dense ms  " + "  ".join(f"{k:>14s}" for k in results[0]["variants"]))
+    for r in results:
+        cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
+        print(f"{r['model']:<24s}{r['batch']:>5d}  {r['best_dense_ms']:>13.2f}  " + "  ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

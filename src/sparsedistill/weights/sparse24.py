@@ -1,0 +1,154 @@
+"""Deployable 2:4 sparse Linear layers on cuSPARSELt, and CUDA-graph capture of a whole model.
+
+``Sparse24Linear`` holds a compressed 2:4 weight in fp16, int8 or fp8 (E4M3) and calls
+cuSPARSELt through ``torch._cslt_sparse_mm`` with an algorithm searched once per input size.
+PyTorch re-creates the cuSPARSELt plan on every call, 0.3-1 ms of host time
+(benchmarks/README.md), so a sparse model only pays off when its forward is replayed from a CUDA
+graph: ``CUDAGraphed`` captures a module for one input shape and replays it.
+
+Without CUDA, ``Sparse24Linear`` computes the same function densely (masked weights, the same
+quantisation of inputs and weights), so a model exported here runs anywhere; ``uses_kernel``
+says which path runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pruning import is_nm_sparse
+from .quant import QMAX
+
+__all__ = ["Sparse24Format", "Sparse24Linear", "CUDAGraphed"]
+
+Sparse24Format = Literal["fp16", "int8", "fp8"]
+_QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_TOKEN_ALIGN = 16  # cuSPARSELt rejects token counts that are not a multiple of 16
+
+
+def _quantize(x: Tensor, scale: Tensor, fmt: Sparse24Format) -> Tensor:
+    q = (x.float() / scale).clamp(-QMAX[fmt], QMAX[fmt])
+    return q.round().to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
+
+
+class Sparse24Linear(nn.Module):
+    """``y = x W^T + b`` with a 2:4 weight; int8/fp8 quantise ``x`` per tensor and ``W`` per output channel."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: Sparse24Format = "fp16",
+                 input_scale: Tensor | float | None = None, weight_scale: Tensor | None = None) -> None:
+        super().__init__()
+        if fmt not in ("fp16", "int8", "fp8"):
+            raise ValueError(f"unknown 2:4 format {fmt!r}; use 'fp16', 'int8' or 'fp8'")
+        out_f, in_f = weight.shape
+        if in_f % 4 or out_f % 16 or in_f % 16:
+            raise ValueError(
+                f"cuSPARSELt needs in and out features divisible by 16, got {out_f}x{in_f}; "
+                "leave this layer dense or pad it"
+            )
+        if not is_nm_sparse(weight, 2, 4):
+            raise ValueError("weight is not 2:4 sparse (more than 2 nonzeros in some group of 4 inputs); prune it first")
+        if fmt != "fp16" and input_scale is None:
+            raise ValueError(f"{fmt} needs the calibrated input scale (from QAT's QuantLinear.input_scale)")
+        self.fmt, self.in_features, self.out_features = fmt, in_f, out_f
+        w = weight.detach()
+        if fmt == "fp16":
+            wq, w_scale = w.half(), torch.ones(out_f)
+        else:
+            w_scale = weight_scale.detach().reshape(-1).float() if weight_scale is not None else w.abs().amax(1).float().clamp(min=1e-8) / QMAX[fmt]
+            wq = _quantize(w, w_scale.to(w.device)[:, None], fmt)
+        self.register_buffer("weight_q", wq)  # uncompressed 2:4 values: what the CPU path uses and what is saved
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1).float())
+        self.register_buffer("input_scale", torch.as_tensor(1.0 if input_scale is None else input_scale, dtype=torch.float32).reshape(()))
+        self.register_buffer("bias", None if bias is None else bias.detach().half())
+        self._compressed: Tensor | None = None
+        self._alg: dict[int, int] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, fmt: Sparse24Format = "fp16") -> "Sparse24Linear":
+        """From an ``nn.Linear`` (2:4 weights) or a calibrated ``QuantLinear`` (its mask and scales)."""
+        from .quant import QuantLinear
+
+        if isinstance(linear, QuantLinear):
+            return cls(linear.masked_weight(), linear.bias, fmt, linear.input_scale, linear.weight_scale)
+        return cls(linear.weight, linear.bias, fmt)
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.weight_q.is_cuda
+
+    def _reference(self, x2: Tensor) -> Tensor:
+        """Dense computation of exactly what the kernel computes (CPU path and tests)."""
+        if self.fmt == "fp16":
+            y = x2.half().float() @ self.weight_q.float().t()
+        else:
+            xq = _quantize(x2, self.input_scale, self.fmt).float()
+            y = (xq @ self.weight_q.float().t()) * (self.input_scale * self.weight_scale)
+        return y if self.bias is None else y + self.bias.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not self.uses_kernel:
+            return self._reference(x2).to(x.dtype).reshape(*lead, self.out_features)
+        n = x2.shape[0]
+        pad = (-n) % _TOKEN_ALIGN
+        xk = x2.half() if self.fmt == "fp16" else _quantize(x2, self.input_scale, self.fmt)
+        if pad:
+            xk = F.pad(xk.view(torch.uint8) if self.fmt == "fp8" else xk, (0, 0, 0, pad))
+            xk = xk.view(torch.float8_e4m3fn) if self.fmt == "fp8" else xk
+        if self._compressed is None:
+            self._compressed = torch._cslt_compress(self.weight_q)
+        out_dtype = None if self.fmt == "fp16" else torch.bfloat16  # int8/fp8 sums overflow fp16
+        alg = self._alg.get(xk.shape[0])
+        if alg is None:  # search once per token count (outside graph capture: a warm-up call does it)
+            alg = self._alg[xk.shape[0]] = torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype)
+        yt = torch._cslt_sparse_mm(self._compressed, xk.t(), out_dtype=out_dtype, alg_id=alg)  # (out, tokens)
+        y = yt[:, :n].t()
+        if self.fmt != "fp16":
+            y = y.float() * (self.input_scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):  # a move to another device needs a fresh compression
+        self._compressed, self._alg = None, {}
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
+
+
+class CUDAGraphed(nn.Module):
+    """Replay ``module`` from a CUDA graph captured for inputs of one shape and dtype.
+
+    The output is a static buffer overwritten by the next call; clone it to keep it.
+    """
+
+    def __init__(self, module: nn.Module, example: Tensor, warmup: int = 3) -> None:
+        super().__init__()
+        if not example.is_cuda:
+            raise ValueError("CUDA graphs need a CUDA input; on the CPU call the module directly")
+        self.module = module
+        self.static_in = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):  # also runs every cuSPARSELt algorithm search outside the capture
+                module(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.static_out = module(self.static_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype:
+            raise ValueError(f"graph captured for {tuple(self.static_in.shape)} {self.static_in.dtype}, got {tuple(x.shape)} {x.dtype}")
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out
+

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from sparsedistill.weights import nm_mask
+from sparsedistill.weights.quant import QuantLinear, calibrate
+from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear
+
+
+def _pruned_linear(out_f=32, in_f=64, device="cpu"):
+    lin = nn.Linear(in_f, out_f).to(device)
+    with torch.no_grad():
+        lin.weight.mul_(nm_mask(lin.weight))
+    return lin
+
+
+def test_fp16_reference_path_matches_the_dense_layer():
+    lin = _pruned_linear()
+    sp = Sparse24Linear.from_linear(lin, "fp16")
+    assert not sp.uses_kernel and "dense reference" in repr(sp)
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(sp(x), lin(x), atol=2e-3)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_export_from_qat_computes_what_the_qat_model_computed(fmt):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = QuantLinear.from_linear(lin, fmt, mask=nm_mask(lin.weight))
+    x = torch.randn(20, 64)
+    calibrate(nn.Sequential(q), [x])
+    sp = Sparse24Linear.from_linear(q, fmt)
+    assert sp.weight_q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+    qat, deployed = q(x), sp(x)
+    assert (deployed - qat).norm() / qat.norm() < 2e-3  # bias in fp16 is the only difference
+
+
+def test_bad_weights_and_shapes_are_refused_with_reasons():
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        Sparse24Linear.from_linear(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Sparse24Linear.from_linear(_pruned_linear(10, 64))
+    with pytest.raises(ValueError, match="input scale"):
+        Sparse24Linear(_pruned_linear().weight, None, "int8")
+    with pytest.raises(ValueError, match="64 features"):
+        Sparse24Linear.from_linear(_pruned_linear())(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="CUDA input"):
+        CUDAGraphed(nn.Identity(), torch.randn(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,tol", [("fp16", 2e-3), ("int8", 1e-2), ("fp8", 1e-2)])  # int8/fp8 write bf16
+def test_kernel_matches_the_reference_and_survives_graph_capture(fmt, tol):
+    torch.manual_seed(0)
+    lin = _pruned_linear(768, 3072, "cuda")
+    sp = Sparse24Linear.from_linear(lin, fmt) if fmt == "fp16" else Sparse24Linear(lin.weight, lin.bias, fmt, input_scale=0.03)
+    assert sp.uses_kernel
+    for tokens in (197, 256):  # 197 is padded to 208 inside
+        x = torch.randn(tokens, 3072, device="cuda", dtype=torch.float16)
+        ref = sp._reference(x)
+        out = torch.full_like(ref, float("nan"), dtype=torch.float16)
+        out.copy_(sp(x))
+        assert torch.isfinite(out).all()
+        assert (out.float() - ref).norm() / ref.norm() < tol
+    graphed = CUDAGraphed(sp, x)
+    x2 = torch.randn_like(x)
+    assert torch.allclose(graphed(x2).float(), sp(x2).float(), atol=1e-2)
