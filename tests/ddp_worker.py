@@ -39,6 +39,7 @@ def main(out: Path) -> None:
           enforce=sparsifier.enforce, extra_params=list(hint.parameters()), progress=False)
     if dist.is_main():
         torch.save({"student": student.state_dict(), "hint": hint.state_dict()}, out)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

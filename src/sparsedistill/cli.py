@@ -94,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in each run's environment.json
+    from . import distributed
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sparsedistill: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a single process with no process group.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "init", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "shard_rows", "on_main_first",
+    "init", "shutdown", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "shard_rows", "on_main_first",
 ]
 
 
@@ -31,6 +32,14 @@ def init(backend: str | None = None) -> torch.device:
     if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend() == "nccl"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group; exiting without it can abort the process ("terminate called ...")."""
+    if dist.is_initialized():
+        gc.collect()  # drop DDP reducers and pending work that still reference the group
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank() -> int:
