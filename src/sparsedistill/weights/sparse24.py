@@ -46,7 +46,9 @@ def _fused(kind: str, fmt: str):
         y = y.float() * scale
         return (y if bias is None else y + bias.float()).to(dtype)
 
-    return torch.compile({"quant": quant, "dequant": dequant}[kind], dynamic=False)
+    # dynamic: one graph for every layer width and token count (per-shape graphs hit dynamo's recompile
+    # limit on ViT-L and silently fell back to eager, benchmarks/results/vit_speed.json)
+    return torch.compile({"quant": quant, "dequant": dequant}[kind], dynamic=True)
 
 
 class Sparse24Linear(nn.Module):
