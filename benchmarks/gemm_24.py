@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.runs import environment as run_environment  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 VIT = {  # name: (width, mlp width)
     "vit_b16": (768, 3072),
@@ -48,40 +48,6 @@ def prune_24(w: torch.Tensor) -> torch.Tensor:
     g = w.float().abs().reshape(w.shape[0], -1, 4)
     keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(2, -1).indices, True)
     return w * keep.reshape(w.shape).to(w.dtype)
-
-
-def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30) -> float:
-    """Median milliseconds per call; with ``graph`` the calls are captured once and replayed."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        run = g.replay
-    else:
-        def run():
-            for _ in range(calls):
-                fn()
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,24 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
+from timing import time_ms  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 PRUNED = ("qkv", "proj", "fc1", "fc2")
-
-
-def median_ms(fn, reps: int = 20, inner: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
 
 
 def pruned_vit(name: str) -> torch.nn.Module:
@@ -104,7 +88,7 @@ def bench(name: str, batch: int, compile_dense: bool) -> dict:
                 fn = build()
                 out = fn(x).float()
                 err = float((out - ref).norm() / ref.norm())
-                rows[key] = {"ms": median_ms(lambda: fn(x)), "rel_err_vs_dense": err}
+                rows[key] = {"ms": time_ms(lambda: fn(x), graph=False, calls=5, reps=20), "rel_err_vs_dense": err}
         except Exception as e:  # noqa: BLE001  (report and go on)
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         rows[key]["setup_s"] = round(time.time() - t0, 1)

@@ -60,7 +60,7 @@ class Sparse24Linear(nn.Module):
         if fmt not in ("fp16", "int8", "fp8"):
             raise ValueError(f"unknown 2:4 format {fmt!r}; use 'fp16', 'int8' or 'fp8'")
         out_f, in_f = weight.shape
-        if in_f % 4 or out_f % 16 or in_f % 16:
+        if out_f % 16 or in_f % 16:
             raise ValueError(
                 f"cuSPARSELt needs in and out features divisible by 16, got {out_f}x{in_f}; "
                 "leave this layer dense or pad it"

@@ -1,0 +1,43 @@
+"""The one timing routine the benchmarks share: CUDA events, warm-up, median of many repetitions."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+__all__ = ["time_ms"]
+
+
+def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30) -> float:
+    """Median milliseconds per call; with ``graph`` the calls are captured once and replayed."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        run = g.replay
+    else:
+        def run():
+            for _ in range(calls):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
