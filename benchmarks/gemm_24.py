@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.runs import environment as run_environment  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+from sparsedistill.timing import time_ms  # noqa: E402
 
 VIT = {  # name: (width, mlp width)
     "vit_b16": (768, 3072),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
-from timing import time_ms  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+from sparsedistill.timing import time_ms  # noqa: E402
 
 PRUNED = ("qkv", "proj", "fc1", "fc2")
 
@@ -58,7 +58,7 @@ def input_scales(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 def ours(model: torch.nn.Module, fmt: str, scales: dict[str, float]) -> torch.nn.Module:
     m = copy.deepcopy(model)
     qmax = {"fp16": 1.0, "int8": 127.0, "fp8": 448.0}[fmt]
-    swap_linears(m, lambda n, lin: Sparse24Linear(lin.weight, lin.bias, fmt, None if fmt == "fp16" else scales[n] / qmax)
+    swap_linears(m, lambda n, lin: Sparse24Linear.from_dense(lin.weight, lin.bias, fmt, None if fmt == "fp16" else scales[n] / qmax)
                  if n.rsplit(".", 1)[-1] in PRUNED else None)
     return m
 

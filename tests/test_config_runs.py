@@ -50,8 +50,8 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_shipped_presets_load():
-    short = load_config(ExperimentConfig, "short")
-    full = load_config(ExperimentConfig, "full")
+    short = load_config(ExperimentConfig, "short", recipe="kd")
+    full = load_config(ExperimentConfig, "full", recipe="kd")
     assert short.seeds == [0] and full.seeds == [0, 1, 2]
     assert full == ExperimentConfig()  # the full preset writes out the defaults
 
@@ -133,3 +133,10 @@ def test_training_stops_on_non_finite_loss():
     bad = lambda net, b: (net(b[0]).sum() * float("nan"), {})  # noqa: E731
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         train(model, bad, lambda r: (x[r], y[r]), 200, TrainConfig(steps=5, batch_size=10), job="j", progress=False)
+
+
+def test_vit_presets_load_and_full_is_the_defaults():
+    from sparsedistill.recipes.vit_compress import CompressConfig
+
+    assert load_config(CompressConfig, "full", recipe="vit") == CompressConfig()
+    assert load_config(CompressConfig, "short", recipe="vit").model.name == "vit_fmnist_micro"

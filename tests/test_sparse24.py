@@ -41,7 +41,7 @@ def test_bad_weights_and_shapes_are_refused_with_reasons():
     with pytest.raises(ValueError, match="divisible by 16"):
         Sparse24Linear.from_linear(_pruned_linear(10, 64))
     with pytest.raises(ValueError, match="input scale"):
-        Sparse24Linear(_pruned_linear().weight, None, "int8")
+        Sparse24Linear.from_dense(_pruned_linear().weight, None, "int8")
     with pytest.raises(ValueError, match="64 features"):
         Sparse24Linear.from_linear(_pruned_linear())(torch.randn(2, 48))
     with pytest.raises(ValueError, match="CUDA input"):
@@ -53,7 +53,7 @@ def test_bad_weights_and_shapes_are_refused_with_reasons():
 def test_kernel_matches_the_reference_and_survives_graph_capture(fmt, tol):
     torch.manual_seed(0)
     lin = _pruned_linear(768, 3072, "cuda")
-    sp = Sparse24Linear.from_linear(lin, fmt) if fmt == "fp16" else Sparse24Linear(lin.weight, lin.bias, fmt, input_scale=0.03)
+    sp = Sparse24Linear.from_linear(lin, fmt) if fmt == "fp16" else Sparse24Linear.from_dense(lin.weight, lin.bias, fmt, input_scale=0.03)
     assert sp.uses_kernel
     for tokens in (197, 256):  # 197 is padded to 208 inside
         x = torch.randn(tokens, 3072, device="cuda", dtype=torch.float16)

@@ -1,6 +1,6 @@
 """``sparsedistill`` command line: one subcommand per system, each with its own ``--help``.
 
-Systems register here as their recipes land (``kd`` today; ``vit``, ``attention``,
+Systems register here as their recipes land (``kd`` and ``vit`` today; ``attention``,
 ``indexcache``, ``retrieval``, ``video`` and ``perception`` follow their issues).
 """
 
@@ -45,7 +45,7 @@ def _kd_experiment(args: argparse.Namespace) -> int:
     from .config import load_config
     from .recipes.kd_experiment import ExperimentConfig, run_experiment
 
-    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    cfg = load_config(ExperimentConfig, args.config, args.overrides, recipe="kd")
     run_dir = _run_dir(args, "kd-experiment")
     command = "sparsedistill " + shlex.join(args.argv)
     report = run_experiment(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command=command)
@@ -71,6 +71,67 @@ def _kd_axioms(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _vit_compress(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.vit_compress import CompressConfig, run_compress
+    from .recipes.vit_report import format_summary
+
+    cfg = load_config(CompressConfig, args.config, args.overrides, recipe="vit")
+    run_dir = _run_dir(args, "vit-compress")
+    report = run_compress(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
+    print(format_summary(json.loads((report.parent / "summary.json").read_text())))
+    print(_device_note())
+    print(f"report: {report}")
+    return 0
+
+
+def _device_note() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"2:4 students ran on cuSPARSELt ({torch.cuda.get_device_name()})."
+    return ("No CUDA GPU: the 2:4 students ran as masked / fake-quantised dense layers on the CPU, with the same "
+            "numerics as the sparse kernels; GPU speed needs a GPU with 2:4 sparse tensor cores (Ampere or newer).")
+
+
+def _vit_report(args: argparse.Namespace) -> int:
+    from .recipes.vit_report import format_summary, write_report
+    from .runs import Run
+
+    runs = []
+    for path in args.runs:
+        if not (path / "config.toml").exists():
+            raise FileNotFoundError(f"{path} is not a run directory (no config.toml)")
+        runs.append(Run.open(path))
+    if args.speed:
+        from .recipes.vit_compress import time_exports
+
+        for run in runs:
+            time_exports(run, args.speed)
+    report = write_report(runs, out_dir=args.out)
+    print(format_summary(json.loads((report.parent / "summary.json").read_text())))
+    print(f"report: {report}")
+    return 0
+
+
+def _vit_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_fashion_mnist
+    from .distill import predict
+    from .weights.export import load_sparse24
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_sparse24(args.model, device)
+    data = load_fashion_mnist(test_subset=args.test_subset)
+    x = data.test_x.to(device)
+    logits = predict(model, x.half() if device == "cuda" else x, batch_size=1000)
+    acc = float((logits.argmax(-1).cpu() == data.test_y).float().mean())
+    print(f"{args.model}: top-1 {100 * acc:.2f} % on {len(x)} Fashion-MNIST test images")
+    print(_device_note())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedistill", description="Distill dense teachers into sparse students that are really faster.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="SYSTEM")
@@ -87,6 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     ax.add_argument("--classes", type=int, default=10)
     ax.add_argument("--seed", type=int, default=0)
     ax.set_defaults(func=_kd_axioms)
+
+    vit = systems.add_parser("vit", help="GPUSQ-ViT: 2:4 sparse, INT8/FP8 ViT students distilled from a dense teacher")
+    vit_cmds = vit.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    comp = vit_cmds.add_parser("compress", help="teacher -> 2:4 pruning -> mixed KD -> QAT -> export, with report.md and plots",
+                               description="Train a dense ViT teacher on Fashion-MNIST, prune every attention and MLP Linear to "
+                                           "2:4, fine-tune with mixed-strategy KD, quantise (INT8/FP8 QAT), export to safetensors "
+                                           "and evaluate the exported models.")
+    _add_run_options(comp, "'full' (default, 3 seeds, for a GPU) or 'short' (1 seed, the demo, minutes on 2 CPU cores)")
+    comp.set_defaults(func=_vit_compress)
+    rep = vit_cmds.add_parser("report", help="(re)write the report of one or more compress runs (e.g. one per seed)")
+    rep.add_argument("runs", nargs="+", type=Path, help="run directories")
+    rep.add_argument("--out", type=Path, help="where report.md and the plots go (default: the first run)")
+    rep.add_argument("--speed", type=int, default=0, metavar="BATCH",
+                     help="first time every export on the GPU at this batch size (e.g. 256) against dense fp16")
+    rep.set_defaults(func=_vit_report)
+    ev = vit_cmds.add_parser("evaluate", help="load an exported 2:4 model (.safetensors) and measure its test accuracy")
+    ev.add_argument("model", type=Path)
+    ev.add_argument("--test-subset", type=int, default=0, help="class-balanced subset of the test set (0 = all 10,000)")
+    ev.set_defaults(func=_vit_evaluate)
     return parser
 
 

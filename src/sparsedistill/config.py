@@ -19,9 +19,9 @@ __all__ = ["load_config", "config_to_dict", "dump_toml", "preset_path"]
 C = TypeVar("C")
 
 
-def preset_path(name: str) -> Path:
-    """Path of a config shipped with the package (``recipes/configs/<name>.toml``)."""
-    return Path(str(resources.files("sparsedistill.recipes") / "configs" / f"{name}.toml"))
+def preset_path(recipe: str, name: str) -> Path:
+    """Path of a config shipped with the package (``recipes/configs/<recipe>/<name>.toml``)."""
+    return Path(str(resources.files("sparsedistill.recipes") / "configs" / recipe / f"{name}.toml"))
 
 
 def _parse_value(text: str) -> Any:
@@ -76,15 +76,16 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
-def load_config(cls: type[C], source: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Build ``cls`` from its defaults, a TOML file or preset name, then ``key=value`` overrides."""
+def load_config(cls: type[C], source: str | Path | None = None, overrides: list[str] | None = None, recipe: str = "") -> C:
+    """Build ``cls`` from its defaults, a TOML file or a ``recipe``'s preset name, then ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if source:
         path = Path(source)
-        if not path.exists() and not path.suffix:
-            path = preset_path(str(source))
+        if not path.exists() and not path.suffix and recipe:
+            path = preset_path(recipe, str(source))
         if not path.exists():
-            raise FileNotFoundError(f"config {source!r} not found (a TOML path or a preset in {preset_path('x').parent})")
+            where = f" or a preset in {preset_path(recipe, 'x').parent}" if recipe else ""
+            raise FileNotFoundError(f"config {source!r} not found (a TOML path{where})")
         data = tomllib.loads(path.read_text())
     for item in overrides or []:
         if "=" not in item:

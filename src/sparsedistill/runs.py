@@ -38,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make results unreadable to other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -120,6 +121,13 @@ class Run:
                 start = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_unix": time.time()}
                 atomic_write_bytes(self.path / "environment.json", json.dumps({**start, **environment()}, indent=1).encode())
         dist.barrier()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        """A finished (or running) run, read-only: for reports; writes nothing, checks no config."""
+        run = cls.__new__(cls)
+        run.path, run.resume = Path(path), True
+        return run
 
     def environment(self) -> dict[str, Any]:
         """Command, start time, versions and commit recorded when the run started."""

@@ -56,6 +56,7 @@ class ViTOutput:
     logits: Tensor
     tokens: Tensor  # (B, 1 + num_patches, D) after the final norm
     attentions: list[Tensor]  # per block (B, H, N, N); empty unless asked for
+    hidden: list[Tensor]  # per block, its output tokens (B, N, D)
 
 
 class PatchEmbed(nn.Module):
@@ -136,14 +137,19 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward_features(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, list[Tensor]]:
+        tokens, attns, _ = self._features(x, return_attn)
+        return tokens, attns
+
+    def _features(self, x: Tensor, return_attn: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        attns = []
+        attns, hidden = [], []
         for blk in self.blocks:
             x, attn = blk(x, return_attn)
+            hidden.append(x)
             if attn is not None:
                 attns.append(attn)
-        return self.norm(x), attns
+        return self.norm(x), attns, hidden
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         pooled = tokens[:, 1:].mean(1) if self.cfg.global_pool == "avg" else tokens[:, 0]
@@ -153,9 +159,19 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x)[0])
 
     def forward_distill(self, x: Tensor, return_attn: bool = True) -> ViTOutput:
-        """Logits plus what feature and attention distillation need."""
-        tokens, attns = self.forward_features(x, return_attn)
-        return ViTOutput(self.forward_head(tokens), tokens, attns)
+        """Logits plus what feature and attention distillation need (every block's tokens and attention)."""
+        tokens, attns, hidden = self._features(x, return_attn)
+        return ViTOutput(self.forward_head(tokens), tokens, attns, hidden)
+
+    def flops(self, sparse_linears: tuple[str, ...] = ()) -> dict[str, int]:
+        """Forward FLOPs per image (2 x multiply-adds); Linears named in ``sparse_linears`` count half (2:4)."""
+        c = self.cfg
+        n, d, h = c.num_patches + 1, c.embed_dim, int(c.embed_dim * c.mlp_ratio)
+        linear = {"qkv": d * 3 * d, "proj": d * d, "fc1": d * h, "fc2": h * d}
+        per_block = sum(n * macs * (0.5 if name in sparse_linears else 1.0) for name, macs in linear.items())
+        attention = 2 * n * n * d  # q k^T and attn v
+        other = c.num_patches * d * c.in_chans * c.patch_size**2 + d * c.num_classes
+        return {"total": int(2 * (c.depth * (per_block + attention) + other)), "linear": int(2 * c.depth * per_block)}
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -218,6 +234,13 @@ def vit_fmnist_tiny(num_classes: int = 10, **kw) -> VisionTransformer:
     """A small ViT for 28x28 grey images (Fashion-MNIST): patch 4, width 192, 6 blocks, mean pooling."""
     return _vit(**{"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": num_classes, "embed_dim": 192,
                    "depth": 6, "num_heads": 3, "global_pool": "avg", **kw})
+
+
+@register_model
+def vit_fmnist_micro(num_classes: int = 10, **kw) -> VisionTransformer:
+    """The demo's ViT (a CPU-minutes budget): 28x28 grey images, patch 4, width 128, 4 blocks, mean pooling."""
+    return _vit(**{"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": num_classes, "embed_dim": 128,
+                   "depth": 4, "num_heads": 2, "global_pool": "avg", **kw})
 
 
 @register_model

@@ -30,7 +30,7 @@ def kept_magnitude(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """Sum of |w| that N:M pruning keeps (the top ``n`` of every ``m`` consecutive inputs)."""
     if weight.shape[1] % m:
         raise ValueError(f"input dimension {weight.shape[1]} is not a multiple of {m}")
-    g = weight.abs().float().reshape(weight.shape[0], -1, m)
+    g = weight.detach().abs().float().reshape(weight.shape[0], -1, m)
     return g.topk(n, dim=-1).values.sum()
 
 

@@ -2,8 +2,9 @@
 
 ``QuantLinear`` replaces an ``nn.Linear``: weights are quantised per output channel, inputs per
 tensor, both with scales that are first calibrated (max of observed values) and then learned
-(LSQ-style: the straight-through estimator for values, a gradient for the scale, without
-LSQ's gradient rescaling since Adam normalises it anyway). A frozen 2:4 (or any)
+(LSQ-style: the straight-through estimator for values, a gradient for the scale). Scales are
+learned as logarithms: they stay positive, and Adam's steps become relative changes (an absolute
+step of 1e-4 would flip a 1e-3 weight scale negative within a few steps). A frozen 2:4 (or any)
 mask can ride along, so pruning and quantisation are trained together. The forward pass computes
 exactly what the deployed integer / FP8 kernel will: ``dequant(quant(x)) @ dequant(quant(w))^T``.
 """
@@ -39,6 +40,10 @@ def fake_quant(x: Tensor, scale: Tensor, fmt: QuantFormat = "int8") -> Tensor:
         raise ValueError(f"unknown quantisation format {fmt!r}; use 'int8' or 'fp8'")
     if not bool((scale > 0).all()):
         raise ValueError("quantisation scales must be positive; calibrate before training")
+    return _fake_quant(x, scale, fmt)
+
+
+def _fake_quant(x: Tensor, scale: Tensor, fmt: QuantFormat) -> Tensor:  # unchecked: no GPU sync per call
     q = (x / scale).clamp(-QMAX[fmt], QMAX[fmt])
     q = _round_ste(q) if fmt == "int8" else _fp8_ste(q)
     return q * scale
@@ -53,11 +58,12 @@ class QuantLinear(nn.Linear):
         if fmt not in QMAX:
             raise ValueError(f"unknown quantisation format {fmt!r}; use 'int8' or 'fp8'")
         self.fmt = fmt
-        self.weight_scale = nn.Parameter(torch.ones(out_features, 1))
-        self.input_scale = nn.Parameter(torch.ones(()))
+        self.log_weight_scale = nn.Parameter(torch.zeros(out_features, 1))
+        self.log_input_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("mask", mask.bool() if mask is not None else None)
         self.register_buffer("calibrated", torch.tensor(False))
         self._observing = False
+        self._ready = False
         self.register_buffer("_input_absmax", torch.zeros(()), persistent=False)
 
     @classmethod
@@ -68,8 +74,16 @@ class QuantLinear(nn.Linear):
             q.weight.copy_(linear.weight)
             if linear.bias is not None:
                 q.bias.copy_(linear.bias)
-            q.weight_scale.copy_(_weight_scale(q.masked_weight(), fmt))
+            q.log_weight_scale.copy_(_weight_scale(q.masked_weight(), fmt).log())
         return q
+
+    @property
+    def weight_scale(self) -> Tensor:
+        return self.log_weight_scale.exp()
+
+    @property
+    def input_scale(self) -> Tensor:
+        return self.log_input_scale.exp()
 
     def masked_weight(self) -> Tensor:
         return self.weight if self.mask is None else self.weight * self.mask
@@ -78,10 +92,12 @@ class QuantLinear(nn.Linear):
         if self._observing:
             self._input_absmax = torch.maximum(self._input_absmax, x.detach().abs().amax())
             return nn.functional.linear(x, self.masked_weight(), self.bias)
-        if not bool(self.calibrated):
+        if not self._ready:  # reads the flag once: a GPU sync per call would stall training
+            self._ready = bool(self.calibrated)
+        if not self._ready:
             raise RuntimeError("QuantLinear is not calibrated: run sparsedistill.weights.quant.calibrate(model, batches) first")
-        w = fake_quant(self.masked_weight(), self.weight_scale, self.fmt)
-        return nn.functional.linear(fake_quant(x, self.input_scale, self.fmt), w, self.bias)
+        w = _fake_quant(self.masked_weight(), self.weight_scale, self.fmt)  # exp(log scale): always positive
+        return nn.functional.linear(_fake_quant(x, self.input_scale, self.fmt), w, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fmt={self.fmt}, masked={self.mask is not None}"
@@ -114,7 +130,7 @@ def calibrate(model: nn.Module, batches: list[Tensor] | list[tuple], forward: Ca
     """Set every QuantLinear's input scale from the largest input seen on ``batches``; returns how many.
 
     Weight scales are set per output channel from the (masked) weights. Afterwards both kinds of
-    scale are trainable parameters (LSQ).
+    scale are trainable (LSQ, as logarithms).
     """
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
@@ -133,7 +149,7 @@ def calibrate(model: nn.Module, batches: list[Tensor] | list[tuple], forward: Ca
     for m in layers:
         if m._input_absmax <= 0:
             raise ValueError("calibration saw only zeros at a quantised layer; give it real batches")
-        m.input_scale.copy_(m._input_absmax / QMAX[m.fmt])
-        m.weight_scale.copy_(_weight_scale(m.masked_weight(), m.fmt))
+        m.log_input_scale.copy_((m._input_absmax / QMAX[m.fmt]).log())
+        m.log_weight_scale.copy_(_weight_scale(m.masked_weight(), m.fmt).log())
         m.calibrated.fill_(True)
     return len(layers)

@@ -54,34 +54,48 @@ def _fused(kind: str, fmt: str):
 class Sparse24Linear(nn.Module):
     """``y = x W^T + b`` with a 2:4 weight; int8/fp8 quantise ``x`` per tensor and ``W`` per output channel."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: Sparse24Format = "fp16",
-                 input_scale: Tensor | float | None = None, weight_scale: Tensor | None = None) -> None:
+    def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
+                 fmt: Sparse24Format = "fp16") -> None:
+        """From already-quantised 2:4 values (what ``sparsedistill.weights.export`` saves); see ``from_dense``."""
         super().__init__()
         if fmt not in ("fp16", "int8", "fp8"):
             raise ValueError(f"unknown 2:4 format {fmt!r}; use 'fp16', 'int8' or 'fp8'")
-        out_f, in_f = weight.shape
+        want = torch.float16 if fmt == "fp16" else _QDTYPE[fmt]
+        if weight_q.dtype != want:
+            raise ValueError(f"{fmt} values must be {want}, got {weight_q.dtype}; use Sparse24Linear.from_dense to quantise")
+        out_f, in_f = weight_q.shape
         if out_f % 16 or in_f % 16:
             raise ValueError(
                 f"cuSPARSELt needs in and out features divisible by 16, got {out_f}x{in_f}; "
                 "leave this layer dense or pad it"
             )
-        if not is_nm_sparse(weight, 2, 4):
+        if not is_nm_sparse(weight_q.float(), 2, 4):
             raise ValueError("weight is not 2:4 sparse (more than 2 nonzeros in some group of 4 inputs); prune it first")
-        if fmt != "fp16" and input_scale is None:
-            raise ValueError(f"{fmt} needs the calibrated input scale (from QAT's QuantLinear.input_scale)")
         self.fmt, self.in_features, self.out_features = fmt, in_f, out_f
-        w = weight.detach()
-        if fmt == "fp16":
-            wq, w_scale = w.half(), torch.ones(out_f)
-        else:
-            w_scale = weight_scale.detach().reshape(-1).float() if weight_scale is not None else w.abs().amax(1).float().clamp(min=1e-8) / QMAX[fmt]
-            wq = _quantize(w, w_scale.to(w.device)[:, None], fmt)
-        self.register_buffer("weight_q", wq)  # uncompressed 2:4 values: what the CPU path uses and what is saved
-        self.register_buffer("weight_scale", w_scale.reshape(1, -1).float())
-        self.register_buffer("input_scale", torch.as_tensor(1.0 if input_scale is None else input_scale, dtype=torch.float32).reshape(()))
+        self.register_buffer("weight_q", weight_q.detach())  # uncompressed 2:4 values: what the CPU path uses
+        self.register_buffer("weight_scale", torch.as_tensor(weight_scale, dtype=torch.float32).reshape(1, -1).expand(1, out_f).clone())
+        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).reshape(()).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
         self._alg: dict[int, int] = {}
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None, fmt: Sparse24Format = "fp16",
+                   input_scale: Tensor | float | None = None, weight_scale: Tensor | None = None) -> "Sparse24Linear":
+        """Quantise a 2:4-pruned float weight: per output channel (absmax unless ``weight_scale`` is given)."""
+        if fmt not in ("fp16", "int8", "fp8"):
+            raise ValueError(f"unknown 2:4 format {fmt!r}; use 'fp16', 'int8' or 'fp8'")
+        if fmt != "fp16" and input_scale is None:
+            raise ValueError(f"{fmt} needs the calibrated input scale (from QAT's QuantLinear.input_scale)")
+        if not is_nm_sparse(weight, 2, 4):
+            raise ValueError("weight is not 2:4 sparse (more than 2 nonzeros in some group of 4 inputs); prune it first")
+        w = weight.detach()
+        if fmt == "fp16":
+            return cls(w.half(), torch.ones(w.shape[0]), 1.0, bias, fmt)
+        if weight_scale is None:
+            weight_scale = w.abs().amax(1).float().clamp(min=1e-8) / QMAX[fmt]
+        w_scale = weight_scale.detach().reshape(-1).float().to(w.device)
+        return cls(_quantize(w, w_scale[:, None], fmt), w_scale, input_scale, bias, fmt)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: Sparse24Format = "fp16") -> "Sparse24Linear":
@@ -89,8 +103,10 @@ class Sparse24Linear(nn.Module):
         from .quant import QuantLinear
 
         if isinstance(linear, QuantLinear):
-            return cls(linear.masked_weight(), linear.bias, fmt, linear.input_scale, linear.weight_scale)
-        return cls(linear.weight, linear.bias, fmt)
+            if fmt != linear.fmt:
+                raise ValueError(f"this QuantLinear was trained for {linear.fmt}, not {fmt}")
+            return cls.from_dense(linear.masked_weight(), linear.bias, fmt, linear.input_scale, linear.weight_scale)
+        return cls.from_dense(linear.weight, linear.bias, fmt)
 
     @property
     def uses_kernel(self) -> bool:
@@ -134,9 +150,13 @@ class Sparse24Linear(nn.Module):
             y = _fused("dequant", self.fmt)(y, self.input_scale * self.weight_scale, self.bias, x.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    def _apply(self, fn, recurse=True):  # a move to another device needs a fresh compression
-        self._compressed, self._alg = None, {}
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):
+        """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
+        self._compressed, self._alg = None, {}  # a new device needs a fresh compression
+        for k, b in self._buffers.items():
+            if b is not None:
+                self._buffers[k] = fn(b).to(b.dtype)
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"

@@ -1,4 +1,4 @@
-"""The one timing routine the benchmarks share: CUDA events, warm-up, median of many repetitions."""
+"""The one GPU timing routine (benchmarks and recipes): CUDA events, warm-up, median of many repetitions."""
 
 from __future__ import annotations
 
