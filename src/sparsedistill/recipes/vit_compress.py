@@ -89,7 +89,7 @@ class QATConfig:
     formats: list[str] = field(default_factory=lambda: ["int8", "fp8"])
     teacher: str = "dense"  # "dense" (the teacher) or "sparse" (the 2:4 fp16 student)
     calibration_batches: int = 4
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1200, lr=1e-4, checkpoint_every=600))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=1e-4, checkpoint_every=400))
 
 
 @dataclass
@@ -105,7 +105,7 @@ class CompressConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    student: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=2e-4, weight_decay=0.0, checkpoint_every=1000))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, lr=2e-4, weight_decay=0.0, checkpoint_every=1000))
     qat: QATConfig = field(default_factory=QATConfig)
     ablation: bool = True  # also train the 2:4 student with CE only and CE + logits
     unsupervised: bool = True  # also the label-free path: sparse and int8 students from KD terms only

@@ -100,7 +100,7 @@ def permute_linear_pair(producer: nn.Linear, consumer: nn.Linear, perm: Tensor) 
             f"producer has {producer.out_features} outputs, consumer {consumer.in_features} inputs, "
             f"permutation {perm.numel()} entries: they must all agree"
         )
-    if not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+    if not torch.equal(perm.sort().values.cpu(), torch.arange(perm.numel())):
         raise ValueError("perm is not a permutation of 0..n-1")
     producer.weight.copy_(producer.weight[perm])
     if producer.bias is not None:
