@@ -80,7 +80,8 @@ def environment() -> dict[str, str]:
         "numpy": numpy.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "commit": commit or "unknown",
+        # A copy without its .git (a GPU machine) names its commit in SPARSEDISTILL_COMMIT.
+        "commit": os.environ.get("SPARSEDISTILL_COMMIT") or commit or "unknown",
     }
 
 

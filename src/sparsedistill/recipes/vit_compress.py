@@ -309,10 +309,13 @@ class Compress:
 
     def finish(self, job: str, seed: int, model: VisionTransformer, fmt: str, seconds: float, extra: dict[str, Any]) -> None:
         """Evaluate the training graph, export, reload from the file and evaluate what deploys."""
+        t0 = time.time()
         metrics, logits = self.evaluate(model)
         result = {"job": job, "format": fmt, **metrics, "train_seconds": seconds, **extra,
-                  "flops": model.flops(tuple(self.cfg.prune.layers))}
+                  "flops": model.flops(tuple(self.cfg.prune.layers)), "eval_seconds": time.time() - t0}
+        t0 = time.time()
         result["deployed"] = self.deploy(job, seed, model, fmt, logits)
+        result["deploy_seconds"] = time.time() - t0  # export, reload, evaluate
         self.run.save_result(job, result)
 
     def deploy(self, job: str, seed: int, model: VisionTransformer, fmt: str | None, train_logits: Tensor | None = None) -> dict[str, Any]:
