@@ -25,7 +25,7 @@ $(FMNIST):
 	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
 
 demo: setup
-	$(VENV)/bin/sparsedistill kd experiment --config short
+	$(VENV)/bin/sparsedistill vit compress --config short
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile -q

@@ -7,6 +7,7 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of the three
   torch_24                                   to_sparse_semi_structured weights, eager (PyTorch's path)
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
+  ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
 
     python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
 """
@@ -102,6 +103,8 @@ def bench(name: str, batch: int, compile_dense: bool) -> dict:
     scales = input_scales(model, x)
     for fmt in ("fp16", "int8", "fp8"):
         add(f"ours_24_{fmt}", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x))
+    for fmt in ("fp16", "int8", "fp8"):  # Inductor fuses (de)quantisation into LayerNorm / GELU / residual
+        add(f"ours_24_{fmt}_compiled", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x, compile=True))
     dense = [r["ms"] for k, r in rows.items() if k.startswith("dense") and "ms" in r]
     best = min(dense)
     for r in rows.values():

@@ -65,3 +65,39 @@ def test_kernel_matches_the_reference_and_survives_graph_capture(fmt, tol):
     graphed = CUDAGraphed(sp, x)
     x2 = torch.randn_like(x)
     assert torch.allclose(graphed(x2).float(), sp(x2).float(), atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_f,in_f", [(576, 192), (192, 768)])  # vit_fmnist_tiny's narrow layers
+def test_fp16_both_layouts_match_the_reference_at_narrow_shapes(out_f, in_f):
+    torch.manual_seed(0)
+    sp = Sparse24Linear.from_linear(_pruned_linear(out_f, in_f, "cuda"), "fp16")
+    x = torch.randn(50_000, in_f, device="cuda", dtype=torch.float16)
+    ref = sp._reference(x)
+    sp(x)  # chooses the plan
+    xk = x.half()
+    for plan in [(True, 0), (False, torch._cslt_sparse_mm_search(sp._compressed, xk.t(), transpose_result=False))]:
+        out = sp._gemm(xk, sp.bias, None, *plan)
+        assert out.is_contiguous() and (out.float() - ref).norm() / ref.norm() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+def test_compiled_and_graphed_model_matches_eager(fmt):
+    from sparsedistill.models import create_model
+    from sparsedistill.weights.quant import swap_linears
+
+    torch.manual_seed(0)
+    model = create_model("vit_fmnist_tiny").cuda().eval()
+    inc = lambda n: n.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")  # noqa: E731
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if inc(n):
+                m.weight.mul_(nm_mask(m.weight))
+    swap_linears(model, lambda n, lin: Sparse24Linear.from_dense(lin.weight, lin.bias, fmt, None if fmt == "fp16" else 0.05) if inc(n) else None)
+    model.half()
+    x = torch.rand(64, 1, 28, 28, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = model(x).float()
+        out = CUDAGraphed(model, x, compile=True)(x).float()
+    assert (out - eager).norm() / eager.norm() < 1e-2

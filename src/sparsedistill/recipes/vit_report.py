@@ -68,7 +68,6 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
         raise ValueError(f"no finished teacher in {[str(r.path) for r in runs]}: nothing to report yet")
     seeds = sorted(res["teacher"])
     cfg = tomllib.loads((runs[0].path / "config.toml").read_text())
-    env = runs[0].environment()
     teacher = [res["teacher"][s] for s in seeds]
     t_acc = [t["test_acc"] for t in teacher]
     t_mean = mean_std(t_acc)[0]
@@ -79,20 +78,23 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
     def row(label: str, fmt: str, accs: list[float], bytes_: int, flops: int, target: float | None, speed: list[float] | None) -> list[str]:
         drop = (t_mean - mean_std(accs)[0]) * 100
         verdict = "" if target is None else (f" (target <= {target}: **{'met' if drop <= target else 'missed'}**)")
-        spd = f"{np.median(speed):.2f}x" if speed else "n/a (no GPU)"
+        spd = f"{np.median(speed):.2f}x" if speed else "n/a"
         summary["rows"].append({"model": label, "format": fmt, "acc": accs, "drop_points": drop, "target": target,
                                 "bytes": bytes_, "x_smaller_fp32": fp32 / bytes_, "flops": flops, "gpu_speedup": speed})
         return [label, fmt, fmt_mean_std(accs), f"{-drop:+.2f}{verdict}", _mb(bytes_), f"{fp32 / bytes_:.2f}x",
                 f"{fp16 / bytes_:.2f}x", f"{flops / 1e6:.1f}", spd]
 
-    rows = [row("dense teacher", "fp32", t_acc, fp32, t_flops, None, None)]
-    rows[0][4] = f"{_mb(fp32)} (fp16: {_mb(fp16)})"
-    rows[0][8] = "baseline"
+    def seeds_of(prefix: str) -> str:
+        return ", ".join(str(s) for s in seeds if s in res[prefix])
+
+    rows = [["dense teacher", seeds_of("teacher"), *row("dense teacher", "fp32", t_acc, fp32, t_flops, None, None)[1:]]]
+    rows[0][4], rows[0][5], rows[0][9] = "", f"{_mb(fp32)} (fp16: {_mb(fp16)})", "baseline" if _speeds(res) else "n/a"
     for prefix, label, fmt, target in STUDENTS:
         if prefix in res:
             r = [res[prefix][s] for s in seeds if s in res[prefix]]
             speed = [x["deployed"]["speed"]["speedup"] for x in r if "speed" in x["deployed"]]
-            rows.append(row(label, fmt, _acc(res[prefix], seeds), r[0]["deployed"]["bytes"]["total"], r[0]["flops"]["total"], target, speed or None))
+            cells = row(label, fmt, _acc(res[prefix], seeds), r[0]["deployed"]["bytes"]["total"], r[0]["flops"]["total"], target, speed or None)
+            rows.append([cells[0], seeds_of(prefix), *cells[1:]])
 
     runs_on = {x["deployed"]["runs_on"] for p, *_ in STUDENTS if p in res for x in res[p].values()}
     agree = [x["deployed"]["agreement_with_training_graph"] for p, *_ in STUDENTS if p in res for x in res[p].values()]
@@ -100,11 +102,16 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
     md = [
         "# GPUSQ-ViT on Fashion-MNIST: 2:4 sparse, quantised ViT students distilled from a dense teacher",
         "",
-        f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}"
-        + (f"; {sum(e for e in elapsed if e) / 60:.1f} min to the last finished job" if any(elapsed) else "") + ")  ",
-        f"Runs: {', '.join(f'`{r.path}`' for r in runs)}; seeds {seeds}; model `{cfg['model']['name']}`; "
-        f"test rows: {teacher[0]['test_rows']}" + (f"; data `{index['data_source']}`" if index else "") + ".  ",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".",
+        f"Seeds {seeds}; model `{cfg['model']['name']}`; test rows: {teacher[0]['test_rows']}"
+        + (f"; data `{index['data_source']}`" if index else "") + ". Runs:",
+        "",
+    ]
+    for run, secs in zip(runs, elapsed):
+        e = run.environment()
+        md.append(f"- `{run.path}`: `{e.get('command', '')}` (started {e.get('started', '?')}"
+                  + (f", {secs / 60:.1f} min to its last finished job" if secs else "") + "; "
+                  + ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("command", "started", "started_unix")) + ")")
+    md += [
         "",
         f"Teacher: {cfg['teacher']['steps']} steps (batch {cfg['teacher']['batch_size']}, label smoothing "
         f"{cfg['teacher']['label_smoothing']}). Students: every qkv/proj/fc1/fc2 Linear 2:4-pruned (after channel "
@@ -122,23 +129,25 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
         "Accuracy: top-1 %, mean ± std over seeds. Bytes: what is stored (2:4 values + index metadata + the "
         "dense rest in fp16). FLOPs per image (2:4 Linears counted at half). GPU speed: the exported model vs "
         "a dense fp16 model of the same shapes, both replayed from CUDA graphs, timed after training "
-        + (f"(batch {_speed_batch(res)}, {_speed_device(res)})." if _speed_batch(res) else "(not measured: no GPU)."),
+        + (f"(batch {_speed_batch(res)}, {_speed_device(res)})." if _speed_batch(res)
+           else "(not measured for these runs: `sparsedistill vit report RUN... --speed 256` on a GPU does it)."),
         "",
-        markdown_table(["model", "format", "test acc", "vs teacher (points)", "bytes", "x smaller vs FP32", "x smaller vs FP16",
-                        "MFLOPs/image", "GPU speed vs dense fp16"], rows),
+        markdown_table(["model", "seeds", "format", "test acc", "vs teacher (points)", "bytes", "x smaller vs FP32",
+                        "x smaller vs FP16", "MFLOPs/image", "GPU speed vs dense fp16"], rows),
         "",
     ]
+    md += ["Targets (issue #3): " + "; ".join(_targets(res, seeds, t_mean)) + ".", ""]
     if any(p in res for p, _ in ABLATION):
         md += ["## What each KD term adds (2:4 FP16 students)", ""]
         abl_rows = []
         for prefix, label in ABLATION:
             if prefix in res:
                 a = _acc(res[prefix], seeds)
-                abl_rows.append([label, fmt_mean_std(a), f"{(mean_std(a)[0] - t_mean) * 100:+.2f}"])
+                abl_rows.append([label, seeds_of(prefix), fmt_mean_std(a), f"{(mean_std(a)[0] - t_mean) * 100:+.2f}"])
         if "prune" in res:
             a = [res["prune"][s]["test_acc"] for s in seeds if s in res["prune"]]
-            abl_rows.insert(0, ["one-shot 2:4 pruning, no fine-tuning", fmt_mean_std(a), f"{(mean_std(a)[0] - t_mean) * 100:+.2f}"])
-        md += [markdown_table(["training of the 2:4 student", "test acc", "vs teacher"], abl_rows), ""]
+            abl_rows.insert(0, ["one-shot 2:4 pruning, no fine-tuning", seeds_of("prune"), fmt_mean_std(a), f"{(mean_std(a)[0] - t_mean) * 100:+.2f}"])
+        md += [markdown_table(["training of the 2:4 student", "seeds", "test acc", "vs teacher"], abl_rows), ""]
     bars = [(label, _acc(res[p], seeds)) for p, label, *_ in STUDENTS if p in res]
     bars += [(label, _acc(res[p], seeds)) for p, label in ABLATION if p in res and p != "sparse-full"]
     if bars:
@@ -163,6 +172,19 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
     atomic_write_bytes(report, "\n".join(md).encode())
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=1).encode())
     return report
+
+
+def _targets(res: dict[str, dict[int, dict[str, Any]]], seeds: list[int], t_mean: float) -> list[str]:
+    out = [f"teacher >= 93 %: {'met' if t_mean >= 0.93 else 'missed'} ({100 * t_mean:.2f} %)"]
+    for prefix, label, _, target in STUDENTS:
+        if target is None:
+            continue
+        if prefix not in res:
+            out.append(f"{label} within {target} points: not run")
+            continue
+        drop = 100 * (t_mean - mean_std(_acc(res[prefix], seeds))[0])
+        out.append(f"{label} within {target} points: {'met' if drop <= target else 'missed'} ({-drop:+.2f})")
+    return out
 
 
 def _speeds(res: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -230,6 +252,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for r in summary["rows"]:
         acc = mean_std(r["acc"])[0] * 100
         spd = f"{np.median(r['gpu_speedup']):.2f}x" if r["gpu_speedup"] else "n/a"
-        lines.append(f"{r['model']:<36s} {r['format']:>6s} {acc:>11.2f} {-r['drop_points']:>+10.2f} {r['bytes'] / 1e6:>7.2f} "
+        vs = "" if r["model"] == "dense teacher" else f"{-r['drop_points']:+.2f}"
+        lines.append(f"{r['model']:<36s} {r['format']:>6s} {acc:>11.2f} {vs:>10s} {r['bytes'] / 1e6:>7.2f} "
                      f"{r['x_smaller_fp32']:>6.2f}x {spd:>10s}")
     return "\n".join(lines)

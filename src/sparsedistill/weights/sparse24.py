@@ -35,20 +35,29 @@ def _quantize(x: Tensor, scale: Tensor, fmt: Sparse24Format) -> Tensor:
     return q.round().to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
 
 
+def _quant_step(x: Tensor, scale: Tensor, pad: int, fmt: Sparse24Format) -> Tensor:
+    return _quantize(F.pad(x, (0, 0, 0, pad)) if pad else x, scale, fmt)
+
+
+def _dequant_step(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    y = y.float() * scale
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
 @functools.cache
-def _fused(kind: str, fmt: str):
-    """Compiled (Inductor -> one Triton kernel) quantise / dequantise steps around the sparse GEMM."""
+def _fused(kind: str):
+    """Compiled (Inductor -> one Triton kernel) quantise / dequantise steps around the sparse GEMM.
 
-    def quant(x: Tensor, scale: Tensor, pad: int) -> Tensor:
-        return _quantize(F.pad(x, (0, 0, 0, pad)) if pad else x, scale, fmt)
-
-    def dequant(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-        y = y.float() * scale
-        return (y if bias is None else y + bias.float()).to(dtype)
-
+    Inside a compiled model (``CUDAGraphed(..., compile=True)``) the plain steps are used instead,
+    so Inductor can fuse them with the LayerNorm / GELU / residual add next to them.
+    """
     # dynamic: one graph for every layer width and token count (per-shape graphs hit dynamo's recompile
     # limit on ViT-L and silently fell back to eager, benchmarks/results/vit_speed.json)
-    return torch.compile({"quant": quant, "dequant": dequant}[kind], dynamic=True)
+    return torch.compile({"quant": _quant_step, "dequant": _dequant_step}[kind], dynamic=True)
+
+
+def _step(kind: str):
+    return ({"quant": _quant_step, "dequant": _dequant_step}[kind] if torch.compiler.is_compiling() else _fused(kind))
 
 
 class Sparse24Linear(nn.Module):
@@ -77,7 +86,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).reshape(()).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
-        self._alg: dict[int, int] = {}
+        self._plans: dict[int, tuple[bool, int]] = {}  # token count -> (transpose_result, algorithm)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None, fmt: Sparse24Format = "fp16",
@@ -135,24 +144,40 @@ class Sparse24Linear(nn.Module):
         if self.fmt == "fp16":
             xk = F.pad(x2.half(), (0, 0, 0, pad)) if pad else x2.half()
         else:  # pad + scale + round + cast in one fused kernel, not four passes over the activations
-            xk = _fused("quant", self.fmt)(x2, self.input_scale, pad)
+            xk = _step("quant")(x2, self.input_scale, pad, self.fmt)
         out_dtype = None if self.fmt == "fp16" else torch.bfloat16  # int8/fp8 sums overflow fp16
         bias = self.bias if self.fmt == "fp16" else None  # fp16: added in cuSPARSELt's epilogue
-        alg = self._alg.get(xk.shape[0])
-        if alg is None:  # searched once per token count, outside graph capture (a warm-up call does it)
-            # The search fails for fp16 with a transposed result on the H100 (benchmarks/probes): use algorithm 0.
-            alg = 0 if self.fmt == "fp16" else torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
-            self._alg[xk.shape[0]] = alg
-        # transpose_result gives (tokens, out) row-major: a transposed view would turn every later
-        # activation column-major and slow the rest of the network far more than the GEMM saves.
-        y = torch._cslt_sparse_mm(self._compressed, xk.t(), bias=bias, out_dtype=out_dtype, transpose_result=True, alg_id=alg)[:n]
+        plan = self._plans.get(xk.shape[0])
+        if plan is None:  # chosen once per token count, outside graph capture (a warm-up call does it)
+            plan = self._plans[xk.shape[0]] = self._choose_plan(xk, bias, out_dtype)
+        y = self._gemm(xk, bias, out_dtype, *plan)[:n]
         if self.fmt != "fp16":  # dequantise, add the bias and cast back in one fused kernel
-            y = _fused("dequant", self.fmt)(y, self.input_scale * self.weight_scale, self.bias, x.dtype)
+            y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, x.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int) -> Tensor:
+        """(tokens, out), row-major: a column-major result would slow every later op far more than the GEMM saves."""
+        y = torch._cslt_sparse_mm(self._compressed, xk.t(), bias=bias, out_dtype=out_dtype, transpose_result=transposed, alg_id=alg)
+        return y if transposed else y.t().contiguous()
+
+    def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None) -> tuple[bool, int]:
+        """How to run this token count: cuSPARSELt's algorithm search, plus a timing where it cannot decide.
+
+        int8/fp8: the searched algorithm with a transposed (row-major) result. fp16: the search fails
+        with a transposed result on the H100, and its only working algorithm (0) is pathologically
+        slow at narrow layers (benchmarks/probes/first_call_probe_h100.txt), so it is timed against the
+        searched plain layout plus one transposing copy, and the faster one is kept.
+        """
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"no cuSPARSELt plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
+        if self.fmt != "fp16":
+            return True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
+        candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
+        return min(candidates, key=lambda c: _median_ms(lambda: self._gemm(xk, bias, out_dtype, *c)))
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
-        self._compressed, self._alg = None, {}  # a new device needs a fresh compression
+        self._compressed, self._plans = None, {}  # a new device needs a fresh compression
         for k, b in self._buffers.items():
             if b is not None:
                 self._buffers[k] = fn(b).to(b.dtype)
@@ -162,24 +187,43 @@ class Sparse24Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
 
 
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2]
+
+
 class CUDAGraphed(nn.Module):
     """Replay ``module`` from a CUDA graph captured for inputs of one shape and dtype.
 
-    The output is a static buffer overwritten by the next call; clone it to keep it.
+    The output is a static buffer overwritten by the next call; clone it to keep it. With
+    ``compile``, the module is first run eagerly (cuSPARSELt plans are chosen then), then compiled
+    by Inductor, which fuses the quantise / dequantise steps into the LayerNorm, GELU and residual
+    kernels around each sparse GEMM, and the compiled module is captured.
     """
 
-    def __init__(self, module: nn.Module, example: Tensor, warmup: int = 3) -> None:
+    def __init__(self, module: nn.Module, example: Tensor, warmup: int = 3, compile: bool = False) -> None:
         super().__init__()
         if not example.is_cuda:
             raise ValueError("CUDA graphs need a CUDA input; on the CPU call the module directly")
-        self.module = module
         self.static_in = example.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(warmup):  # also runs every cuSPARSELt algorithm search outside the capture
+            module(self.static_in)  # every cuSPARSELt plan is chosen here, outside capture and compilation
+            if compile:
+                module = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=False)
+            for _ in range(warmup):
                 module(self.static_in)
         torch.cuda.current_stream().wait_stream(stream)
+        self.module = module
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.static_out = module(self.static_in)
