@@ -1,0 +1,105 @@
+"""Block-sparse attention masks as compact index lists, not dense boolean matrices.
+
+For every (batch, head, query block) a ``BlockMask`` holds the key blocks to visit
+(``kv_indices``, padded with -1) and how many there are (``kv_counts``); the transposed lists
+(query blocks per key block) serve the backward pass. Building one from a block-level boolean
+matrix is a sort and a cumulative sum on the GPU: the cost grows with the number of blocks
+(S/64 squared), not with S squared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockMask", "SUPPORTED_BLOCKS"]
+
+SUPPORTED_BLOCKS = (64, 128)
+
+
+def _lists(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(indices of True along the last dim, padded with -1 and sorted; counts) for a (..., n) bool tensor."""
+    n = keep.shape[-1]
+    counts = keep.sum(-1, dtype=torch.int32)
+    # kept columns first, in increasing order: sort by (not kept, column)
+    order = torch.argsort((~keep).to(torch.int32) * n + torch.arange(n, device=keep.device), dim=-1).to(torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    idx = order[..., :width]
+    idx = torch.where(torch.arange(width, device=keep.device) < counts[..., None], idx, torch.full_like(idx, -1))
+    return idx.contiguous(), counts.contiguous()
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    kv_indices: Tensor  # (B, H, n_q_blocks, max_kv) int32, -1 padded
+    kv_counts: Tensor  # (B, H, n_q_blocks) int32
+    q_indices: Tensor  # (B, H, n_k_blocks, max_q) int32: the query blocks that visit each key block
+    q_counts: Tensor  # (B, H, n_k_blocks) int32
+    block: int
+    seq_q: int
+    seq_k: int
+
+    @classmethod
+    def from_block_bool(cls, keep: Tensor, block: int, seq_q: int, seq_k: int | None = None) -> "BlockMask":
+        """From ``keep`` of shape (B, H, ceil(seq_q / block), ceil(seq_k / block)): True = attend to that block."""
+        seq_k = seq_q if seq_k is None else seq_k
+        if block not in SUPPORTED_BLOCKS:
+            raise ValueError(f"block size {block} is not supported; use one of {SUPPORTED_BLOCKS}")
+        want = (-(-seq_q // block), -(-seq_k // block))
+        if keep.ndim != 4 or tuple(keep.shape[2:]) != want:
+            raise ValueError(f"block mask must be (B, H, {want[0]}, {want[1]}) for seq {seq_q}x{seq_k} and block {block}, "
+                             f"got {tuple(keep.shape)}")
+        if keep.dtype != torch.bool:
+            raise ValueError(f"block mask must be a bool tensor, got {keep.dtype}")
+        kv_indices, kv_counts = _lists(keep)
+        q_indices, q_counts = _lists(keep.transpose(-1, -2))
+        return cls(kv_indices, kv_counts, q_indices, q_counts, block, seq_q, seq_k)
+
+    @classmethod
+    def full(cls, batch: int, heads: int, seq_q: int, block: int = 64, seq_k: int | None = None,
+             causal: bool = False, device: torch.device | str = "cpu") -> "BlockMask":
+        """Every block (dense attention), or every block on or below the diagonal (``causal``)."""
+        seq_k = seq_q if seq_k is None else seq_k
+        nq, nk = -(-seq_q // block), -(-seq_k // block)
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        if causal:
+            keep = causal_blocks(nq, nk, block, seq_q, seq_k, device)
+        return cls.from_block_bool(keep.expand(batch, heads, nq, nk), block, seq_q, seq_k)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, nq = self.kv_counts.shape
+        return b, h, nq, self.q_counts.shape[-1]
+
+    def to_block_bool(self) -> Tensor:
+        b, h, nq, nk = self.shape
+        keep = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=self.kv_indices.device)
+        idx = torch.where(self.kv_indices >= 0, self.kv_indices, nk).long()
+        keep.scatter_(-1, idx, True)
+        return keep[..., :nk]
+
+    def to_dense(self) -> Tensor:
+        """Token-level (B, H, seq_q, seq_k) bool mask (for references and tests; O(S^2) memory)."""
+        keep = self.to_block_bool()
+        keep = keep.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)
+        return keep[..., : self.seq_q, : self.seq_k]
+
+    def density(self) -> float:
+        """Share of (query block, key block) pairs kept."""
+        b, h, nq, nk = self.shape
+        return float(self.kv_counts.sum()) / (b * h * nq * nk)
+
+    def to(self, device: torch.device | str) -> "BlockMask":
+        return BlockMask(self.kv_indices.to(device), self.kv_counts.to(device), self.q_indices.to(device),
+                         self.q_counts.to(device), self.block, self.seq_q, self.seq_k)
+
+
+def causal_blocks(nq: int, nk: int, block: int, seq_q: int, seq_k: int, device: torch.device | str = "cpu") -> Tensor:
+    """(nq, nk) bool: blocks holding at least one (query, key) pair with key <= query + (seq_k - seq_q)."""
+    offset = seq_k - seq_q  # bottom-right aligned, as for a query chunk at the end of a KV cache
+    first_q = torch.arange(nq, device=device) * block
+    last_q = torch.clamp(first_q + block - 1, max=seq_q - 1)
+    first_k = torch.arange(nk, device=device) * block
+    return first_k[None, :] <= (last_q + offset)[:, None]

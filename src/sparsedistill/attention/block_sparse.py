@@ -1,0 +1,246 @@
+"""Block-sparse attention in Triton: forward and backward, causal or not, GQA, fp16 / bf16 (fp32 for tests).
+
+Each program owns one query block and visits only the key blocks its ``BlockMask`` lists
+(FlashAttention-2's online softmax over those blocks); the backward recomputes the probabilities
+from the saved log-sum-exp: one kernel for dK/dV (per key block, over the query blocks that
+visited it, for every query head of its GQA group) and one for dQ. ``attention_reference`` beside
+it is the plain PyTorch definition the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._runtime import triton_can_run
+from .block_mask import BlockMask
+
+__all__ = ["block_sparse_attention", "attention_reference", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+_LOG2E = 1.4426950408889634
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None = None, causal: bool = False,
+                        scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale + masks) v in fp32; q (B, H, Sq, D), k/v (B, Hkv, Sk, D). Fully masked rows give 0."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(d))
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.ones_like(allowed).tril(sk - sq)
+    if mask is not None:
+        allowed = allowed & mask.to_dense().to(q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # all-masked rows: 0, as in the kernel
+    return (p @ v.float()).to(q.dtype)
+
+
+@triton.jit
+def _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL: tl.constexpr):
+    """q k^T in log2 units, with out-of-range and (optionally) causal entries at -inf."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    ok = (rows[:, None] < seq_q) & (cols[None, :] < seq_k)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + (seq_k - seq_q))
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
+                sqb, sqh, sqs, skb, skh, sks, sob, soh, sos,
+                sib, sih, siq, scb, sch,
+                H, GROUP, seq_q, seq_k, qk_scale,
+                BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    qb, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=rows[:, None] < seq_q, other=0.0)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D], tl.float32)
+    count = tl.load(KV_CNT + b * scb + h * sch + qb)
+    idx_base = KV_IDX + b * sib + h * sih + qb * siq
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * skb + hk * skh
+    for j in range(0, count):
+        kb = tl.load(idx_base + j)
+        cols = kb * BLOCK + tl.arange(0, BLOCK)
+        kv_mask = cols[:, None] < seq_k
+        k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :], out.to(O.dtype.element_ty), mask=rows[:, None] < seq_q)
+    # log-sum-exp in log2 units; +inf for rows that saw nothing, so the backward's probabilities are 0
+    lse = tl.where(has, m + tl.math.log2(tl.where(has, l, 1.0)), float("inf"))
+    tl.store(LSE + bh * seq_q + rows, lse, mask=rows < seq_q)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
+                   sqb, sqh, sqs, skb, skh, sks,
+                   sib, sih, siq, scb, sch,
+                   H, GROUP, seq_q, seq_k, qk_scale, sm_scale,
+                   BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    qb, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, D)
+    row_ok = rows[:, None] < seq_q
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+    do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
+    delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+    dq = tl.zeros([BLOCK, D], tl.float32)
+    count = tl.load(KV_CNT + b * scb + h * sch + qb)
+    for j in range(0, count):
+        kb = tl.load(KV_IDX + b * sib + h * sih + qb * siq + j)
+        cols = kb * BLOCK + tl.arange(0, BLOCK)
+        kv_mask = cols[:, None] < seq_k
+        k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+        p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
+                     sqb, sqh, sqs, skb, skh, sks,
+                     sib, sih, siq, scb, sch,
+                     H, HKV, GROUP, seq_q, seq_k, qk_scale, sm_scale,
+                     BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    kb, bhk = tl.program_id(0), tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
+    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, D)
+    kv_mask = cols[:, None] < seq_k
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK, D], tl.float32)
+    dv = tl.zeros([BLOCK, D], tl.float32)
+    for g in range(0, GROUP):  # every query head that shares this key/value head
+        h = hk * GROUP + g
+        bh = b * H + h
+        count = tl.load(Q_CNT + b * scb + h * sch + kb)
+        for i in range(0, count):
+            qb = tl.load(Q_IDX + b * sib + h * sih + kb * siq + i)
+            rows = qb * BLOCK + tl.arange(0, BLOCK)
+            row_ok = rows[:, None] < seq_q
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+            do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+            lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
+            delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+            p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
+            dv += tl.dot(tl.trans(p).to(do.dtype), do)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    tl.store(DK + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (B, H, Sq, D) and k, v (B, Hkv, Sk, D) of equal shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, sq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}: same batch and head dim, and query heads "
+                         "a multiple of key/value heads (GQA)")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {SUPPORTED_HEAD_DIMS} "
+                         "(or attention_reference)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp16 / bf16 / fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if (mask.seq_q, mask.seq_k) != (sq, k.shape[2]):
+        raise ValueError(f"mask built for {mask.seq_q}x{mask.seq_k} tokens, inputs are {sq}x{k.shape[2]}")
+    mb, mh = mask.kv_counts.shape[:2]
+    if (mb, mh) != (b, h):
+        raise ValueError(f"mask is for batch x heads {mb}x{mh}, inputs have {b}x{h} (expand the mask to match)")
+    if mask.kv_indices.device != q.device:
+        raise ValueError(f"mask is on {mask.kv_indices.device}, inputs on {q.device}: move it with mask.to(device)")
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask: BlockMask, causal: bool, scale: float):
+        b, h, sq, d = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+        nq = mask.kv_counts.shape[2]
+        ki, kc = mask.kv_indices, mask.kv_counts
+        _fwd_kernel[(nq, b * h)](
+            q, k, v, o, lse, ki, kc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
+            h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E,
+            BLOCK=mask.block, D=d, CAUSAL=causal, num_warps=4 if mask.block == 64 else 8,
+        )
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        mask, causal, scale = ctx.mask, ctx.causal, ctx.scale
+        b, h, sq, d = q.shape
+        hkv = k.shape[1]
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Sq)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ki, kc, qi, qc = mask.kv_indices, mask.kv_counts, mask.q_indices, mask.q_counts
+        common = dict(BLOCK=mask.block, D=d, CAUSAL=causal, num_warps=4 if mask.block == 64 else 8)
+        _bwd_dq_kernel[(ki.shape[2], b * h)](
+            q, k, v, do, lse, delta, dq, ki, kc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
+            h, h // hkv, sq, k.shape[2], scale * _LOG2E, scale, **common,
+        )
+        _bwd_dkdv_kernel[(qi.shape[2], b * hkv)](
+            q, k, v, do, lse, delta, dk, dv, qi, qc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qi.stride(0), qi.stride(1), qi.stride(2), qc.stride(0), qc.stride(1),
+            h, hkv, h // hkv, sq, k.shape[2], scale * _LOG2E, scale, **common,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False,
+                           scale: float | None = None, allow_reference: bool = False) -> Tensor:
+    """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D), visiting only the blocks ``mask`` keeps.
+
+    ``causal`` adds the token-level causal mask (bottom-right aligned when Sq < Sk). Query rows
+    that see no key return zeros. Differentiable in q, k and v. Without CUDA the Triton kernel
+    cannot run (except under ``TRITON_INTERPRET=1``); ``allow_reference`` then falls back to
+    ``attention_reference`` instead of raising.
+    """
+    _check(q, k, v, mask)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not triton_can_run(q):
+        if allow_reference:
+            return attention_reference(q, k, v, mask, causal, scale)
+        raise RuntimeError("block_sparse_attention runs a Triton kernel and needs CUDA tensors; pass allow_reference=True "
+                           "to compute it with the PyTorch reference instead (slow, O(S^2) memory)")
+    return _BlockSparseAttention.apply(q, k, v, mask, causal, scale)
