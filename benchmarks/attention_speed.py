@@ -1,0 +1,141 @@
+"""Block-sparse attention speed on one GPU: dense SDPA vs FlexAttention (compiled, same block mask) vs ours.
+
+For each head dim, sequence length and kept-block density: forward and forward+backward times,
+mask-building time separately (FlexAttention's ``create_block_mask`` vs our ``BlockMask``), and
+ASA end to end (pooling + selection + attention). B = 1, H = 12 (D = 64) or 16 (D = 128), bf16,
+random block masks with the diagonal kept, every output checked against SDPA with the same mask.
+
+    python benchmarks/attention_speed.py --out benchmarks/results/attention_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsedistill.attention import BlockMask, asa_mask, block_sparse_attention  # noqa: E402
+from sparsedistill.timing import time_ms  # noqa: E402
+
+
+def timed(fn, calls: int = 5, reps: int = 10) -> float:
+    return time_ms(fn, graph=False, calls=calls, reps=reps)
+
+
+def fwd_bwd(fn, q, k, v, do):
+    def run():
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), do)
+    return run
+
+
+def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex_ok: bool) -> list[dict]:
+    h = 12 if d == 64 else 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True) for _ in range(3))
+    do = torch.randn_like(q)
+    n = -(-s // block)
+    rows = []
+    dense_fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    dense_fb = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v, do), calls=2, reps=5)
+    if flex_ok:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+    for dens in densities:
+        keep = torch.rand(1, h, n, n, device="cuda", generator=g) < dens
+        keep |= torch.eye(n, dtype=torch.bool, device="cuda")
+        if causal:
+            keep &= torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+        row = {"D": d, "S": s, "H": h, "block": block, "causal": causal, "density_target": dens,
+               "sdpa_fwd_ms": dense_fwd, "sdpa_fwd_bwd_ms": dense_fb}
+        t0 = time.perf_counter()
+        mask = BlockMask.from_block_bool(keep, block, s)
+        torch.cuda.synchronize()
+        row["ours_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        row["ours_mask_ms_again"] = timed(lambda: BlockMask.from_block_bool(keep, block, s), calls=1, reps=5)
+        row["density"] = mask.density()
+        ours = lambda a, b, c: block_sparse_attention(a, b, c, mask, causal=causal)  # noqa: E731
+        with torch.no_grad():
+            out = ours(q, k, v).float()
+            if s <= 16384:  # the dense check needs S^2 memory
+                dense_mask = mask.to_dense()[0]
+                if causal:
+                    dense_mask &= torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[None]).float()
+                row["ours_max_err_vs_sdpa"] = float((out - ref).abs().max())
+                del dense_mask, ref
+        row["ours_fwd_ms"] = timed(lambda: ours(q, k, v))
+        row["ours_fwd_bwd_ms"] = timed(fwd_bwd(ours, q, k, v, do), calls=2, reps=5)
+        if flex_ok:
+            try:
+                def mask_mod(b, hh, qi, ki):
+                    ok = keep[b, hh, qi // block, ki // block]
+                    return ok & (ki <= qi) if causal else ok
+                t0 = time.perf_counter()
+                bm = create_block_mask(mask_mod, 1, h, s, s, device="cuda", BLOCK_SIZE=block)
+                torch.cuda.synchronize()
+                row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
+                fl = lambda a, b, c: flex(a, b, c, block_mask=bm)  # noqa: E731
+                with torch.no_grad():
+                    row["flex_max_err_vs_ours"] = float((fl(q, k, v).float() - out).abs().max())
+                row["flex_fwd_ms"] = timed(lambda: fl(q, k, v))
+                row["flex_fwd_bwd_ms"] = timed(fwd_bwd(fl, q, k, v, do), calls=2, reps=5)
+            except Exception as e:  # noqa: BLE001  (report and go on)
+                row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+        d_ = row["density"]
+        row["target_fwd_ms"] = 1.2 * d_ * dense_fwd
+        row["ours_vs_sdpa_fwd"] = dense_fwd / row["ours_fwd_ms"]
+        if "flex_fwd_ms" in row:
+            row["ours_vs_flex_fwd"] = row["flex_fwd_ms"] / row["ours_fwd_ms"]
+            row["ours_vs_flex_fwd_bwd"] = row["flex_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+        print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+        rows.append(row)
+    # ASA end to end: pooling + selection + attention, at tau 0.9 with a 20% cap
+    t_mask = timed(lambda: asa_mask(q, k, block, tau=0.9, max_keep=0.2, causal=causal), calls=1, reps=5)
+    m = asa_mask(q, k, block, tau=0.9, max_keep=0.2, causal=causal)
+    t_attn = timed(lambda: block_sparse_attention(q, k, v, m, causal=causal))
+    rows.append({"D": d, "S": s, "H": h, "block": block, "causal": causal, "asa": True, "density": m.density(),
+                 "asa_mask_ms": t_mask, "asa_attention_ms": t_attn, "asa_total_ms": t_mask + t_attn, "sdpa_fwd_ms": dense_fwd,
+                 "asa_vs_sdpa": dense_fwd / (t_mask + t_attn)})
+    print(rows[-1], flush=True)
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_speed.json"))
+    ap.add_argument("--dims", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--seqs", nargs="+", type=int, default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.2, 0.1, 0.05])
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("attention_speed.py needs a CUDA GPU; none was found.", file=sys.stderr)
+        return 2
+    from sparsedistill.runs import environment
+
+    import triton
+
+    env = {**environment(), "command": " ".join([sys.executable, *sys.argv]), "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: list[dict] = []
+    for d in args.dims:
+        for s in args.seqs:
+            results += bench(d, s, args.densities, args.block, args.causal, not args.no_flex)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
