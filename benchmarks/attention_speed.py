@@ -4,8 +4,11 @@ For each head dim, sequence length and kept-block density: forward and forward+b
 mask-building time separately (FlexAttention's ``create_block_mask`` vs our ``BlockMask``), and
 ASA end to end (pooling + selection + attention). B = 1, H = 12 (D = 64) or 16 (D = 128), bf16,
 random block masks with the diagonal kept, every output checked against SDPA with the same mask.
+With ``--topk``: DSA prefill and single-token decode at 8K-128K context, k = 512 and 2048, the
+indexer's time separately, against dense SDPA.
 
     python benchmarks/attention_speed.py --out benchmarks/results/attention_speed.json
+    python benchmarks/attention_speed.py --topk --out benchmarks/results/topk_attention_speed.json
 """
 
 from __future__ import annotations
@@ -109,6 +112,34 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
     return rows
 
 
+def bench_topk(s: int, topk: int, h: int = 16, hkv: int = 4, d: int = 128, hi: int = 16, di: int = 64) -> dict:
+    """Top-k attention at context ``s``: prefill (all s queries) and one decode step, against dense SDPA."""
+    from sparsedistill.attention import indexer_topk, topk_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = rnd(1, h, s, d), rnd(1, hkv, s, d), rnd(1, hkv, s, d)
+    qi, w, ki = rnd(1, s, hi, di), rnd(1, s, hi).abs(), rnd(1, s, di)
+    row = {"S": s, "topk": topk, "H": h, "Hkv": hkv, "D": d, "indexer_heads": hi, "indexer_dim": di}
+    kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    row["sdpa_prefill_ms"] = timed(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), calls=1, reps=3)
+    row["indexer_prefill_ms"] = timed(lambda: indexer_topk(qi, w, ki, topk), calls=1, reps=3)
+    idx = indexer_topk(qi, w, ki, topk)
+    row["topk_attention_prefill_ms"] = timed(lambda: topk_attention(q, k, v, idx), calls=1, reps=3)
+    row["dsa_prefill_ms"] = row["indexer_prefill_ms"] + row["topk_attention_prefill_ms"]
+    row["prefill_speedup"] = row["sdpa_prefill_ms"] / row["dsa_prefill_ms"]
+    # decode: the last query over the whole cache
+    q1, qi1, w1 = q[:, :, -1:], qi[:, -1:], w[:, -1:]
+    row["sdpa_decode_ms"] = timed(lambda: F.scaled_dot_product_attention(q1, kr, vr))
+    row["indexer_decode_ms"] = timed(lambda: indexer_topk(qi1, w1, ki, topk))
+    idx1 = indexer_topk(qi1, w1, ki, topk)
+    row["topk_attention_decode_ms"] = timed(lambda: topk_attention(q1, k, v, idx1))
+    row["dsa_decode_ms"] = row["indexer_decode_ms"] + row["topk_attention_decode_ms"]
+    row["decode_attention_speedup"] = row["sdpa_decode_ms"] / row["topk_attention_decode_ms"]
+    print(row, flush=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_speed.json"))
@@ -118,6 +149,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--topk", action="store_true", help="the top-k (DSA) table instead: prefill and decode at 8K-128K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attention_speed.py needs a CUDA GPU; none was found.", file=sys.stderr)
@@ -129,6 +161,12 @@ def main() -> int:
     env = {**environment(), "command": " ".join([sys.executable, *sys.argv]), "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     results: list[dict] = []
+    if args.topk:
+        for s in (8192, 32768, 65536, 131072):
+            for k in (512, 2048):
+                results.append(bench_topk(s, k))
+                args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+        return 0
     for d in args.dims:
         for s in args.seqs:
             results += bench(d, s, args.densities, args.block, args.causal, not args.no_flex)

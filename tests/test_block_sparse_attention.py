@@ -148,3 +148,63 @@ def test_asa_keeps_mass_within_bounds_and_never_leaves_a_row_empty():
     out = block_sparse_attention(q, k, v, sparse, causal=True)
     ref = attention_reference(q, k, v, sparse, causal=True)
     assert torch.allclose(out.float(), ref.float(), atol=1e-3)
+
+
+def test_indexer_kernel_and_topk_match_the_reference():
+    from sparsedistill.attention.topk import indexer_scores, indexer_scores_reference, indexer_topk
+
+    g = torch.Generator().manual_seed(0)
+    b, sq, sk, hi, di = 2, 70, 150, 4, 32
+    q = torch.randn(b, sq, hi, di, generator=g).to(DEV)
+    w = torch.randn(b, sq, hi, generator=g).to(DEV)
+    k = torch.randn(b, sk, di, generator=g).to(DEV)
+    ref = indexer_scores_reference(q, w, k)
+    out = indexer_scores(q, w, k)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(out)) and torch.allclose(out[finite], ref[finite], atol=1e-3)
+    idx = indexer_topk(q, w, k, topk=16, chunk=32)
+    ref_idx = indexer_topk(q, w, k, topk=16, use_kernel=False)
+    pos = torch.arange(sq) + sk - sq
+    assert idx.shape == (b, sq, 16) and ((idx <= pos[None, :, None].to(DEV)) | (idx == -1)).all()
+    # the same selected scores (ReLU makes ties at 0, so the indices themselves may differ there)
+    picked = lambda i: ref.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, float("-inf")).sort(-1).values  # noqa: E731
+    assert torch.allclose(picked(idx), picked(ref_idx), atol=1e-3)
+    with pytest.raises(ValueError, match="context length"):
+        indexer_topk(q, w, k, topk=200)
+
+
+def test_indexer_pads_with_minus_one_where_fewer_keys_are_visible():
+    from sparsedistill.attention.topk import indexer_topk
+
+    q, w, k = torch.randn(1, 8, 2, 16).to(DEV), torch.rand(1, 8, 2).to(DEV), torch.randn(1, 8, 16).to(DEV)
+    idx = indexer_topk(q, w, k, topk=4)
+    assert (idx[0, 0, 1:] == -1).all() and idx[0, 0, 0] == 0 and (idx[0, 3:] >= 0).all()
+
+
+@pytest.mark.parametrize("h,hkv,sq,sk,d", [(4, 1, 33, 33, 64), (4, 2, 1, 300, 128), (2, 2, 40, 100, 64)])
+def test_topk_attention_matches_the_reference_for_prefill_and_decode(h, hkv, sq, sk, d, poisoned):
+    from sparsedistill.attention.topk import topk_attention, topk_attention_reference
+
+    g = torch.Generator().manual_seed(h + sq + d)
+    dtype = torch.float32 if DEV == "cpu" else torch.float16
+    q, k, v = _inputs(2, h, hkv, sq, sk, d, dtype, g)
+    n = 24
+    idx = torch.randint(-1, sk, (2, sq, n), generator=g, dtype=torch.int32)  # some -1, some in the future
+    idx = idx.to(DEV)
+    out = topk_attention(q, k, v, idx)
+    ref = topk_attention_reference(q, k, v, idx)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref.float()).abs().max() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_decode_with_a_preallocated_cache_ignores_entries_past_kv_len():
+    from sparsedistill.attention.topk import topk_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, g)
+    idx = torch.arange(128, dtype=torch.int32).view(1, 1, 128).to(DEV)
+    out = topk_attention(q, k, v, idx, kv_len=50)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 50:] = 1e4  # garbage beyond the valid length must not matter
+    v2[:, :, 50:] = float("nan")
+    assert torch.allclose(topk_attention(q, k2, v2, idx, kv_len=50), out)

@@ -1,0 +1,194 @@
+"""Top-k token attention (DeepSeek Sparse Attention): a lightning indexer picks k keys per query, attention visits only those.
+
+Indexer: ``I(t, s) = sum_j w[t, j] * ReLU(q[t, j] . k[s])`` over a few indexer heads ``j`` that
+share one small key per token; causal (``s <= t``, bottom-right aligned when a query chunk sits
+at the end of a KV cache). The Triton kernel fuses the per-head products, the ReLU and the
+weighted sum over heads into one pass over each (query tile, key tile); the top-k runs on each
+chunk of queries (``torch.topk``), so the full score matrix never exists at long context.
+
+Attention: every query token attends to its own ``indices`` (B, Sq, k), -1 padded, shared by
+the query's heads, which is what lets a later layer reuse an earlier layer's selection
+(IndexCache). The same kernel serves prefill (many queries) and decode (one query, a KV cache of
+``kv_len`` valid tokens). Forward only; ``topk_attention_reference`` is the PyTorch definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._runtime import triton_can_run
+
+__all__ = ["indexer_scores_reference", "indexer_scores", "indexer_topk", "topk_attention", "topk_attention_reference"]
+
+
+def indexer_scores_reference(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len: int | None = None) -> Tensor:
+    """q (B, Sq, Hi, Di), w (B, Sq, Hi), k (B, Sk, Di) -> scores (B, Sq, Sk) fp32; hidden keys at -inf."""
+    sk = kv_len if kv_len is not None else k.shape[1]
+    k = k[:, :sk]
+    s = torch.relu(torch.einsum("bqhd,bkd->bqhk", q.float(), k.float()))
+    s = (s * w.float()[..., None]).sum(2)
+    if causal:
+        sq = q.shape[1]
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        s = s.masked_fill(~visible, float("-inf"))
+    return s
+
+
+@triton.jit
+def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
+                    seq_q, seq_k, HI, BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, CAUSAL: tl.constexpr):
+    mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = mt * BM + tl.arange(0, BM)
+    cols = nt * BN + tl.arange(0, BN)
+    dims = tl.arange(0, DI)
+    k = tl.load(K + b * skb + cols[:, None] * sks + dims[None, :], mask=cols[:, None] < seq_k, other=0.0)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for j in range(0, HI):
+        q = tl.load(Q + b * sqb + rows[:, None] * sqt + j * sqh + dims[None, :], mask=rows[:, None] < seq_q, other=0.0)
+        wj = tl.load(W + b * swb + rows * swt + j, mask=rows < seq_q, other=0.0).to(tl.float32)
+        acc += wj[:, None] * tl.maximum(tl.dot(q, tl.trans(k)), 0.0)
+    ok = cols[None, :] < seq_k
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + (seq_k - seq_q))
+    acc = tl.where(ok, acc, float("-inf"))
+    tl.store(S + b * ssb + rows[:, None] * sst + cols[None, :], acc, mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))
+
+
+def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len: int | None = None) -> Tensor:
+    """The Triton version of ``indexer_scores_reference`` (CUDA tensors, or the interpreter)."""
+    b, sq, hi, di = q.shape
+    sk = kv_len if kv_len is not None else k.shape[1]
+    if w.shape != (b, sq, hi) or k.shape[0] != b or k.shape[2] != di:
+        raise ValueError(f"indexer shapes do not fit: q {tuple(q.shape)} (B, Sq, Hi, Di), w {tuple(w.shape)} (B, Sq, Hi), "
+                         f"k {tuple(k.shape)} (B, Sk, Di)")
+    if di < 16 or di & (di - 1):
+        raise ValueError(f"indexer head dim must be a power of two >= 16, got {di}")
+    q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
+    s = torch.empty(b, sq, sk, device=q.device, dtype=torch.float32)
+    bm, bn = 64, 64
+    _indexer_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), b)](
+        q, w, k, s, q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k.stride(0), k.stride(1),
+        s.stride(0), s.stride(1), sq, sk, hi, BM=bm, BN=bn, DI=di, CAUSAL=causal)
+    return s
+
+
+def indexer_topk(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: bool = True, kv_len: int | None = None,
+                 chunk: int = 1024, use_kernel: bool | None = None) -> Tensor:
+    """Indices (B, Sq, topk) int32 of each query's ``topk`` highest-scoring visible keys, -1 where fewer are visible.
+
+    Queries are scored ``chunk`` at a time, so memory is chunk x Sk floats, not Sq x Sk.
+    """
+    sk = kv_len if kv_len is not None else k.shape[1]
+    if not 0 < topk <= sk:
+        raise ValueError(f"k = {topk} must be between 1 and the context length ({sk} tokens); "
+                         "for contexts shorter than k use dense attention")
+    use_kernel = triton_can_run(q) if use_kernel is None else use_kernel
+    score = indexer_scores if use_kernel else indexer_scores_reference
+    sq = q.shape[1]
+    out = torch.empty(q.shape[0], sq, topk, dtype=torch.int32, device=q.device)
+    offset = sk - sq
+    for start in range(0, sq, chunk):
+        stop = min(sq, start + chunk)
+        # the chunk's queries sit at positions start..stop-1 of the full query range
+        s = score(q[:, start:stop], w[:, start:stop], k[:, : stop + offset], causal, None)
+        vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
+        idx = torch.where(torch.isfinite(vals), idx, -1).to(torch.int32)
+        out[:, start:stop, : idx.shape[-1]] = idx
+        out[:, start:stop, idx.shape[-1]:] = -1
+    return out
+
+
+def topk_attention_reference(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float | None = None,
+                             kv_len: int | None = None) -> Tensor:
+    """q (B, H, Sq, D) attends to k, v (B, Hkv, Sk, D) at ``indices`` (B, Sq, n), causally; fp32 math, zeros where nothing is visible."""
+    b, h, sq, d = q.shape
+    hkv = k.shape[1]
+    sk = kv_len if kv_len is not None else k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    pos = torch.arange(sq, device=q.device) + (sk - sq)
+    valid = (indices >= 0) & (indices < sk) & (indices <= pos[None, :, None])  # (B, Sq, n)
+    idx = indices.clamp(min=0).long()
+    kk = k.repeat_interleave(h // hkv, 1).float()
+    vv = v.repeat_interleave(h // hkv, 1).float()
+    gather = lambda t: t[torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None], idx[:, None]]  # noqa: E731
+    ks, vs = gather(kk), gather(vv)  # (B, H, Sq, n, D)
+    s = (q.float()[..., None, :] * ks).sum(-1) * scale
+    s = s.masked_fill(~valid[:, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p[..., None] * vs).sum(-2).to(q.dtype)
+
+
+@triton.jit
+def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
+                      HKV, GROUP, seq_q, seq_k, n_idx, qk_scale,
+                      GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    """One query token, all query heads of one KV head (padded to GP rows), over that token's indices."""
+    t, bhk = tl.program_id(0), tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
+    heads = hk * GROUP + tl.arange(0, GP)
+    head_ok = tl.arange(0, GP) < GROUP
+    dims = tl.arange(0, D)
+    q_ptr = Q + b * sqb + heads[:, None] * sqh + t * sqt + dims[None, :]
+    q = tl.load(q_ptr, mask=head_ok[:, None], other=0.0)
+    last = t + (seq_k - seq_q)  # this query's position among the keys
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for n0 in range(0, n_idx, BN):
+        offs = n0 + tl.arange(0, BN)
+        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < n_idx, other=-1)
+        ok = (idx >= 0) & (idx < seq_k) & (idx <= last)
+        safe = tl.where(ok, idx, 0)
+        k = tl.load(K + b * skb + hk * skh + safe[:, None] * sks + dims[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b * skb + hk * skh + safe[:, None] * sks + dims[None, :], mask=ok[:, None], other=0.0)
+        s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(O + b * sqb + heads[:, None] * sqh + t * sqt + dims[None, :], out.to(O.dtype.element_ty), mask=head_ok[:, None])
+
+
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float | None = None,
+                   kv_len: int | None = None, allow_reference: bool = False) -> Tensor:
+    """q (B, H, Sq, D) over k, v (B, Hkv, Sk, D) at ``indices`` (B, Sq, n) int32; prefill or decode (Sq = 1).
+
+    ``kv_len`` is the number of valid cache entries when k, v are a preallocated KV cache; the
+    queries are its last ``Sq`` positions. Indices out of range or in the future are ignored.
+    """
+    b, h, sq, d = q.shape
+    if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(f"expected q (B, H, Sq, D), k and v (B, Hkv, Sk, D) with H a multiple of Hkv; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if indices.shape[:2] != (b, sq) or indices.ndim != 3:
+        raise ValueError(f"indices must be (B, Sq, n) = ({b}, {sq}, n), got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    sk = kv_len if kv_len is not None else k.shape[2]
+    if not sq <= sk <= k.shape[2]:
+        raise ValueError(f"kv_len {sk} must be between the query count {sq} and the cache size {k.shape[2]}")
+    if d not in (64, 128):
+        raise ValueError(f"head dim {d} is not supported by the kernel; use 64 or 128 (or topk_attention_reference)")
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    if not triton_can_run(q):
+        if allow_reference:
+            return topk_attention_reference(q, k, v, indices, scale, kv_len)
+        raise RuntimeError("topk_attention runs a Triton kernel and needs CUDA tensors; pass allow_reference=True "
+                           "to use the PyTorch reference instead")
+    q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.to(torch.int32).contiguous()
+    group = h // k.shape[1]
+    o = torch.empty_like(q)
+    _topk_attn_kernel[(sq, b * k.shape[1])](
+        q, k, v, o, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        indices.stride(0), indices.stride(1), k.shape[1], group, sq, sk, indices.shape[2], scale * 1.4426950408889634,
+        GP=max(16, triton.next_power_of_2(group)), BN=64, D=d)
+    return o
