@@ -202,9 +202,43 @@ def test_decode_with_a_preallocated_cache_ignores_entries_past_kv_len():
 
     g = torch.Generator().manual_seed(0)
     q, k, v = _inputs(1, 2, 2, 1, 128, 64, torch.float32, g)
-    idx = torch.arange(128, dtype=torch.int32).view(1, 1, 128).to(DEV)
+    idx = torch.arange(50, dtype=torch.int32).view(1, 1, 50).to(DEV)
     out = topk_attention(q, k, v, idx, kv_len=50)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 50:] = 1e4  # garbage beyond the valid length must not matter
     v2[:, :, 50:] = float("nan")
     assert torch.allclose(topk_attention(q, k2, v2, idx, kv_len=50), out)
+
+
+def test_topk_attention_refuses_bad_indices_and_shapes():
+    from sparsedistill.attention.topk import topk_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 1, 4, 32, 64, torch.float32, g)
+    with pytest.raises(ValueError, match=r"\[-1, 32\)"):
+        topk_attention(q, k, v, torch.full((1, 4, 8), 32, dtype=torch.int32).to(DEV))
+    with pytest.raises(ValueError, match=r"\(B, Sq, n\)"):
+        topk_attention(q, k, v, torch.zeros(1, 3, 8, dtype=torch.int32).to(DEV))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        topk_attention(q, k, v, torch.zeros(1, 4, 8).to(DEV))
+
+
+def test_asa_module_trains_through_kept_blocks_and_reuses_masks_in_eval():
+    from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 2, 256, 256, 64, torch.float32, g)
+    asa = AdaptiveBlockSparseAttention(ASAConfig(block=64, tau=0.5, max_keep=0.5, samples=16), reuse=3)
+    q.requires_grad_(True)
+    out = asa(q, k, v)
+    (grad,) = torch.autograd.grad(out.square().sum(), q)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0 and asa.last_mask.density() < 1.0
+    asa.eval()
+    with torch.no_grad():
+        asa(q, k, v)
+        first = asa.last_mask
+        asa(q * 5, k, v)
+        assert asa.last_mask is first  # reused
+        asa(q, k, v)
+        asa(q, k, v)
+        assert asa.last_mask is not first  # rebuilt after 3 uses

@@ -12,16 +12,17 @@ the attention's O(tokens^2).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._runtime import triton_can_run
 from .block_mask import SUPPORTED_BLOCKS, BlockMask, causal_blocks
 
-__all__ = ["pool_blocks", "pool_reference", "asa_mask"]
+__all__ = ["pool_blocks", "pool_reference", "asa_mask", "ASAConfig", "AdaptiveBlockSparseAttention"]
 
 
 @triton.jit
@@ -99,3 +100,42 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
         if global_blocks:
             keep[..., :global_blocks] |= allowed[:, :global_blocks]
     return BlockMask.from_block_bool(keep, block, sq, sk)
+
+
+@dataclass
+class ASAConfig:
+    block: int = 64
+    tau: float = 0.9  # cumulative block-score mass to keep
+    min_keep: float = 0.0  # share of the allowed key blocks always kept
+    max_keep: float = 1.0  # ... and never exceeded (besides the diagonal and global blocks)
+    global_blocks: int = 0
+    samples: int = 16  # tokens pooled per block (BLADE); 0 = the mean of the whole block
+    causal: bool = False
+
+
+class AdaptiveBlockSparseAttention(nn.Module):
+    """ASA in place of ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
+
+    Training: the mask is rebuilt from the current q and k at every call and gradients flow
+    through the kept blocks. Inference: ``reuse`` > 1 keeps a mask for that many calls of the same
+    shape (e.g. adjacent denoising steps), saving the pooling and selection. ``last_mask`` holds the
+    mask of the latest call (for density logging).
+    """
+
+    def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1) -> None:
+        super().__init__()
+        self.cfg, self.reuse = cfg or ASAConfig(), reuse
+        self.last_mask: BlockMask | None = None
+        self._uses = 0
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from .block_sparse import block_sparse_attention
+
+        c = self.cfg
+        stale = (self.training or self.last_mask is None or self._uses >= self.reuse
+                 or (self.last_mask.seq_q, self.last_mask.seq_k) != (q.shape[2], k.shape[2]))
+        if stale:
+            self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples)
+            self._uses = 0
+        self._uses += 1
+        return block_sparse_attention(q, k, v, self.last_mask, causal=c.causal)

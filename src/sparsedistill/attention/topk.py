@@ -159,11 +159,14 @@ def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
 
 
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float | None = None,
-                   kv_len: int | None = None, allow_reference: bool = False) -> Tensor:
+                   kv_len: int | None = None, allow_reference: bool = False, check_indices: bool = True) -> Tensor:
     """q (B, H, Sq, D) over k, v (B, Hkv, Sk, D) at ``indices`` (B, Sq, n) int32; prefill or decode (Sq = 1).
 
     ``kv_len`` is the number of valid cache entries when k, v are a preallocated KV cache; the
-    queries are its last ``Sq`` positions. Indices out of range or in the future are ignored.
+    queries are its last ``Sq`` positions. -1 marks padding; indices of future positions are
+    skipped (causality), so a selection made by an earlier layer can be reused as it is.
+    ``check_indices`` rejects indices outside [-1, kv_len) (one device sync: turn it off inside
+    CUDA graphs).
     """
     b, h, sq, d = q.shape
     if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
@@ -178,6 +181,10 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
         raise ValueError(f"kv_len {sk} must be between the query count {sq} and the cache size {k.shape[2]}")
     if d not in (64, 128):
         raise ValueError(f"head dim {d} is not supported by the kernel; use 64 or 128 (or topk_attention_reference)")
+    if check_indices and indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= sk:
+            raise ValueError(f"indices must lie in [-1, {sk}) (-1 = padding), got values from {lo} to {hi}")
     scale = 1 / math.sqrt(d) if scale is None else scale
     if not triton_can_run(q):
         if allow_reference:
