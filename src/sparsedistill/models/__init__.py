@@ -1,5 +1,6 @@
-"""Models, registered by name: ``create_model("mlp", hidden=[512, 512])``."""
+"""Models, registered by name: ``create_model("mlp", hidden=[512, 512])``, ``create_model("smollm2_135m")``."""
 
+from . import llama as _llama  # noqa: F401  (registers)
 from . import mlp as _mlp  # noqa: F401  (registers)
 from . import vit as _vit  # noqa: F401  (registers)
 from .registry import create_model, list_models, register_model
