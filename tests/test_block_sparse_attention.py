@@ -242,3 +242,14 @@ def test_asa_module_trains_through_kept_blocks_and_reuses_masks_in_eval():
         asa(q, k, v)
         asa(q, k, v)
         assert asa.last_mask is not first  # rebuilt after 3 uses
+
+
+def test_indexer_chunks_see_every_key_without_causality_and_refuse_more_queries_than_keys():
+    from sparsedistill.attention.topk import indexer_topk
+
+    g = torch.Generator().manual_seed(0)
+    q, w, k = torch.randn(1, 64, 2, 16, generator=g), torch.rand(1, 64, 2, generator=g), torch.randn(1, 64, 16, generator=g)
+    q, w, k = q.to(DEV), w.to(DEV), k.to(DEV)
+    assert torch.equal(indexer_topk(q, w, k, 8, causal=False, chunk=16), indexer_topk(q, w, k, 8, causal=False, chunk=64))
+    with pytest.raises(ValueError, match="64 queries but only 40 keys"):
+        indexer_topk(q, w, k[:, :40], 8)

@@ -62,3 +62,14 @@ def test_swap_linears_replaces_only_what_it_is_asked_to():
         calibrate(nn.Sequential(nn.Linear(2, 2)), [torch.randn(1, 2)])
     with pytest.raises(ValueError, match="int8' or 'fp8"):
         QuantLinear(4, 4, fmt="int4")
+
+
+def test_checkpoints_with_plain_scales_still_load():
+    from sparsedistill.weights.quant import QuantLinear
+
+    q = QuantLinear(8, 4)
+    old = {k: v for k, v in q.state_dict().items() if not k.startswith("log_")}
+    old["weight_scale"], old["input_scale"] = torch.full((4, 1), 0.02), torch.tensor(0.5)
+    fresh = QuantLinear(8, 4)
+    fresh.load_state_dict(old)
+    assert torch.allclose(fresh.weight_scale, torch.full((4, 1), 0.02)) and torch.allclose(fresh.input_scale, torch.tensor(0.5))

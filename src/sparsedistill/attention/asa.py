@@ -52,6 +52,8 @@ def pool_reference(x: Tensor, block: int, samples: int = 0) -> Tensor:
 def pool_blocks(x: Tensor, block: int, samples: int = 0) -> Tensor:
     """Triton version of ``pool_reference`` (CUDA tensors, or the interpreter)."""
     b, h, s, d = x.shape
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the pooling kernel needs a power-of-two head dim >= 16, got {d} (use pool_reference)")
     if samples and (block % samples or samples & (samples - 1)):
         raise ValueError(f"samples must be a power of two dividing the block size {block}, got {samples}")
     n = samples or block
@@ -133,7 +135,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
         c = self.cfg
         stale = (self.training or self.last_mask is None or self._uses >= self.reuse
-                 or (self.last_mask.seq_q, self.last_mask.seq_k) != (q.shape[2], k.shape[2]))
+                 or (self.last_mask.seq_q, self.last_mask.seq_k) != (q.shape[2], k.shape[2])
+                 or tuple(self.last_mask.kv_counts.shape[:2]) != tuple(q.shape[:2]))
         if stale:
             self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples)
             self._uses = 0

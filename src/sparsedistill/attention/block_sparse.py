@@ -58,7 +58,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
                 sib, sih, siq, scb, sch,
                 H, GROUP, seq_q, seq_k, qk_scale,
                 BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1)
+    qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
     b, h = bh // H, bh % H
     hk = h // GROUP
     rows = qb * BLOCK + tl.arange(0, BLOCK)
@@ -99,7 +99,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
                    sib, sih, siq, scb, sch,
                    H, GROUP, seq_q, seq_k, qk_scale, sm_scale,
                    BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1)
+    qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
     b, h = bh // H, bh % H
     hk = h // GROUP
     rows = qb * BLOCK + tl.arange(0, BLOCK)
@@ -130,7 +130,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
                      sib, sih, siq, scb, sch,
                      H, HKV, GROUP, seq_q, seq_k, qk_scale, sm_scale,
                      BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    kb, bhk = tl.program_id(0), tl.program_id(1)
+    kb, bhk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, hk = bhk // HKV, bhk % HKV
     cols = kb * BLOCK + tl.arange(0, BLOCK)
     dims = tl.arange(0, D)

@@ -42,7 +42,7 @@ def indexer_scores_reference(q: Tensor, w: Tensor, k: Tensor, causal: bool = Tru
 @triton.jit
 def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
                     seq_q, seq_k, HI, BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, CAUSAL: tl.constexpr):
-    mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: offsets pass 2^31 at long context
     rows = mt * BM + tl.arange(0, BM)
     cols = nt * BN + tl.arange(0, BN)
     dims = tl.arange(0, DI)
@@ -90,12 +90,14 @@ def indexer_topk(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: bool = True
     use_kernel = triton_can_run(q) if use_kernel is None else use_kernel
     score = indexer_scores if use_kernel else indexer_scores_reference
     sq = q.shape[1]
+    if sq > sk:
+        raise ValueError(f"{sq} queries but only {sk} keys: the queries must be the last positions of the key sequence")
     out = torch.empty(q.shape[0], sq, topk, dtype=torch.int32, device=q.device)
     offset = sk - sq
     for start in range(0, sq, chunk):
         stop = min(sq, start + chunk)
-        # the chunk's queries sit at positions start..stop-1 of the full query range
-        s = score(q[:, start:stop], w[:, start:stop], k[:, : stop + offset], causal, None)
+        # causal: the chunk's queries are the last ones of keys[:stop + offset]; otherwise every key is visible
+        s = score(q[:, start:stop], w[:, start:stop], k[:, : stop + offset if causal else sk], causal, None)
         vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
         idx = torch.where(torch.isfinite(vals), idx, -1).to(torch.int32)
         out[:, start:stop, : idx.shape[-1]] = idx
@@ -128,7 +130,7 @@ def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
                       HKV, GROUP, seq_q, seq_k, n_idx, qk_scale,
                       GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
     """One query token, all query heads of one KV head (padded to GP rows), over that token's indices."""
-    t, bhk = tl.program_id(0), tl.program_id(1)
+    t, bhk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at long context
     b, hk = bhk // HKV, bhk % HKV
     heads = hk * GROUP + tl.arange(0, GP)
     head_ok = tl.arange(0, GP) < GROUP

@@ -128,8 +128,9 @@ def validate(cfg: CompressConfig) -> None:
     weights = [cfg.kd.ce, cfg.kd.logits, cfg.kd.features, cfg.kd.attention]
     if min(weights) < 0 or sum(weights) == 0:
         raise ValueError(f"kd weights must be >= 0 and not all 0, got ce/logits/features/attention = {weights}")
-    if cfg.unsupervised and sum(weights[1:]) == 0:
-        raise ValueError("unsupervised students learn from the KD terms only: give kd.logits, kd.features or kd.attention a weight > 0, or set unsupervised=false")
+    if cfg.unsupervised and cfg.kd.logits <= 0:
+        # without labels or logits the classifier head gets no gradient (and DDP stops on the unused parameters)
+        raise ValueError("unsupervised students learn from the KD terms only and need kd.logits > 0; or set unsupervised=false")
 
 
 class _DistillForward(nn.Module):

@@ -85,6 +85,14 @@ class QuantLinear(nn.Linear):
     def input_scale(self) -> Tensor:
         return self.log_input_scale.exp()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the log-scale parametrisation stored the scales themselves
+        for name in ("weight_scale", "input_scale"):
+            old = state_dict.pop(prefix + name, None)
+            if old is not None and prefix + "log_" + name not in state_dict:
+                state_dict[prefix + "log_" + name] = old.clamp(min=1e-12).log()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def masked_weight(self) -> Tensor:
         return self.weight if self.mask is None else self.weight * self.mask
 

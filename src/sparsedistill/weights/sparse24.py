@@ -82,8 +82,8 @@ class Sparse24Linear(nn.Module):
             raise ValueError("weight is not 2:4 sparse (more than 2 nonzeros in some group of 4 inputs); prune it first")
         self.fmt, self.in_features, self.out_features = fmt, in_f, out_f
         self.register_buffer("weight_q", weight_q.detach())  # uncompressed 2:4 values: what the CPU path uses
-        self.register_buffer("weight_scale", torch.as_tensor(weight_scale, dtype=torch.float32).reshape(1, -1).expand(1, out_f).clone())
-        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).reshape(()).clone())
+        self.register_buffer("weight_scale", torch.as_tensor(weight_scale, dtype=torch.float32).detach().reshape(1, -1).expand(1, out_f).clone())
+        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).detach().reshape(()).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
         self._plans: dict[int, tuple[bool, int]] = {}  # token count -> (transpose_result, algorithm)
@@ -156,9 +156,7 @@ class Sparse24Linear(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int) -> Tensor:
-        """(tokens, out), row-major: a column-major result would slow every later op far more than the GEMM saves."""
-        y = torch._cslt_sparse_mm(self._compressed, xk.t(), bias=bias, out_dtype=out_dtype, transpose_result=transposed, alg_id=alg)
-        return y if transposed else y.t().contiguous()
+        return _cslt_mm(self._compressed, xk, bias, self.out_features, transposed, alg, out_dtype)
 
     def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None) -> tuple[bool, int]:
         """How to run this token count: cuSPARSELt's algorithm search, plus a timing where it cannot decide.
@@ -179,12 +177,29 @@ class Sparse24Linear(nn.Module):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
         self._compressed, self._plans = None, {}  # a new device needs a fresh compression
         for k, b in self._buffers.items():
-            if b is not None:
-                self._buffers[k] = fn(b).to(b.dtype)
+            if b is not None:  # only the device comes from fn: a round trip through fn's dtype would round the values
+                self._buffers[k] = b.to(fn(torch.empty(0, device=b.device)).device)
         return self
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
+
+
+@torch.library.custom_op("sparsedistill::cslt_mm", mutates_args=())
+def _cslt_mm(compressed: Tensor, x: Tensor, bias: Tensor | None, out_features: int, transposed: bool, alg: int,
+             out_dtype: torch.dtype | None) -> Tensor:
+    """``x W^T (+ bias)`` as (tokens, out), row-major: a column-major result would slow every later op more than the GEMM saves.
+
+    An op of our own because the compressed weight is a flat buffer: PyTorch's shape rule for
+    ``_cslt_sparse_mm`` reads the output width from it and gets it wrong under ``torch.compile``.
+    """
+    y = torch._cslt_sparse_mm(compressed, x.t(), bias=bias, out_dtype=out_dtype, transpose_result=transposed, alg_id=alg)
+    return y if transposed else y.t().contiguous()
+
+
+@_cslt_mm.register_fake
+def _(compressed, x, bias, out_features, transposed, alg, out_dtype):
+    return x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype)
 
 
 def _median_ms(fn, reps: int = 5) -> float:
