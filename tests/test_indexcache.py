@@ -1,0 +1,75 @@
+"""DSA and IndexCache on a small random Llama: patterns, reuse, exactness when k covers the context, indexer training."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sparsedistill.attention.indexcache import (  # noqa: E402
+    DSA, IndexPattern, greedy_pattern, indexer_loss, layer_inputs, topk_overlap)
+from sparsedistill.models.llama import Llama, LlamaConfig  # noqa: E402
+
+
+def _model():
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=97, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)).eval()
+
+
+def test_patterns_parse_write_and_refuse_bad_ones():
+    p = IndexPattern.every(4, 8)
+    assert str(p) == "FSSSFSSS" and p.freq() == 4 and p.n_full == 2 and p.source(6) == 4
+    assert IndexPattern.parse("FSFS", 4).freq() == 2 and IndexPattern("FFSF").freq() is None
+    with pytest.raises(ValueError, match="layer 0 must be Full"):
+        IndexPattern("SFFF")
+    with pytest.raises(ValueError, match="3 entries but the model has 4"):
+        IndexPattern.parse("FSS", 4)
+    with pytest.raises(ValueError, match="'F' and 'S'"):
+        IndexPattern("FX")
+
+
+def test_dsa_with_k_covering_the_context_is_dense_attention_and_shared_layers_reuse():
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        dense = model(tokens)
+        dsa = DSA(4, 64, topk=40, pattern=IndexPattern("FSFS"))
+        assert torch.allclose(model(tokens, select=dsa), dense, atol=1e-4)
+        assert torch.equal(dsa.selected[1], dsa.selected[0]) and torch.equal(dsa.selected[3], dsa.selected[2])
+        assert topk_overlap(dsa.selected[0], dsa.selected[1]) == 1.0
+        sparse = model(tokens, select=DSA(4, 64, topk=8))
+    assert not torch.allclose(sparse, dense, atol=1e-3)  # k = 8 of 40 keys does change the output
+
+
+def test_topk_overlap_counts_shared_selections():
+    a = torch.tensor([[[0, 1, 2, -1]]])
+    b = torch.tensor([[[2, 5, 0, 1]]])
+    assert topk_overlap(a, b) == 1.0 and abs(topk_overlap(b, a) - 0.75) < 1e-6
+
+
+def test_indexer_warmup_lowers_the_kl_to_dense_attention():
+    model = _model().requires_grad_(False)
+    tokens = torch.randint(0, 97, (2, 32))
+    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"))
+    inputs = layer_inputs(model, tokens)
+    opt = torch.optim.Adam(dsa.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = indexer_loss(model, dsa, inputs)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * first
+    assert float(indexer_loss(model, dsa, inputs, sparse=True)) >= 0
+
+
+def test_greedy_search_drops_the_cheapest_layers_first():
+    cost = {1: 0.5, 2: 0.1, 3: 0.3}  # what turning each layer Shared costs
+    loss = lambda p: sum(c for i, c in cost.items() if p.layers[i] == "S")  # noqa: E731
+    pattern, path = greedy_pattern(4, 2, loss)
+    assert str(pattern) == "FFSS" and [p for p, _ in path] == ["FFFF", "FFSF", "FFSS"]
+    with pytest.raises(ValueError, match="Full layers"):
+        greedy_pattern(4, 0, loss)
