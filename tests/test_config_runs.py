@@ -140,3 +140,10 @@ def test_vit_presets_load_and_full_is_the_defaults():
 
     assert load_config(CompressConfig, "full", recipe="vit") == CompressConfig()
     assert load_config(CompressConfig, "short", recipe="vit").model.name == "vit_fmnist_micro"
+
+
+def test_indexcache_presets_load():
+    from sparsedistill.recipes.indexcache import IndexCacheConfig
+
+    assert load_config(IndexCacheConfig, "full", recipe="indexcache") == IndexCacheConfig()
+    assert load_config(IndexCacheConfig, "short", recipe="indexcache").data.train_context == 256

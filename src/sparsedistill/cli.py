@@ -1,7 +1,7 @@
 """``sparsedistill`` command line: one subcommand per system, each with its own ``--help``.
 
-Systems register here as their recipes land (``kd`` and ``vit`` today; ``attention``,
-``indexcache``, ``retrieval``, ``video`` and ``perception`` follow their issues).
+Systems register here as their recipes land (``kd``, ``vit`` and ``indexcache`` today; ``retrieval``,
+``video`` and ``perception`` follow their issues).
 """
 
 from __future__ import annotations
@@ -132,6 +132,17 @@ def _vit_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _indexcache_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.indexcache import IndexCacheConfig, run_indexcache
+
+    cfg = load_config(IndexCacheConfig, args.config, args.overrides, recipe="indexcache")
+    run_dir = _run_dir(args, "indexcache")
+    report = run_indexcache(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedistill", description="Distill dense teachers into sparse students that are really faster.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="SYSTEM")
@@ -167,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", type=Path)
     ev.add_argument("--test-subset", type=int, default=0, help="class-balanced subset of the test set (0 = all 10,000)")
     ev.set_defaults(func=_vit_evaluate)
+
+    ic = systems.add_parser("indexcache", help="DSA top-k attention and IndexCache on SmolLM2-135M")
+    ic_cmds = ic.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    icr = ic_cmds.add_parser("run", help="dense and DSA perplexity, indexer training, IndexCache patterns, with report.md",
+                             description="Convert SmolLM2-135M to DeepSeek Sparse Attention (lightning indexers trained against the "
+                                         "frozen model's attention), then compare IndexCache patterns (uniform, greedy, trained).")
+    _add_run_options(icr, "'full' (default, for a GPU) or 'short' (a CPU-sized check)")
+    icr.set_defaults(func=_indexcache_run)
     return parser
 
 
