@@ -1,9 +1,10 @@
 """Block-sparse attention in Triton: forward and backward, causal or not, GQA, fp16 / bf16 (fp32 for tests).
 
-Each program owns one query block and visits only the key blocks its ``BlockMask`` lists
-(FlashAttention-2's online softmax over those blocks); the backward recomputes the probabilities
-from the saved log-sum-exp: one kernel for dK/dV (per key block, over the query blocks that
-visited it, for every query head of its GQA group) and one for dQ. ``attention_reference`` beside
+Each program owns a 64-row tile of one query block and visits only the key blocks its
+``BlockMask`` lists, in 64-column tiles (FlashAttention-2's online softmax over those blocks);
+the backward recomputes the probabilities from the saved log-sum-exp: one kernel for dK/dV (per
+key tile, over the query blocks that visited its block, for every query head of its GQA group)
+and one for dQ. Tiles stay 64x64 for 128-token blocks too, so the backward fits in registers. ``attention_reference`` beside
 it is the plain PyTorch definition the kernels are tested against.
 """
 
@@ -57,34 +58,37 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
                 sqb, sqh, sqs, skb, skh, sks, sob, soh, sos,
                 sib, sih, siq, scb, sch,
                 H, GROUP, seq_q, seq_k, qk_scale,
-                BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
+                BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    """One BM-row tile of a query block; the key blocks it visits are walked in BN-column tiles."""
+    tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
+    qb = tile // (BLOCK // BM)
     b, h = bh // H, bh % H
     hk = h // GROUP
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    rows = tile * BM + tl.arange(0, BM)
     dims = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=rows[:, None] < seq_q, other=0.0)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, D], tl.float32)
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
     count = tl.load(KV_CNT + b * scb + h * sch + qb)
     idx_base = KV_IDX + b * sib + h * sih + qb * siq
     k_base = K + b * skb + hk * skh
     v_base = V + b * skb + hk * skh
     for j in range(0, count):
         kb = tl.load(idx_base + j)
-        cols = kb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = cols[:, None] < seq_k
-        k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        for c in range(0, BLOCK, BN):
+            cols = kb * BLOCK + c + tl.arange(0, BN)
+            kv_mask = cols[:, None] < seq_k
+            k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+            s = _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :], out.to(O.dtype.element_ty), mask=rows[:, None] < seq_q)
@@ -98,29 +102,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
                    sqb, sqh, sqs, skb, skh, sks,
                    sib, sih, siq, scb, sch,
                    H, GROUP, seq_q, seq_k, qk_scale, sm_scale,
-                   BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
+                   BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    qb = tile // (BLOCK // BM)
     b, h = bh // H, bh % H
     hk = h // GROUP
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    rows = tile * BM + tl.arange(0, BM)
     dims = tl.arange(0, D)
     row_ok = rows[:, None] < seq_q
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
     do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
     lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
     delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
-    dq = tl.zeros([BLOCK, D], tl.float32)
+    dq = tl.zeros([BM, D], tl.float32)
     count = tl.load(KV_CNT + b * scb + h * sch + qb)
     for j in range(0, count):
         kb = tl.load(KV_IDX + b * sib + h * sih + qb * siq + j)
-        cols = kb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = cols[:, None] < seq_k
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-        p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        for c in range(0, BLOCK, BN):
+            cols = kb * BLOCK + c + tl.arange(0, BN)
+            kv_mask = cols[:, None] < seq_k
+            k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+            p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok)
 
 
@@ -129,34 +134,44 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
                      sqb, sqh, sqs, skb, skh, sks,
                      sib, sih, siq, scb, sch,
                      H, HKV, GROUP, seq_q, seq_k, qk_scale, sm_scale,
-                     BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
-    kb, bhk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    """One BN-row tile of a key block, over the query blocks that visit it (BM-row tiles), for every query head of its group."""
+    tile, bhk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    kb = tile // (BLOCK // BN)
     b, hk = bhk // HKV, bhk % HKV
-    cols = kb * BLOCK + tl.arange(0, BLOCK)
+    cols = tile * BN + tl.arange(0, BN)
     dims = tl.arange(0, D)
     kv_mask = cols[:, None] < seq_k
     k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK, D], tl.float32)
-    dv = tl.zeros([BLOCK, D], tl.float32)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
     for g in range(0, GROUP):  # every query head that shares this key/value head
         h = hk * GROUP + g
         bh = b * H + h
         count = tl.load(Q_CNT + b * scb + h * sch + kb)
         for i in range(0, count):
             qb = tl.load(Q_IDX + b * sib + h * sih + kb * siq + i)
-            rows = qb * BLOCK + tl.arange(0, BLOCK)
-            row_ok = rows[:, None] < seq_q
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-            do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-            lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
-            delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
-            p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            for r in range(0, BLOCK, BM):
+                rows = qb * BLOCK + r + tl.arange(0, BM)
+                row_ok = rows[:, None] < seq_q
+                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+                do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
+                lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
+                delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+                p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
+                dv += tl.dot(tl.trans(p).to(do.dtype), do)
+                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q)
     tl.store(DK + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+_TILE = 64  # rows and columns per tile, whatever the mask's block (64 or 128): keeps the backward's tiles in registers
+
+
+def _tiles(block: int, d: int) -> dict[str, int]:
+    return dict(BLOCK=block, BM=_TILE, BN=_TILE, D=d, num_warps=4 if d == 64 else 8)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> None:
@@ -190,12 +205,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
         nq = mask.kv_counts.shape[2]
         ki, kc = mask.kv_indices, mask.kv_counts
-        _fwd_kernel[(nq, b * h)](
+        _fwd_kernel[(nq * (mask.block // _TILE), b * h)](
             q, k, v, o, lse, ki, kc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), o.stride(0), o.stride(1), o.stride(2),
             ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
-            h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E,
-            BLOCK=mask.block, D=d, CAUSAL=causal, num_warps=4 if mask.block == 64 else 8,
+            h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E, **_tiles(mask.block, d), CAUSAL=causal,
         )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
@@ -211,14 +225,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Sq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         ki, kc, qi, qc = mask.kv_indices, mask.kv_counts, mask.q_indices, mask.q_counts
-        common = dict(BLOCK=mask.block, D=d, CAUSAL=causal, num_warps=4 if mask.block == 64 else 8)
-        _bwd_dq_kernel[(ki.shape[2], b * h)](
+        common = dict(**_tiles(mask.block, d), CAUSAL=causal)
+        _bwd_dq_kernel[(ki.shape[2] * (mask.block // _TILE), b * h)](
             q, k, v, do, lse, delta, dq, ki, kc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
             h, h // hkv, sq, k.shape[2], scale * _LOG2E, scale, **common,
         )
-        _bwd_dkdv_kernel[(qi.shape[2], b * hkv)](
+        _bwd_dkdv_kernel[(qi.shape[2] * (mask.block // _TILE), b * hkv)](
             q, k, v, do, lse, delta, dk, dv, qi, qc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qi.stride(0), qi.stride(1), qi.stride(2), qc.stride(0), qc.stride(1),
