@@ -98,6 +98,17 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, qo_off, row_off, rows, dims, sqs, seq_q):
+    """A tile's queries, output gradients, log-sum-exps and rowsum(dO * O): what both backward kernels read per query tile."""
+    ok = rows < seq_q
+    q = tl.load(Q + qo_off + rows[:, None] * sqs + dims[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + qo_off + rows[:, None] * sqs + dims[None, :], mask=ok[:, None], other=0.0)
+    lse = tl.load(LSE + row_off + rows, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + row_off + rows, mask=ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
                    sqb, sqh, sqs, skb, skh, sks,
                    sib, sih, siq, scb, sch,
@@ -110,10 +121,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
     rows = tile * BM + tl.arange(0, BM)
     dims = tl.arange(0, D)
     row_ok = rows[:, None] < seq_q
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-    do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-    lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
-    delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b * sqb + h * sqh, bh * seq_q, rows, dims, sqs, seq_q)
     dq = tl.zeros([BM, D], tl.float32)
     count = tl.load(KV_CNT + b * scb + h * sch + qb)
     for j in range(0, count):
@@ -154,11 +162,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
             qb = tl.load(Q_IDX + b * sib + h * sih + kb * siq + i)
             for r in range(0, BLOCK, BM):
                 rows = qb * BLOCK + r + tl.arange(0, BM)
-                row_ok = rows[:, None] < seq_q
-                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-                do = tl.load(DO + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok, other=0.0)
-                lse = tl.load(LSE + bh * seq_q + rows, mask=rows < seq_q, other=float("inf"))
-                delta = tl.load(DELTA + bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+                q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b * sqb + h * sqh, bh * seq_q, rows, dims, sqs, seq_q)
                 p = tl.math.exp2(_scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL) - lse[:, None])
                 dv += tl.dot(tl.trans(p).to(do.dtype), do)
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])

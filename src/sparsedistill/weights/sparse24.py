@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..timing import time_ms
 from .pruning import is_nm_sparse
 from .quant import QMAX
 
@@ -171,7 +172,7 @@ class Sparse24Linear(nn.Module):
         if self.fmt != "fp16":
             return True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
-        return min(candidates, key=lambda c: _median_ms(lambda: self._gemm(xk, bias, out_dtype, *c)))
+        return min(candidates, key=lambda c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=False, calls=1, reps=5))
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
@@ -200,19 +201,6 @@ def _cslt_mm(compressed: Tensor, x: Tensor, bias: Tensor | None, out_features: i
 @_cslt_mm.register_fake
 def _(compressed, x, bias, out_features, transposed, alg, out_dtype):
     return x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype)
-
-
-def _median_ms(fn, reps: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
 
 
 class CUDAGraphed(nn.Module):
