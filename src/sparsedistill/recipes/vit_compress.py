@@ -357,6 +357,7 @@ class Compress:
                     self.qat_student(rest.split("-")[0], seed, unsup="-unsup-" in job)
                 bar.update()
             self.models.clear()  # the next seed starts from its own teacher
+            self._pruned.clear()
         bar.close()
         return {"seeds": cfg.seeds, "jobs": {s: self.jobs(s) for s in cfg.seeds}}
 
