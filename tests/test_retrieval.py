@@ -60,3 +60,30 @@ def test_idf_table_round_trips_and_refuses_another_tokenizer(tmp_path):
         QueryEncoder(tok, other)
     with pytest.raises(ValueError, match="not in this tokenizer"):
         IDFTable.from_opensearch({"zzzz_not_a_token": 1.0}, tok)
+
+
+def test_retrieval_evaluate_cli_on_a_small_beir_folder(tmp_path):
+    """BM25 vs inference-free sparse retrieval end to end on a hand-made collection with one obvious answer per query."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("cognition")
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ranx")
+    col = tmp_path / "tiny"
+    (col / "qrels").mkdir(parents=True)
+    topics = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
+              "glacier ice melting", "bitcoin blockchain ledger", "tomato garden soil", "rocket orbit launch"]
+    docs = [{"_id": f"d{i}", "title": t, "text": f"A document about {t}, and more about {t.split()[0]}."} for i, t in enumerate(topics)]
+    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (col / "queries.jsonl").write_text("\n".join(json.dumps({"_id": f"q{i}", "text": t.split()[0]}) for i, t in enumerate(topics)))
+    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(topics))))
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "sparsedistill.cli", "retrieval", "evaluate", "--run-dir", str(run), "--no-progress",
+                          "--set", f"collections=[\"{col}\"]", "--set", "latency_queries=4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((run / "results" / "eval-tiny.json").read_text())
+    assert r["bm25"]["ndcg@10"] > 0.9 and r["ours"]["ndcg@10"] > 0.9  # one distinctive word per query
+    assert 0 < r["nnz_per_doc"] < 30522 and r["latency_ms"]["ours_p50"] > 0
+    assert "BM25 NDCG@10" in (run / "report.md").read_text() and (run / "ndcg.png").exists()

@@ -1,6 +1,6 @@
 """``sparsedistill`` command line: one subcommand per system, each with its own ``--help``.
 
-Systems register here as their recipes land (``kd``, ``vit`` and ``indexcache`` today; ``retrieval``,
+Systems register here as their recipes land (``kd``, ``vit``, ``indexcache`` and ``retrieval`` today;
 ``video`` and ``perception`` follow their issues).
 """
 
@@ -143,6 +143,18 @@ def _indexcache_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_evaluate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.retrieval_eval import RetrievalEvalConfig, run_retrieval_eval
+
+    cfg = load_config(RetrievalEvalConfig, args.config, args.overrides, recipe="retrieval")
+    run_dir = _run_dir(args, "retrieval-eval")
+    report = run_retrieval_eval(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
+    print((report.read_text().split("\n\n")[3]))
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedistill", description="Distill dense teachers into sparse students that are really faster.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="SYSTEM")
@@ -186,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "frozen model's attention), then compare IndexCache patterns (uniform, greedy, trained).")
     _add_run_options(icr, "'full' (default, for a GPU) or 'short' (a CPU-sized check)")
     icr.set_defaults(func=_indexcache_run)
+
+    rt = systems.add_parser("retrieval", help="inference-free learned sparse retrieval")
+    rt_cmds = rt.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rte = rt_cmds.add_parser("evaluate", help="BM25 vs inference-free sparse retrieval on BEIR-layout collections, with report.md",
+                             description="Evaluate BM25 (bm25s) and inference-free sparse retrieval (SPLADE documents, IDF queries) "
+                                         "on SciFact / Cranfield / Vaswani or any BEIR-layout folder: NDCG@10, Recall@100, "
+                                         "nonzeros per document, one-thread query latency.")
+    _add_run_options(rte, "none shipped yet; the defaults evaluate SPLADE-tiny on scifact and cranfield")
+    rte.set_defaults(func=_retrieval_evaluate)
     return parser
 
 
