@@ -150,7 +150,7 @@ def _retrieval_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(RetrievalEvalConfig, args.config, args.overrides, recipe="retrieval")
     run_dir = _run_dir(args, "retrieval-eval")
     report = run_retrieval_eval(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
-    print((report.read_text().split("\n\n")[3]))
+    print("\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))  # the report's table
     print(f"report: {report}")
     return 0
 
