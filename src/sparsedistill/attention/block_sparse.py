@@ -4,7 +4,8 @@ Each program owns a 64-row tile of one query block and visits only the key block
 ``BlockMask`` lists, in 64-column tiles (FlashAttention-2's online softmax over those blocks);
 the backward recomputes the probabilities from the saved log-sum-exp: one kernel for dK/dV (per
 key tile, over the query blocks that visited its block, for every query head of its GQA group)
-and one for dQ. Tiles stay 64x64 for 128-token blocks too, so the backward fits in registers. ``attention_reference`` beside
+and one for dQ. Tiles stay 64x64 for 128-token blocks too, to keep the backward's register use down
+(a choice made from review, not yet measured on a GPU). ``attention_reference`` beside
 it is the plain PyTorch definition the kernels are tested against.
 """
 
@@ -171,7 +172,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
     tl.store(DV + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_TILE = 64  # rows and columns per tile, whatever the mask's block (64 or 128): keeps the backward's tiles in registers
+_TILE = 64  # rows and columns per tile, whatever the mask's block (64 or 128): smaller backward tiles, less register pressure
 
 
 def _tiles(block: int, d: int) -> dict[str, int]:

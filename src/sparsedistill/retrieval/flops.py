@@ -10,7 +10,6 @@ more nonzeros than it are penalised.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["flops_loss", "flops_weight"]
