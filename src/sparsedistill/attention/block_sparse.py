@@ -4,14 +4,16 @@ Each program owns a 64-row tile of one query block and visits only the key block
 ``BlockMask`` lists, in 64-column tiles (FlashAttention-2's online softmax over those blocks);
 the backward recomputes the probabilities from the saved log-sum-exp: one kernel for dK/dV (per
 key tile, over the query blocks that visited its block, for every query head of its GQA group)
-and one for dQ. Tiles stay 64x64 for 128-token blocks too, to keep the backward's register use down
-(a choice made from review, not yet measured on a GPU). ``attention_reference`` beside
+and one for dQ. The backward keeps 64x64 tiles (register pressure); the forward's tile shape,
+warps and pipeline stages are picked on the first call per (block, head dim, causal, dtype) by
+timing a few candidates on the real inputs (``forward_config``). ``attention_reference`` beside
 it is the plain PyTorch definition the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -21,7 +23,7 @@ from torch import Tensor
 from ._runtime import triton_can_run
 from .block_mask import BlockMask
 
-__all__ = ["block_sparse_attention", "attention_reference", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["block_sparse_attention", "attention_reference", "forward_config", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
@@ -172,11 +174,62 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
     tl.store(DV + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_TILE = 64  # rows and columns per tile, whatever the mask's block (64 or 128): smaller backward tiles, less register pressure
+_TILE = 64  # backward rows and columns per tile, whatever the mask's block (64 or 128): less register pressure
 
 
 def _tiles(block: int, d: int) -> dict[str, int]:
     return dict(BLOCK=block, BM=_TILE, BN=_TILE, D=d, num_warps=4 if d == 64 else 8)
+
+
+# Forward candidates (BM, BN, warps, stages); those with a tile larger than the mask's block are skipped.
+_FWD_CANDIDATES = {
+    64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    128: [(64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2)],
+}
+_fwd_chosen: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def forward_config(block: int, d: int, causal: bool, dtype: torch.dtype) -> tuple[int, int, int, int] | None:
+    """The forward's (BM, BN, warps, stages) picked for this case so far in this process, if any."""
+    return _fwd_chosen.get((block, d, causal, dtype))
+
+
+def _launch_fwd(cfg, q, k, v, o, lse, mask: BlockMask, causal: bool, scale: float) -> None:
+    bm, bn, warps, stages = cfg
+    b, h, sq, d = q.shape
+    ki, kc = mask.kv_indices, mask.kv_counts
+    _fwd_kernel[(ki.shape[2] * (mask.block // bm), b * h)](
+        q, k, v, o, lse, ki, kc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
+        h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E,
+        BLOCK=mask.block, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=warps, num_stages=stages,
+    )
+
+
+def _forward(q, k, v, o, lse, mask: BlockMask, causal: bool, scale: float) -> None:
+    """Run the forward kernel with the tile configuration chosen for this case, timing candidates on the first call."""
+    key = (mask.block, q.shape[-1], causal, q.dtype)
+    cfg = _fwd_chosen.get(key)
+    if cfg is None:
+        default = (_TILE, _TILE, 4 if q.shape[-1] == 64 else 8, 3)
+        tune = (q.is_cuda and os.environ.get("SPARSEDISTILL_ATTN_TUNE", "1") != "0"
+                and not torch.cuda.is_current_stream_capturing())
+        if not tune:
+            return _launch_fwd(default, q, k, v, o, lse, mask, causal, scale)
+        from triton.testing import do_bench
+
+        timings = {}
+        for cand in _FWD_CANDIDATES[q.shape[-1]]:
+            if cand[0] > mask.block or cand[1] > mask.block:
+                continue
+            try:
+                timings[cand] = do_bench(lambda: _launch_fwd(cand, q, k, v, o, lse, mask, causal, scale),
+                                         warmup=5, rep=20, return_mode="median")
+            except Exception:  # noqa: BLE001  (a candidate that does not compile here, e.g. out of shared memory)
+                continue
+        cfg = _fwd_chosen[key] = min(timings, key=timings.get) if timings else default
+    _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> None:
@@ -208,14 +261,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-        nq = mask.kv_counts.shape[2]
-        ki, kc = mask.kv_indices, mask.kv_counts
-        _fwd_kernel[(nq * (mask.block // _TILE), b * h)](
-            q, k, v, o, lse, ki, kc,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
-            h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E, **_tiles(mask.block, d), CAUSAL=causal,
-        )
+        _forward(q, k, v, o, lse, mask, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
         return o
