@@ -9,7 +9,9 @@ chunk of queries (``torch.topk``), so the full score matrix never exists at long
 Attention: every query token attends to its own ``indices`` (B, Sq, k), -1 padded, shared by
 the query's heads, which is what lets a later layer reuse an earlier layer's selection
 (IndexCache). The same kernel serves prefill (many queries) and decode (one query, a KV cache of
-``kv_len`` valid tokens). Forward only; ``topk_attention_reference`` is the PyTorch definition.
+``kv_len`` valid tokens); when there are too few tokens to fill the GPU (decode), each token's
+index list is split over several programs and the pieces are merged by their log-sum-exps.
+Forward only; ``topk_attention_reference`` is the PyTorch definition.
 """
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None] + (seq_k - seq_q))
     acc = tl.where(ok, acc, float("-inf"))
-    tl.store(S + b * ssb + rows[:, None] * sst + cols[None, :], acc, mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))
+    tl.store(S + b * ssb + rows[:, None] * sst + cols[None, :], acc.to(S.dtype.element_ty), mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))
 
 
-def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len: int | None = None) -> Tensor:
-    """The Triton version of ``indexer_scores_reference`` (CUDA tensors, or the interpreter)."""
+def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len: int | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """The Triton version of ``indexer_scores_reference`` (CUDA tensors, or the interpreter).
+
+    ``out_dtype`` bf16 halves the bytes the scores take and the top-k reads (ranking ties may differ).
+    """
     b, sq, hi, di = q.shape
     sk = kv_len if kv_len is not None else k.shape[1]
     if w.shape != (b, sq, hi) or k.shape[0] != b or k.shape[2] != di:
@@ -69,7 +75,7 @@ def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len:
     if di < 16 or di & (di - 1):
         raise ValueError(f"indexer head dim must be a power of two >= 16, got {di}")
     q, w, k = q.contiguous(), w.contiguous(), k.contiguous()
-    s = torch.empty(b, sq, sk, device=q.device, dtype=torch.float32)
+    s = torch.empty(b, sq, sk, device=q.device, dtype=out_dtype)
     bm, bn = 64, 64
     _indexer_kernel[(triton.cdiv(sq, bm), triton.cdiv(sk, bn), b)](
         q, w, k, s, q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k.stride(0), k.stride(1),
@@ -78,17 +84,21 @@ def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len:
 
 
 def indexer_topk(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: bool = True, kv_len: int | None = None,
-                 chunk: int = 1024, use_kernel: bool | None = None) -> Tensor:
+                 chunk: int = 1024, use_kernel: bool | None = None, score_dtype: torch.dtype = torch.float32) -> Tensor:
     """Indices (B, Sq, topk) int32 of each query's ``topk`` highest-scoring visible keys, -1 where fewer are visible.
 
     Queries are scored ``chunk`` at a time, so memory is chunk x Sk floats, not Sq x Sk.
+    ``score_dtype`` is the kernel's score precision (bf16: half the bytes for the top-k to read).
     """
     sk = kv_len if kv_len is not None else k.shape[1]
     if not 0 < topk <= sk:
         raise ValueError(f"k = {topk} must be between 1 and the context length ({sk} tokens); "
                          "for contexts shorter than k use dense attention")
     use_kernel = triton_can_run(q) if use_kernel is None else use_kernel
-    score = indexer_scores if use_kernel else indexer_scores_reference
+    if use_kernel:
+        score = lambda *a: indexer_scores(*a, out_dtype=score_dtype)  # noqa: E731
+    else:
+        score = indexer_scores_reference
     sq = q.shape[1]
     if sq > sk:
         raise ValueError(f"{sq} queries but only {sk} keys: the queries must be the last positions of the key sequence")
@@ -126,11 +136,16 @@ def topk_attention_reference(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, s
 
 
 @triton.jit
-def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
-                      HKV, GROUP, seq_q, seq_k, n_idx, qk_scale,
-                      GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
-    """One query token, all query heads of one KV head (padded to GP rows), over that token's indices."""
+def _topk_attn_kernel(Q, K, V, O, LSE, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit, sos, sob, soh, sot, sls,
+                      HKV, GROUP, seq_q, seq_k, n_idx, per_split, qk_scale,
+                      GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
+    """One query token, all query heads of one KV head (padded to GP rows), over one split of that token's indices.
+
+    With ``SPLIT`` the output is this split's normalised partial result plus its log-sum-exp (log2
+    units), combined afterwards (flash-decoding: a single decode token still fills the GPU).
+    """
     t, bhk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # int64: offsets pass 2^31 at long context
+    split = tl.program_id(2).to(tl.int64)
     b, hk = bhk // HKV, bhk % HKV
     heads = hk * GROUP + tl.arange(0, GP)
     head_ok = tl.arange(0, GP) < GROUP
@@ -141,9 +156,11 @@ def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
     m = tl.full([GP], float("-inf"), tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for n0 in range(0, n_idx, BN):
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_idx)
+    for n0 in range(lo, hi, BN):
         offs = n0 + tl.arange(0, BN)
-        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < n_idx, other=-1)
+        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < hi, other=-1)
         ok = (idx >= 0) & (idx < seq_k) & (idx <= last)
         safe = tl.where(ok, idx, 0)
         k = tl.load(K + b * skb + hk * skh + safe[:, None] * sks + dims[None, :], mask=ok[:, None], other=0.0)
@@ -156,19 +173,36 @@ def _topk_attn_kernel(Q, K, V, O, IDX, sqb, sqh, sqt, skb, skh, sks, sib, sit,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(O + b * sqb + heads[:, None] * sqh + t * sqt + dims[None, :], out.to(O.dtype.element_ty), mask=head_ok[:, None])
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    o_ptr = O + split * sos + b * sob + heads[:, None] * soh + t * sot + dims[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=head_ok[:, None])
+    if SPLIT:
+        lse = tl.where(has, m + tl.math.log2(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(LSE + split * sls + (b * HKV * GROUP + heads) * seq_q + t, lse, mask=head_ok)
+
+
+def _decode_splits(n_idx: int, programs: int, device: torch.device) -> int:
+    """How many pieces to cut each token's index list into, so that few tokens still fill the GPU's SMs."""
+    if device.type != "cuda" or n_idx <= 256:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-n_idx // 128), -(-2 * sms // programs)))
 
 
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float | None = None,
-                   kv_len: int | None = None, allow_reference: bool = False, check_indices: bool = True) -> Tensor:
+                   kv_len: int | None = None, allow_reference: bool = False, check_indices: bool = True,
+                   splits: int | None = None) -> Tensor:
     """q (B, H, Sq, D) over k, v (B, Hkv, Sk, D) at ``indices`` (B, Sq, n) int32; prefill or decode (Sq = 1).
 
     ``kv_len`` is the number of valid cache entries when k, v are a preallocated KV cache; the
     queries are its last ``Sq`` positions. -1 marks padding; indices of future positions are
     skipped (causality), so a selection made by an earlier layer can be reused as it is.
     ``check_indices`` rejects indices outside [-1, kv_len) (one device sync: turn it off inside
-    CUDA graphs).
+    CUDA graphs). ``splits`` cuts each token's index list into that many pieces (None: enough to
+    fill the GPU when there are few tokens, as in decode).
     """
     b, h, sq, d = q.shape
     if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
@@ -194,10 +228,28 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
         raise RuntimeError("topk_attention runs a Triton kernel and needs CUDA tensors; pass allow_reference=True "
                            "to use the PyTorch reference instead")
     q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.to(torch.int32).contiguous()
-    group = h // k.shape[1]
-    o = torch.empty_like(q)
-    _topk_attn_kernel[(sq, b * k.shape[1])](
-        q, k, v, o, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        indices.stride(0), indices.stride(1), k.shape[1], group, sq, sk, indices.shape[2], scale * 1.4426950408889634,
-        GP=max(16, triton.next_power_of_2(group)), BN=64, D=d)
-    return o
+    hkv, n_idx = k.shape[1], indices.shape[2]
+    group = h // hkv
+    splits = splits or _decode_splits(n_idx, sq * b * hkv, q.device)
+    per_split = -(-n_idx // splits)
+    per_split = -(-per_split // 64) * 64  # whole BN tiles per split
+    splits = max(1, -(-n_idx // per_split))
+    if splits == 1:
+        o = torch.empty_like(q)
+        lse = o  # unused
+    else:
+        o = torch.empty(splits, b, h, sq, d, device=q.device, dtype=torch.float32)
+        lse = torch.empty(splits, b, h, sq, device=q.device, dtype=torch.float32)
+    so = (0, *q.stride()[:3]) if splits == 1 else o.stride()[:4]
+    _topk_attn_kernel[(sq, b * hkv, splits)](
+        q, k, v, o, lse, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        indices.stride(0), indices.stride(1), *so, lse.stride(0) if splits > 1 else 0,
+        hkv, group, sq, sk, n_idx, per_split, scale * 1.4426950408889634,
+        GP=max(16, triton.next_power_of_2(group)), BN=64, D=d, SPLIT=splits > 1)
+    if splits == 1:
+        return o
+    # combine the splits by their log-sum-exps; a split that saw nothing weighs 0
+    top = lse.amax(0)
+    w = torch.exp2(lse - torch.where(torch.isfinite(top), top, 0.0))
+    out = (w[..., None] * o).sum(0) / w.sum(0).clamp(min=1e-30)[..., None]
+    return out.to(q.dtype)
