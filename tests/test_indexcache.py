@@ -97,3 +97,25 @@ def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
     assert res["pattern-greedy-29"]["pattern"].count("F") == 29 and res["pattern-greedy-29"]["pattern"][0] == "F"
     assert 1 < res["dense-ppl"]["perplexity"]["128"] < res["dsa-ppl"]["perplexity"]["128"]  # 16 of 128 keys, barely trained
     assert len(res["dsa-ppl"]["adjacent_overlap"]) == 29 and "IndexCache patterns" in (run / "report.md").read_text()
+
+
+def test_generation_with_cached_indexer_keys_matches_the_full_forward():
+    """Prefill then decode with KV + indexer-key caches selects and computes what one full forward does."""
+    from sparsedistill.models.llama import KVCache
+
+    model = _model()
+    tokens = torch.stack([torch.randperm(97)[:40] for _ in range(2)])  # a repeated token would tie its keys (no RoPE there)
+    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"))
+    for ix in dsa.indexers:  # positive q.k: no ReLU zeros, so no ties that top-k may break either way
+        ix.project = lambda x, f=ix.project: (lambda q, w, k: (q.abs(), w, k.abs()))(*f(x))
+    with torch.no_grad():
+        full = model(tokens, select=dsa)[:, -1]
+        full_sel = {i: s[:, -1:].clone() for i, s in dsa.selected.items()}
+        cache = KVCache.empty(model.cfg, 2, 48, "cpu", torch.float32)
+        dsa.start_cache(2, 48, "cpu", torch.float32)
+        model(tokens[:, :39], cache, select=dsa, last_only=True)
+        step = model(tokens[:, 39:], cache, select=dsa)[:, -1]
+        dsa.stop_cache()
+    for i in range(4):
+        assert torch.equal(dsa.selected[i].sort(-1).values, full_sel[i].sort(-1).values), i
+    assert torch.allclose(step, full, atol=1e-4)

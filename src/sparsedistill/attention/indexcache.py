@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._runtime import triton_can_run
-from .topk import indexer_scores, indexer_scores_reference
+from .topk import indexer_scores, indexer_scores_reference, indexer_topk
 
 __all__ = ["IndexPattern", "LightningIndexer", "DSA", "indexer_kl", "indexer_loss", "layer_inputs", "dense_attention_probs",
            "greedy_pattern", "topk_overlap", "topk_from_scores"]
@@ -169,7 +169,9 @@ class DSA(nn.Module):
     Full layers run their indexer on the layer's normed input and keep the ``topk`` best keys;
     Shared layers reuse the indices of the nearest preceding Full layer. ``selected`` holds every
     layer's indices of the last forward (for overlap statistics); ``record_inputs`` keeps the
-    indexers' inputs too (for training them against the dense attention).
+    indexers' inputs too (for training them against the dense attention). For generation with a
+    ``KVCache``, ``start_cache`` keeps the Full layers' indexer keys as well, so a decode step
+    scores only its new query against every cached key.
     """
 
     def __init__(self, n_layers: int, dim: int, topk: int, heads: int = 4, head_dim: int = 32,
@@ -183,14 +185,42 @@ class DSA(nn.Module):
         self.selected: dict[int, Tensor] = {}
         self.record_inputs = False
         self.inputs: dict[int, Tensor] = {}
+        self.score_dtype = torch.float32  # bf16 halves the bytes the top-k reads (speed runs)
         self._current: Tensor | None = None
+        self._keys: dict[int, Tensor] = {}  # Full layer -> (B, max_len, head_dim) indexer keys while generating
+        self._lengths: dict[int, int] = {}
+
+    def start_cache(self, batch: int, max_len: int, device, dtype) -> None:
+        """Keep indexer keys across calls (prefill, then decode steps), like the model's ``KVCache``."""
+        hd = self.indexers[0].head_dim
+        self._keys = {i: torch.zeros(batch, max_len, hd, device=device, dtype=dtype)
+                      for i, kind in enumerate(self.pattern.layers) if kind == "F"}
+        self._lengths = dict.fromkeys(self._keys, 0)
+
+    def stop_cache(self) -> None:
+        self._keys, self._lengths = {}, {}
+
+    def _select(self, layer: int, h: Tensor) -> Tensor:
+        q, w, k = self.indexers[layer].project(h)
+        kv_len = None
+        if self._keys:  # append this call's keys, score against everything cached
+            start = self._lengths[layer]
+            cache = self._keys[layer]
+            if start + h.shape[1] > cache.shape[1]:
+                raise ValueError(f"indexer cache holds {cache.shape[1]} tokens; {start + h.shape[1]} needed")
+            cache[:, start : start + h.shape[1]] = k
+            self._lengths[layer] = kv_len = start + h.shape[1]
+            k = cache
+        visible = kv_len if kv_len is not None else k.shape[1]
+        idx = indexer_topk(q, w, k, min(self.topk, visible), kv_len=kv_len, score_dtype=self.score_dtype)
+        return F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1) if idx.shape[-1] < self.topk else idx
 
     def forward(self, layer: int, h: Tensor) -> Tensor:
         if self.record_inputs:
             self.inputs[layer] = h.detach()
         if self.pattern.layers[layer] == "F":
             with torch.no_grad():
-                self._current = topk_from_scores(self.indexers[layer].scores(h), self.topk)
+                self._current = self._select(layer, h)
         if self._current is None:
             raise RuntimeError("a Shared layer ran before any Full layer: layer 0 must be Full")
         self.selected[layer] = self._current

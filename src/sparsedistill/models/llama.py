@@ -182,8 +182,11 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None,
-                select: Callable[[int, Tensor], Tensor | None] | None = None) -> Tensor:
+                select: Callable[[int, Tensor], Tensor | None] | None = None, last_only: bool = False) -> Tensor:
         """Logits (B, S, vocab) for ``tokens`` (B, S); with a ``cache`` the tokens continue what it holds.
+
+        ``last_only`` returns (B, 1, vocab), the next-token logits, as a long prefill needs (all of
+        them at 128K tokens would take 12 GB).
 
         ``select(layer, normed_hidden)`` may return (B, S, k) key indices for that layer's attention
         (sparse attention; ``sparsedistill.attention.indexcache.DSA`` is one such selector).
@@ -198,6 +201,8 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, cache, i, select)
         if cache is not None:
             cache.length += s
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()
@@ -205,7 +210,7 @@ class Llama(nn.Module):
         """Greedy decoding with a KV cache; returns the prompt followed by the new tokens."""
         cache = KVCache.empty(self.cfg, tokens.shape[0], tokens.shape[1] + max_new, tokens.device, self.model.embed_tokens.weight.dtype)
         out = [tokens]
-        nxt = self(tokens, cache)[:, -1].argmax(-1, keepdim=True)
+        nxt = self(tokens, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for _ in range(max_new):
             out.append(nxt)
             if eos is not None and bool((nxt == eos).all()):
