@@ -8,7 +8,7 @@ With ``--topk``: DSA prefill and single-token decode at 8K-128K context, k = 512
 indexer's time separately, against dense SDPA.
 
     python benchmarks/attention_speed.py --out benchmarks/results/attention_speed.json
-    python benchmarks/attention_speed.py --topk --out benchmarks/results/topk_attention_speed.json
+    python benchmarks/attention_speed.py --topk --seqs 8192 32768 65536 131072 --out benchmarks/results/topk_attention_speed.json
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention import BlockMask, asa_mask, block_sparse_attention  # noqa: E402
+from sparsedistill.attention.block_sparse import forward_config  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
 
 
@@ -74,6 +75,7 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
                 row["ours_max_err_vs_sdpa"] = float((out - ref).abs().max())
                 del dense_mask, ref
         row["ours_fwd_ms"] = timed(lambda: ours(q, k, v))
+        row["ours_fwd_config_bm_bn_warps_stages"] = forward_config(block, d, causal, q.dtype)
         row["ours_fwd_bwd_ms"] = timed(fwd_bwd(ours, q, k, v, do), calls=2, reps=5)
         if flex_ok:
             try:
@@ -113,31 +115,58 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
 
 
 def bench_topk(s: int, topk: int, h: int = 16, hkv: int = 4, d: int = 128, hi: int = 16, di: int = 64) -> dict:
-    """Top-k attention at context ``s``: prefill (all s queries) and one decode step, against dense SDPA."""
+    """Top-k attention at context ``s``: prefill (all s queries) and one decode step, against dense SDPA.
+
+    Dense is the faster of SDPA with GQA (``enable_gqa``) and SDPA on keys expanded to every query
+    head. Decode steps are captured in CUDA graphs, as a serving engine runs them.
+    """
     from sparsedistill.attention import indexer_topk, topk_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
     q, k, v = rnd(1, h, s, d), rnd(1, hkv, s, d), rnd(1, hkv, s, d)
     qi, w, ki = rnd(1, s, hi, di), rnd(1, s, hi).abs(), rnd(1, s, di)
-    row = {"S": s, "topk": topk, "H": h, "Hkv": hkv, "D": d, "indexer_heads": hi, "indexer_dim": di}
+    row = {"S": s, "topk": topk, "H": h, "Hkv": hkv, "D": d, "indexer_heads": hi, "indexer_dim": di, "indexer_scores": "bf16"}
     kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
-    row["sdpa_prefill_ms"] = timed(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), calls=1, reps=3)
-    row["indexer_prefill_ms"] = timed(lambda: indexer_topk(qi, w, ki, topk), calls=1, reps=3)
-    idx = indexer_topk(qi, w, ki, topk)
-    row["topk_attention_prefill_ms"] = timed(lambda: topk_attention(q, k, v, idx), calls=1, reps=3)
+    row["sdpa_gqa_prefill_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), calls=1, reps=3)
+    row["sdpa_expanded_prefill_ms"] = timed(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), calls=1, reps=3)
+    row["sdpa_prefill_ms"] = min(row["sdpa_gqa_prefill_ms"], row["sdpa_expanded_prefill_ms"])
+    row["indexer_prefill_ms"] = timed(lambda: indexer_topk(qi, w, ki, topk, score_dtype=torch.bfloat16), calls=1, reps=3)
+    idx = indexer_topk(qi, w, ki, topk, score_dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q[:, :, -64:], kr, vr, attn_mask=_index_mask(idx[:, -64:], s)[:, None])
+        row["topk_max_err_vs_sdpa"] = float((topk_attention(q, k, v, idx)[:, :, -64:].float() - ref.float()).abs().max())
+    row["topk_attention_prefill_ms"] = timed(lambda: topk_attention(q, k, v, idx, check_indices=False), calls=1, reps=3)
     row["dsa_prefill_ms"] = row["indexer_prefill_ms"] + row["topk_attention_prefill_ms"]
     row["prefill_speedup"] = row["sdpa_prefill_ms"] / row["dsa_prefill_ms"]
+    row["prefill_attention_speedup"] = row["sdpa_prefill_ms"] / row["topk_attention_prefill_ms"]
+    del idx
     # decode: the last query over the whole cache
     q1, qi1, w1 = q[:, :, -1:], qi[:, -1:], w[:, -1:]
-    row["sdpa_decode_ms"] = timed(lambda: F.scaled_dot_product_attention(q1, kr, vr))
-    row["indexer_decode_ms"] = timed(lambda: indexer_topk(qi1, w1, ki, topk))
+    graphed = lambda fn: time_ms(fn, graph=True, calls=20, reps=20)  # noqa: E731
+    row["sdpa_gqa_decode_ms"] = graphed(lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True))
+    row["sdpa_expanded_decode_ms"] = graphed(lambda: F.scaled_dot_product_attention(q1, kr, vr))
+    row["sdpa_decode_ms"] = min(row["sdpa_gqa_decode_ms"], row["sdpa_expanded_decode_ms"])
+    row["indexer_decode_ms"] = graphed(lambda: indexer_topk(qi1, w1, ki, topk, score_dtype=torch.bfloat16))
     idx1 = indexer_topk(qi1, w1, ki, topk)
-    row["topk_attention_decode_ms"] = timed(lambda: topk_attention(q1, k, v, idx1))
+    with torch.no_grad():
+        ref1 = F.scaled_dot_product_attention(q1, kr, vr, attn_mask=_index_mask(idx1, s)[:, None])
+        row["topk_decode_max_err_vs_sdpa"] = float((topk_attention(q1, k, v, idx1).float() - ref1.float()).abs().max())
+    row["topk_attention_decode_ms"] = graphed(lambda: topk_attention(q1, k, v, idx1, check_indices=False))
     row["dsa_decode_ms"] = row["indexer_decode_ms"] + row["topk_attention_decode_ms"]
     row["decode_attention_speedup"] = row["sdpa_decode_ms"] / row["topk_attention_decode_ms"]
-    print(row, flush=True)
+    row["decode_speedup_with_indexer"] = row["sdpa_decode_ms"] / row["dsa_decode_ms"]
+    print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    del q, k, v, kr, vr, qi, w, ki
+    torch.cuda.empty_cache()
     return row
+
+
+def _index_mask(idx: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, Sq, S) bool: True at each query's selected keys (for checking against SDPA with that mask)."""
+    keep = torch.zeros(*idx.shape[:2], s + 1, dtype=torch.bool, device=idx.device)
+    keep.scatter_(-1, torch.where(idx >= 0, idx, s).long(), True)
+    return keep[..., :s]
 
 
 def main() -> int:
@@ -149,7 +178,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--topk", action="store_true", help="the top-k (DSA) table instead: prefill and decode at 8K-128K")
+    ap.add_argument("--topk", action="store_true", help="the top-k (DSA) table instead: prefill and decode (try --seqs 8192 32768 65536 131072)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attention_speed.py needs a CUDA GPU; none was found.", file=sys.stderr)
@@ -162,9 +191,14 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     results: list[dict] = []
     if args.topk:
-        for s in (8192, 32768, 65536, 131072):
+        for s in args.seqs:
             for k in (512, 2048):
-                results.append(bench_topk(s, k))
+                try:
+                    results.append(bench_topk(s, k))
+                except Exception as e:  # noqa: BLE001  (record, go on)
+                    results.append({"S": s, "topk": k, "error": f"{type(e).__name__}: {e}"[:300]})
+                    torch.cuda.empty_cache()
+                args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
         return 0
     for d in args.dims:
