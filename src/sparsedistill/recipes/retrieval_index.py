@@ -1,0 +1,151 @@
+"""A collection into a ``SparseIndex``: resumable chunked encoding, the index, and its IDF table.
+
+``build_collection_index`` encodes a BEIR-layout corpus with ``SparseDocEncoder`` into chunk files
+(``<index>/chunks/chunk-*.npz``, float CSR rows, each written atomically), so a killed run picks up
+at the first missing chunk; then adds every chunk not yet in the index (one atomic segment each),
+compacts to one segment, and writes ``idf.json`` for the query side. ``open_collection_index`` gives
+back what ``retrieval search`` needs: the index, the query encoder and, if found, the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.beir import BeirCollection, load_beir
+from ..runs import atomic_write_bytes
+
+__all__ = ["build_collection_index", "open_collection_index", "IDF_FILE"]
+
+IDF_FILE = "idf.json"
+
+
+def _collection_ref(collection: str) -> str:
+    """What the index records to find the corpus again: a folder's absolute path, or a collection name."""
+    p = Path(collection)
+    return str(p.resolve()) if p.is_dir() else collection
+
+
+def _weights_sha(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".pt"):
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _save_chunk(path: Path, rows: torch.Tensor) -> None:
+    csr = rows.to_sparse_csr()
+    buf = io.BytesIO()
+    np.savez(buf, indptr=csr.crow_indices().numpy(), indices=csr.col_indices().numpy().astype(np.int32),
+             data=csr.values().float().numpy(), shape=np.array(rows.shape))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_chunk(path: Path):
+    import scipy.sparse as sp
+
+    with np.load(path) as z:
+        return sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+
+
+def build_collection_index(collection: str, index_dir: Path, encoder: str = "", max_length: int = 256,
+                           batch_size: int = 32, chunk_docs: int = 512, progress: bool = True):
+    """Encode (resumably) and index ``collection`` (a name under the IR data root, or a BEIR folder)."""
+    from ..retrieval import IDFTable, SparseDocEncoder
+    from ..retrieval.encoders import splade_tiny_path
+    from ..retrieval.idf import tokenizer_fingerprint
+    from ..retrieval.index import MANIFEST, SparseIndex
+
+    c = load_beir(collection)
+    ids = list(c.corpus)
+    texts = [c.corpus[i] for i in ids]
+    encoder_path = Path(encoder) if encoder else splade_tiny_path()
+    doc_encoder = SparseDocEncoder(encoder_path, max_length=max_length).eval()
+    chunk_dir = index_dir / "chunks"
+    meta = {"collection": _collection_ref(collection), "docs": len(ids),
+            "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "encoder": str(encoder_path.resolve()),
+            "encoder_weights_sha256": _weights_sha(encoder_path), "max_length": max_length, "chunk_docs": chunk_docs}
+    meta_file = chunk_dir / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if old != meta:
+            diff = sorted(k for k in meta if old.get(k) != meta[k])
+            raise ValueError(f"{chunk_dir} holds vectors encoded with other settings ({', '.join(diff)} differ); "
+                             "delete that folder or choose another --index-dir")
+    else:
+        atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
+
+    # 1. encode, one chunk file at a time; existing chunks are the finished part of an earlier run
+    starts = list(range(0, len(ids), chunk_docs))
+    chunk_file = lambda i: chunk_dir / f"chunk-{i:05d}.npz"  # noqa: E731
+    done = sum(min(chunk_docs, len(ids) - s) for i, s in enumerate(starts) if chunk_file(i).exists())
+    bar = tqdm(total=len(ids), initial=done, desc=f"encode {c.name}", unit="doc", disable=not progress)
+    with torch.no_grad():
+        for i, s in enumerate(starts):
+            if chunk_file(i).exists():
+                continue
+            part = texts[s:s + chunk_docs]
+            rows = []
+            for b in range(0, len(part), batch_size):
+                rows.append(doc_encoder(part[b:b + batch_size]).to_sparse())
+                bar.update(len(part[b:b + batch_size]))
+            _save_chunk(chunk_file(i), torch.cat(rows))
+    bar.close()
+
+    # 2. index every chunk not in the index yet (each add is one atomic segment), then one segment
+    tok = doc_encoder.tokenizer
+    if (index_dir / MANIFEST).exists():
+        index = SparseIndex.open(index_dir)
+        index.check_tokenizer(tok)
+    else:
+        index = SparseIndex.create(index_dir, doc_encoder.vocab_size, tokenizer_fingerprint(tok),
+                                   metadata={k: meta[k] for k in ("collection", "encoder", "max_length")})
+    for i, s in enumerate(tqdm(starts, desc="index", unit="chunk", disable=not progress)):
+        chunk_ids = ids[s:s + chunk_docs]
+        new = [r for r, d in enumerate(chunk_ids) if d not in index]
+        if new:
+            index.add([chunk_ids[r] for r in new], _load_chunk(chunk_file(i))[new])
+    index.compact()
+
+    # 3. the query side: IDF from this corpus, with the encoder's tokenizer
+    idf_file = index_dir / IDF_FILE
+    if not idf_file.exists() or IDFTable.load(idf_file).fingerprint != tokenizer_fingerprint(tok):
+        IDFTable.from_corpus(texts, tok).save(idf_file)
+    return index
+
+
+def open_collection_index(index_dir: Path, verify: bool = True) -> tuple[Any, Any, BeirCollection | None]:
+    """``(index, query_encoder, corpus or None)`` for an index built by ``build_collection_index``."""
+    from transformers import AutoTokenizer
+
+    from ..data import DatasetNotFound
+    from ..retrieval import IDFTable, QueryEncoder
+    from ..retrieval.encoders import splade_tiny_path
+    from ..retrieval.index import SparseIndex
+
+    index = SparseIndex.open(index_dir, verify=verify)
+    meta = index.metadata
+    tok = AutoTokenizer.from_pretrained(meta.get("encoder") or str(splade_tiny_path()))
+    index.check_tokenizer(tok)
+    idf_file = index_dir / IDF_FILE
+    if not idf_file.exists():
+        raise FileNotFoundError(f"{idf_file} is missing: the query side needs it; rerun `sparsedistill retrieval index` "
+                                "or save an IDFTable there")
+    query_encoder = QueryEncoder(tok, IDFTable.load(idf_file, tok))
+    corpus = None
+    if meta.get("collection"):
+        try:
+            corpus = load_beir(meta["collection"])
+        except (DatasetNotFound, FileNotFoundError):
+            pass
+    return index, query_encoder, corpus
