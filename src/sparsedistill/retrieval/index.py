@@ -28,11 +28,11 @@ Search. Two exact algorithms over the quantized impacts, both free of Python loo
 accumulates with one ``np.bincount``; ``"maxscore"`` scores the high-upper-bound (essential) terms
 the same way, takes the k-th best partial score as a threshold, and probes the non-essential terms
 (low IDF, long lists) only for the candidates that can still reach it, by binary search. Measured on SPLADE-tiny vectors with
-IDF queries, one thread, search only (docs/notes/retrieval-engine.md): TAAT 0.069 ms vs MaxScore
-0.187 ms per query (p50) on SciFact (5,183 docs), 0.049 vs 0.135 ms on Cranfield (1,400). MaxScore
+IDF queries, one thread, search only (docs/notes/retrieval-engine.md): TAAT 0.07 ms vs MaxScore
+0.19 ms per query (p50) on SciFact (5,183 docs), 0.05 vs 0.14 ms on Cranfield (1,400). MaxScore
 could skip ~72 % of the postings, but at this scale its extra numpy calls cost more than the reads
-they save, so ``"taat"`` is the default. End to end (query encoding included) ours is 0.74x
-bm25s's latency on SciFact and 0.76x on Cranfield.
+they save, so ``"taat"`` is the default. End to end (query encoding included) ours takes 0.66-0.76x
+bm25s's time per query on both collections.
 """
 
 from __future__ import annotations
