@@ -453,3 +453,12 @@ def test_index_search_export_cli_and_resume(tmp_path, capsys):
     # vectors encoded with other settings are not mixed in
     assert main([*args[:-1], "--max-length", "64", "--no-progress"]) == 2
     assert "max_length" in capsys.readouterr().err
+
+
+def test_refresh_sees_another_handles_writes(tmp_path):
+    writer = SparseIndex.create(tmp_path / "ix", 20)
+    reader = SparseIndex.open(tmp_path / "ix")
+    writer.add(["a", "b"], np.eye(2, 20, dtype=np.float32))
+    assert len(reader) == 0 and reader.refresh() and len(reader) == 2
+    assert not reader.refresh()
+    assert reader.search((np.array([1]), np.array([1.0])))[0][0] == "b"

@@ -461,11 +461,12 @@ class SparseIndex:
 
     def refresh(self, verify: bool = False) -> bool:
         """Pick up changes another process committed since this one opened; True if there were any."""
-        snap = self._live()
-        if self._read_manifest(self.path)["generation"] == snap.manifest["generation"]:
-            return False
-        self._snapshot = self._read(self.path, verify)
-        return True
+        with self._write_lock:  # so a write of this process cannot be replaced by an older view
+            snap = self._live()
+            if self._read_manifest(self.path)["generation"] == snap.manifest["generation"]:
+                return False
+            self._snapshot = self._read(self.path, verify)
+            return True
 
     def close(self) -> None:
         """Release the files (searches that already hold a snapshot finish on it) and the writer lock."""
