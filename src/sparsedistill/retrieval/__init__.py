@@ -1,8 +1,13 @@
-"""Inference-free learned sparse retrieval: IDF-weighted queries, SPLADE-style documents, FLOPS regularisers."""
+"""Inference-free learned sparse retrieval: IDF-weighted queries, SPLADE-style documents, FLOPS regularisers, training."""
 
 from .flops import flops_loss, flops_weight
 from .idf import IDFTable
 from .encoders import QueryEncoder, SparseDocEncoder
 from .index import IndexCorruptError, SparseIndex
+from .losses import info_nce_loss, kl_ranking_loss, margin_mse_loss, ranking_loss
+from .pseudo_queries import PseudoQuery, pseudo_queries
+from .train_data import TrainExample, check_no_test_leakage
 
-__all__ = ["IDFTable", "IndexCorruptError", "QueryEncoder", "SparseDocEncoder", "SparseIndex", "flops_loss", "flops_weight"]
+__all__ = ["IDFTable", "IndexCorruptError", "QueryEncoder", "SparseDocEncoder", "SparseIndex", "flops_loss", "flops_weight",
+           "PseudoQuery", "TrainExample", "check_no_test_leakage", "info_nce_loss", "kl_ranking_loss", "margin_mse_loss",
+           "pseudo_queries", "ranking_loss"]

