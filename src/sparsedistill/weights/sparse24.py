@@ -29,6 +29,7 @@ __all__ = ["Sparse24Format", "Sparse24Linear", "CUDAGraphed"]
 Sparse24Format = Literal["fp16", "int8", "fp8"]
 _QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _TOKEN_ALIGN = 16  # cuSPARSELt rejects token counts that are not a multiple of 16
+_PLANS: dict[tuple, tuple[bool, int]] = {}  # (fmt, out, in, tokens, bias, device) -> (transpose_result, algorithm)
 
 
 def _quantize(x: Tensor, scale: Tensor, fmt: Sparse24Format) -> Tensor:
@@ -149,8 +150,11 @@ class Sparse24Linear(nn.Module):
         out_dtype = None if self.fmt == "fp16" else torch.bfloat16  # int8/fp8 sums overflow fp16
         bias = self.bias if self.fmt == "fp16" else None  # fp16: added in cuSPARSELt's epilogue
         plan = self._plans.get(xk.shape[0])
-        if plan is None:  # chosen once per token count, outside graph capture (a warm-up call does it)
-            plan = self._plans[xk.shape[0]] = self._choose_plan(xk, bias, out_dtype)
+        if plan is None:  # chosen once per layer shape and token count, outside graph capture (a warm-up call does it)
+            key = (self.fmt, self.out_features, self.in_features, xk.shape[0], bias is not None, xk.device)
+            if key not in _PLANS:  # layers of one shape share it: ViT-B's 48 sparse layers have 4 shapes
+                _PLANS[key] = self._choose_plan(xk, bias, out_dtype)
+            plan = self._plans[xk.shape[0]] = _PLANS[key]
         y = self._gemm(xk, bias, out_dtype, *plan)[:n]
         if self.fmt != "fp16":  # dequantise, add the bias and cast back in one fused kernel
             y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, x.dtype)
