@@ -83,7 +83,8 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
                     ok = keep[b, hh, qi // block, ki // block]
                     return ok & (ki <= qi) if causal else ok
                 t0 = time.perf_counter()
-                bm = create_block_mask(mask_mod, 1, h, s, s, device="cuda", BLOCK_SIZE=block)
+                # _compile: otherwise Flex materialises the S x S mask (128 GiB at 32K)
+                bm = create_block_mask(mask_mod, 1, h, s, s, device="cuda", BLOCK_SIZE=block, _compile=True)
                 torch.cuda.synchronize()
                 row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
                 fl = lambda a, b, c: flex(a, b, c, block_mask=bm)  # noqa: E731

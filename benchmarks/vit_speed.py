@@ -75,14 +75,16 @@ def torch_24(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def bench(name: str, batch: int, compile_dense: bool) -> dict:
+def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None, rows: dict[str, dict], save) -> None:
+    """Fill ``rows`` variant by variant (``save`` after each, so a call cut short keeps what ran)."""
     model = pruned_vit(name)
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         ref = model(x).float()
-    rows: dict[str, dict] = {}
 
     def add(key: str, build) -> None:
+        if variants is not None and key not in variants and not key.startswith("dense"):
+            return
         t0 = time.time()
         try:
             with torch.no_grad():
@@ -94,6 +96,7 @@ def bench(name: str, batch: int, compile_dense: bool) -> dict:
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         rows[key]["setup_s"] = round(time.time() - t0, 1)
         print(f"  {name} b{batch} {key}: {rows[key]}", flush=True)
+        save()
 
     add("dense_eager", lambda: model)
     add("dense_graph", lambda: CUDAGraphed(model, x))
@@ -113,7 +116,7 @@ def bench(name: str, batch: int, compile_dense: bool) -> dict:
             r["images_per_s"] = batch / r["ms"] * 1000
     del model
     torch.cuda.empty_cache()
-    return {"model": name, "batch": batch, "best_dense_ms": best, "variants": rows}
+    return best
 
 
 def main() -> int:
@@ -122,6 +125,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_large_patch16_224"])
     ap.add_argument("--batches", nargs="+", type=int, default=[256, 1])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile for the dense baseline")
+    ap.add_argument("--variants", nargs="+", help="only these non-dense variants (e.g. ours_24_int8_compiled); dense always runs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("vit_speed.py needs a CUDA GPU with 2:4 sparse tensor cores (Ampere or newer); none was found.", file=sys.stderr)
@@ -132,11 +136,18 @@ def main() -> int:
            "cusparselt": torch.backends.cusparselt.version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
     results = []
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+
     for name in args.models:
         for batch in args.batches:
-            results.append(bench(name, batch, not args.no_compile))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"environment": env, "results": results}, indent=1))
+            row = {"model": name, "batch": batch, "variants": {}}
+            results.append(row)
+            row["best_dense_ms"] = bench(name, batch, not args.no_compile, set(args.variants) if args.variants else None,
+                                         row["variants"], save)
+            save()
     print("\nmodel                   batch  best dense ms  " + "  ".join(f"{k:>14s}" for k in results[0]["variants"]))
     for r in results:
         cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
