@@ -182,6 +182,22 @@ def _topk_attn_kernel(Q, K, V, O, LSE, IDX, sqb, sqh, sqt, skb, skh, sks, sib, s
         tl.store(LSE + split * sls + (b * HKV * GROUP + heads) * seq_q + t, lse, mask=head_ok)
 
 
+@triton.jit
+def _combine_kernel(OP, LSE, O, n_splits, rows, D: tl.constexpr, SP: tl.constexpr):
+    """Merge the splits of one (batch, head, token) row: partial outputs weighted by exp2(lse - max lse)."""
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SP)
+    dims = tl.arange(0, D)
+    ok = sp < n_splits
+    lse = tl.load(LSE + sp * rows + r, mask=ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # splits that saw nothing weigh 0
+    part = tl.load(OP + (sp[:, None] * rows + r) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + r * D + dims, out.to(O.dtype.element_ty))
+
+
 def _decode_splits(n_idx: int, programs: int, device: torch.device) -> int:
     """How many pieces to cut each token's index list into, so that few tokens still fill the GPU's SMs."""
     if device.type != "cuda" or n_idx <= 256:
@@ -248,8 +264,6 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
         GP=max(16, triton.next_power_of_2(group)), BN=64, D=d, SPLIT=splits > 1)
     if splits == 1:
         return o
-    # combine the splits by their log-sum-exps; a split that saw nothing weighs 0
-    top = lse.amax(0)
-    w = torch.exp2(lse - torch.where(torch.isfinite(top), top, 0.0))
-    out = (w[..., None] * o).sum(0) / w.sum(0).clamp(min=1e-30)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)  # (B, H, Sq, D) contiguous: row r = (b, h, t) as the partials are laid out
+    _combine_kernel[(b * h * sq,)](o, lse, out, splits, b * h * sq, D=d, SP=max(2, triton.next_power_of_2(splits)))
+    return out
