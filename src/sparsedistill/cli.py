@@ -196,6 +196,25 @@ def _retrieval_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .retrieval.service import create_app
+    except ImportError as e:
+        raise ValueError(f"the service needs FastAPI and uvicorn ({e}): pip install 'sparsedistill[retrieval]'") from e
+
+    # The index is opened (and every checksum checked) here, so a damaged index stops the command before it listens.
+    app = create_app(args.index_dir, encoder=args.encoder, verify=not args.no_verify, max_query_chars=args.max_query_chars,
+                     max_body_bytes=args.max_body_bytes, max_batch_docs=args.max_batch_docs)
+    st = app.state.service.index.stats()
+    print(f"serving {args.index_dir} ({st['docs']} documents, {st['segments']} segment(s)) on http://{args.host}:{args.port}",
+          flush=True)
+    # One process: writes go through this process's lock and index handle (see retrieval/service.py).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log)
+    return 0
+
+
 def _retrieval_export(args: argparse.Namespace) -> int:
     from .recipes.retrieval_index import IDF_FILE, open_collection_index
     from .retrieval.exports import opensearch_mapping, token_strings, write_anserini_vectors, write_opensearch_bulk, write_opensearch_idf
@@ -298,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     rts.add_argument("-k", type=int, default=10)
     rts.add_argument("--no-verify", action="store_true", help="skip the checksum check of the index files on open")
     rts.set_defaults(func=_retrieval_search)
+    rtv = rt_cmds.add_parser("serve", help="HTTP search service over an index built by `retrieval index` (FastAPI + uvicorn)",
+                             description="Serve an index over HTTP: GET /health, POST /search, POST /search/batch, POST /documents, "
+                                         "DELETE /documents[/{id}], GET /documents/{id}. Searches need no model; the document "
+                                         "encoder loads on the first POST /documents. One process per index directory.")
+    rtv.add_argument("--index-dir", type=Path, required=True)
+    rtv.add_argument("--host", default="127.0.0.1")
+    rtv.add_argument("--port", type=int, default=8000)
+    rtv.add_argument("--encoder", help="document encoder folder for POST /documents (default: the one the index was built with)")
+    rtv.add_argument("--max-query-chars", type=int, default=4096, help="longer queries are refused with 413")
+    rtv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies are refused with 413")
+    rtv.add_argument("--max-batch-docs", type=int, default=256, help="documents per POST /documents")
+    rtv.add_argument("--no-verify", action="store_true", help="skip the checksum check of the index files at startup")
+    rtv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    rtv.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    rtv.set_defaults(func=_retrieval_serve)
     rtx = rt_cmds.add_parser("export", help="export an index's document vectors for OpenSearch or Anserini",
                              description="opensearch: _bulk NDJSON with a rank_features field, plus <out>.mapping.json and "
                                          "<out>.idf.json; anserini: JsonVectorCollection JSON lines.")
