@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention import BlockMask, asa_mask, block_sparse_attention  # noqa: E402
-from sparsedistill.attention.block_sparse import forward_config  # noqa: E402
+from sparsedistill.attention.block_sparse import tuned_configs  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
 
 
@@ -75,8 +75,9 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
                 row["ours_max_err_vs_sdpa"] = float((out - ref).abs().max())
                 del dense_mask, ref
         row["ours_fwd_ms"] = timed(lambda: ours(q, k, v))
-        row["ours_fwd_config_bm_bn_warps_stages"] = forward_config(block, d, causal, q.dtype)
         row["ours_fwd_bwd_ms"] = timed(fwd_bwd(ours, q, k, v, do), calls=2, reps=5)
+        row["ours_configs_bm_bn_warps_stages"] = {kind: cfg for (kind, *case), cfg in tuned_configs().items()
+                                                  if case == [block, d, causal, q.dtype]}
         if flex_ok:
             try:
                 def mask_mod(b, hh, qi, ki):

@@ -4,9 +4,9 @@ Each program owns a 64-row tile of one query block and visits only the key block
 ``BlockMask`` lists, in 64-column tiles (FlashAttention-2's online softmax over those blocks);
 the backward recomputes the probabilities from the saved log-sum-exp: one kernel for dK/dV (per
 key tile, over the query blocks that visited its block, for every query head of its GQA group)
-and one for dQ. The backward keeps 64x64 tiles (register pressure); the forward's tile shape,
-warps and pipeline stages are picked on the first call per (block, head dim, causal, dtype) by
-timing a few candidates on the real inputs (``forward_config``). ``attention_reference`` beside
+and one for dQ. Each kernel's tile shape, warps and pipeline stages are picked on its first
+CUDA call per (block, head dim, causal, dtype) by timing a few candidates on the real inputs
+(``tuned_configs``). ``attention_reference`` beside
 it is the plain PyTorch definition the kernels are tested against.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from ._runtime import triton_can_run
 from .block_mask import BlockMask
 
-__all__ = ["block_sparse_attention", "attention_reference", "forward_config", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["block_sparse_attention", "attention_reference", "forward_config", "tuned_configs", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
@@ -174,25 +174,58 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
     tl.store(DV + b * skb + hk * skh + cols[:, None] * sks + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_TILE = 64  # backward rows and columns per tile, whatever the mask's block (64 or 128): less register pressure
-
-
-def _tiles(block: int, d: int) -> dict[str, int]:
-    return dict(BLOCK=block, BM=_TILE, BN=_TILE, D=d, num_warps=4 if d == 64 else 8)
-
-
-# Forward candidates (BM, BN, warps, stages); those with a tile larger than the mask's block are skipped.
+# Candidates (BM, BN, warps, stages) per head dim; BM and BN must not exceed the mask's block.
+# The forward's (128, 128, 8, 3) won on the H100 at D = 128, 32K ((128, 32, 4, 3) before it was offered).
 _FWD_CANDIDATES = {
     64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
     128: [(64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4),
-          (128, 128, 8, 3)],  # (128, 32, 4, 3) won at 8K and 32K on the H100; 8 warps x 4 stages is Triton's Hopper tutorial
+          (128, 128, 8, 3)],
 }
-_fwd_chosen: dict[tuple, tuple[int, int, int, int]] = {}
+_BWD_CANDIDATES = {  # BM: query rows per tile, BN: key rows per tile (both backward kernels)
+    64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
+    128: [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+}
+_FWD_DEFAULT = {64: (64, 64, 4, 3), 128: (64, 64, 8, 3)}
+_BWD_DEFAULT = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+_chosen: dict[tuple, tuple[int, int, int, int]] = {}
 
 
 def forward_config(block: int, d: int, causal: bool, dtype: torch.dtype) -> tuple[int, int, int, int] | None:
     """The forward's (BM, BN, warps, stages) picked for this case so far in this process, if any."""
-    return _fwd_chosen.get((block, d, causal, dtype))
+    return _chosen.get(("fwd", block, d, causal, dtype))
+
+
+def tuned_configs() -> dict[tuple, tuple[int, int, int, int]]:
+    """Every (kernel, block, head dim, causal, dtype) -> (BM, BN, warps, stages) picked so far."""
+    return dict(_chosen)
+
+
+def _run_tuned(kind: str, q: Tensor, block: int, causal: bool, candidates, default, launch) -> None:
+    """Launch with the configuration picked for this case; on the first CUDA call, time each candidate first.
+
+    Every kernel here writes its outputs whole (no accumulation), so timing candidates on the real
+    tensors is harmless. No tuning under graph capture, in the interpreter, or with
+    SPARSEDISTILL_ATTN_TUNE=0: the default configuration runs then.
+    """
+    key = (kind, block, q.shape[-1], causal, q.dtype)
+    cfg = _chosen.get(key)
+    if cfg is None:
+        tune = (q.is_cuda and os.environ.get("SPARSEDISTILL_ATTN_TUNE", "1") != "0"
+                and not torch.cuda.is_current_stream_capturing())
+        if not tune:
+            return launch(default)
+        from triton.testing import do_bench
+
+        timings = {}
+        for cand in candidates:
+            if cand[0] > block or cand[1] > block:
+                continue
+            try:
+                timings[cand] = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
+            except Exception:  # noqa: BLE001  (a candidate that does not compile here, e.g. out of shared memory)
+                continue
+        cfg = _chosen[key] = min(timings, key=timings.get) if timings else default
+    launch(cfg)
 
 
 def _launch_fwd(cfg, q, k, v, o, lse, mask: BlockMask, causal: bool, scale: float) -> None:
@@ -208,29 +241,31 @@ def _launch_fwd(cfg, q, k, v, o, lse, mask: BlockMask, causal: bool, scale: floa
     )
 
 
-def _forward(q, k, v, o, lse, mask: BlockMask, causal: bool, scale: float) -> None:
-    """Run the forward kernel with the tile configuration chosen for this case, timing candidates on the first call."""
-    key = (mask.block, q.shape[-1], causal, q.dtype)
-    cfg = _fwd_chosen.get(key)
-    if cfg is None:
-        default = (_TILE, _TILE, 4 if q.shape[-1] == 64 else 8, 3)
-        tune = (q.is_cuda and os.environ.get("SPARSEDISTILL_ATTN_TUNE", "1") != "0"
-                and not torch.cuda.is_current_stream_capturing())
-        if not tune:
-            return _launch_fwd(default, q, k, v, o, lse, mask, causal, scale)
-        from triton.testing import do_bench
+def _launch_dq(cfg, q, k, v, do, lse, delta, dq, mask: BlockMask, causal: bool, scale: float) -> None:
+    bm, bn, warps, stages = cfg
+    b, h, sq, d = q.shape
+    ki, kc = mask.kv_indices, mask.kv_counts
+    _bwd_dq_kernel[(ki.shape[2] * (mask.block // bm), b * h)](
+        q, k, v, do, lse, delta, dq, ki, kc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
+        h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E, scale,
+        BLOCK=mask.block, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=warps, num_stages=stages,
+    )
 
-        timings = {}
-        for cand in _FWD_CANDIDATES[q.shape[-1]]:
-            if cand[0] > mask.block or cand[1] > mask.block:
-                continue
-            try:
-                timings[cand] = do_bench(lambda: _launch_fwd(cand, q, k, v, o, lse, mask, causal, scale),
-                                         warmup=5, rep=20, return_mode="median")
-            except Exception:  # noqa: BLE001  (a candidate that does not compile here, e.g. out of shared memory)
-                continue
-        cfg = _fwd_chosen[key] = min(timings, key=timings.get) if timings else default
-    _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale)
+
+def _launch_dkdv(cfg, q, k, v, do, lse, delta, dk, dv, mask: BlockMask, causal: bool, scale: float) -> None:
+    bm, bn, warps, stages = cfg
+    b, h, sq, d = q.shape
+    hkv = k.shape[1]
+    qi, qc = mask.q_indices, mask.q_counts
+    _bwd_dkdv_kernel[(qi.shape[2] * (mask.block // bn), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, qi, qc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qi.stride(0), qi.stride(1), qi.stride(2), qc.stride(0), qc.stride(1),
+        h, hkv, h // hkv, sq, k.shape[2], scale * _LOG2E, scale,
+        BLOCK=mask.block, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=warps, num_stages=stages,
+    )
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> None:
@@ -262,7 +297,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-        _forward(q, k, v, o, lse, mask, causal, scale)
+        d = q.shape[-1]
+        _run_tuned("fwd", q, mask.block, causal, _FWD_CANDIDATES[d], _FWD_DEFAULT[d],
+                   lambda cfg: _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
         return o
@@ -277,19 +314,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Sq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         ki, kc, qi, qc = mask.kv_indices, mask.kv_counts, mask.q_indices, mask.q_counts
-        common = dict(**_tiles(mask.block, d), CAUSAL=causal)
-        _bwd_dq_kernel[(ki.shape[2] * (mask.block // _TILE), b * h)](
-            q, k, v, do, lse, delta, dq, ki, kc,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
-            h, h // hkv, sq, k.shape[2], scale * _LOG2E, scale, **common,
-        )
-        _bwd_dkdv_kernel[(qi.shape[2] * (mask.block // _TILE), b * hkv)](
-            q, k, v, do, lse, delta, dk, dv, qi, qc,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            qi.stride(0), qi.stride(1), qi.stride(2), qc.stride(0), qc.stride(1),
-            h, hkv, h // hkv, sq, k.shape[2], scale * _LOG2E, scale, **common,
-        )
+        cands, default = _BWD_CANDIDATES[d], _BWD_DEFAULT[d]
+        _run_tuned("bwd_dq", q, mask.block, causal, cands, default,
+                   lambda cfg: _launch_dq(cfg, q, k, v, do, lse, delta, dq, mask, causal, scale))
+        _run_tuned("bwd_dkdv", q, mask.block, causal, cands, default,
+                   lambda cfg: _launch_dkdv(cfg, q, k, v, do, lse, delta, dk, dv, mask, causal, scale))
         return dq, dk, dv, None, None, None
 
 
