@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # reports are written headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["mean_std", "fmt_mean_std", "markdown_table", "save_figure", "plt"]
+__all__ = ["mean_std", "fmt_mean_std", "markdown_table", "save_figure", "environment_line", "command_line", "plt"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -42,3 +42,13 @@ def save_figure(fig: Any, path: Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """The run's versions, card and commit as one sentence fragment (``Run.environment()`` minus command and start)."""
+    return ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix"))
+
+
+def command_line(env: dict[str, Any]) -> str:
+    """'Command: `...` (started ...); <environment>.' for the top of a report."""
+    return f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); {environment_line(env)}."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, command_line
 from ..runs import Run, atomic_write_bytes
 
 __all__ = ["write_report"]
@@ -23,8 +23,7 @@ def write_report(run: Run) -> Path:
     dense, dsa = res["dense-ppl"]["perplexity"], res["dsa-ppl"]["perplexity"]
     contexts = list(dense)
     md = ["# IndexCache on SmolLM2-135M: DSA top-k attention and shared indexers", "",
-          f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); "
-          + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".", "",
+          command_line(env), "",
           "## Dense vs DSA (every layer its own indexer)", "",
           markdown_table(["context", "dense ppl", "DSA ppl", "DSA / dense", "target <= 1.03 at 4K+"],
                          [[c, f"{dense[c]:.3f}", f"{dsa[c]:.3f}", f"{dsa[c] / dense[c]:.4f}",

@@ -11,7 +11,7 @@ import torch
 
 from ..data import load_fashion_mnist
 from ..distill import brier_bias_variance, fit_inverse_n, log_loss_bias_variance
-from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
+from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure, environment_line
 from ..runs import Run
 
 __all__ = ["write_report", "format_summary"]
@@ -65,8 +65,7 @@ def write_report(run: Run, cfg: Any, index: dict[str, Any]) -> Path:
         f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}; {elapsed})  ",
         f"Seeds: {seeds}; training rows: {cfg.data.train_subset or 'all 60,000'}; "
         f"test rows: {index['teachers'][seeds[0]]['test_rows']}; data: `{index['data_source']}`.  ",
-        "Environment at the run's start: "
-        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".",
+        f"Environment at the run's start: {environment_line(env)}.",
         "",
         f"Model: MLP {cfg.model.hidden} (dropout {cfg.model.dropout}); the classifier head stays dense. "
         f"Teacher: {cfg.teacher.steps} steps of cross-entropy. Students start from the teacher's weights and get "

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.beir import load_beir
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, command_line
 from ..runs import Run, atomic_write_bytes
 
 __all__ = ["RetrievalEvalConfig", "run_retrieval_eval"]
@@ -150,8 +150,7 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
     ax.set_ylabel("NDCG@10")
     ax.legend(fontsize=7)
     md = ["# Inference-free sparse retrieval vs BM25", "",
-          f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); "
-          + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".", "",
+          command_line(env), "",
           "Ours: document vectors from the SPLADE masked-LM (max over tokens of log(1 + ReLU(logits))), query vectors by IDF "
           "lookup (IDF from each collection's corpus), exact float dot products over all documents. Our latency is that of the "
           "on-disk engine (`SparseIndex.search`: uint8 impacts, exact top-k; query encoding included): one query at a time, "

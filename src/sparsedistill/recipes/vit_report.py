@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure
+from ..report import fmt_mean_std, markdown_table, mean_std, plt, save_figure, environment_line
 from ..runs import Run, atomic_write_bytes
 
 __all__ = ["write_report", "format_summary", "collect"]
@@ -116,7 +116,7 @@ def write_report(runs: list[Run], index: dict[str, Any] | None = None, out_dir: 
         e = run.environment()
         md.append(f"- `{run.path}`: `{e.get('command', '')}` (started {e.get('started', '?')}"
                   + (f", {secs / 60:.1f} min to its last finished job" if secs else "") + "; "
-                  + ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("command", "started", "started_unix")) + ")")
+                  + environment_line(e) + ")")
     md += [
         "",
         f"Teacher: {cfg['teacher']['steps']} steps (batch {cfg['teacher']['batch_size']}, label smoothing "
