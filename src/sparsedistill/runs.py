@@ -15,6 +15,7 @@ Only rank 0 writes; every rank reads, so all ranks skip the same finished jobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,30 +24,42 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
 from . import distributed as dist
 from .config import dump_toml
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run"]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """A file that replaces ``path`` only if the block finishes: temporary file in the same directory, fsync, rename.
+
+    A crash or an exception inside the block leaves ``path`` as it was. Text modes write UTF-8 with "\n" newlines.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would make results unreadable to other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_open``)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

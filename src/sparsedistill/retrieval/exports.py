@@ -12,16 +12,14 @@ time, into a temporary file that is fsynced and renamed over the target only whe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..runs import atomic_write_bytes
+from ..runs import atomic_open, atomic_write_bytes
 
 __all__ = ["token_strings", "documents_from_matrix", "opensearch_mapping", "write_opensearch_bulk",
            "write_opensearch_idf", "write_anserini_vectors"]
@@ -51,24 +49,6 @@ def documents_from_matrix(doc_ids: Sequence[str], vectors: Any) -> Iterator[Docu
         raise ValueError(f"{len(doc_ids)} document ids for {rows} vectors")
     for r, doc_id in enumerate(doc_ids):
         yield doc_id, indices[indptr[r]:indptr[r + 1]], data[indptr[r]:indptr[r + 1]]
-
-
-@contextlib.contextmanager
-def _atomic_text(path: Path) -> Iterator[IO[str]]:
-    """A text file written in place of ``path`` only if the block finishes (temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _token_weights(tokens: Sequence[str], term_ids: np.ndarray, weights: np.ndarray, quantize: float | None) -> dict[str, float | int]:
@@ -104,7 +84,7 @@ def write_opensearch_bulk(documents: Iterable[Document], out: str | os.PathLike,
     ``text_field`` when ``texts`` has the document). Zero weights are left out.
     """
     n = 0
-    with _atomic_text(Path(out)) as f:
+    with atomic_open(Path(out), "w") as f:
         for doc_id, term_ids, weights in documents:
             source: dict[str, Any] = {id_field: doc_id, field: _token_weights(tokens, term_ids, weights, None)}
             if texts is not None and doc_id in texts:
@@ -129,7 +109,7 @@ def write_anserini_vectors(documents: Iterable[Document], out: str | os.PathLike
     ``None`` keeps floats. ``contents`` is the document's text from ``texts`` or "".
     """
     n = 0
-    with _atomic_text(Path(out)) as f:
+    with atomic_open(Path(out), "w") as f:
         for doc_id, term_ids, weights in documents:
             row = {"id": doc_id, "contents": (texts or {}).get(doc_id, ""),
                    "vector": _token_weights(tokens, term_ids, weights, quantize)}
