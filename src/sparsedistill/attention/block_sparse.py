@@ -297,7 +297,6 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-        d = q.shape[-1]
         _run_tuned("fwd", q, mask.block, causal, _FWD_CANDIDATES[d], _FWD_DEFAULT[d],
                    lambda cfg: _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale))
         ctx.save_for_backward(q, k, v, o, lse)
@@ -308,12 +307,10 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         mask, causal, scale = ctx.mask, ctx.causal, ctx.scale
-        b, h, sq, d = q.shape
-        hkv = k.shape[1]
+        d = q.shape[-1]
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Sq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        ki, kc, qi, qc = mask.kv_indices, mask.kv_counts, mask.q_indices, mask.q_counts
         cands, default = _BWD_CANDIDATES[d], _BWD_DEFAULT[d]
         _run_tuned("bwd_dq", q, mask.block, causal, cands, default,
                    lambda cfg: _launch_dq(cfg, q, k, v, do, lse, delta, dq, mask, causal, scale))
