@@ -42,13 +42,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from ..runs import atomic_open
 
 __all__ = ["SparseIndex", "IndexCorruptError", "IndexLockedError"]
 
@@ -93,19 +94,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file(directory: Path, name: str, write) -> str:
-    """``write(file)`` into a temporary file, fsync, rename to ``name``; returns the sha256."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            w = _HashingWriter(f)
-            write(w)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(file)`` into ``directory / name`` atomically; returns the sha256 of what was written."""
+    with atomic_open(directory / name) as f:
+        w = _HashingWriter(f)
+        write(w)
     return w.sha.hexdigest()
 
 
