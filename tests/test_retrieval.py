@@ -87,3 +87,27 @@ def test_retrieval_evaluate_cli_on_a_small_beir_folder(tmp_path):
     assert r["bm25"]["ndcg@10"] > 0.9 and r["ours"]["ndcg@10"] > 0.9  # one distinctive word per query
     assert 0 < r["nnz_per_doc"] < 30522 and r["latency_ms"]["ours_p50"] > 0
     assert "BM25 NDCG@10" in (run / "report.md").read_text() and (run / "ndcg.png").exists()
+
+
+def test_flops_term_under_two_ddp_processes_matches_one_process(tmp_path):
+    """The FLOPS mean runs over the global batch: 2 gloo ranks reach the single-process weights; per-rank FLOPS does not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("flops_ddp_worker.py")
+
+    def run(mode, n, name):
+        cmd = [sys.executable, str(worker), str(tmp_path / name), mode]
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *cmd[1:]]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return torch.load(tmp_path / name)
+
+    one = run("global", 1, "one.pt")
+    two = run("global", 2, "two.pt")
+    per_rank = run("local", 2, "local.pt")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
+    assert any(not torch.allclose(one[k], per_rank[k], atol=1e-4) for k in one)  # what other trainers do differs
