@@ -30,3 +30,4 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert [r["step"] for r in r2] == [10, 20, 30]
     for a, b in zip(r1, r2):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["hint"] - b["hint"]) < 1e-4
+        assert a["samples_per_s"] > 0 and b["samples_per_s"] > 0  # throughput over the global batch, for scaling tables

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -115,6 +116,7 @@ def train(
             })
 
     model.train()
+    clock: tuple[float, int] | None = None  # (time, step) after this call's first step: throughput leaves out warm-up
     bar = tqdm(range(start, cfg.steps), desc=job, disable=not (progress and dist.is_main()), leave=False, mininterval=1.0)
     for step in bar:
         rows = dist.shard_rows(batch_rows(step, num_rows, cfg.batch_size, seed))
@@ -134,11 +136,17 @@ def train(
         sched.step()
         if enforce is not None:
             enforce(model)
+        if clock is None:
+            if loss.is_cuda:
+                torch.cuda.synchronize()
+            clock = (time.perf_counter(), step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             names = ["loss", *metrics]
             local = torch.stack([loss.detach().float(), *[torch.as_tensor(v, dtype=torch.float32, device=loss.device) for v in metrics.values()]])
             vals = dist.all_reduce_mean(local)  # on the loss's device: NCCL reduces CUDA tensors only
-            logged = dict(zip(names, vals.tolist()))
+            logged = dict(zip(names, vals.tolist()))  # .tolist() waits for the device: the clock below is honest
+            if step + 1 > clock[1]:  # samples of the global batch per second, all ranks together
+                logged["samples_per_s"] = (step + 1 - clock[1]) * cfg.batch_size / (time.perf_counter() - clock[0])
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if run is not None:
                 run.log(job, step + 1, lr=sched.get_last_lr()[0], **logged)
