@@ -174,6 +174,7 @@ def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
         "student.pretrain.log_every=1", "student.pretrain.checkpoint_every=3", "student.pretrain.warmup_frac=0.0",
         "student.finetune.steps=2", "student.finetune.batch_size=2", "student.finetune.log_every=1",
         f'eval.collections=["{col}"]', "eval.base=false", "eval.batch_size=8", "eval.latency_queries=2",
+        "eval.max_length=24",
     ])
     run_dir = tmp_path / "run"
     report = run_retrieval_train(cfg, run_dir, progress=False)
@@ -188,6 +189,7 @@ def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
     assert enc(["volcano"]).shape[1] == enc.vocab_size
     res = json.loads((run_dir / "results" / "eval-main-s0-tiny.json").read_text())
     assert res["queries"] == 4 and 0 <= res["ours"]["ndcg@10"] <= 1
+    assert res["max_length"] == 24  # eval.max_length overrides the training length for the documents
     assert "| main | 0 |" in report.read_text() and (run_dir / "retrieval_train.png").exists()
     # resuming a finished run trains nothing again, and the teacher cache was reused
     n_lines = len(rows)

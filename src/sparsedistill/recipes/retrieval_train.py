@@ -110,6 +110,7 @@ class EvalConfig:
     batch_size: int = 64
     latency_queries: int = 100
     base: bool = True  # also evaluate the untrained encoder at the same max length
+    max_length: int = 0  # documents' max length when evaluating (0 = student.max_length, the training length)
 
 
 @dataclass
@@ -428,6 +429,7 @@ class RetrievalTrain:
         from .retrieval_eval import RetrievalEvalConfig, evaluate_collection
 
         e = self.cfg.eval
+        ml = e.max_length or self.cfg.student.max_length
         out, encoder = [], None
         for name in e.collections:
             path = _subsample(name, e.max_queries, e.max_docs, self.run.path / "eval-data") if (e.max_queries or e.max_docs) else name
@@ -437,10 +439,10 @@ class RetrievalTrain:
                 if encoder is None:
                     from ..retrieval import SparseDocEncoder
 
-                    encoder = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device).eval()
-                ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=self.cfg.student.max_length,
+                    encoder = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=ml).to(self.device).eval()
+                ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
                                            batch_size=e.batch_size, latency_queries=e.latency_queries)
-                r = {"label": label, "source": name, **evaluate_collection(str(path), ecfg, _EvalEncoder(encoder, self.amp), self.progress)}
+                r = {"label": label, "source": name, "max_length": ml, **evaluate_collection(str(path), ecfg, _EvalEncoder(encoder, self.amp), self.progress)}
                 self.run.save_result(job, r)
             out.append(r)
         return out
