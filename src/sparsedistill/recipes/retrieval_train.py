@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import distributed as dist
 from ..data.beir import ir_data_root, load_beir
 from ..distill import TrainConfig, ensemble_scores, train
-from ..report import markdown_table, plt, save_figure
+from ..report import markdown_table, plt, save_figure, command_line
 from ..runs import Run, atomic_write_bytes
 from ..retrieval.flops import flops_loss, flops_weight
 from ..retrieval.losses import RANKING_LOSSES, ranking_loss
@@ -546,8 +546,7 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     png = save_figure(fig, run.path / "retrieval_train.png")
 
     md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
-          f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); "
-          + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix")) + ".", "",
+          command_line(env), "",
           "Queries are IDF-weighted tokens (no query model); documents are the trained SPLADE-tiny's vectors. Each cell: "
           "NDCG@10 (difference to BM25) / Recall@100 / nonzeros per document, on the collections' **test** qrels. "
           "`base` is SPLADE-tiny as shipped at the same max length. Collections named `<name>-<Q>q-<D>d` are subsamples "
