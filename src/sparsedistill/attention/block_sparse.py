@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._online_softmax import online_softmax_step
 from ._runtime import triton_can_run
 from .block_mask import BlockMask
 
@@ -85,13 +86,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
             k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
             s = _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = online_softmax_step(s, v, m, l, acc)
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * sos + dims[None, :], out.to(O.dtype.element_ty), mask=rows[:, None] < seq_q)

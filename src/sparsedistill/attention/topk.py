@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._online_softmax import online_softmax_step
 from ._runtime import triton_can_run
 
 __all__ = ["indexer_scores_reference", "indexer_scores", "indexer_topk", "topk_attention", "topk_attention_reference"]
@@ -166,13 +167,7 @@ def _topk_attn_kernel(Q, K, V, O, LSE, IDX, sqb, sqh, sqt, skb, skh, sks, sib, s
         k = tl.load(K + b * skb + hk * skh + safe[:, None] * sks + dims[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(V + b * skb + hk * skh + safe[:, None] * sks + dims[None, :], mask=ok[:, None], other=0.0)
         s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = online_softmax_step(s, v, m, l, acc)
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     o_ptr = O + split * sos + b * sob + heads[:, None] * soh + t * sot + dims[None, :]
