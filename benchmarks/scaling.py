@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.runs import environment  # noqa: E402
 
 
-def run_recipe(recipe: str, procs: int, config: str, overrides: list[str], run_dir: Path) -> float:
+def run_recipe(recipe: str, procs: int, config: str, overrides: list[str], run_dir: Path, resume: bool) -> float:
     """One ``torchrun`` of the recipe; returns its wall time in seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            "-m", "sparsedistill.cli", recipe, "train" if recipe == "retrieval" else "compress",
            "--config", config, "--run-dir", str(run_dir), "--no-progress"]
+    if resume:
+        cmd.append("--resume")
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
@@ -69,6 +71,9 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--runs", type=Path, default=Path("runs/scaling"), help="where the run directories go")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue run directories that already exist (finished jobs are skipped and keep "
+                         "their logged samples/s), so the process counts can be split over several calls")
     args = ap.parse_args()
     out = args.out or Path(f"benchmarks/results/scaling_{args.recipe}.json")
     import torch
@@ -78,8 +83,10 @@ def main() -> int:
     result: dict = {"environment": env, "recipe": args.recipe, "config": args.config, "overrides": args.overrides, "runs": {}}
     for n in args.procs:
         run_dir = args.runs / f"{args.recipe}-{args.config}-p{n}"
-        wall = run_recipe(args.recipe, n, args.config, args.overrides, run_dir)
-        result["runs"][str(n)] = {"wall_s": wall, "run_dir": str(run_dir), "jobs": summarize(run_dir)}
+        resumed = args.resume and (run_dir / "metrics.jsonl").exists()
+        wall = run_recipe(args.recipe, n, args.config, args.overrides, run_dir, resumed)
+        # a resumed run's wall time covers only what was left; samples/s come from the log either way
+        result["runs"][str(n)] = {"wall_s": wall, "resumed": resumed, "run_dir": str(run_dir), "jobs": summarize(run_dir)}
         base = result["runs"].get(str(args.procs[0]))
         for job, r in result["runs"][str(n)]["jobs"].items():
             b = base["jobs"].get(job, {}) if base else {}
