@@ -121,10 +121,6 @@ def train(
     for step in bar:
         rows = dist.shard_rows(batch_rows(step, num_rows, cfg.batch_size, seed))
         loss, metrics = loss_fn(net, get_batch(rows))
-        # Every rank must agree to stop, or the healthy ones hang in DDP's all-reduce.
-        finite = dist.all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1))
-        if int(finite.item()) != dist.world_size():
-            raise FloatingPointError(f"{job}: loss became non-finite at step {step} (value here {loss.item()}); lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in extra_params or []:  # outside DDP, so average their gradients by hand
@@ -140,17 +136,25 @@ def train(
             if loss.is_cuda:
                 torch.cuda.synchronize()
             clock = (time.perf_counter(), step + 1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        # The host reads the device only here, not every step, so it can queue steps ahead of the GPU.
+        checkpoint_due = (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or checkpoint_due:
             names = ["loss", *metrics]
             local = torch.stack([loss.detach().float(), *[torch.as_tensor(v, dtype=torch.float32, device=loss.device) for v in metrics.values()]])
             vals = dist.all_reduce_mean(local)  # on the loss's device: NCCL reduces CUDA tensors only
             logged = dict(zip(names, vals.tolist()))  # .tolist() waits for the device: the clock below is honest
+            # A NaN on any rank reaches every rank's gradients (DDP averages them) and this mean, so all
+            # ranks stop here together, before a checkpoint could save the damage.
+            if not math.isfinite(logged["loss"]):
+                raise FloatingPointError(f"{job}: loss became non-finite by step {step + 1} (mean over ranks "
+                                         f"{logged['loss']}); lower the learning rate or resume from the last checkpoint")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             if step + 1 > clock[1]:  # samples of the global batch per second, all ranks together
                 logged["samples_per_s"] = (step + 1 - clock[1]) * cfg.batch_size / (time.perf_counter() - clock[0])
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if run is not None:
                 run.log(job, step + 1, lr=sched.get_last_lr()[0], **logged)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if checkpoint_due:
             checkpoint(step + 1)
     checkpoint(cfg.steps)
     return model

@@ -166,7 +166,7 @@ class Compress:
 
     def batch(self, seed: int):
         def get(rows: Tensor) -> tuple[Tensor, Tensor]:
-            r = rows.to(self.device)
+            r = dist.to_device(rows, self.device)
             x = self.train_x[r]
             if self.cfg.data.augment:  # draws are a function of the rows: a resumed run sees the same batches
                 x = random_crop_flip(x, torch.Generator().manual_seed(zlib.crc32(rows.numpy().tobytes(), seed)))
@@ -382,7 +382,7 @@ def permute_for_24(model: VisionTransformer, layers: list[str], rounds: int, see
     stats: dict[str, list[float]] = {"fc2": [], "proj": []}
     for blk in tqdm(model.blocks, desc="2:4 permutations", disable=not progress, leave=False):
         if "fc2" in layers:
-            r = search_permutation(blk.mlp.fc2.weight.cpu(), rounds=rounds, seed=seed)
+            r = search_permutation(blk.mlp.fc2.weight, rounds=rounds, seed=seed)
             permute_linear_pair(blk.mlp.fc1, blk.mlp.fc2, r.perm.to(blk.mlp.fc2.weight.device))
             stats["fc2"] += [r.kept_before, r.kept_after]
         if "proj" in layers:
@@ -391,7 +391,7 @@ def permute_for_24(model: VisionTransformer, layers: list[str], rounds: int, see
             before = after = 0.0
             for h in range(attn.num_heads):
                 cols = slice(h * hd, (h + 1) * hd)
-                r = search_permutation(attn.proj.weight[:, cols].cpu(), rounds=rounds, seed=seed)
+                r = search_permutation(attn.proj.weight[:, cols], rounds=rounds, seed=seed)
                 p = r.perm.to(attn.proj.weight.device)
                 attn.proj.weight[:, cols] = attn.proj.weight[:, cols][:, p]
                 v_rows = slice(2 * d + h * hd, 2 * d + (h + 1) * hd)  # this head's value channels inside qkv

@@ -44,48 +44,56 @@ def search_permutation(
     patience: int = 50,
     seed: int = 0,
 ) -> PermutationResult:
-    """Greedy swap search for an input-channel permutation of ``weight`` (out, in)."""
+    """Greedy swap search for an input-channel permutation of ``weight`` (out, in).
+
+    Runs on ``weight``'s device: on a GPU it does not depend on how many CPU threads the process
+    has (``torchrun`` gives each process one). The random draws come from a CPU generator, so a
+    seed gives the same candidate swaps on any device.
+    """
     W = weight.detach().abs().float()
     out_f, in_f = W.shape
     if in_f % m:
         raise ValueError(f"input dimension {in_f} is not a multiple of {m}")
+    dev = W.device
     total = float(W.sum()) or 1.0
     g = torch.Generator().manual_seed(seed)
-    perm = torch.arange(in_f)
+    draws = torch.randint(0, in_f, (rounds, 2, candidates), generator=g).to(dev)  # one copy, not one per round
+    lane = torch.arange(m, device=dev)
+    perm = torch.arange(in_f, device=dev)
     P = W.clone()  # columns in the current order
     before = float(kept_magnitude(P, n, m)) / total
     group_kept = P.reshape(out_f, -1, m).topk(n, -1).values.sum((0, 2))  # per group
     swaps, stale = 0, 0
-    for _ in range(rounds):
-        a = torch.randint(0, in_f, (candidates,), generator=g)
-        b = torch.randint(0, in_f, (candidates,), generator=g)
+    for r in range(rounds):
+        a, b = draws[r]
         ga, gb = a // m, b // m
         keep = ga != gb
         a, b, ga, gb = a[keep], b[keep], ga[keep], gb[keep]
         if a.numel() == 0:
             continue
         # Columns of both groups after the swap: (pairs, out, m) each.
-        cols_a = (ga * m).unsqueeze(1) + torch.arange(m)
-        cols_b = (gb * m).unsqueeze(1) + torch.arange(m)
+        cols_a = (ga * m).unsqueeze(1) + lane
+        cols_b = (gb * m).unsqueeze(1) + lane
         new_a = torch.where(cols_a == a.unsqueeze(1), b.unsqueeze(1), cols_a)
         new_b = torch.where(cols_b == b.unsqueeze(1), a.unsqueeze(1), cols_b)
         kept_a = P[:, new_a].topk(n, -1).values.sum((0, 2))
         kept_b = P[:, new_b].topk(n, -1).values.sum((0, 2))
         gain = kept_a + kept_b - group_kept[ga] - group_kept[gb]
-        best = int(gain.argmax())
-        if float(gain[best]) <= 1e-6 * total:
+        top, best = gain.max(0)
+        top, i, j = torch.stack([top, a[best].to(top.dtype), b[best].to(top.dtype)]).tolist()  # one device read a round
+        if top <= 1e-6 * total:
             stale += 1
             if stale >= patience:
                 break
             continue
         stale = 0
-        i, j = int(a[best]), int(b[best])
+        i, j = int(i), int(j)
         P[:, [i, j]] = P[:, [j, i]]
         perm[[i, j]] = perm[[j, i]]
         group_kept[ga[best]], group_kept[gb[best]] = kept_a[best], kept_b[best]
         swaps += 1
     after = float(kept_magnitude(W[:, perm], n, m)) / total
-    return PermutationResult(perm, before, after, swaps)
+    return PermutationResult(perm.cpu(), before, after, swaps)
 
 
 @torch.no_grad()
