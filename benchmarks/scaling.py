@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--runs", type=Path, default=Path("runs/scaling"), help="where the run directories go")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: summarise run directories already under --runs (e.g. copied back from "
+                         "the GPU machine after a call ran out of time); each run's environment.json is kept")
     ap.add_argument("--resume", action="store_true",
                     help="continue run directories that already exist (finished jobs are skipped and keep "
                          "their logged samples/s), so the process counts can be split over several calls")
@@ -80,13 +83,23 @@ def main() -> int:
 
     env = {**environment(), "command": " ".join([sys.executable, *sys.argv]),
            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"]}
+    if args.collect:  # this machine only read the files; each run's own environment names its cards
+        env["devices"] = "see runs.*.run_environment"
     result: dict = {"environment": env, "recipe": args.recipe, "config": args.config, "overrides": args.overrides, "runs": {}}
     for n in args.procs:
         run_dir = args.runs / f"{args.recipe}-{args.config}-p{n}"
-        resumed = args.resume and (run_dir / "metrics.jsonl").exists()
-        wall = run_recipe(args.recipe, n, args.config, args.overrides, run_dir, resumed)
-        # a resumed run's wall time covers only what was left; samples/s come from the log either way
-        result["runs"][str(n)] = {"wall_s": wall, "resumed": resumed, "run_dir": str(run_dir), "jobs": summarize(run_dir)}
+        if args.collect:
+            if not (run_dir / "metrics.jsonl").exists():
+                print(f"{run_dir}: no metrics.jsonl, skipped", flush=True)
+                continue
+            run_env = json.loads((run_dir / "environment.json").read_text())  # the machine that trained it
+            result["runs"][str(n)] = {"collected": True, "run_environment": run_env, "run_dir": str(run_dir),
+                                      "jobs": summarize(run_dir)}
+        else:
+            resumed = args.resume and (run_dir / "metrics.jsonl").exists()
+            wall = run_recipe(args.recipe, n, args.config, args.overrides, run_dir, resumed)
+            # a resumed run's wall time covers only what was left; samples/s come from the log either way
+            result["runs"][str(n)] = {"wall_s": wall, "resumed": resumed, "run_dir": str(run_dir), "jobs": summarize(run_dir)}
         base = result["runs"].get(str(args.procs[0]))
         for job, r in result["runs"][str(n)]["jobs"].items():
             b = base["jobs"].get(job, {}) if base else {}
@@ -95,7 +108,7 @@ def main() -> int:
                 r["scaling_efficiency"] = r["speedup_vs_first"] * args.procs[0] / n
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        print(f"{n} process(es): {wall:.0f} s", flush=True)
+        print(f"{n} process(es): " + ("collected" if args.collect else f"{wall:.0f} s"), flush=True)
         for job, r in result["runs"][str(n)]["jobs"].items():
             print(f"  {job:<22} " + "  ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
     return 0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "init", "shutdown", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "shard_rows", "on_main_first", "to_device",
+    "init", "shutdown", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_object", "shard_rows", "on_main_first",
 ]
 
 
@@ -77,17 +77,6 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without stalling the host.
-
-    A copy from pageable memory first waits for all work queued on the GPU, so one per training
-    step makes the host wait every step; a pinned, non-blocking copy does not.
-    """
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def shard_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import to_device
-
 __all__ = ["random_crop_flip"]
 
 
@@ -20,13 +18,13 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 2, flip: 
     if x.ndim != 4:
         raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
     b, _, h, w = x.shape
-    dy, dx = to_device(torch.randint(0, 2 * pad + 1, (2, b), generator=generator), x.device)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator)).to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(-1, x.shape[1], -1, padded.shape[3])
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(-1, x.shape[1], h, -1)
     out = out.gather(3, cols)
     if flip:
-        mirrored = to_device(torch.rand(b, generator=generator), x.device) < 0.5
+        mirrored = torch.rand(b, generator=generator).to(x.device) < 0.5
         out = torch.where(mirrored[:, None, None, None], out.flip(3), out)
     return out

@@ -166,7 +166,7 @@ class Compress:
 
     def batch(self, seed: int):
         def get(rows: Tensor) -> tuple[Tensor, Tensor]:
-            r = dist.to_device(rows, self.device)
+            r = rows.to(self.device)
             x = self.train_x[r]
             if self.cfg.data.augment:  # draws are a function of the rows: a resumed run sees the same batches
                 x = random_crop_flip(x, torch.Generator().manual_seed(zlib.crc32(rows.numpy().tobytes(), seed)))
