@@ -57,7 +57,8 @@ def summarize(run_dir: Path) -> dict:
             jobs.setdefault(row["job"], {})["samples_per_s"] = row["samples_per_s"]
     for f in sorted((run_dir / "results").glob("*.json")):
         res = json.loads(f.read_text())
-        keep = {k: v for k, v in res.items() if isinstance(v, (int, float)) and
+        flat = {**res, **{f"{k}_{m}": v for k, d in res.items() if isinstance(d, dict) for m, v in d.items()}}  # e.g. ours_ndcg@10
+        keep = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and
                 any(s in k for s in ("acc", "nnz", "ndcg", "recall", "seconds"))}
         jobs.setdefault(f.stem, {}).update(keep)
     return jobs

@@ -191,10 +191,13 @@ class Run:
         f = self.path / "results" / f"{_job_file(job)}.json"
         return json.loads(f.read_text()) if f.exists() else None
 
-    def save_result(self, job: str, result: dict[str, Any]) -> None:
+    def save_result(self, job: str, result: dict[str, Any], sync: bool = True) -> None:
+        """Rank 0 writes; with ``sync`` every rank calls this and waits for the file. ``sync=False``
+        is for work that rank 0 does alone (the others must not be waiting in a collective of their own)."""
         if dist.is_main():
             atomic_write_bytes(self.path / "results" / f"{_job_file(job)}.json", json.dumps(result, indent=1).encode())
-        dist.barrier()
+        if sync:
+            dist.barrier()
 
     def artifact(self, name: str) -> Path:
         return self.path / name

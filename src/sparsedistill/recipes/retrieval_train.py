@@ -426,16 +426,18 @@ class RetrievalTrain:
         return model_dir
 
     def evaluate(self, label: str, model_dir: Path | None) -> list[dict[str, Any]]:
+        """Rank 0 evaluates alone (one set of files, latency timed without other ranks competing);
+        under ``torchrun`` the others wait, then read its results."""
         from .retrieval_eval import RetrievalEvalConfig, evaluate_collection
 
         e = self.cfg.eval
         ml = e.max_length or self.cfg.student.max_length
-        out, encoder = [], None
-        for name in e.collections:
+        jobs, encoder = [], None
+        for name in e.collections if dist.is_main() else []:
             path = _subsample(name, e.max_queries, e.max_docs, self.run.path / "eval-data") if (e.max_queries or e.max_docs) else name
             job = f"eval-{label}-{collection_name(path)}"
-            r = self.run.result(job)
-            if r is None:
+            jobs.append(job)
+            if self.run.result(job) is None:
                 if encoder is None:
                     from ..retrieval import SparseDocEncoder
 
@@ -443,9 +445,9 @@ class RetrievalTrain:
                 ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
                                            batch_size=e.batch_size, latency_queries=e.latency_queries)
                 r = {"label": label, "source": name, "max_length": ml, **evaluate_collection(str(path), ecfg, _EvalEncoder(encoder, self.amp), self.progress)}
-                self.run.save_result(job, r)
-            out.append(r)
-        return out
+                self.run.save_result(job, r, sync=False)
+        jobs = dist.broadcast_object(jobs)  # also the point where the other ranks wait for rank 0
+        return [self.run.result(job) for job in jobs]
 
     def run_all(self) -> Path:
         results: list[dict[str, Any]] = []
