@@ -81,10 +81,12 @@ def test_retrieval_evaluate_cli_on_a_small_beir_folder(tmp_path):
     (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(topics))))
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "sparsedistill.cli", "retrieval", "evaluate", "--run-dir", str(run), "--no-progress",
-                          "--set", f"collections=[\"{col}\"]", "--set", "latency_queries=4"], capture_output=True, text=True, timeout=600)
+                          "--set", f"collections=[\"{col}\"]", "--set", "latency_queries=4", "--set", 'teachers=["splade"]'],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads((run / "results" / "eval-tiny.json").read_text())
     assert r["bm25"]["ndcg@10"] > 0.9 and r["ours"]["ndcg@10"] > 0.9  # one distinctive word per query
+    assert r["teachers"]["splade"]["ndcg@10"] > 0.9  # the siamese teacher, as a retriever of its own
     assert 0 < r["nnz_per_doc"] < 30522 and r["latency_ms"]["ours_p50"] > 0
     assert "BM25 NDCG@10" in (run / "report.md").read_text() and (run / "ndcg.png").exists()
 
@@ -111,3 +113,20 @@ def test_flops_term_under_two_ddp_processes_matches_one_process(tmp_path):
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k
     assert any(not torch.allclose(one[k], per_rank[k], atol=1e-4) for k in one)  # what other trainers do differs
+
+
+def test_doc_encoder_static_pruning_keeps_the_largest_terms():
+    pytest.importorskip("cognition")
+    from sparsedistill.retrieval import SparseDocEncoder
+
+    texts = ["Volcanic eruptions release lava and ash into the atmosphere.", "Enzymes fold proteins."]
+    full = SparseDocEncoder(max_length=32).eval()
+    pruned = SparseDocEncoder(max_length=32, max_terms=5).eval()
+    with torch.no_grad():
+        w, p = full(texts), pruned(texts)
+    assert ((p > 0).sum(-1) == 5).all() and ((w > 0).sum(-1) > 5).all()
+    for a, b in zip(w, p):  # the kept terms are the five largest, with unchanged weights
+        assert set(b.nonzero().flatten().tolist()) == set(a.topk(5).indices.tolist())
+        assert torch.allclose(a[b > 0], b[b > 0])
+    with pytest.raises(ValueError, match="max_terms must be >= 0"):
+        SparseDocEncoder(max_terms=-1)

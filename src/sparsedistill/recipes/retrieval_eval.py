@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,6 +36,10 @@ class RetrievalEvalConfig:
     max_length: int = 256
     batch_size: int = 32
     latency_queries: int = 100
+    max_terms: int = 0  # > 0: keep each document's largest that many weights (static pruning, no retraining)
+    # Teachers (minilm | mpnet | splade) evaluated as full retrievers on the same test sets: the
+    # quality a distilled student can hope to approach. Dense ones cost minutes per collection on a CPU.
+    teachers: list[str] = field(default_factory=list)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -109,14 +114,33 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
         index.close()
     out["latency_ms"] = {"bm25_p50": _percentile(lat_bm, 50), "bm25_p99": _percentile(lat_bm, 99),
                          "ours_p50": _percentile(lat_ours, 50), "ours_p99": _percentile(lat_ours, 99)}
+    if cfg.teachers:
+        out["teachers"] = {t: teacher_metrics(t, ids, texts, qids, [queries[q] for q in qids], qrels, depth, cfg, progress)
+                           for t in cfg.teachers}
     return out
+
+
+def teacher_metrics(name: str, ids: list[str], texts: list[str], qids: list[str], qtexts: list[str], qrels, depth: int,
+                    cfg: RetrievalEvalConfig, progress: bool) -> dict[str, float]:
+    """One teacher as a retriever over the whole collection: NDCG@10 and Recall@100 of its own scores."""
+    from ranx import Run as RanxRun, evaluate
+
+    from ..retrieval.teachers import load_teacher
+
+    teacher = load_teacher(name, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    d = teacher.encode(texts, progress, f"{name} documents")  # dense rows (cosine) or a scipy CSR (SPLADE dot products)
+    q = teacher.encode(qtexts, progress, f"{name} queries")
+    scores = torch.from_numpy(np.asarray((q @ d.T).todense() if hasattr(q, "tocsr") else q @ d.T, dtype=np.float32))
+    top = scores.topk(depth, dim=-1)
+    run = {qid: {ids[int(i)]: float(v) for i, v in zip(top.indices[r], top.values[r])} for r, qid in enumerate(qids)}
+    return {k: float(v) for k, v in evaluate(qrels, RanxRun(run), ["ndcg@10", "recall@100"]).items()}
 
 
 def run_retrieval_eval(cfg: RetrievalEvalConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "") -> Path:
     from ..retrieval import SparseDocEncoder
 
     run = Run(run_dir, cfg, resume=resume, command=command)
-    encoder = SparseDocEncoder(cfg.encoder or None, max_length=cfg.max_length).eval()
+    encoder = SparseDocEncoder(cfg.encoder or None, max_length=cfg.max_length, max_terms=cfg.max_terms).eval()
     results = []
     for name in cfg.collections:
         job = f"eval-{Path(name).name}"  # a name, or a path to a BEIR-layout folder
@@ -143,9 +167,12 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
              f"{r['latency_ms']['ours_p50']:.2f} / {r['latency_ms']['ours_p99']:.2f}", f"{r['docs_per_s_cpu']:.0f}",
              _index_cells(r)] for r in results]
     fig, ax = plt.subplots(figsize=(6, 3))
-    x = range(len(results))
-    ax.bar([i - 0.2 for i in x], [100 * r["bm25"]["ndcg@10"] for r in results], 0.4, label="BM25 (bm25s)")
-    ax.bar([i + 0.2 for i in x], [100 * r["ours"]["ndcg@10"] for r in results], 0.4, label="inference-free sparse")
+    teachers = list(dict.fromkeys(t for r in results for t in r.get("teachers", {})))
+    series = [("BM25 (bm25s)", [r["bm25"] for r in results]), ("inference-free sparse", [r["ours"] for r in results])]
+    series += [(f"teacher {t}", [r.get("teachers", {}).get(t, {"ndcg@10": 0.0}) for r in results]) for t in teachers]
+    x, width = range(len(results)), 0.8 / len(series)
+    for k, (label, ms) in enumerate(series):
+        ax.bar([i - 0.4 + (k + 0.5) * width for i in x], [100 * m["ndcg@10"] for m in ms], width, label=label)
     ax.set_xticks(list(x), [r["collection"] for r in results])
     ax.set_ylabel("NDCG@10")
     ax.legend(fontsize=7)
@@ -159,7 +186,13 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
           markdown_table(["collection", "docs", "judged queries", "BM25 NDCG@10", "ours NDCG@10", "diff", "BM25 R@100",
                           "ours R@100", "nonzeros/doc", "BM25 latency p50/p99 ms", "ours latency p50/p99 ms", "docs/s encoded (CPU)",
                           "index MB / NDCG@10 via index"], rows),
-          "", f"![ndcg]({save_figure(fig, run.path / 'ndcg.png')})", ""]
+          ""]
+    if teachers:
+        md += ["Teachers as full retrievers on the same test queries (NDCG@10 / Recall@100): what distilling from them can approach.", "",
+               markdown_table(["collection", *teachers], [[r["collection"], *[
+                   f"{100 * r['teachers'][t]['ndcg@10']:.2f} / {100 * r['teachers'][t]['recall@100']:.2f}" if t in r.get("teachers", {}) else "-"
+                   for t in teachers]] for r in results]), ""]
+    md += [f"![ndcg]({save_figure(fig, run.path / 'ndcg.png')})", ""]
     report = run.path / "report.md"
     atomic_write_bytes(report, "\n".join(md).encode())
     return report

@@ -27,14 +27,18 @@ def splade_tiny_path() -> Path:
 
 
 class SparseDocEncoder(nn.Module):
-    def __init__(self, name_or_path: str | Path | None = None, max_length: int = 256, prune_below: float = 0.0) -> None:
+    def __init__(self, name_or_path: str | Path | None = None, max_length: int = 256, prune_below: float = 0.0,
+                 max_terms: int = 0) -> None:
+        """``prune_below`` drops weights under it; ``max_terms`` > 0 keeps each document's largest that many."""
         super().__init__()
+        if prune_below < 0 or max_terms < 0:
+            raise ValueError(f"prune_below and max_terms must be >= 0, got {prune_below} and {max_terms}")
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
         path = str(name_or_path or splade_tiny_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.mlm = AutoModelForMaskedLM.from_pretrained(path)
-        self.max_length, self.prune_below = max_length, prune_below
+        self.max_length, self.prune_below, self.max_terms = max_length, prune_below, max_terms
 
     @property
     def vocab_size(self) -> int:
@@ -53,6 +57,9 @@ class SparseDocEncoder(nn.Module):
         w = w.amax(1)
         if self.prune_below > 0:
             w = torch.where(w >= self.prune_below, w, torch.zeros_like(w))
+        if 0 < self.max_terms < w.shape[-1]:  # static pruning: an index-size knob that needs no retraining
+            top = w.topk(self.max_terms, dim=-1)
+            w = torch.zeros_like(w).scatter_(-1, top.indices, top.values)
         return w
 
 
