@@ -130,3 +130,14 @@ def test_doc_encoder_static_pruning_keeps_the_largest_terms():
         assert torch.allclose(a[b > 0], b[b > 0])
     with pytest.raises(ValueError, match="max_terms must be >= 0"):
         SparseDocEncoder(max_terms=-1)
+
+
+def test_teacher_ensemble_as_a_retriever_normalises_over_the_candidate_union():
+    from sparsedistill.recipes.retrieval_eval import ensemble_over_candidates
+
+    a = torch.tensor([[10.0, 9.0, 0.0, -5.0]])  # teacher A's top 2: docs 0, 1
+    b = torch.tensor([[0.1, 0.2, 0.9, 0.0]])  # teacher B's top 2: docs 2, 1
+    e = ensemble_over_candidates([a, b], depth=2)
+    assert torch.isinf(e[0, 3]) and e[0, 3] < 0  # in neither top 2
+    # over {0, 1, 2}: A -> 1, 0.9, 0; B -> 0, 0.125, 1
+    assert torch.allclose(e[0, :3], torch.tensor([1.0, 1.025, 1.0]))

@@ -84,9 +84,7 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
     docs_t = docs.t().coalesce().to_sparse_csr()  # (vocab, docs): a query row times it scores every document
     scores = torch.cat([(qenc([queries[q] for q in qids[s : s + 64]]).to_sparse_csr() @ docs_t).to_dense()
                         for s in range(0, len(qids), 64)])
-    top = scores.topk(depth, dim=-1)
-    run = {q: {ids[int(d)]: float(s) for d, s in zip(top.indices[i], top.values[i])} for i, q in enumerate(qids)}
-    out["ours"] = {k: float(v) for k, v in evaluate(qrels, RanxRun(run), metrics).items()}
+    out["ours"] = ranked_metrics(scores, ids, qids, qrels, depth)
 
     with tempfile.TemporaryDirectory(prefix="sparse-index-") as index_dir:
         index = SparseIndex.create(index_dir, docs.shape[1], tokenizer_fingerprint(encoder.tokenizer))
@@ -115,22 +113,43 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
     out["latency_ms"] = {"bm25_p50": _percentile(lat_bm, 50), "bm25_p99": _percentile(lat_bm, 99),
                          "ours_p50": _percentile(lat_ours, 50), "ours_p99": _percentile(lat_ours, 99)}
     if cfg.teachers:
-        out["teachers"] = {t: teacher_metrics(t, ids, texts, qids, [queries[q] for q in qids], qrels, depth, cfg, progress)
-                           for t in cfg.teachers}
+        qtexts = [queries[q] for q in qids]
+        mats = {t: teacher_score_matrix(t, texts, qtexts, cfg, progress) for t in cfg.teachers}
+        if len(mats) > 1:
+            mats["ensemble"] = ensemble_over_candidates(list(mats.values()), depth)
+        out["teachers"] = {t: ranked_metrics(m, ids, qids, qrels, depth) for t, m in mats.items()}
     return out
 
 
-def teacher_metrics(name: str, ids: list[str], texts: list[str], qids: list[str], qtexts: list[str], qrels, depth: int,
-                    cfg: RetrievalEvalConfig, progress: bool) -> dict[str, float]:
-    """One teacher as a retriever over the whole collection: NDCG@10 and Recall@100 of its own scores."""
-    from ranx import Run as RanxRun, evaluate
-
+def teacher_score_matrix(name: str, texts: list[str], qtexts: list[str], cfg: RetrievalEvalConfig, progress: bool) -> torch.Tensor:
+    """(queries, documents) scores of one teacher over the whole collection."""
     from ..retrieval.teachers import load_teacher
 
     teacher = load_teacher(name, max_length=cfg.max_length, batch_size=cfg.batch_size)
     d = teacher.encode(texts, progress, f"{name} documents")  # dense rows (cosine) or a scipy CSR (SPLADE dot products)
     q = teacher.encode(qtexts, progress, f"{name} queries")
-    scores = torch.from_numpy(np.asarray((q @ d.T).todense() if hasattr(q, "tocsr") else q @ d.T, dtype=np.float32))
+    return torch.from_numpy(np.asarray((q @ d.T).todense() if hasattr(q, "tocsr") else q @ d.T, dtype=np.float32))
+
+
+def ensemble_over_candidates(scores: list[torch.Tensor], depth: int) -> torch.Tensor:
+    """The teachers' ensemble as a retriever: over the union of each teacher's top ``depth``, each
+    teacher's scores min-max normalised per query and summed with equal weights, as in training
+    (where the candidates are the mined ones); documents outside the union score -inf."""
+    cand = torch.zeros_like(scores[0], dtype=torch.bool)
+    for s in scores:
+        cand.scatter_(1, s.topk(depth, dim=-1).indices, True)
+    total = torch.zeros_like(scores[0])
+    for s in scores:
+        lo = s.masked_fill(~cand, float("inf")).amin(1, keepdim=True)
+        hi = s.masked_fill(~cand, float("-inf")).amax(1, keepdim=True)
+        total += (s - lo) / (hi - lo).clamp_min(1e-9)
+    return total.masked_fill(~cand, float("-inf"))
+
+
+def ranked_metrics(scores: torch.Tensor, ids: list[str], qids: list[str], qrels, depth: int) -> dict[str, float]:
+    """NDCG@10 and Recall@100 of the top ``depth`` documents per query by ``scores``."""
+    from ranx import Run as RanxRun, evaluate
+
     top = scores.topk(depth, dim=-1)
     run = {qid: {ids[int(i)]: float(v) for i, v in zip(top.indices[r], top.values[r])} for r, qid in enumerate(qids)}
     return {k: float(v) for k, v in evaluate(qrels, RanxRun(run), ["ndcg@10", "recall@100"]).items()}
