@@ -67,10 +67,6 @@ def search_permutation(
     for r in range(rounds):
         a, b = draws[r]
         ga, gb = a // m, b // m
-        keep = ga != gb
-        a, b, ga, gb = a[keep], b[keep], ga[keep], gb[keep]
-        if a.numel() == 0:
-            continue
         # Columns of both groups after the swap: (pairs, out, m) each.
         cols_a = (ga * m).unsqueeze(1) + lane
         cols_b = (gb * m).unsqueeze(1) + lane
@@ -79,6 +75,7 @@ def search_permutation(
         kept_a = P[:, new_a].topk(n, -1).values.sum((0, 2))
         kept_b = P[:, new_b].topk(n, -1).values.sum((0, 2))
         gain = kept_a + kept_b - group_kept[ga] - group_kept[gb]
+        gain = gain.masked_fill(ga == gb, float("-inf"))  # same-group swaps change nothing (a mask: no device read)
         top, best = gain.max(0)
         top, i, j = torch.stack([top, a[best].to(top.dtype), b[best].to(top.dtype)]).tolist()  # one device read a round
         if top <= 1e-6 * total:
