@@ -75,6 +75,27 @@ def test_greedy_search_drops_the_cheapest_layers_first():
         greedy_pattern(4, 0, loss)
 
 
+def test_greedy_search_continued_from_a_larger_target_matches_a_fresh_one_and_costs_less():
+    torch.manual_seed(1)
+    cost = torch.rand(8, 8)  # layer i Shared costs cost[i, j] more when layer j is Shared too: not additive
+    calls = []
+
+    def loss(p):
+        calls.append(str(p))
+        s = torch.tensor([c == "S" for c in p.layers], dtype=torch.float)
+        return float(s @ cost @ s)
+
+    fresh, fresh_path = greedy_pattern(8, 2, loss)
+    n_fresh = len(calls)
+    _, half_path = greedy_pattern(8, 5, loss)
+    calls.clear()
+    cont, cont_path = greedy_pattern(8, 2, loss, start=half_path)
+    assert str(cont) == str(fresh) and [p for p, _ in cont_path] == [p for p, _ in fresh_path]
+    assert 0 < len(calls) < n_fresh
+    with pytest.raises(ValueError, match="at least 6 Full"):
+        greedy_pattern(8, 6, loss, start=half_path)
+
+
 def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
     """The whole recipe on the real model at toy scale: jobs, patterns in vLLM's format, the report."""
     import json

@@ -172,9 +172,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
 # Candidates (BM, BN, warps, stages) per head dim; BM and BN must not exceed the mask's block.
 # The forward's (128, 128, 8, 3) won on the H100 at D = 128, 32K ((128, 32, 4, 3) before it was offered).
 _FWD_CANDIDATES = {
-    64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    64: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4)],
     128: [(64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4),
-          (128, 128, 8, 3)],
+          (128, 128, 8, 3), (128, 128, 8, 2)],
 }
 _BWD_CANDIDATES = {  # BM: query rows per tile, BN: key rows per tile (both backward kernels)
     64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)],

@@ -140,16 +140,25 @@ def topk_overlap(a: Tensor, b: Tensor) -> float:
 
 
 def greedy_pattern(n_layers: int, target_full: int, loss: Callable[[IndexPattern], float],
-                   progress: Callable[[str], None] | None = None) -> tuple[IndexPattern, list[tuple[str, float]]]:
+                   progress: Callable[[str], None] | None = None,
+                   start: list[tuple[str, float]] | None = None) -> tuple[IndexPattern, list[tuple[str, float]]]:
     """Turn Full layers into Shared one at a time, each time the one whose change raises ``loss`` least.
 
     ``loss(pattern)`` is the calibration LM loss with that pattern. Returns the final pattern and
-    the path ``[(pattern, loss), ...]``. Costs about n_layers^2 / 2 loss evaluations.
+    the path ``[(pattern, loss), ...]``. Costs about n_layers^2 / 2 loss evaluations. ``start``, the
+    path of an earlier search with the same loss to a larger target, continues from its end: the
+    search is deterministic, so the result is the one a fresh search would find.
     """
     if not 1 <= target_full <= n_layers:
         raise ValueError(f"target number of Full layers must be in [1, {n_layers}], got {target_full}")
-    pattern = IndexPattern.full(n_layers)
-    path = [(str(pattern), loss(pattern))]
+    if start:
+        if IndexPattern(start[-1][0]).n_full < target_full or len(start[0][0]) != n_layers:
+            raise ValueError(f"start path ends at {start[-1][0]}: it must have {n_layers} layers and at least {target_full} Full")
+        path = [(p, loss_) for p, loss_ in start if IndexPattern(p).n_full >= target_full]
+        pattern = IndexPattern(path[-1][0])
+    else:
+        pattern = IndexPattern.full(n_layers)
+        path = [(str(pattern), loss(pattern))]
     while pattern.n_full > target_full:
         trials = []
         for i in range(1, n_layers):  # layer 0 stays Full

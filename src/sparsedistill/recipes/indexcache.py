@@ -170,7 +170,10 @@ class IndexCacheExperiment:
             def calib_loss(p: IndexPattern) -> float:
                 dsa.pattern = p
                 return self.loss(self.calib, dsa)
-            pattern, path = greedy_pattern(self.n_layers, n_full, calib_loss)
+            # Continue the search to a larger target, if one ran: the same path, n_layers^2 / 2 evaluations in all.
+            earlier = [r for n in range(n_full + 1, self.n_layers + 1) if (r := self.run.result(f"pattern-greedy-{n}"))]
+            start = [tuple(step) for step in earlier[0]["search_path"]] if earlier else None
+            pattern, path = greedy_pattern(self.n_layers, n_full, calib_loss, start=start)
             out["search_path"] = path
         else:  # trained: multi-layer distillation of the kept indexers on the greedy pattern (or uniform if absent)
             greedy = self.run.result(f"pattern-greedy-{n_full}")

