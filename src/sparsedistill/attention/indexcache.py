@@ -89,6 +89,7 @@ class LightningIndexer(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, s, _ = x.shape
+        x = x.to(self.wq.weight.dtype)  # the indexer trains in fp32 beside a bf16 model
         q = self.wq(x).view(b, s, self.heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         w = self.ww(x) * self.heads**-0.5
