@@ -9,6 +9,9 @@ kernel time per step from `torch.profiler` (what a loop with no host overhead wo
   no_augment    rows copied each step, no crop/flip
   device_data   the epoch's row order and the crop/flip draws made on the GPU (no copy per step)
   compiled      device_data, model under torch.compile (fewer, fused kernels)
+  graphed       device_data, and forward + backward + clip + AdamW captured in one CUDA graph,
+                replayed each step (batch copied into static buffers, the learning rate a device
+                tensor): no per-kernel host work at all; CUDA only
 
     python benchmarks/probes/train_step_probe.py --steps 300 --batch 256 --out train_step_probe.json
 
@@ -78,12 +81,57 @@ def kernel_ms_per_step(fn, steps: int) -> float | None:
     return total_us / 1e3 / steps
 
 
+def graphed_trainer(model: torch.nn.Module, get, num_rows: int, batch: int, lr: float = 1e-3, weight_decay: float = 0.05):
+    """``run(steps)`` for one CUDA graph per step (forward, backward, grad clip, AdamW), the trainer's schedule and loss."""
+    from sparsedistill.distill.trainer import _lr_factor, batch_rows
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr_t = torch.tensor(lr, device="cuda")
+    opt = torch.optim.AdamW(params, lr=lr_t, weight_decay=weight_decay, capturable=True)
+    x0, y0 = get(batch_rows(0, num_rows, batch, 0))
+    static_x, static_y = x0.clone(), y0.clone()
+
+    def step_body():
+        loss = F.cross_entropy(model(static_x), static_y, label_smoothing=0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: AdamW's state, cuBLAS workspaces
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step_body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step_body()
+    done = {"step": 0}
+
+    def run(steps: int) -> None:
+        cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr)
+        for s in range(steps):
+            x, y = get(batch_rows(done["step"], num_rows, batch, 0))
+            static_x.copy_(x)
+            static_y.copy_(y)
+            lr_t.fill_(lr * _lr_factor(s, cfg))
+            graph.replay()  # the grads are overwritten, not accumulated: backward in the graph writes them fresh
+            done["step"] += 1
+        if not torch.isfinite(static_loss):
+            raise FloatingPointError("graphed step: loss became non-finite")
+
+    return run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model", default="vit_fmnist_tiny")
-    ap.add_argument("--variants", nargs="+", default=["recipe", "no_augment", "device_data", "compiled"])
+    ap.add_argument("--variants", nargs="+", default=["recipe", "no_augment", "device_data", "compiled", "graphed"])
     ap.add_argument("--out", type=Path, default=Path("train_step_probe.json"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,15 +142,22 @@ def main() -> int:
     result: dict = {"environment": {**environment(), "command": " ".join([sys.executable, *sys.argv])},
                     "model": args.model, "batch": args.batch, "steps": args.steps, "variants": {}}
     for name in args.variants:
+        if name == "graphed" and dev.type != "cuda":
+            print("graphed: needs CUDA, skipped", flush=True)
+            continue
         torch.manual_seed(0)
         model = create_model(args.model, num_classes=10).to(dev)
         net = torch.compile(model) if name == "compiled" else model
-        get = batch_fns(x_all, y_all, args.batch, seed=0)["device_data" if name == "compiled" else name]
+        get = batch_fns(x_all, y_all, args.batch, seed=0)["device_data" if name in ("compiled", "graphed") else name]
         ce = lambda m, b: (F.cross_entropy(m(b[0]), b[1], label_smoothing=0.1), {})  # noqa: E731
 
         def run(steps: int) -> None:
             cfg = TrainConfig(steps=steps, batch_size=args.batch, lr=1e-3, weight_decay=0.05, log_every=50, checkpoint_every=10**9)
             train(net, ce, get, len(x_all), cfg, job=name, progress=False)
+
+        if name == "graphed":
+            model.train()
+            run = graphed_trainer(model, get, len(x_all), args.batch)
 
         run(20)  # warm-up: allocator, cuBLAS handles, compiles
         if dev.type == "cuda":
