@@ -1,0 +1,109 @@
+"""Why is the 2:4 fp16 ViT-B 2x slower than dense when its GEMMs are faster? (issue #3)
+
+`vit_speed.py` on the H200 (benchmarks/results/vit_speed_b16_h200.json): ViT-B/16 at batch 256,
+dense 23.1 ms, ours 2:4 fp16 47.8 ms compiled, while `gemm_24.py` timed the fp16 2:4 GEMMs
+1.09-1.39x faster than dense (column-major result, no bias, no copy). For each ViT-B Linear shape
+at 50,432 tokens this times, in CUDA graphs, every way `Sparse24Linear` can call cuSPARSELt:
+
+  dense                      F.linear(x, w, b)
+  colmajor[_bias][_copy]     searched algorithm, column-major result (+ bias in the epilogue, + the transposing copy)
+  rowmajor_alg0[_bias]       transpose_result=True, algorithm 0 (the fp16 search fails with it)
+  layer                      Sparse24Linear.forward as the model calls it, with the plan it picked
+
+then profiles one graphed forward of the whole 2:4 fp16 ViT-B and lists its costliest kernels.
+
+    python benchmarks/probes/fp16_24_probe.py --out fp16_24_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemm_24 import layers, prune_24  # noqa: E402
+from sparsedistill.runs import environment  # noqa: E402
+from sparsedistill.timing import time_ms  # noqa: E402
+from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
+
+
+def shape_rows(out_f: int, in_f: int, tokens: int) -> dict:
+    w = prune_24(torch.randn(out_f, in_f, dtype=torch.float16) / in_f**0.5).cuda()
+    b = torch.randn(out_f, dtype=torch.float16).cuda()
+    x = torch.randn(tokens, in_f, dtype=torch.float16).cuda()
+    ref = F.linear(x.float(), w.float(), b.float())
+    wc = torch._cslt_compress(w)
+    alg = torch._cslt_sparse_mm_search(wc, x.t(), transpose_result=False)
+    mm = torch._cslt_sparse_mm
+    ways = {
+        "dense": lambda: F.linear(x, w, b),
+        "colmajor": lambda: mm(wc, x.t(), alg_id=alg),
+        "colmajor_bias": lambda: mm(wc, x.t(), bias=b, alg_id=alg),
+        "colmajor_bias_copy": lambda: mm(wc, x.t(), bias=b, alg_id=alg).t().contiguous(),
+        "rowmajor_alg0": lambda: mm(wc, x.t(), transpose_result=True, alg_id=0),
+        "rowmajor_alg0_bias": lambda: mm(wc, x.t(), bias=b, transpose_result=True, alg_id=0),
+    }
+    layer = Sparse24Linear.from_dense(w, b, "fp16").cuda()
+    layer(x)  # picks the plan
+    ways["layer"] = lambda: layer(x)
+    rows: dict = {"out": out_f, "in": in_f, "tokens": tokens, "searched_alg": alg,
+                  "layer_plan_transposed_alg": list(layer._plans[tokens])}
+    for name, fn in ways.items():
+        try:
+            y = fn()
+            if name in ("dense", "layer", "colmajor_bias_copy", "rowmajor_alg0_bias"):
+                rows[f"{name}_rel_err"] = float((y.float() - ref).norm() / ref.norm())
+            rows[f"{name}_ms"] = time_ms(fn, graph=True, calls=10, reps=20)
+        except Exception as e:  # noqa: BLE001  (report and go on)
+            rows[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows.items()}, flush=True)
+    return rows
+
+
+def profile_model(batch: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vit_speed import input_scales, ours, pruned_vit
+
+    model = pruned_vit("vit_base_patch16_224")
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+    graphed = CUDAGraphed(ours(model, "fp16", input_scales(model, x)), x)
+    graphed(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graphed(x)
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.device_time_total)
+    top = [{"kernel": e.key[:160], "calls_per_forward": e.count / 5, "ms_per_forward": e.device_time_total / 1e3 / 5} for e in events[:15]]
+    for t in top:
+        print(f"  {t['ms_per_forward']:8.3f} ms  x{t['calls_per_forward']:5.1f}  {t['kernel']}", flush=True)
+    return top
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=256 * 197)
+    ap.add_argument("--out", type=Path, default=Path("fp16_24_probe.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("fp16_24_probe.py needs a CUDA GPU; none was found.", file=sys.stderr)
+        return 2
+    result: dict = {"environment": {**environment(), "command": " ".join([sys.executable, *sys.argv])}, "shapes": []}
+    for name, (out_f, in_f) in layers(768, 3072).items():
+        result["shapes"].append({"layer": name, **shape_rows(out_f, in_f, args.tokens)})
+        args.out.write_text(json.dumps(result, indent=1))
+    result["vit_b16_fp16_graphed_kernels"] = profile_model(args.tokens // 197)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
