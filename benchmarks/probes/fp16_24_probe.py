@@ -10,7 +10,8 @@ at 50,432 tokens this times, in CUDA graphs, every way `Sparse24Linear` can call
   rowmajor_alg0[_bias]       transpose_result=True, algorithm 0 (the fp16 search fails with it)
   layer                      Sparse24Linear.forward as the model calls it, with the plan it picked
 
-then profiles one graphed forward of the whole 2:4 fp16 ViT-B and lists its costliest kernels.
+then profiles graphed forwards of the whole ViT-B (dense compiled, 2:4 fp16, 2:4 int8 compiled)
+and lists each one's costliest kernels: where int8's remaining time goes, toward the 2x target.
 
     python benchmarks/probes/fp16_24_probe.py --out fp16_24_probe.json
 """
@@ -66,15 +67,16 @@ def shape_rows(out_f: int, in_f: int, tokens: int) -> dict:
     return rows
 
 
-def profile_model(batch: int) -> list[dict]:
+def profile_model(batch: int, fmt: str | None, compile: bool) -> list[dict]:
+    """The 15 costliest kernels of one graphed ViT-B forward: dense (``fmt`` None) or ours in ``fmt``."""
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vit_speed import input_scales, ours, pruned_vit
 
     model = pruned_vit("vit_base_patch16_224")
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
-    graphed = CUDAGraphed(ours(model, "fp16", input_scales(model, x)), x)
+    net = model if fmt is None else ours(model, fmt, input_scales(model, x))
+    graphed = CUDAGraphed(net, x, compile=compile)
     graphed(x)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -100,8 +102,11 @@ def main() -> int:
     for name, (out_f, in_f) in layers(768, 3072).items():
         result["shapes"].append({"layer": name, **shape_rows(out_f, in_f, args.tokens)})
         args.out.write_text(json.dumps(result, indent=1))
-    result["vit_b16_fp16_graphed_kernels"] = profile_model(args.tokens // 197)
-    args.out.write_text(json.dumps(result, indent=1))
+    for key, fmt, comp in [("dense_compiled", None, True), ("ours_24_fp16_graphed", "fp16", False),
+                           ("ours_24_int8_compiled", "int8", True)]:
+        print(f"ViT-B/16 b{args.tokens // 197} {key}: costliest kernels per forward", flush=True)
+        result[f"vit_b16_{key}_kernels"] = profile_model(args.tokens // 197, fmt, comp)
+        args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 
