@@ -66,6 +66,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
                 BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
     """One BM-row tile of a query block; the key blocks it visits are walked in BN-column tiles."""
     tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*S*D passes 2^31 at long context
+    if CAUSAL:  # the last query tiles visit the most key blocks: launch them first, so no long one runs alone at the end
+        tile = tl.num_programs(0) - 1 - tile
     qb = tile // (BLOCK // BM)
     b, h = bh // H, bh % H
     hk = h // GROUP
@@ -114,6 +116,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
                    H, GROUP, seq_q, seq_k, qk_scale, sm_scale,
                    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
     tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if CAUSAL:  # longest query tiles first, as in the forward
+        tile = tl.num_programs(0) - 1 - tile
     qb = tile // (BLOCK // BM)
     b, h = bh // H, bh % H
     hk = h // GROUP
