@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sparsedistill.attention.indexcache import (  # noqa: E402
-    DSA, IndexPattern, greedy_pattern, indexer_loss, layer_inputs, topk_overlap)
+    DSA, IndexPattern, LightningIndexer, greedy_pattern, indexer_loss, layer_inputs, topk_overlap)
 from sparsedistill.models.llama import Llama, LlamaConfig  # noqa: E402
 
 
@@ -120,15 +120,20 @@ def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
     assert len(res["dsa-ppl"]["adjacent_overlap"]) == 29 and "IndexCache patterns" in (run / "report.md").read_text()
 
 
-def test_generation_with_cached_indexer_keys_matches_the_full_forward():
-    """Prefill then decode with KV + indexer-key caches selects and computes what one full forward does."""
+@pytest.mark.parametrize("rope_dims", [0, 16])
+def test_generation_with_cached_indexer_keys_matches_the_full_forward(rope_dims):
+    """Prefill then decode with KV + indexer-key caches selects and computes what one full forward does.
+
+    With RoPE in the indexer this holds only if the decode step's query and keys are rotated at
+    their true positions (the cache length onwards), as in the full forward.
+    """
     from sparsedistill.models.llama import KVCache
 
     model = _model()
     tokens = torch.stack([torch.randperm(97)[:40] for _ in range(2)])  # a repeated token would tie its keys (no RoPE there)
-    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"))
+    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"), rope_dims=rope_dims)
     for ix in dsa.indexers:  # positive q.k: no ReLU zeros, so no ties that top-k may break either way
-        ix.project = lambda x, f=ix.project: (lambda q, w, k: (q.abs(), w, k.abs()))(*f(x))
+        ix.project = lambda x, start=0, f=ix.project: (lambda q, w, k: (q.abs(), w, k.abs()))(*f(x, start))
     with torch.no_grad():
         full = model(tokens, select=dsa)[:, -1]
         full_sel = {i: s[:, -1:].clone() for i, s in dsa.selected.items()}
@@ -140,3 +145,28 @@ def test_generation_with_cached_indexer_keys_matches_the_full_forward():
     for i in range(4):
         assert torch.equal(dsa.selected[i].sort(-1).values, full_sel[i].sort(-1).values), i
     assert torch.allclose(step, full, atol=1e-4)
+
+
+def test_indexer_rope_makes_scores_depend_on_distance_only():
+    """RoPE on part of the indexer's q/k: one token repeated scores differently by distance, the same at any offset."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64).expand(1, 12, 64)  # the same hidden state at every position
+    plain = LightningIndexer(64, 4, 32, rope_dims=0)
+    roped = LightningIndexer(64, 4, 32, rope_dims=16)
+    roped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for ix in (plain, roped):  # positive weights: every head's ReLU(q.k) counts
+            ix.ww.weight.abs_()
+        s0, s1 = plain.scores(x)[0, -1], roped.scores(x)[0, -1]
+        assert torch.allclose(s0, s0[0].expand(12))  # without positions every key ties
+        assert not torch.allclose(s1, s1[0].expand(12), atol=1e-3)  # with them, distance changes the score
+        assert torch.allclose(s1[-1], s0[-1], atol=1e-5)  # at distance 0 the rotations cancel
+        q, w, k = roped.project(x)
+        q7, w7, k7 = roped.project(x, start=7)
+        assert not torch.allclose(q[..., :16], q7[..., :16]) and torch.equal(q[..., 16:], q7[..., 16:])
+        rel = torch.einsum("bqhd,bkd->bqhk", q7, k7).relu().mul(w7[..., None]).sum(2)
+        assert torch.allclose(rel[0, -1], s1, atol=1e-5)  # shifted positions, same relative scores
+    with pytest.raises(ValueError, match="rope_dims"):
+        LightningIndexer(64, 4, 32, rope_dims=7)
+    with pytest.raises(ValueError, match="rope_dims"):
+        LightningIndexer(64, 4, 32, rope_dims=48)

@@ -1,7 +1,8 @@
 """DeepSeek Sparse Attention for a decoder LM, and IndexCache: later layers reuse an earlier layer's top-k.
 
 - ``LightningIndexer``: a few indexer heads with a small head dim and per-head weights computed
-  from the hidden state, scoring every visible key (``attention.topk``'s kernel on a GPU).
+  from the hidden state, scoring every visible key (``attention.topk``'s kernel on a GPU); RoPE on
+  part of the head dims (``rope_dims``) lets the scores depend on the distance to the key.
 - ``IndexPattern``: per layer ``F`` (Full: run its own indexer) or ``S`` (Shared: reuse the top-k
   of the nearest preceding Full layer), read from and written as vLLM's ``index_topk_pattern``
   string ("FSSS...") or ``index_topk_freq``. Layer 0 must be Full.
@@ -77,26 +78,42 @@ class IndexPattern:
 
 
 class LightningIndexer(nn.Module):
-    """``I(t, s) = sum_j w[t, j] * ReLU(q[t, j] . k[s])`` from hidden states (B, S, dim)."""
+    """``I(t, s) = sum_j w[t, j] * ReLU(q[t, j] . k[s])`` from hidden states (B, S, dim).
 
-    def __init__(self, dim: int, heads: int = 4, head_dim: int = 32) -> None:
+    As in DeepSeek-V3.2's indexer, the first ``rope_dims`` dims of every q and k are rotated by
+    their token's position (RoPE at base ``rope_theta``, the model's rotate-half layout), so the
+    scores can depend on the distance ``t - s``; the rest carry content only. 0 turns RoPE off.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int = 32, rope_dims: int = 0, rope_theta: float = 10000.0) -> None:
         super().__init__()
+        if rope_dims % 2 or not 0 <= rope_dims <= head_dim:
+            raise ValueError(f"indexer rope_dims must be even and in [0, head_dim {head_dim}], got {rope_dims}")
         self.heads, self.head_dim = heads, head_dim
+        self.rope_dims, self.rope_theta = rope_dims, rope_theta
         self.wq = nn.Linear(dim, heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, head_dim, bias=False)
         self.ww = nn.Linear(dim, heads, bias=False)
         self.k_norm = nn.LayerNorm(head_dim)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, S, heads, head_dim), w (B, S, heads), k (B, S, head_dim) for tokens at positions ``start, start + 1, ...``."""
         b, s, _ = x.shape
         x = x.to(self.wq.weight.dtype)  # the indexer trains in fp32 beside a bf16 model
         q = self.wq(x).view(b, s, self.heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         w = self.ww(x) * self.heads**-0.5
+        if self.rope_dims:
+            from ..models.llama import LlamaConfig, apply_rope, rope_tables
+
+            r = self.rope_dims
+            cos, sin = rope_tables(LlamaConfig(rope_theta=self.rope_theta), torch.arange(start, start + s, device=x.device), r)
+            q = torch.cat([apply_rope(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], -1)
+            k = torch.cat([apply_rope(k[..., :r], cos, sin), k[..., r:]], -1)
         return q, w, k
 
     def scores(self, x: Tensor, causal: bool = True) -> Tensor:
-        """(B, S, S) fp32 scores, -inf where a key is not visible; differentiable on the reference path."""
+        """(B, S, S) fp32 scores of tokens at positions 0..S-1, -inf where a key is not visible; differentiable on the reference path."""
         q, w, k = self.project(x)
         if triton_can_run(q) and not torch.is_grad_enabled():
             return indexer_scores(q, w, k, causal)
@@ -180,14 +197,15 @@ class DSA(nn.Module):
     Shared layers reuse the indices of the nearest preceding Full layer. ``selected`` holds every
     layer's indices of the last forward (for overlap statistics); ``record_inputs`` keeps the
     indexers' inputs too (for training them against the dense attention). For generation with a
-    ``KVCache``, ``start_cache`` keeps the Full layers' indexer keys as well, so a decode step
-    scores only its new query against every cached key.
+    ``KVCache``, ``start_cache`` keeps the Full layers' indexer keys as well (rotated at their
+    positions), so a decode step scores only its new query, at position = the cache length,
+    against every cached key.
     """
 
     def __init__(self, n_layers: int, dim: int, topk: int, heads: int = 4, head_dim: int = 32,
-                 pattern: IndexPattern | None = None) -> None:
+                 pattern: IndexPattern | None = None, *, rope_dims: int = 0, rope_theta: float = 10000.0) -> None:
         super().__init__()
-        self.indexers = nn.ModuleList(LightningIndexer(dim, heads, head_dim) for _ in range(n_layers))
+        self.indexers = nn.ModuleList(LightningIndexer(dim, heads, head_dim, rope_dims, rope_theta) for _ in range(n_layers))
         self.topk = topk
         self.pattern = pattern or IndexPattern.full(n_layers)
         if len(self.pattern.layers) != n_layers:
@@ -211,10 +229,10 @@ class DSA(nn.Module):
         self._keys, self._lengths = {}, {}
 
     def _select(self, layer: int, h: Tensor) -> Tensor:
-        q, w, k = self.indexers[layer].project(h)
+        start = self._lengths[layer] if self._keys else 0  # this call's tokens continue the cached ones
+        q, w, k = self.indexers[layer].project(h, start)  # keys are cached rotated, as the model caches its k
         kv_len = None
         if self._keys:  # append this call's keys, score against everything cached
-            start = self._lengths[layer]
             cache = self._keys[layer]
             if start + h.shape[1] > cache.shape[1]:
                 raise ValueError(f"indexer cache holds {cache.shape[1]} tokens; {start + h.shape[1]} needed")

@@ -56,8 +56,11 @@ class KVCache:
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
 
 
-def rope_tables(cfg: LlamaConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=positions.device).float() / cfg.head_dim))
+def rope_tables(cfg: LlamaConfig, positions: Tensor, head_dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin (S, head_dim) for ``positions`` at the model's RoPE base; ``head_dim`` defaults to the model's
+    (a smaller one serves e.g. the rotated part of DSA's indexer heads)."""
+    hd = head_dim or cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd))
     ang = positions.float()[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], -1)  # the rotate-half layout (Hugging Face's)
     return ang.cos(), ang.sin()

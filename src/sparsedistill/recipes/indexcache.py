@@ -51,6 +51,7 @@ class IndexerConfig:
     heads: int = 4
     head_dim: int = 32
     topk: int = 256
+    rope_dims: int = 16  # of head_dim rotated by position (RoPE at the model's base), as DeepSeek-V3.2's indexer; 0: none
 
 
 @dataclass
@@ -72,6 +73,8 @@ def validate(cfg: IndexCacheConfig) -> None:
         raise ValueError(f"methods: {sorted(bad)} not understood; choose from ['uniform', 'greedy', 'trained']")
     if any(not 0 < f <= 1 for f in cfg.keep_fractions):
         raise ValueError(f"keep_fractions must be in (0, 1], got {cfg.keep_fractions}")
+    if cfg.indexer.rope_dims % 2 or not 0 <= cfg.indexer.rope_dims <= cfg.indexer.head_dim:
+        raise ValueError(f"indexer.rope_dims must be even and in [0, head_dim {cfg.indexer.head_dim}], got {cfg.indexer.rope_dims}")
     if cfg.indexer.topk >= cfg.data.train_context:
         raise ValueError(f"indexer.topk {cfg.indexer.topk} must be below the training context {cfg.data.train_context}")
     if max(cfg.data.eval_contexts) > 8192:
@@ -105,7 +108,8 @@ class IndexCacheExperiment:
     def new_dsa(self, pattern: IndexPattern | None = None) -> DSA:
         i = self.cfg.indexer
         torch.manual_seed(self.cfg.seed)
-        return DSA(self.n_layers, self.model.cfg.dim, i.topk, i.heads, i.head_dim, pattern).to(self.device)
+        return DSA(self.n_layers, self.model.cfg.dim, i.topk, i.heads, i.head_dim, pattern,
+                   rope_dims=i.rope_dims, rope_theta=self.model.cfg.rope_theta).to(self.device)
 
     @torch.no_grad()
     def loss(self, windows: Tensor, dsa: DSA | None = None, batch: int = 1) -> float:
