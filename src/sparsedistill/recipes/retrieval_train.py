@@ -73,6 +73,11 @@ class TeachersConfig:
     # The ensemble target spans [0, scale] (weights normalised to sum 1). The student's raw scores (IDF query . document)
     # spread over ~30-40 per candidate list at the start; a much flatter target makes KL shrink every document weight.
     scale: float = 20.0
+    # >= 0: the labelled positive's target is raised to at least the best negative's plus this (target units, 0..scale);
+    # < 0 (default) leaves the teachers' targets as they are. On SciFact's train lists (4 candidates, negatives mined by
+    # BM25 and MiniLM) the ensemble puts a negative first for 22 % of the queries (the untrained student: 20 %). Anchoring
+    # with 2.0 made fine-tuning much worse (SciFact 53.18 NDCG@10, docs/notes/retrieval-quality.md): off by default.
+    positive_margin: float = -1.0
     single: str = "minilm"  # the teacher of the single-teacher ablation
     max_length: int = 256
     batch_size: int = 64
@@ -209,10 +214,15 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
             teachers[name] = load_teacher(name, cfg.teachers.max_length, cfg.teachers.batch_size, device)
         return teachers[name]
 
+    loaded = None
     if trainset.exists():
         data = json.loads(trainset.read_text())
         pre, fine = [TrainExample(**e) for e in data["pretrain"]], [TrainExample(**e) for e in data["finetune"]]
-        meta = data["meta"]
+        # the key is the data config alone: a set cached by a run that skipped a stage (steps = 0) lacks it
+        if (pre or cfg.student.pretrain.steps <= 0) and (fine or not d.supervised or cfg.student.finetune.steps <= 0):
+            loaded, meta = (pre, fine), data["meta"]
+    if loaded is not None:
+        pre, fine = loaded
     else:
         pre, meta = [], {"pseudo_dropped": 0, "supervised_dropped": 0}
         if cfg.student.pretrain.steps > 0:
@@ -254,10 +264,19 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
     return out
 
 
-def ensemble_targets(scores: dict[str, Any], teachers: list[tuple[str, float]], scale: float) -> Tensor:
-    """Min-max per query, weights normalised to sum 1, summed, times ``scale``."""
+def ensemble_targets(scores: dict[str, Any], teachers: list[tuple[str, float]], scale: float,
+                     positive_margin: float = -1.0) -> Tensor:
+    """Min-max per query, weights normalised to sum 1, summed, times ``scale``.
+
+    ``positive_margin`` >= 0: column 0 (the labelled positive) is raised to at least the row's best
+    negative plus that margin, so the targets never rank a judged negative above the positive.
+    """
     total = sum(w for _, w in teachers)
-    return ensemble_scores([torch.as_tensor(scores[n]) for n, _ in teachers], "minmax", [w / total for _, w in teachers], scale)
+    t = ensemble_scores([torch.as_tensor(scores[n]) for n, _ in teachers], "minmax", [w / total for _, w in teachers], scale)
+    if positive_margin >= 0:
+        t = t.clone()
+        t[:, 0] = torch.maximum(t[:, 0], t[:, 1:].amax(1) + positive_margin)
+    return t
 
 
 # --------------------------------------------------------------------------------------- encoder
@@ -323,6 +342,7 @@ class RetrievalTrain:
         self.amp = cfg.student.amp_bf16 and self.device.type == "cuda"
         self._data: TrainingData | None = None
         self._idf = None
+        self._col_idf: dict[str, Any] = {}
 
     @property
     def data(self) -> TrainingData:
@@ -353,16 +373,28 @@ class RetrievalTrain:
                     self._idf.save(f)
         return self._idf
 
-    def _batches(self, encoder, examples: list[TrainExample], targets: Tensor):
-        from ..retrieval import QueryEncoder
+    def query_encoders(self, tokenizer, collections) -> dict[str, Any]:
+        """One query encoder per collection, with the IDF of that collection's corpus alone: the table
+        ``evaluate_collection`` builds for its queries, so a training query is the vector it is at evaluation."""
+        from ..retrieval import IDFTable, QueryEncoder
 
-        qenc = QueryEncoder(encoder.tokenizer, self.idf(encoder.tokenizer))
+        out = {}
+        for c in dict.fromkeys(collections):
+            if c not in self._col_idf:
+                prefix = c + "/"
+                self._col_idf[c] = IDFTable.from_corpus([t for k, t in self.data.corpus.items() if k.startswith(prefix)], tokenizer)
+            out[c] = QueryEncoder(tokenizer, self._col_idf[c])
+        return out
+
+    def _batches(self, encoder, examples: list[TrainExample], targets: Tensor):
+        qencs = self.query_encoders(encoder.tokenizer, [ex.collection for ex in examples])
         corpus = self.data.corpus
 
         def get(rows: Tensor) -> dict[str, Tensor]:
             exs = [examples[int(r)] for r in rows]
             docs = encoder.tokenize([corpus[k] for ex in exs for k in ex.candidates])
-            return {"q": qenc([ex.query for ex in exs]).to(self.device), "docs": docs, "target": targets[rows].to(self.device)}
+            q = torch.cat([qencs[ex.collection]([ex.query]) for ex in exs])
+            return {"q": q.to(self.device), "docs": docs, "target": targets[rows].to(self.device)}
         return get
 
     def _loss(self, v: dict[str, Any], steps: int, start: int):
@@ -388,7 +420,8 @@ class RetrievalTrain:
 
     def train_stage(self, job: str, encoder, stage: str, v: dict[str, Any], tcfg: TrainConfig, seed: int) -> dict[str, Any]:
         examples = self.data.pretrain if stage == "pretrain" else self.data.finetune
-        targets = ensemble_targets({n: self.data.scores[(stage, n)] for n, _ in v["teachers"]}, v["teachers"], self.cfg.teachers.scale)
+        targets = ensemble_targets({n: self.data.scores[(stage, n)] for n, _ in v["teachers"]}, v["teachers"], self.cfg.teachers.scale,
+                                   self.cfg.teachers.positive_margin)
         self.idf(encoder.tokenizer)
         state = self.run.load_checkpoint(job)
         start = state["step"] if state else 0
