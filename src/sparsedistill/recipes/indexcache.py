@@ -39,11 +39,12 @@ __all__ = ["IndexCacheConfig", "run_indexcache"]
 @dataclass
 class DataConfig:
     corpora: list[str] = field(default_factory=lambda: ["python-docs", "shakespeare"])
-    train_context: int = 2048
+    train_context: int = 2048  # the calibration windows' length; the training windows' too unless train_contexts is set
+    train_contexts: list[int] = field(default_factory=list)  # several: each step's batch is windows of one of them
     eval_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     eval_tokens: int = 65536  # test tokens per context length
     calibration_tokens: int = 8192
-    train_windows: int = 512
+    train_windows: int = 512  # per training length
 
 
 @dataclass
@@ -52,6 +53,8 @@ class IndexerConfig:
     head_dim: int = 32
     topk: int = 256
     rope_dims: int = 16  # of head_dim rotated by position (RoPE at the model's base), as DeepSeek-V3.2's indexer; 0: none
+    sink: int = 0  # first keys every selection keeps (the attention sink), out of topk
+    local: int = 0  # each query's nearest keys (itself included) every selection keeps, out of topk
 
 
 @dataclass
@@ -75,8 +78,14 @@ def validate(cfg: IndexCacheConfig) -> None:
         raise ValueError(f"keep_fractions must be in (0, 1], got {cfg.keep_fractions}")
     if cfg.indexer.rope_dims % 2 or not 0 <= cfg.indexer.rope_dims <= cfg.indexer.head_dim:
         raise ValueError(f"indexer.rope_dims must be even and in [0, head_dim {cfg.indexer.head_dim}], got {cfg.indexer.rope_dims}")
-    if cfg.indexer.topk >= cfg.data.train_context:
-        raise ValueError(f"indexer.topk {cfg.indexer.topk} must be below the training context {cfg.data.train_context}")
+    i = cfg.indexer
+    if min(i.sink, i.local) < 0 or i.sink + i.local > i.topk:
+        raise ValueError(f"indexer.sink {i.sink} and indexer.local {i.local} must be >= 0 and fit in topk {i.topk}")
+    if cfg.indexer.topk >= min([cfg.data.train_context, *cfg.data.train_contexts]):
+        raise ValueError(f"indexer.topk {cfg.indexer.topk} must be below every training context "
+                         f"({cfg.data.train_context}, {cfg.data.train_contexts})")
+    if max([cfg.data.train_context, *cfg.data.train_contexts]) > 8192:
+        raise ValueError("SmolLM2-135M was trained for 8,192 tokens; train contexts must not exceed it")
     if max(cfg.data.eval_contexts) > 8192:
         raise ValueError("SmolLM2-135M was trained for 8,192 tokens; eval_contexts must not exceed it")
 
@@ -100,7 +109,8 @@ class IndexCacheExperiment:
         encode = lambda t: self.tok.encode(t).ids  # noqa: E731
         eos = 2
         d = cfg.data
-        self.train_windows = token_windows(self.splits["train"], encode, d.train_context, d.train_windows, eos)
+        self.train_windows = [token_windows(self.splits["train"], encode, n, d.train_windows, eos)
+                              for n in d.train_contexts or [d.train_context]]
         self.calib = token_windows(self.splits["calibration"], encode, d.train_context, max(1, d.calibration_tokens // d.train_context), eos)
         self.test = {n: token_windows(self.splits["test"], encode, n, max(1, d.eval_tokens // n), eos) for n in d.eval_contexts}
         self.n_layers = self.model.cfg.n_layers
@@ -109,7 +119,8 @@ class IndexCacheExperiment:
         i = self.cfg.indexer
         torch.manual_seed(self.cfg.seed)
         return DSA(self.n_layers, self.model.cfg.dim, i.topk, i.heads, i.head_dim, pattern,
-                   rope_dims=i.rope_dims, rope_theta=self.model.cfg.rope_theta).to(self.device)
+                   rope_dims=i.rope_dims, rope_theta=self.model.cfg.rope_theta, sink=i.sink,
+                   local=i.local).to(self.device)
 
     @torch.no_grad()
     def loss(self, windows: Tensor, dsa: DSA | None = None, batch: int = 1) -> float:
@@ -129,8 +140,11 @@ class IndexCacheExperiment:
         def loss_fn(net, x):  # one process: the DSA module is called as a selector, not through DDP's forward
             return indexer_loss(self.model, net, layer_inputs(self.model, x), sparse=sparse), {}
 
-        get = lambda rows: self.train_windows[rows].to(self.device)  # noqa: E731
-        train(dsa, loss_fn, get, len(self.train_windows), tc, job=job, run=self.run, seed=self.cfg.seed, progress=self.progress)
+        lengths = self.train_windows
+        # One length per batch, picked by the batch's first row (the trainer's seeded order, so resumes pick alike).
+        get = lambda rows: lengths[int(rows[0]) % len(lengths)][rows].to(self.device)  # noqa: E731
+        n_rows = min(len(w) for w in lengths)
+        train(dsa, loss_fn, get, n_rows, tc, job=job, run=self.run, seed=self.cfg.seed, progress=self.progress)
         return dsa
 
     def overlaps(self, dsa: DSA) -> list[float]:
