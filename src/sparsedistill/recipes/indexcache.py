@@ -40,7 +40,7 @@ __all__ = ["IndexCacheConfig", "run_indexcache"]
 class DataConfig:
     corpora: list[str] = field(default_factory=lambda: ["python-docs", "shakespeare"])
     train_context: int = 2048  # the calibration windows' length; the training windows' too unless train_contexts is set
-    train_contexts: list[int] = field(default_factory=list)  # several: each step's batch is windows of one of them
+    train_contexts: list[int] = field(default_factory=lambda: [2048, 4096])  # each step's batch is windows of one of them; [] = train_context
     eval_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     eval_tokens: int = 65536  # test tokens per context length
     calibration_tokens: int = 8192
@@ -53,8 +53,8 @@ class IndexerConfig:
     head_dim: int = 32
     topk: int = 256
     rope_dims: int = 16  # of head_dim rotated by position (RoPE at the model's base), as DeepSeek-V3.2's indexer; 0: none
-    sink: int = 0  # first keys every selection keeps (the attention sink), out of topk
-    local: int = 0  # each query's nearest keys (itself included) every selection keeps, out of topk
+    sink: int = 1  # first keys every selection keeps (the attention sink), out of topk
+    local: int = 16  # each query's nearest keys (itself included) every selection keeps, out of topk
 
 
 @dataclass
@@ -63,9 +63,9 @@ class IndexCacheConfig:
     dtype: str = "bfloat16"  # the frozen LM's dtype on a GPU (fp32 on a CPU)
     data: DataConfig = field(default_factory=DataConfig)
     indexer: IndexerConfig = field(default_factory=IndexerConfig)
-    warmup: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=2, lr=1e-3, log_every=25, checkpoint_every=100))
-    sparse: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=2, lr=3e-4, log_every=25, checkpoint_every=100))
-    trained: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=2, lr=3e-4, log_every=25, checkpoint_every=75))
+    warmup: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=1, lr=1e-3, log_every=25, checkpoint_every=100))
+    sparse: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=1, lr=3e-4, log_every=25, checkpoint_every=100))
+    trained: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=1, lr=3e-4, log_every=25, checkpoint_every=75))
     keep_fractions: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])
     methods: list[str] = field(default_factory=lambda: ["uniform", "greedy", "trained"])
 
