@@ -217,16 +217,14 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
             teachers[name] = load_teacher(name, cfg.teachers.max_length, cfg.teachers.batch_size, device)
         return teachers[name]
 
-    loaded = None
+    cached = False
     if trainset.exists():
         data = json.loads(trainset.read_text())
         pre, fine = [TrainExample(**e) for e in data["pretrain"]], [TrainExample(**e) for e in data["finetune"]]
+        meta = data["meta"]
         # the key is the data config alone: a set cached by a run that skipped a stage (steps = 0) lacks it
-        if (pre or cfg.student.pretrain.steps <= 0) and (fine or not d.supervised or cfg.student.finetune.steps <= 0):
-            loaded, meta = (pre, fine), data["meta"]
-    if loaded is not None:
-        pre, fine = loaded
-    else:
+        cached = bool(pre or cfg.student.pretrain.steps <= 0) and bool(fine or not d.supervised or cfg.student.finetune.steps <= 0)
+    if not cached:
         pre, meta = [], {"pseudo_dropped": 0, "supervised_dropped": 0}
         if cfg.student.pretrain.steps > 0:
             for n in d.pseudo_corpora:
