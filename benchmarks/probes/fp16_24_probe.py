@@ -10,10 +10,11 @@ at 50,432 tokens this times, in CUDA graphs, every way `Sparse24Linear` can call
   rowmajor_alg0[_bias]       transpose_result=True, algorithm 0 (the fp16 search fails with it)
   layer                      Sparse24Linear.forward as the model calls it, with the plan it picked
 
-then profiles graphed forwards of the whole ViT-B (dense compiled, 2:4 fp16, 2:4 int8 compiled)
-and lists each one's costliest kernels: where int8's remaining time goes, toward the 2x target.
+then times graphed forwards of the whole ViT-B (dense compiled; 2:4 fp16 eager and compiled, with the
+transposing copy or with column-major views, ``Sparse24Linear.column_major_views``; int8 compiled),
+and profiles three of them, listing each one's costliest kernels (where the time goes).
 
-    python benchmarks/probes/fp16_24_probe.py --out fp16_24_probe.json
+    python benchmarks/probes/fp16_24_probe.py --out fp16_24_probe.json [--sections shapes models profiles]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemm_24 import layers, prune_24  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
-from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
+from sparsedistill.weights.sparse24 import _PLANS, CUDAGraphed, Sparse24Linear  # noqa: E402
 
 
 def shape_rows(out_f: int, in_f: int, tokens: int) -> dict:
@@ -90,20 +91,54 @@ def profile_model(batch: int, fmt: str | None, compile: bool) -> list[dict]:
     return top
 
 
+def model_ms(batch: int, fmt: str | None, compile: bool, views: bool = False) -> dict:
+    """Milliseconds per graphed ViT-B forward, and the logits' error against the dense fp16 model."""
+    from vit_speed import input_scales, ours, pruned_vit
+
+    Sparse24Linear.column_major_views = views
+    _PLANS.clear()
+    try:
+        model = pruned_vit("vit_base_patch16_224")
+        x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            ref = model(x).float()
+        net = model if fmt is None else ours(model, fmt, input_scales(model, x))
+        graphed = CUDAGraphed(net, x, compile=compile)
+        err = float((graphed(x).float() - ref).norm() / ref.norm())
+        row = {"fmt": fmt or "dense", "compile": compile, "column_major_views": views,
+               "ms": time_ms(lambda: graphed(x), graph=False, calls=5, reps=20), "rel_err_vs_dense": err}
+    finally:
+        Sparse24Linear.column_major_views = False
+        _PLANS.clear()
+    print(row, flush=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=256 * 197)
     ap.add_argument("--out", type=Path, default=Path("fp16_24_probe.json"))
+    ap.add_argument("--sections", nargs="+", default=["shapes", "models", "profiles"], choices=["shapes", "models", "profiles"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("fp16_24_probe.py needs a CUDA GPU; none was found.", file=sys.stderr)
         return 2
     result: dict = {"environment": {**environment(), "command": " ".join([sys.executable, *sys.argv])}, "shapes": []}
-    for name, (out_f, in_f) in layers(768, 3072).items():
+    for name, (out_f, in_f) in layers(768, 3072).items() if "shapes" in args.sections else []:
         result["shapes"].append({"layer": name, **shape_rows(out_f, in_f, args.tokens)})
         args.out.write_text(json.dumps(result, indent=1))
+    batch = args.tokens // 197
+    result["vit_b16_models"] = []
+    for fmt, comp, views in [(None, True, False), ("fp16", False, False), ("fp16", True, False), ("fp16", True, True),
+                             ("fp16", False, True), ("int8", True, False)] if "models" in args.sections else []:
+        try:
+            result["vit_b16_models"].append({"batch": batch, **model_ms(batch, fmt, comp, views)})
+        except Exception as e:  # noqa: BLE001  (report and go on)
+            result["vit_b16_models"].append({"fmt": fmt, "compile": comp, "column_major_views": views, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(result["vit_b16_models"][-1], flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
     for key, fmt, comp in [("dense_compiled", None, True), ("ours_24_fp16_graphed", "fp16", False),
-                           ("ours_24_int8_compiled", "int8", True)]:
+                           ("ours_24_int8_compiled", "int8", True)] if "profiles" in args.sections else []:
         print(f"ViT-B/16 b{args.tokens // 197} {key}: costliest kernels per forward", flush=True)
         result[f"vit_b16_{key}_kernels"] = profile_model(args.tokens // 197, fmt, comp)
         args.out.write_text(json.dumps(result, indent=1))

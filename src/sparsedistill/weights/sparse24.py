@@ -65,6 +65,10 @@ def _step(kind: str):
 class Sparse24Linear(nn.Module):
     """``y = x W^T + b`` with a 2:4 weight; int8/fp8 quantise ``x`` per tensor and ``W`` per output channel."""
 
+    # Experimental: fp16 results as column-major views, no transposing copy; the ops after read them
+    # strided (Inductor fuses the transpose into them). Measured against the copy in fp16_24_probe.py.
+    column_major_views: bool = False
+
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
                  fmt: Sparse24Format = "fp16") -> None:
         """From already-quantised 2:4 values (what ``sparsedistill.weights.export`` saves); see ``from_dense``."""
@@ -136,7 +140,9 @@ class Sparse24Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if not (x2.is_contiguous() or x2.t().is_contiguous()):  # cuSPARSELt reads either layout without a copy
+            x2 = x2.contiguous()
         if not self.uses_kernel:
             return self._reference(x2).to(x.dtype).reshape(*lead, self.out_features)
         n = x2.shape[0]
@@ -151,7 +157,7 @@ class Sparse24Linear(nn.Module):
         bias = self.bias if self.fmt == "fp16" else None  # fp16: added in cuSPARSELt's epilogue
         plan = self._plans.get(xk.shape[0])
         if plan is None:  # chosen once per layer shape and token count, outside graph capture (a warm-up call does it)
-            key = (self.fmt, self.out_features, self.in_features, xk.shape[0], bias is not None, xk.device)
+            key = (self.fmt, self.out_features, self.in_features, xk.shape[0], bias is not None, xk.device, self.column_major_views)
             if key not in _PLANS:  # layers of one shape share it: ViT-B's 48 sparse layers have 4 shapes
                 _PLANS[key] = self._choose_plan(xk, bias, out_dtype)
             plan = self._plans[xk.shape[0]] = _PLANS[key]
@@ -161,7 +167,8 @@ class Sparse24Linear(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int) -> Tensor:
-        return _cslt_mm(self._compressed, xk, bias, self.out_features, transposed, alg, out_dtype)
+        return _cslt_mm(self._compressed, xk, bias, self.out_features, transposed, alg, out_dtype,
+                        self.column_major_views and not transposed)
 
     def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None) -> tuple[bool, int]:
         """How to run this token count: cuSPARSELt's algorithm search, plus a timing where it cannot decide.
@@ -169,14 +176,16 @@ class Sparse24Linear(nn.Module):
         int8/fp8: the searched algorithm with a transposed (row-major) result. fp16: the search fails
         with a transposed result on the H100, and its only working algorithm (0) is pathologically
         slow at narrow layers (benchmarks/probes/first_call_probe_h100.txt), so it is timed against the
-        searched plain layout plus one transposing copy, and the faster one is kept.
+        searched plain layout plus one transposing copy, and the faster one is kept. Timed in a CUDA
+        graph, as deployed: eager timing adds host time per call and picked the copy, 3x slower on the
+        H200 at ViT-B batch 256 (benchmarks/probes/fp16_24_probe.py).
         """
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"no cuSPARSELt plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
         if self.fmt != "fp16":
             return True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
-        return min(candidates, key=lambda c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=False, calls=1, reps=5))
+        return min(candidates, key=lambda c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5))
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
@@ -192,18 +201,20 @@ class Sparse24Linear(nn.Module):
 
 @torch.library.custom_op("sparsedistill::cslt_mm", mutates_args=())
 def _cslt_mm(compressed: Tensor, x: Tensor, bias: Tensor | None, out_features: int, transposed: bool, alg: int,
-             out_dtype: torch.dtype | None) -> Tensor:
+             out_dtype: torch.dtype | None, view: bool = False) -> Tensor:
     """``x W^T (+ bias)`` as (tokens, out), row-major: a column-major result would slow every later op more than the GEMM saves.
 
     An op of our own because the compressed weight is a flat buffer: PyTorch's shape rule for
     ``_cslt_sparse_mm`` reads the output width from it and gets it wrong under ``torch.compile``.
     """
     y = torch._cslt_sparse_mm(compressed, x.t(), bias=bias, out_dtype=out_dtype, transpose_result=transposed, alg_id=alg)
-    return y if transposed else y.t().contiguous()
+    return y if transposed else (y.t() if view else y.t().contiguous())
 
 
 @_cslt_mm.register_fake
-def _(compressed, x, bias, out_features, transposed, alg, out_dtype):
+def _(compressed, x, bias, out_features, transposed, alg, out_dtype, view=False):
+    if view and not transposed:
+        return x.new_empty(out_features, x.shape[0], dtype=out_dtype or x.dtype).t()
     return x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype)
 
 
