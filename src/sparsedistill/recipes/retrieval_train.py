@@ -94,6 +94,9 @@ class LossConfig:
     plain_flops_weight: float = 0.002  # plain FLOPS (the plain-flops ablation)
     flops_ramp: float = 0.5  # the weight rises quadratically over this fraction of each stage's steps
     flops_threshold: int = 0  # only documents with more nonzeros than this are penalised (0 = all)
+    # > 0: + weight x squared distance between each document vector and the untrained encoder's, summed over the
+    # vocabulary: every ranking loss lowers all term logits at once (docs/notes/retrieval-quality.md), this holds them.
+    anchor_weight: float = 0.0
 
 
 @dataclass
@@ -146,6 +149,8 @@ def validate(cfg: RetrievalTrainConfig) -> None:
         raise ValueError(f"teachers.weights must be {len(t.names)} values >= 0, not all 0; got {t.weights}")
     if cfg.loss.ranking not in RANKING_LOSSES:
         raise ValueError(f"loss.ranking {cfg.loss.ranking!r}; choose from {list(RANKING_LOSSES)}")
+    if cfg.loss.anchor_weight < 0:
+        raise ValueError(f"loss.anchor_weight must be >= 0 (0 = off), got {cfg.loss.anchor_weight}")
     if cfg.data.dense_depth and cfg.data.dense_miner not in ("minilm", "mpnet"):
         raise ValueError(f"data.dense_miner must be a dense teacher ('minilm' or 'mpnet'), got {cfg.data.dense_miner!r}")
     if not cfg.data.supervised and ("no-pretrain" in cfg.variants or cfg.student.finetune.steps > 0):
@@ -344,6 +349,7 @@ class RetrievalTrain:
         self._data: TrainingData | None = None
         self._idf = None
         self._col_idf: dict[str, Any] = {}
+        self._anchor = None
 
     @property
     def data(self) -> TrainingData:
@@ -413,21 +419,38 @@ class RetrievalTrain:
         idf = self._idf.weights.to(self.device) if v["idf_flops"] else None
         ramp = int(cfg.flops_ramp * steps)
 
+        anchor_net = self.anchor_encoder() if cfg.anchor_weight > 0 else None
+
         def loss(net, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             lam = flops_weight(step[0], v["flops_weight"], ramp)
             step[0] += 1
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 d = net(batch["docs"])
+                if anchor_net is not None:
+                    with torch.no_grad():
+                        d0 = anchor_net(batch["docs"])
             d = d.float()
+            extra = {}
+            if anchor_net is not None:
+                extra["anchor"] = ((d - d0.float()) ** 2).sum(-1).mean()
             q, t = batch["q"], batch["target"]
             b, c = t.shape
             s = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))
             in_batch = q @ d.T if cfg.ranking == "infonce" else None
             rank = ranking_loss(cfg.ranking, s, t, cfg.temperature, in_batch)
             fl = flops_loss(d, idf, cfg.flops_threshold)
-            return rank + lam * fl, {"rank": rank.detach(), "flops": fl.detach(), "flops_w": torch.tensor(lam),
-                                     "nnz": (d.detach() > 0).sum(-1).float().mean()}
+            total = rank + lam * fl + (cfg.anchor_weight * extra["anchor"] if extra else 0.0)
+            return total, {"rank": rank.detach(), "flops": fl.detach(), "flops_w": torch.tensor(lam),
+                           "nnz": (d.detach() > 0).sum(-1).float().mean(), **{k: x.detach() for k, x in extra.items()}}
         return loss
+
+    def anchor_encoder(self):
+        """The untrained document encoder, frozen in eval mode: what ``loss.anchor_weight`` holds documents to."""
+        if self._anchor is None:
+            self._anchor = self.new_encoder().eval()
+            for p in self._anchor.parameters():
+                p.requires_grad_(False)
+        return self._anchor
 
     def train_stage(self, job: str, encoder, stage: str, v: dict[str, Any], tcfg: TrainConfig, seed: int) -> dict[str, Any]:
         examples = self.data.pretrain if stage == "pretrain" else self.data.finetune
