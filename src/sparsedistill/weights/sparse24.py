@@ -141,7 +141,7 @@ class Sparse24Linear(nn.Module):
             raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if not (x2.is_contiguous() or x2.t().is_contiguous()):  # cuSPARSELt reads either layout without a copy
+        if not (x2.is_contiguous() or (self.column_major_views and x2.t().is_contiguous())):  # a view: read in place
             x2 = x2.contiguous()
         if not self.uses_kernel:
             return self._reference(x2).to(x.dtype).reshape(*lead, self.out_features)
