@@ -91,6 +91,9 @@ def profile_model(batch: int, fmt: str | None, compile: bool) -> list[dict]:
     return top
 
 
+MODELS = ("dense-compiled", "fp16-graphed", "fp16-compiled", "fp16-compiled-views", "fp16-graphed-views", "int8-compiled")
+
+
 def model_ms(batch: int, fmt: str | None, compile: bool, views: bool = False) -> dict:
     """Milliseconds per graphed ViT-B forward, and the logits' error against the dense fp16 model."""
     from vit_speed import input_scales, ours, pruned_vit
@@ -119,6 +122,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256 * 197)
     ap.add_argument("--out", type=Path, default=Path("fp16_24_probe.json"))
     ap.add_argument("--sections", nargs="+", default=["shapes", "models", "profiles"], choices=["shapes", "models", "profiles"])
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="the whole-ViT-B variants the models section times")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("fp16_24_probe.py needs a CUDA GPU; none was found.", file=sys.stderr)
@@ -129,8 +133,9 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=1))
     batch = args.tokens // 197
     result["vit_b16_models"] = []
-    for fmt, comp, views in [(None, True, False), ("fp16", False, False), ("fp16", True, False), ("fp16", True, True),
-                             ("fp16", False, True), ("int8", True, False)] if "models" in args.sections else []:
+    for name in args.models if "models" in args.sections else []:
+        fmt, mode, *views = name.split("-")
+        fmt, comp, views = (None if fmt == "dense" else fmt), mode == "compiled", bool(views)
         try:
             result["vit_b16_models"].append({"batch": batch, **model_ms(batch, fmt, comp, views)})
         except Exception as e:  # noqa: BLE001  (report and go on)
