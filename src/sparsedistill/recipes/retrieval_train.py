@@ -418,7 +418,6 @@ class RetrievalTrain:
         cfg, step = self.cfg.loss, [start]
         idf = self._idf.weights.to(self.device) if v["idf_flops"] else None
         ramp = int(cfg.flops_ramp * steps)
-
         anchor_net = self.anchor_encoder() if cfg.anchor_weight > 0 else None
 
         def loss(net, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -430,18 +429,18 @@ class RetrievalTrain:
                     with torch.no_grad():
                         d0 = anchor_net(batch["docs"])
             d = d.float()
-            extra = {}
-            if anchor_net is not None:
-                extra["anchor"] = ((d - d0.float()) ** 2).sum(-1).mean()
             q, t = batch["q"], batch["target"]
             b, c = t.shape
             s = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))
             in_batch = q @ d.T if cfg.ranking == "infonce" else None
             rank = ranking_loss(cfg.ranking, s, t, cfg.temperature, in_batch)
             fl = flops_loss(d, idf, cfg.flops_threshold)
-            total = rank + lam * fl + (cfg.anchor_weight * extra["anchor"] if extra else 0.0)
-            return total, {"rank": rank.detach(), "flops": fl.detach(), "flops_w": torch.tensor(lam),
-                           "nnz": (d.detach() > 0).sum(-1).float().mean(), **{k: x.detach() for k, x in extra.items()}}
+            total = rank + lam * fl
+            logs = {"rank": rank.detach(), "flops": fl.detach(), "flops_w": torch.tensor(lam), "nnz": (d.detach() > 0).sum(-1).float().mean()}
+            if anchor_net is not None:
+                anchor = ((d - d0.float()) ** 2).sum(-1).mean()
+                total, logs["anchor"] = total + cfg.anchor_weight * anchor, anchor.detach()
+            return total, logs
         return loss
 
     def anchor_encoder(self):
