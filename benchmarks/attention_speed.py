@@ -90,7 +90,12 @@ def bench(d: int, s: int, densities: list[float], block: int, causal: bool, flex
                 bm = create_block_mask(mask_mod, 1, h, s, s, device="cuda", BLOCK_SIZE=block, _compile=True)
                 torch.cuda.synchronize()
                 row["flex_mask_ms"] = (time.perf_counter() - t0) * 1e3
-                fl = lambda a, b, c: flex(a, b, c, block_mask=bm)  # noqa: E731
+                # Flex's default tiles (128) must divide the mask's block: below 128, tiles of the block's size
+                # (the backward's pairs as FA2 nests them); without this Flex fails to compile at block 64
+                opts = None if block >= 128 else {"fwd_BLOCK_M": block, "fwd_BLOCK_N": block, "bwd_BLOCK_M1": block // 2,
+                                                  "bwd_BLOCK_N1": block, "bwd_BLOCK_M2": block, "bwd_BLOCK_N2": block // 2}
+                row["flex_kernel_options"] = opts
+                fl = lambda a, b, c: flex(a, b, c, block_mask=bm, kernel_options=opts)  # noqa: E731
                 with torch.no_grad():
                     row["flex_max_err_vs_ours"] = float((fl(q, k, v).float() - out).abs().max())
                 row["flex_fwd_ms"] = timed(lambda: fl(q, k, v))
