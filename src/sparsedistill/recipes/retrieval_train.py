@@ -41,8 +41,9 @@ from ..retrieval.flops import flops_loss, flops_weight
 from ..retrieval.losses import RANKING_LOSSES, ranking_loss
 from ..retrieval.pseudo_queries import PSEUDO_KINDS
 from ..retrieval.teachers import TEACHERS, dense_rankings, load_teacher, teacher_scores, teacher_spec
-from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, load_corpus,
-                                    mine_candidates, pseudo_examples, supervised_examples, held_out_queries)
+from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, interleave_rankings,
+                                    load_corpus, mine_candidates, pseudo_examples, student_rankings, supervised_examples,
+                                    held_out_queries)
 
 __all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "save_encoder"]
 
@@ -63,6 +64,7 @@ class DataConfig:
     bm25_depth: int = 50
     dense_depth: int = 50  # also mine the top-k of the dense teacher `dense_miner` over the whole collection; 0 = BM25 only
     dense_miner: str = "minilm"
+    student_depth: int = 0  # also mine the untrained student's own top-k (IDF queries): the lists where it errs; 0 = off
     seed: int = 0  # draws of documents, queries and negatives (not the training seed: every seed shares one data set)
 
 
@@ -222,6 +224,15 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
             teachers[name] = load_teacher(name, cfg.teachers.max_length, cfg.teachers.batch_size, device)
         return teachers[name]
 
+    student: list = []
+
+    def get_student():
+        if not student:
+            from ..retrieval import SparseDocEncoder
+
+            student.append(SparseDocEncoder(cfg.student.encoder or None, max_length=cfg.student.max_length).to(device).eval())
+        return student[0]
+
     cached = False
     if trainset.exists():
         data = json.loads(trainset.read_text())
@@ -242,8 +253,9 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
         for stage, exs in (("pretrain", pre), ("finetune", fine)):
             if not exs:
                 continue
-            extra = dense_rankings(get_teacher(d.dense_miner), exs, corpus, d.dense_depth, progress) if d.dense_depth else None
-            mine_candidates(exs, corpus, d.candidates, d.bm25_depth, d.seed, extra, progress=False)
+            dense = dense_rankings(get_teacher(d.dense_miner), exs, corpus, d.dense_depth, progress) if d.dense_depth else None
+            own = student_rankings(get_student(), exs, corpus, d.student_depth, cfg.teachers.batch_size, progress) if d.student_depth else None
+            mine_candidates(exs, corpus, d.candidates, d.bm25_depth, d.seed, interleave_rankings(dense, own), progress=False)
         if dist.is_main():
             atomic_write_bytes(trainset, json.dumps({"meta": meta, "pretrain": [asdict(e) for e in pre],
                                                      "finetune": [asdict(e) for e in fine]}).encode())
@@ -266,7 +278,8 @@ def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", 
             dist.barrier()
             if not dist.is_main():
                 out.scores[(stage, name)] = teacher_scores(spec, exs, corpus, cache, fp)
-    teachers.clear()  # free the teacher models before training
+    teachers.clear()  # free the teacher models (and the mining student) before training
+    student.clear()
     return out
 
 

@@ -4,7 +4,8 @@ Queries come from two places: pseudo-queries cut from documents of the training 
 (``pseudo_queries.py``; unsupervised, the source document is the positive) and the judged queries
 of a collection's *train* split (SciFact's 809 claims). Each query gets a candidate list: its
 positive first, then negatives sampled from the BM25 (bm25s) top-k of its collection, merged with
-any teacher rankings (dense mining, ``teachers.dense_rankings``).
+any other rankings: a dense teacher's (``teachers.dense_rankings``) or the untrained student's own
+(``student_rankings``: where the inference-free model errs is where a teacher can correct it).
 
 Test queries never train anything: ``build_examples`` drops any query whose text equals a test
 query of the guarded collections, and ``check_no_test_leakage`` refuses a training set in which a
@@ -27,7 +28,7 @@ from ..data.beir import load_beir
 from .pseudo_queries import load_documents, pseudo_queries
 
 __all__ = ["TrainExample", "HeldOutQueries", "doc_key", "collection_name", "load_corpus", "held_out_queries", "normalize_query",
-           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "mine_candidates", "data_fingerprint"]
+           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "mine_candidates", "student_rankings", "interleave_rankings", "data_fingerprint"]
 
 
 @dataclass
@@ -131,13 +132,54 @@ def supervised_examples(name_or_path: str | Path, max_queries: int, seed: int, g
     return out, dropped
 
 
+def student_rankings(encoder, examples: Sequence[TrainExample], corpus: Mapping[str, str], depth: int, batch_size: int = 32,
+                     progress: bool = False) -> dict[str, list[str]]:
+    """Each query's top-``depth`` documents of its collection by the inference-free student as it is.
+
+    ``encoder`` is a ``SparseDocEncoder`` (put it in eval mode); queries are token IDF weights from the query's own
+    collection, as at evaluation. Every document of each collection involved is encoded once.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .encoders import QueryEncoder
+    from .idf import IDFTable
+
+    out: dict[str, list[str]] = {}
+    by_col: dict[str, list[TrainExample]] = {}
+    for ex in examples:
+        by_col.setdefault(ex.collection, []).append(ex)
+    for col, exs in by_col.items():
+        keys = sorted(k for k in corpus if k.startswith(col + "/"))
+        texts = [corpus[k] for k in keys]
+        qenc = QueryEncoder(encoder.tokenizer, IDFTable.from_corpus(texts, encoder.tokenizer))
+        docs = []
+        with torch.no_grad():
+            for s in tqdm(range(0, len(texts), batch_size), desc=f"student encodes {col}", disable=not progress, leave=False):
+                docs.append(encoder(texts[s : s + batch_size]).float().cpu().to_sparse())
+        d = torch.cat(docs)
+        for s in range(0, len(exs), 256):
+            q = qenc([ex.query for ex in exs[s : s + 256]])
+            top = torch.sparse.mm(d, q.T).T.topk(min(depth, len(keys)), dim=-1).indices
+            for ex, row in zip(exs[s : s + 256], top.tolist()):
+                out[ex.qid] = [keys[i] for i in row]
+    return out
+
+
+def interleave_rankings(*rankings: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """One ranking per query id: the given rankings taken in turns, repeats dropped."""
+    given = [r for r in rankings if r]
+    qids = dict.fromkeys(q for r in given for q in r)
+    return {q: list(dict.fromkeys(x for tier in zip_longest(*(r.get(q, []) for r in given)) for x in tier if x)) for q in qids}
+
+
 def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_candidates: int, bm25_depth: int, seed: int,
                     extra_rankings: Mapping[str, Sequence[str]] | None = None, progress: bool = False) -> None:
     """Fill each example's ``candidates``: its first positive, then ``n_candidates - 1`` negatives.
 
     Negatives are sampled (seeded by ``seed`` and the query id) from the BM25 top-``bm25_depth`` of
-    the query's collection merged with ``extra_rankings[qid]`` (e.g. a dense teacher's top-k),
-    positives excluded; a short pool is topped up with random documents of the collection.
+    the query's collection (0: no BM25) merged with ``extra_rankings[qid]`` (e.g. a dense teacher's
+    top-k), positives excluded; a short pool is topped up with random documents of the collection.
     """
     import bm25s
 
@@ -150,11 +192,12 @@ def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_c
         keys = sorted(k for k in corpus if k.startswith(c + "/"))
         if len(keys) < n_candidates:
             raise ValueError(f"collection {c} has {len(keys)} documents, fewer than {n_candidates} candidates per query")
-        bm = bm25s.BM25()
-        bm.index(bm25s.tokenize([corpus[k] for k in keys], stopwords="en", show_progress=False), show_progress=progress)
-        depth = min(bm25_depth, len(keys))
-        res, _ = bm.retrieve(bm25s.tokenize([ex.query for ex in exs], stopwords="en", show_progress=False), k=depth,
-                             show_progress=progress, n_threads=1)
+        res = [[] for _ in exs]
+        if bm25_depth > 0:
+            bm = bm25s.BM25()
+            bm.index(bm25s.tokenize([corpus[k] for k in keys], stopwords="en", show_progress=False), show_progress=progress)
+            res, _ = bm.retrieve(bm25s.tokenize([ex.query for ex in exs], stopwords="en", show_progress=False),
+                                 k=min(bm25_depth, len(keys)), show_progress=progress, n_threads=1)
         for ex, row in zip(exs, res):
             ranked = [keys[int(i)] for i in row]
             extra = (extra_rankings or {}).get(ex.qid, [])
