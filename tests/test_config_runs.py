@@ -147,3 +147,44 @@ def test_indexcache_presets_load():
 
     assert load_config(IndexCacheConfig, "full", recipe="indexcache") == IndexCacheConfig()
     assert load_config(IndexCacheConfig, "short", recipe="indexcache").data.train_context == 256
+
+
+def test_cuda_graph_on_the_cpu_warns_and_trains_as_usual():
+    x, y, model, loss = _setup()
+    ref = train(model, loss, lambda r: (x[r], y[r]), 200, TrainConfig(steps=10, batch_size=20, lr=0.01), job="j", progress=False)
+    x, y, model, loss = _setup()
+    with pytest.warns(UserWarning, match="cuda_graph needs the model on a CUDA device"):
+        got = train(model, loss, lambda r: (x[r], y[r]), 200, TrainConfig(steps=10, batch_size=20, lr=0.01, cuda_graph=True),
+                    job="j", progress=False)
+    for a, b in zip(ref.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_from_a_checkpoint_without_scheduler_state(tmp_path):
+    """A graphed run saves no LR-scheduler state (its rate is a function of the step): an eager resume rebuilds it."""
+    cfg = TrainConfig(steps=30, batch_size=20, lr=0.01, log_every=5, checkpoint_every=10)
+    x, y, model, loss = _setup()
+    ref = train(model, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "a", cfg), progress=False)
+    # a run that dies after its step-10 checkpoint, whose checkpoint then loses its scheduler state
+    x, y, model, loss = _setup()
+    short = Run(tmp_path / "c", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def crashing(net, b, calls=[0]):
+        calls[0] += 1
+        if calls[0] > 12:
+            raise Stop
+        return loss(net, b)
+
+    with pytest.raises(Stop):
+        train(model, crashing, lambda r: (x[r], y[r]), 200, cfg, job="j", run=short, progress=False)
+    state = torch.load(short.checkpoint_path("j"), weights_only=False)
+    assert state["step"] == 10
+    state["scheduler"] = None
+    short.save_checkpoint("j", state)
+    _, _, fresh, _ = _setup()
+    resumed = train(fresh, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "c", cfg, resume=True), progress=False)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

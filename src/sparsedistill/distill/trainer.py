@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..runs import Run
+from .graphed_step import GraphedStep
 
 __all__ = ["TrainConfig", "batch_rows", "train", "predict"]
 
@@ -37,6 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     log_every: int = 50
     checkpoint_every: int = 500
+    cuda_graph: bool = False  # capture each step in one CUDA graph (small models: host-bound otherwise); CUDA only
 
 
 def batch_rows(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:
@@ -86,30 +89,53 @@ def train(
     if cfg.batch_size % dist.world_size():
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    graphed = cfg.cuda_graph and all(p.is_cuda for p in params)
+    if cfg.cuda_graph and not graphed:
+        warnings.warn(f"{job}: cuda_graph needs the model on a CUDA device; training without graphs", stacklevel=2)
+    # A graphed step reads the learning rate from a device tensor, set before each replay (no LR scheduler).
+    lr_t = torch.tensor(cfg.lr, device=params[0].device) if graphed else None
+    opt = torch.optim.AdamW(params, lr=lr_t if graphed else cfg.lr, weight_decay=cfg.weight_decay, capturable=graphed)
+    sched = None if graphed else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     start = 0
     state = run.load_checkpoint(job) if run else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if graphed:  # the checkpoint may come from an eager run: its groups say capturable = False and hold a float lr
+            for g in opt.param_groups:
+                g.update(lr=lr_t, capturable=True)
+            for s in opt.state.values():
+                if isinstance(s.get("step"), Tensor):
+                    s["step"] = s["step"].to(params[0].device, torch.float32)
+        elif state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        else:  # written by a graphed run: the learning rate is a function of the step alone
+            sched.last_epoch = start
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(start, cfg)
         if extra_params:
             for p, v in zip(extra_params, state["extra_params"]):
                 p.data.copy_(v)
         torch.set_rng_state(state["rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
     if start >= cfg.steps:
         return model
 
-    net = DistributedDataParallel(model) if dist.world_size() > 1 else model
+    # A graphed step averages gradients itself, inside the graph (DDP's hooks cannot be captured).
+    net = DistributedDataParallel(model) if dist.world_size() > 1 and not graphed else model
+
+    def optimizer_state() -> dict:
+        sd = opt.state_dict()
+        if graphed:  # plain floats, so that an eager run can resume from it too
+            sd["param_groups"] = [{**g, "lr": float(g["lr"]), "capturable": False} for g in sd["param_groups"]]
+        return sd
 
     def checkpoint(step: int) -> None:
         if run is not None:
             run.save_checkpoint(job, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "model": model.state_dict(), "optimizer": optimizer_state(), "scheduler": None if graphed else sched.state_dict(),
                 "extra_params": [p.detach().clone() for p in extra_params or []],
                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "step": step,
@@ -118,20 +144,28 @@ def train(
     model.train()
     clock: tuple[float, int] | None = None  # (time, step) after this call's first step: throughput leaves out warm-up
     bar = tqdm(range(start, cfg.steps), desc=job, disable=not (progress and dist.is_main()), leave=False, mininterval=1.0)
+    graph: GraphedStep | None = None
     for step in bar:
         rows = dist.shard_rows(batch_rows(step, num_rows, cfg.batch_size, seed))
-        loss, metrics = loss_fn(net, get_batch(rows))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in extra_params or []:  # outside DDP, so average their gradients by hand
-            if p.grad is not None and dist.world_size() > 1:
-                p.grad.copy_(dist.all_reduce_mean(p.grad))
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if enforce is not None:
-            enforce(model)
+        batch = get_batch(rows)
+        if graphed:
+            if graph is None:  # captured on the first batch this call sees
+                graph = GraphedStep(model, params, opt, loss_fn, batch, grad_clip=cfg.grad_clip, enforce=enforce)
+            lr_t.fill_(cfg.lr * _lr_factor(step, cfg))
+            loss, metrics = graph(batch)
+        else:
+            loss, metrics = loss_fn(net, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in extra_params or []:  # outside DDP, so average their gradients by hand
+                if p.grad is not None and dist.world_size() > 1:
+                    p.grad.copy_(dist.all_reduce_mean(p.grad))
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if enforce is not None:
+                enforce(model)
         if clock is None:
             if loss.is_cuda:
                 torch.cuda.synchronize()
@@ -153,7 +187,8 @@ def train(
                 logged["samples_per_s"] = (step + 1 - clock[1]) * cfg.batch_size / (time.perf_counter() - clock[0])
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if run is not None:
-                run.log(job, step + 1, lr=sched.get_last_lr()[0], **logged)
+                lr = cfg.lr * _lr_factor(step + 1, cfg) if graphed else sched.get_last_lr()[0]  # the next step's, as LambdaLR reports it
+                run.log(job, step + 1, lr=lr, **logged)
         if checkpoint_due:
             checkpoint(step + 1)
     checkpoint(cfg.steps)
