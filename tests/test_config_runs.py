@@ -11,6 +11,8 @@ from sparsedistill.distill.trainer import batch_rows
 from sparsedistill.recipes.kd_experiment import ExperimentConfig
 from sparsedistill.runs import Run, atomic_write_bytes
 
+from _helpers import Stop, crash_after
+
 
 @dataclass
 class Inner:
@@ -107,17 +109,8 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     x, y, model, loss = _setup()
     run = Run(tmp_path / "b", cfg)
 
-    class Stop(Exception):
-        pass
-
-    def crashing(net, b, calls=[0]):
-        calls[0] += 1
-        if calls[0] > 22:  # dies after the step-15 checkpoint
-            raise Stop
-        return loss(net, b)
-
-    with pytest.raises(Stop):
-        train(model, crashing, lambda r: (x[r], y[r]), 200, cfg, job="j", run=run, progress=False)
+    with pytest.raises(Stop):  # dies after the step-15 checkpoint
+        train(model, crash_after(loss, 22), lambda r: (x[r], y[r]), 200, cfg, job="j", run=run, progress=False)
     assert torch.load(run.checkpoint_path("j"), weights_only=False)["step"] == 15
     _, _, fresh, _ = _setup()
     torch.manual_seed(123)  # the checkpoint, not the caller, decides the RNG state
@@ -168,18 +161,8 @@ def test_resume_from_a_checkpoint_without_scheduler_state(tmp_path):
     # a run that dies after its step-10 checkpoint, whose checkpoint then loses its scheduler state
     x, y, model, loss = _setup()
     short = Run(tmp_path / "c", cfg)
-
-    class Stop(Exception):
-        pass
-
-    def crashing(net, b, calls=[0]):
-        calls[0] += 1
-        if calls[0] > 12:
-            raise Stop
-        return loss(net, b)
-
     with pytest.raises(Stop):
-        train(model, crashing, lambda r: (x[r], y[r]), 200, cfg, job="j", run=short, progress=False)
+        train(model, crash_after(loss, 12), lambda r: (x[r], y[r]), 200, cfg, job="j", run=short, progress=False)
     state = torch.load(short.checkpoint_path("j"), weights_only=False)
     assert state["step"] == 10
     state["scheduler"] = None

@@ -7,6 +7,8 @@ from torch import nn
 from sparsedistill.distill import TrainConfig, train
 from sparsedistill.runs import Run
 
+from _helpers import Stop, crash_after
+
 pytestmark = pytest.mark.gpu
 
 
@@ -40,18 +42,8 @@ def test_graphed_run_resumes_and_logs(tmp_path):
     x, y, model, loss = _setup()
     ref = train(model, loss, lambda r: (x[r.cuda()], y[r.cuda()]), 512, cfg, job="j", run=Run(tmp_path / "a", cfg), progress=False)
     x, y, model, loss = _setup()
-
-    class Stop(Exception):
-        pass
-
-    def crashing(net, b, calls=[0]):
-        calls[0] += 1
-        if calls[0] > 22:  # dies after the step-20 checkpoint
-            raise Stop
-        return loss(net, b)
-
-    with pytest.raises(Stop):  # the first half eager: a graphed run resumes from an eager checkpoint
-        train(model, crashing, lambda r: (x[r.cuda()], y[r.cuda()]), 512, TrainConfig(**{**vars(cfg), "cuda_graph": False}), job="j",
+    with pytest.raises(Stop):  # the first half eager, dying after the step-20 checkpoint: a graphed run resumes from it
+        train(model, crash_after(loss, 22), lambda r: (x[r.cuda()], y[r.cuda()]), 512, TrainConfig(**{**vars(cfg), "cuda_graph": False}), job="j",
               run=Run(tmp_path / "b", cfg), progress=False)
     _, _, fresh, _ = _setup()
     resumed = train(fresh, loss, lambda r: (x[r.cuda()], y[r.cuda()]), 512, cfg, job="j", run=Run(tmp_path / "b", cfg, resume=True),

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runs import atomic_write_bytes
-from .train_data import TrainExample
+from .train_data import TrainExample, by_collection
 
 __all__ = ["TEACHERS", "minilm_path", "mpnet_path", "DenseTeacher", "SpladeTeacher", "load_teacher", "teacher_spec", "teacher_scores",
            "scores_cache_file", "dense_rankings"]
@@ -279,11 +279,7 @@ def dense_rankings(teacher: DenseTeacher, examples: Sequence[TrainExample], corp
     candidate scores later cost nothing more).
     """
     out: dict[str, list[str]] = {}
-    by_col: dict[str, list[TrainExample]] = {}
-    for ex in examples:
-        by_col.setdefault(ex.collection, []).append(ex)
-    for col, exs in by_col.items():
-        keys = sorted(k for k in corpus if k.startswith(col + "/"))
+    for _col, exs, keys in by_collection(examples, corpus):
         d = torch.from_numpy(teacher.encode_docs(keys, corpus, progress))
         q = torch.from_numpy(teacher.encode([ex.query for ex in exs], progress, f"{teacher.name} queries"))
         for s in range(0, len(exs), 1024):

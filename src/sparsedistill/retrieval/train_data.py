@@ -21,14 +21,14 @@ import re
 from itertools import zip_longest
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from ..data._locate import DatasetNotFound
 from ..data.beir import load_beir
 from .pseudo_queries import load_documents, pseudo_queries
 
 __all__ = ["TrainExample", "HeldOutQueries", "doc_key", "collection_name", "load_corpus", "held_out_queries", "normalize_query",
-           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "mine_candidates", "student_rankings", "interleave_rankings", "data_fingerprint"]
+           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "by_collection", "mine_candidates", "student_rankings", "interleave_rankings", "data_fingerprint"]
 
 
 @dataclass
@@ -132,6 +132,15 @@ def supervised_examples(name_or_path: str | Path, max_queries: int, seed: int, g
     return out, dropped
 
 
+def by_collection(examples: Sequence[TrainExample], corpus: Mapping[str, str]) -> Iterator[tuple[str, list[TrainExample], list[str]]]:
+    """``(collection, its examples, its document keys sorted)`` for each collection the examples query."""
+    groups: dict[str, list[TrainExample]] = {}
+    for ex in examples:
+        groups.setdefault(ex.collection, []).append(ex)
+    for col, exs in groups.items():
+        yield col, exs, sorted(k for k in corpus if k.startswith(col + "/"))
+
+
 def student_rankings(encoder, examples: Sequence[TrainExample], corpus: Mapping[str, str], depth: int, batch_size: int = 32,
                      progress: bool = False) -> dict[str, list[str]]:
     """Each query's top-``depth`` documents of its collection by the inference-free student as it is.
@@ -146,11 +155,7 @@ def student_rankings(encoder, examples: Sequence[TrainExample], corpus: Mapping[
     from .idf import IDFTable
 
     out: dict[str, list[str]] = {}
-    by_col: dict[str, list[TrainExample]] = {}
-    for ex in examples:
-        by_col.setdefault(ex.collection, []).append(ex)
-    for col, exs in by_col.items():
-        keys = sorted(k for k in corpus if k.startswith(col + "/"))
+    for col, exs, keys in by_collection(examples, corpus):
         texts = [corpus[k] for k in keys]
         qenc = QueryEncoder(encoder.tokenizer, IDFTable.from_corpus(texts, encoder.tokenizer))
         docs = []
@@ -185,11 +190,7 @@ def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_c
 
     if n_candidates < 2:
         raise ValueError(f"n_candidates must be >= 2 (a positive and a negative), got {n_candidates}")
-    by_col: dict[str, list[TrainExample]] = {}
-    for ex in examples:
-        by_col.setdefault(ex.collection, []).append(ex)
-    for c, exs in by_col.items():
-        keys = sorted(k for k in corpus if k.startswith(c + "/"))
+    for c, exs, keys in by_collection(examples, corpus):
         if len(keys) < n_candidates:
             raise ValueError(f"collection {c} has {len(keys)} documents, fewer than {n_candidates} candidates per query")
         res = [[] for _ in exs]
