@@ -24,13 +24,14 @@ from .. import distributed as dist
 __all__ = ["GraphedStep"]
 
 
-def _clone_tree(x: Any) -> Any:
+def _clone_tree(x: Any, device: torch.device) -> Any:
+    """Static buffers on the model's device: a host batch is copied in before each replay, outside the graph."""
     if isinstance(x, Tensor):
-        return x.detach().clone()
+        return x.detach().to(device, copy=True)
     if isinstance(x, (tuple, list)):
-        return type(x)(_clone_tree(v) for v in x)
+        return type(x)(_clone_tree(v, device) for v in x)
     if isinstance(x, dict):
-        return {k: _clone_tree(v) for k, v in x.items()}
+        return {k: _clone_tree(v, device) for k, v in x.items()}
     return x
 
 
@@ -57,14 +58,14 @@ def _copy_into(static: Any, new: Any, where: str = "batch") -> None:
 
 
 def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    """Average gradients over ranks in one collective; a parameter without a gradient on this rank sends
+    zeros, so every rank's buffer has the same layout (a mismatch would hang NCCL)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     torch.distributed.all_reduce(flat)
     flat /= dist.world_size()
-    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
+    for p, v in zip(params, flat.split([p.numel() for p in params])):
+        if p.grad is not None:
+            p.grad.copy_(v.view_as(p))
 
 
 class GraphedStep:
@@ -81,7 +82,9 @@ class GraphedStep:
                  grad_clip: float = 0.0, enforce: Callable[[nn.Module], None] | None = None, warmup: int = 3) -> None:
         if not all(p.is_cuda for p in params):
             raise ValueError("cuda_graph: every trained parameter must be on a CUDA device")
-        self.static_batch = _clone_tree(example_batch)
+        if warmup < 1:
+            raise ValueError(f"cuda_graph: warmup must be >= 1 (the last warm-up step checks for host reads), got {warmup}")
+        self.static_batch = _clone_tree(example_batch, params[0].device)
         sync = dist.world_size() > 1
 
         def body() -> tuple[Tensor, dict[str, Any]]:
@@ -98,38 +101,65 @@ class GraphedStep:
 
         own = {id(t) for t in model.parameters()}
         tensors = [*model.parameters(), *model.buffers(), *[p for p in params if id(p) not in own]]
+        if sync:  # what DDP's constructor does: every rank starts from rank 0's weights
+            for t in tensors:
+                torch.distributed.broadcast(t.data, 0)
         saved = [t.detach().clone() for t in tensors]
         saved_opt = {p: {k: v.clone() for k, v in s.items() if isinstance(v, Tensor)} for p, s in opt.state.items()}
         rng = torch.get_rng_state(), torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                opt.zero_grad(set_to_none=True)
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # undo the warm-up's updates in place: the graph records these very tensors
-            for t, v in zip(tensors, saved):
-                t.copy_(v)
-            for p, s in opt.state.items():
-                before = saved_opt.get(p, {})
-                for k, v in s.items():
-                    if isinstance(v, Tensor):
-                        if k in before:
-                            v.copy_(before[k])
-                        else:  # state the warm-up created: a fresh AdamW's is all zeros (moments, step)
-                            v.zero_()
-        torch.set_rng_state(rng[0])
-        torch.cuda.set_rng_state(rng[1])
+        try:
+            self._warm_up(body, opt, warmup)
+        finally:  # undo the warm-up's updates in place (the graph records these very tensors), even after a failure
+            with torch.no_grad():
+                for t, v in zip(tensors, saved):
+                    t.copy_(v)
+                for p, st in opt.state.items():
+                    before = saved_opt.get(p, {})
+                    for k, v in st.items():
+                        if isinstance(v, Tensor):
+                            if k in before:
+                                v.copy_(before[k])
+                            else:  # state the warm-up created: a fresh AdamW's is all zeros (moments, step)
+                                v.zero_()
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state(rng[1])
+            del saved, saved_opt
         opt.zero_grad(set_to_none=True)  # backward in the graph then writes fresh gradients on every replay
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
                 self.loss, self.metrics = body()
         except Exception as e:
-            raise RuntimeError(f"cuda_graph: the training step could not be captured ({type(e).__name__}: {e}). The loss or "
-                               "enforce function does something a CUDA graph cannot hold (a host read such as .item(), "
-                               "a data-dependent shape, CPU tensors); set cuda_graph = false") from e
+            cause = e.__context__ or e  # the capture's own end error hides what broke it
+            raise RuntimeError(f"cuda_graph: the training step could not be captured ({type(cause).__name__}: {cause}). "
+                               "Set cuda_graph = false and restart the process (a failed capture can leave CUDA's "
+                               "random-number state unusable in this one)") from e
+
+    @staticmethod
+    def _warm_up(body: Callable[[], Any], opt: torch.optim.Optimizer, steps: int) -> None:
+        """Real steps on a side stream; the last with host syncs turned into errors, so that a step the graph
+        could not hold fails here, with its own message, instead of inside the capture (which CUDA cannot undo)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(steps):
+                opt.zero_grad(set_to_none=True)
+                if i < steps - 1:  # the first steps may sync: lazy initialisation, AdamW's state
+                    body()
+                    continue
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    body()
+                except RuntimeError as e:
+                    if "synchroniz" not in str(e):
+                        raise
+                    raise RuntimeError(f"cuda_graph: the training step reads a device value on the host ({e}); a CUDA "
+                                       "graph cannot hold that (.item(), bool(tensor), printing, data-dependent shapes). "
+                                       "Remove the read from the loss / enforce function, or set cuda_graph = false") from e
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.current_stream().wait_stream(side)
 
     def __call__(self, batch: Any) -> tuple[Tensor, dict[str, Any]]:
         _copy_into(self.static_batch, batch)

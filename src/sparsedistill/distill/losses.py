@@ -31,6 +31,12 @@ __all__ = [
 Operator = str | SofteningOperator
 
 
+def _values_readable(t: Tensor) -> bool:
+    """False while a CUDA graph captures, or while host syncs are errors (how the graphed step checks a
+    step before capture): the value checks, which read the device, are skipped then."""
+    return not t.is_cuda or (not torch.cuda.is_current_stream_capturing() and torch.cuda.get_sync_debug_mode() != 2)
+
+
 def check_logits(student: Tensor, teacher: Tensor | None = None, name: str = "logits") -> None:
     """Raise a clear error for mismatched shapes, missing class dimension or NaN/inf values."""
     if student.ndim < 1:
@@ -45,7 +51,7 @@ def check_logits(student: Tensor, teacher: Tensor | None = None, name: str = "lo
             )
         raise ValueError(f"student {name} {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
     for who, t in (("student", student), ("teacher", teacher)):
-        if t is None or (t.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph cannot read values back
+        if t is None or not _values_readable(t):
             continue
         if not torch.isfinite(t).all():
             raise ValueError(f"{who} {name} contain NaN or inf; check the model outputs (fp16 overflow?)")

@@ -39,7 +39,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     log_every: int = 50
     checkpoint_every: int = 500
-    cuda_graph: bool = False  # capture each step in one CUDA graph (small models: host-bound otherwise); CUDA only
+    # Capture each step in one CUDA graph (small models are host-bound otherwise); CUDA only, fixed batch
+    # shapes, no host reads in the loss. Part of the run's config: a run resumes in the mode it started in.
+    cuda_graph: bool = False
 
 
 def batch_rows(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:
