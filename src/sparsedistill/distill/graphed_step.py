@@ -82,8 +82,8 @@ class GraphedStep:
                  grad_clip: float = 0.0, enforce: Callable[[nn.Module], None] | None = None, warmup: int = 3) -> None:
         if not all(p.is_cuda for p in params):
             raise ValueError("cuda_graph: every trained parameter must be on a CUDA device")
-        if warmup < 1:
-            raise ValueError(f"cuda_graph: warmup must be >= 1 (the last warm-up step checks for host reads), got {warmup}")
+        if warmup < 2:  # the first may sync (lazy set-up); the last checks that the step does not
+            raise ValueError(f"cuda_graph: warmup must be >= 2, got {warmup}")
         self.static_batch = _clone_tree(example_batch, params[0].device)
         sync = dist.world_size() > 1
 
