@@ -28,7 +28,8 @@ from ..data.beir import load_beir
 from .pseudo_queries import load_documents, pseudo_queries
 
 __all__ = ["TrainExample", "HeldOutQueries", "doc_key", "collection_name", "load_corpus", "held_out_queries", "normalize_query",
-           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "by_collection", "mine_candidates", "student_rankings", "interleave_rankings", "data_fingerprint"]
+           "check_no_test_leakage", "pseudo_examples", "supervised_examples", "by_collection", "mine_candidates",
+           "student_rankings", "interleave_rankings", "data_fingerprint"]
 
 
 @dataclass
@@ -175,7 +176,11 @@ def interleave_rankings(*rankings: Mapping[str, Sequence[str]] | None) -> dict[s
     """One ranking per query id: the given rankings taken in turns, repeats dropped."""
     given = [r for r in rankings if r]
     qids = dict.fromkeys(q for r in given for q in r)
-    return {q: list(dict.fromkeys(x for tier in zip_longest(*(r.get(q, []) for r in given)) for x in tier if x)) for q in qids}
+    return {q: _interleave(*(r.get(q, []) for r in given)) for q in qids}
+
+
+def _interleave(*lists: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(x for tier in zip_longest(*lists) for x in tier if x))
 
 
 def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_candidates: int, bm25_depth: int, seed: int,
@@ -203,7 +208,7 @@ def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_c
             ranked = [keys[int(i)] for i in row]
             extra = (extra_rankings or {}).get(ex.qid, [])
             pos = set(ex.positives)
-            pool = [k for k in dict.fromkeys(x for pair in zip_longest(ranked, extra) for x in pair if x) if k not in pos]
+            pool = [k for k in _interleave(ranked, extra) if k not in pos]
             rng = random.Random(f"{seed}:{ex.qid}")
             need = n_candidates - 1
             negs = rng.sample(pool, need) if len(pool) >= need else pool + rng.sample([k for k in keys if k not in pos and k not in pool],
