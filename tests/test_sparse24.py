@@ -108,3 +108,18 @@ def test_compiled_and_graphed_model_matches_eager(fmt):
     # activations land one int8 step apart; compiled must be as accurate as eager, not equal to it.
     assert err(out) < max(1e-2, 1.25 * err(eager)), (err(out), err(eager))
     assert err(eager) < 5e-2
+
+
+def test_plan_screen_drops_only_far_slower_candidates(monkeypatch):
+    import time
+
+    from sparsedistill.weights import sparse24
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the "kernels" below are host sleeps
+    delay = {(True, 0): 0.0, (False, 7): 0.0}
+    run = lambda c: time.sleep(delay[c])  # noqa: E731
+    delay[(True, 0)] = 0.06  # 60 ms a call against ~0: pathological, dropped before any graph timing
+    assert sparse24._screen(list(delay), run) == [(False, 7)]
+    delay[(True, 0)] = 0.002  # 2 ms: slower, but within host-overhead range: both go on to the graphed timing
+    assert sparse24._screen(list(delay), run) == [(True, 0), (False, 7)]
+    assert sparse24._screen([(True, 0)], run) == [(True, 0)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shlex
 import sys
 import time
@@ -350,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in each run's environment.json
+    if os.environ.get("SPARSEDISTILL_LOG"):  # e.g. SPARSEDISTILL_LOG=info: the library's own records (cuSPARSELt plans, ...)
+        logging.basicConfig(level=os.environ["SPARSEDISTILL_LOG"].upper(), format="%(asctime)s %(name)s: %(message)s")
     from . import distributed
 
     try:

@@ -14,6 +14,8 @@ says which path runs.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from typing import Literal
 
 import torch
@@ -25,6 +27,8 @@ from .pruning import is_nm_sparse
 from .quant import QMAX
 
 __all__ = ["Sparse24Format", "Sparse24Linear", "CUDAGraphed"]
+
+log = logging.getLogger(__name__)
 
 Sparse24Format = Literal["fp16", "int8", "fp8"]
 _QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -182,10 +186,20 @@ class Sparse24Linear(nn.Module):
         """
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"no cuSPARSELt plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
+        t0 = time.perf_counter()
+        shape = f"{self.fmt} {self.out_features}x{self.in_features} weight, {xk.shape[0]} tokens"
         if self.fmt != "fp16":
-            return True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
+            plan = True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
+            log.info("cuSPARSELt plan for %s: %s (search %.2f s)", shape, plan, time.perf_counter() - t0)
+            return plan
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
-        return min(candidates, key=lambda c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5))
+        t_search = time.perf_counter() - t0
+        candidates = _screen(candidates, lambda c: self._gemm(xk, bias, out_dtype, *c))
+        graphed = {c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5) for c in candidates}
+        plan = min(graphed, key=graphed.get)
+        log.info("cuSPARSELt plan for %s: %s (search %.2f s; graphed ms %s; %.2f s in all)", shape, plan, t_search,
+                 {c: round(v, 3) for c, v in graphed.items()}, time.perf_counter() - t0)
+        return plan
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
@@ -197,6 +211,28 @@ class Sparse24Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
+
+
+def _screen(candidates: list[tuple[bool, int]], run, slower: float = 10.0, floor_ms: float = 5.0) -> list[tuple[bool, int]]:
+    """Drop candidates whose single eager call is both ``slower`` x the fastest and over ``floor_ms``.
+
+    Timing a candidate in a graph takes ~25 calls; algorithm 0 with a transposed result can take
+    ~270 ms a call at narrow fp16 layers (benchmarks/probes/first_call_probe_h100.txt), seconds per
+    layer shape for a plan that cannot win. Eager time includes host overhead (up to ~1 ms), so only
+    a gap far beyond it rules a candidate out; close calls are left to the graphed timing.
+    """
+    if len(candidates) < 2:
+        return candidates
+    once = {}
+    for c in candidates:
+        run(c)  # first call: the plan's set-up, not its speed
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(c)
+        torch.cuda.synchronize()
+        once[c] = (time.perf_counter() - t0) * 1e3
+    best = min(once.values())
+    return [c for c in candidates if not (once[c] > slower * best and once[c] > floor_ms)]
 
 
 @torch.library.custom_op("sparsedistill::cslt_mm", mutates_args=())
