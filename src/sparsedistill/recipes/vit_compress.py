@@ -57,7 +57,7 @@ class ModelConfig:
 @dataclass
 class TeacherConfig(TrainConfig):
     label_smoothing: float = 0.1
-    steps: int = 12000  # 51 epochs of 60,000 images at batch 256
+    steps: int = 36000  # 154 epochs of 60,000 images at batch 256: 12,000 (51 epochs) stopped at 91.8-92.3 %
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
