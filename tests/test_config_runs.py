@@ -142,10 +142,11 @@ def test_indexcache_presets_load():
     assert load_config(IndexCacheConfig, "short", recipe="indexcache").data.train_context == 256
 
 
-def test_cuda_graph_on_the_cpu_warns_and_trains_as_usual():
+def test_cuda_graph_on_the_cpu_trains_as_usual(monkeypatch):
     x, y, model, loss = _setup()
     ref = train(model, loss, lambda r: (x[r], y[r]), 200, TrainConfig(steps=10, batch_size=20, lr=0.01), job="j", progress=False)
     x, y, model, loss = _setup()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, the model left on the CPU: say so
     with pytest.warns(UserWarning, match="cuda_graph needs the model on a CUDA device"):
         got = train(model, loss, lambda r: (x[r], y[r]), 200, TrainConfig(steps=10, batch_size=20, lr=0.01, cuda_graph=True),
                     job="j", progress=False)

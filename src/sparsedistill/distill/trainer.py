@@ -39,8 +39,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     log_every: int = 50
     checkpoint_every: int = 500
-    # Capture each step in one CUDA graph (small models are host-bound otherwise); CUDA only, fixed batch
-    # shapes, no host reads in the loss. Part of the run's config: a run resumes in the mode it started in.
+    # Capture each step in one CUDA graph (small models are host-bound otherwise): fixed batch shapes, no
+    # host reads in the loss; no effect on a machine without CUDA. A run resumes in the mode it started in.
     cuda_graph: bool = False
 
 
@@ -92,7 +92,7 @@ def train(
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     graphed = cfg.cuda_graph and all(p.is_cuda for p in params)
-    if cfg.cuda_graph and not graphed:
+    if cfg.cuda_graph and not graphed and torch.cuda.is_available():  # without CUDA the option has no effect, by design
         warnings.warn(f"{job}: cuda_graph needs the model on a CUDA device; training without graphs", stacklevel=2)
     # A graphed step reads the learning rate from a device tensor, set before each replay (no LR scheduler).
     lr_t = torch.tensor(cfg.lr, device=params[0].device) if graphed else None

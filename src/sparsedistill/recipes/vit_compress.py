@@ -62,6 +62,7 @@ class TeacherConfig(TrainConfig):
     lr: float = 1e-3
     weight_decay: float = 0.05
     checkpoint_every: int = 1000
+    cuda_graph: bool = True  # 2x faster steps for this small ViT on a GPU (no effect on a CPU)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class QATConfig:
     formats: list[str] = field(default_factory=lambda: ["int8", "fp8"])
     teacher: str = "dense"  # "dense" (the teacher) or "sparse" (the 2:4 fp16 student)
     calibration_batches: int = 4
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=1e-4, checkpoint_every=400))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=1e-4, checkpoint_every=400, cuda_graph=True))
 
 
 @dataclass
@@ -104,7 +105,8 @@ class CompressConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    student: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, lr=2e-4, weight_decay=0.0, checkpoint_every=1000))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, lr=2e-4, weight_decay=0.0, checkpoint_every=1000,
+                                                                      cuda_graph=True))
     qat: QATConfig = field(default_factory=QATConfig)
     ablation: bool = True  # also train the 2:4 student with CE only and CE + logits
     unsupervised: bool = True  # also the label-free path: sparse and int8 students from KD terms only
