@@ -65,3 +65,22 @@ def test_console_script_is_installed():
     assert exe, "the sparsedistill console script is not installed next to this Python"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "kd" in out.stdout
+
+
+def test_log_level_from_the_environment(capsys):
+    import logging
+
+    from sparsedistill.cli import _configure_logging
+
+    log = logging.getLogger("sparsedistill")
+    before = (log.level, list(log.handlers))
+    try:
+        _configure_logging("not-a-level")  # a clear note, no crash
+        assert "not a logging level" in capsys.readouterr().err
+        _configure_logging("info")
+        assert log.getEffectiveLevel() == logging.INFO
+        _configure_logging("10")
+        assert log.level == logging.DEBUG
+    finally:
+        log.setLevel(before[0])
+        log.handlers[:] = before[1]

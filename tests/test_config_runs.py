@@ -154,6 +154,18 @@ def test_cuda_graph_on_the_cpu_trains_as_usual(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_cuda_graph_without_cuda_is_silent(monkeypatch):
+    """The ViT recipe turns graphs on by default: a CPU-only machine (the demo, CI) trains eagerly without a word."""
+    import warnings
+
+    x, y, model, loss = _setup()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, loss, lambda r: (x[r], y[r]), 200, TrainConfig(steps=3, batch_size=20, lr=0.01, cuda_graph=True),
+              job="j", progress=False)
+
+
 def test_resume_from_a_checkpoint_without_scheduler_state(tmp_path):
     """A graphed run saves no LR-scheduler state (its rate is a function of the step): an eager resume rebuilds it."""
     cfg = TrainConfig(steps=30, batch_size=20, lr=0.01, log_every=5, checkpoint_every=10)

@@ -111,15 +111,15 @@ def test_compiled_and_graphed_model_matches_eager(fmt):
 
 
 def test_plan_screen_drops_only_far_slower_candidates(monkeypatch):
-    import time
-
     from sparsedistill.weights import sparse24
 
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the "kernels" below are host sleeps
-    delay = {(True, 0): 0.0, (False, 7): 0.0}
-    run = lambda c: time.sleep(delay[c])  # noqa: E731
-    delay[(True, 0)] = 0.06  # 60 ms a call against ~0: pathological, dropped before any graph timing
-    assert sparse24._screen(list(delay), run) == [(False, 7)]
-    delay[(True, 0)] = 0.002  # 2 ms: slower, but within host-overhead range: both go on to the graphed timing
-    assert sparse24._screen(list(delay), run) == [(True, 0), (False, 7)]
-    assert sparse24._screen([(True, 0)], run) == [(True, 0)]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    now = [0.0]  # a fake clock (seconds) that each "kernel" call advances by its candidate's cost
+    cost = {(True, 0): 0.0, (False, 7): 0.0001}
+    run = lambda c: now.__setitem__(0, now[0] + cost[c])  # noqa: E731
+    clock = lambda: now[0]  # noqa: E731
+    cost[(True, 0)] = 0.06  # 60 ms a call against 0.1: pathological, dropped before any graph timing
+    assert sparse24._screen(list(cost), run, clock=clock) == [(False, 7)]
+    cost[(True, 0)] = 0.002  # 2 ms: slower, but within host-overhead range: both go on to the graphed timing
+    assert sparse24._screen(list(cost), run, clock=clock) == [(True, 0), (False, 7)]
+    assert sparse24._screen([(True, 0)], run, clock=clock) == [(True, 0)]

@@ -33,7 +33,7 @@ from sparsedistill.runs import environment  # noqa: E402
 
 
 def doc_matrix(name: str, ids: list[str], texts: list[str], enc: SparseDocEncoder, cache: Path, batch: int = 32) -> torch.Tensor:
-    """(documents, vocab) sparse CSR of the untrained encoder's vectors, cached."""
+    """(documents, vocab) sparse matrix of the untrained SPLADE-tiny's vectors, cached (the key assumes that encoder)."""
     f = cache / f"{name}_docs_{enc.max_length}.pt"
     if f.exists():
         return torch.load(f)
@@ -94,7 +94,7 @@ def main() -> int:
     train = load_beir("scifact", "train")
     ids = cols["scifact"][1]
     pos = {i: n for n, i in enumerate(ids)}
-    tq = sorted(q for q in train.qrels if any(d in pos for d in train.qrels[q]))
+    tq = sorted(q for q in train.qrels if any(d in pos and gain > 0 for d, gain in train.qrels[q].items()))
     random.Random(0).shuffle(tq)
     dev_q, fit_q = tq[: len(tq) // 5], tq[len(tq) // 5 :]
     target = torch.zeros(len(fit_q), len(ids))
@@ -111,11 +111,11 @@ def main() -> int:
 
     out: dict = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
                  "fit_queries": len(fit_q), "dev_queries": len(dev_q), "runs": []}
-    g0 = torch.zeros(tok.vocab_size)
+    g0 = torch.zeros(q_fit.shape[1])
     base_dev = dev_ndcg(g0)
     best = {"dev_ndcg@10": base_dev, "l2": None, "step": 0, "g": g0}
     for l2 in args.l2:
-        g = torch.zeros(tok.vocab_size, requires_grad=True)
+        g = torch.zeros(q_fit.shape[1], requires_grad=True)
         opt = torch.optim.Adam([g], lr=args.lr)
         curve = []
         t0 = time.time()

@@ -348,12 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(level: str) -> None:
+    """``SPARSEDISTILL_LOG=info`` (a level name or number) prints the library's own records, e.g. cuSPARSELt plan choices."""
+    if not level:
+        return
+    value = int(level) if level.isdigit() else logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        print(f"sparsedistill: SPARSEDISTILL_LOG={level!r} is not a logging level (debug, info, warning, ...); ignored",
+              file=sys.stderr)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log = logging.getLogger("sparsedistill")  # ours only: other libraries keep their own levels
+    log.setLevel(value)
+    log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in each run's environment.json
-    if os.environ.get("SPARSEDISTILL_LOG"):  # e.g. SPARSEDISTILL_LOG=info: the library's own records (cuSPARSELt plans, ...)
-        logging.basicConfig(level=os.environ["SPARSEDISTILL_LOG"].upper(), format="%(asctime)s %(name)s: %(message)s")
+    _configure_logging(os.environ.get("SPARSEDISTILL_LOG", ""))
     from . import distributed
 
     try:
