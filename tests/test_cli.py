@@ -80,7 +80,7 @@ def test_log_level_from_the_environment(capsys):
         _configure_logging("info")
         assert log.getEffectiveLevel() == logging.INFO
         _configure_logging("10")
-        assert log.level == logging.DEBUG
+        assert log.level == logging.DEBUG and len(log.handlers) == len(before[1]) + 1
     finally:
         log.setLevel(before[0])
         log.handlers[:] = before[1]

@@ -357,11 +357,12 @@ def _configure_logging(level: str) -> None:
         print(f"sparsedistill: SPARSEDISTILL_LOG={level!r} is not a logging level (debug, info, warning, ...); ignored",
               file=sys.stderr)
         return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     log = logging.getLogger("sparsedistill")  # ours only: other libraries keep their own levels
     log.setLevel(value)
-    log.addHandler(handler)
+    if not log.handlers:  # main() may run more than once in a process (tests, notebooks): one handler
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,8 +195,9 @@ class Sparse24Linear(nn.Module):
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
         t_search = time.perf_counter() - t0
         candidates = _screen(candidates, lambda c: self._gemm(xk, bias, out_dtype, *c))
-        graphed = {c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5) for c in candidates}
-        plan = min(graphed, key=graphed.get)
+        graphed = {} if len(candidates) == 1 else {  # one left after the screen: nothing to compare
+            c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5) for c in candidates}
+        plan = min(graphed, key=graphed.get) if graphed else candidates[0]
         log.info("cuSPARSELt plan for %s: %s (search %.2f s; graphed ms %s; %.2f s in all)", shape, plan, t_search,
                  {c: round(v, 3) for c, v in graphed.items()}, time.perf_counter() - t0)
         return plan
