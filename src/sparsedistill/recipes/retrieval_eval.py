@@ -40,13 +40,19 @@ class RetrievalEvalConfig:
     # Teachers (minilm | mpnet | splade) evaluated as full retrievers on the same test sets: the
     # quality a distilled student can hope to approach. Dense ones cost minutes per collection on a CPU.
     teachers: list[str] = field(default_factory=list)
+    # The encoder folder's learned query-term weights (query_weights.json), if it has them, on top of each IDF table;
+    # false = plain IDF. Either way the report shows both when the weights exist.
+    query_weights: bool = True
 
 
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: bool) -> dict[str, Any]:
+def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: bool, docs: torch.Tensor | None = None,
+                        term_weights=None) -> dict[str, Any]:
+    """``docs``: the collection's document vectors if already encoded (sparse, corpus order); ``term_weights``: a
+    ``QueryTermWeights`` applied on top of the collection's IDF (then ``ours_plain_idf`` holds the IDF-only figures)."""
     import bm25s
     from ranx import Qrels, Run as RanxRun, evaluate
 
@@ -72,19 +78,26 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
                                                                        for i, q in enumerate(qids)}), metrics).items()}
 
     # ours: documents through the model once, queries through the IDF table
-    t0 = time.time()
-    with torch.no_grad():
-        chunks = [encoder(texts[s : s + cfg.batch_size]).to_sparse() for s in
-                  tqdm(range(0, len(texts), cfg.batch_size), desc=f"encode {name}", disable=not progress, leave=False)]
-    docs = torch.cat(chunks).coalesce()
-    out["docs_per_s_cpu"] = len(ids) / (time.time() - t0)
+    if docs is None:
+        t0 = time.time()
+        docs = encode_documents(encoder, texts, cfg.batch_size, progress, name)
+        out["docs_per_s_cpu"] = len(ids) / (time.time() - t0)
+    elif docs.shape[0] != len(ids):
+        raise ValueError(f"{name}: {docs.shape[0]} precomputed document vectors for {len(ids)} documents")
+    docs = docs.coalesce()
     out["nnz_per_doc"] = docs.values().numel() / len(ids)
     idf = IDFTable.from_corpus(texts, encoder.tokenizer)
-    qenc = QueryEncoder(encoder.tokenizer, idf)
     docs_t = docs.t().coalesce().to_sparse_csr()  # (vocab, docs): a query row times it scores every document
-    scores = torch.cat([(qenc([queries[q] for q in qids[s : s + 64]]).to_sparse_csr() @ docs_t).to_dense()
-                        for s in range(0, len(qids), 64)])
-    out["ours"] = ranked_metrics(scores, ids, qids, qrels, depth)
+
+    def exact_scores(qenc) -> torch.Tensor:
+        return torch.cat([(qenc([queries[q] for q in qids[s : s + 64]]).to_sparse_csr() @ docs_t).to_dense()
+                          for s in range(0, len(qids), 64)])
+    if term_weights is not None:
+        out["ours_plain_idf"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
+        idf = term_weights.apply(idf)
+        out["query_weights"] = term_weights.stats()
+    qenc = QueryEncoder(encoder.tokenizer, idf)
+    out["ours"] = ranked_metrics(exact_scores(qenc), ids, qids, qrels, depth)
 
     with tempfile.TemporaryDirectory(prefix="sparse-index-") as index_dir:
         index = SparseIndex.create(index_dir, docs.shape[1], tokenizer_fingerprint(encoder.tokenizer))
@@ -119,6 +132,14 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
             mats["ensemble"] = ensemble_over_candidates(list(mats.values()), depth)
         out["teachers"] = {t: ranked_metrics(m, ids, qids, qrels, depth) for t, m in mats.items()}
     return out
+
+
+def encode_documents(encoder, texts: list[str], batch_size: int, progress: bool, name: str = "") -> torch.Tensor:
+    """(documents, vocab) sparse COO document vectors, in ``texts`` order."""
+    with torch.no_grad():
+        chunks = [encoder(texts[s : s + batch_size]).to_sparse() for s in
+                  tqdm(range(0, len(texts), batch_size), desc=f"encode {name}", disable=not progress, leave=False)]
+    return torch.cat(chunks).coalesce()
 
 
 def teacher_score_matrix(name: str, texts: list[str], qtexts: list[str], cfg: RetrievalEvalConfig, progress: bool) -> torch.Tensor:
@@ -159,13 +180,16 @@ def run_retrieval_eval(cfg: RetrievalEvalConfig, run_dir: Path, resume: bool = F
     from ..retrieval import SparseDocEncoder
 
     run = Run(run_dir, cfg, resume=resume, command=command)
+    from ..retrieval.term_weights import QueryTermWeights
+
     encoder = SparseDocEncoder(cfg.encoder or None, max_length=cfg.max_length, max_terms=cfg.max_terms).eval()
+    weights = QueryTermWeights.find(cfg.encoder, encoder.tokenizer) if cfg.query_weights else None
     results = []
     for name in cfg.collections:
         job = f"eval-{Path(name).name}"  # a name, or a path to a BEIR-layout folder
         r = run.result(job)
         if r is None:
-            r = evaluate_collection(name, cfg, encoder, progress)
+            r = evaluate_collection(name, cfg, encoder, progress, term_weights=weights)
             run.save_result(job, r)
         results.append(r)
     return _report(run, results)
@@ -183,7 +207,7 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
              f"{100 * (r['ours']['ndcg@10'] - r['bm25']['ndcg@10']):+.2f}", f"{100 * r['bm25']['recall@100']:.2f}",
              f"{100 * r['ours']['recall@100']:.2f}", f"{r['nnz_per_doc']:.0f}",
              f"{r['latency_ms']['bm25_p50']:.2f} / {r['latency_ms']['bm25_p99']:.2f}",
-             f"{r['latency_ms']['ours_p50']:.2f} / {r['latency_ms']['ours_p99']:.2f}", f"{r['docs_per_s_cpu']:.0f}",
+             f"{r['latency_ms']['ours_p50']:.2f} / {r['latency_ms']['ours_p99']:.2f}", f"{r['docs_per_s_cpu']:.0f}" if "docs_per_s_cpu" in r else "-",
              _index_cells(r)] for r in results]
     fig, ax = plt.subplots(figsize=(6, 3))
     teachers = list(dict.fromkeys(t for r in results for t in r.get("teachers", {})))
@@ -206,6 +230,14 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
                           "ours R@100", "nonzeros/doc", "BM25 latency p50/p99 ms", "ours latency p50/p99 ms", "docs/s encoded (CPU)",
                           "index MB / NDCG@10 via index"], rows),
           ""]
+    learned = [r for r in results if "ours_plain_idf" in r]
+    if learned:
+        md += ["The encoder's learned query-term weights (`query_weights.json`) multiply each collection's IDF above; "
+               "with plain IDF queries instead (NDCG@10 / Recall@100, exact scores):", "",
+               markdown_table(["collection", "plain IDF", "learned weights", "entries moved"], [[
+                   r["collection"], f"{100 * r['ours_plain_idf']['ndcg@10']:.2f} / {100 * r['ours_plain_idf']['recall@100']:.2f}",
+                   f"{100 * r['ours']['ndcg@10']:.2f} / {100 * r['ours']['recall@100']:.2f}", r["query_weights"]["entries_moved"]]
+                   for r in learned]), ""]
     if teachers:
         md += ["Teachers as full retrievers on the same test queries (NDCG@10 / Recall@100): what distilling from them can approach.", "",
                markdown_table(["collection", *teachers], [[r["collection"], *[

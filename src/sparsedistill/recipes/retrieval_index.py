@@ -3,7 +3,8 @@
 ``build_collection_index`` encodes a BEIR-layout corpus with ``SparseDocEncoder`` into chunk files
 (``<index>/chunks/chunk-*.npz``, float CSR rows, each written atomically), so a killed run picks up
 at the first missing chunk; then adds every chunk not yet in the index (one atomic segment each),
-compacts to one segment, and writes ``idf.json`` for the query side. ``open_collection_index`` gives
+compacts to one segment, and writes ``idf.json`` for the query side (times the encoder's learned
+query-term weights, ``query_weights.json``, when it has them: the index's one effective table). ``open_collection_index`` gives
 back what ``retrieval search`` needs: the index, the query encoder and, if found, the corpus.
 """
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.beir import BeirCollection, load_beir
+from ..retrieval.term_weights import QUERY_WEIGHTS_FILE, QueryTermWeights
 from ..runs import atomic_write_bytes
 
 __all__ = ["build_collection_index", "open_collection_index", "IDF_FILE"]
@@ -36,7 +38,7 @@ def _collection_ref(collection: str) -> str:
 def _weights_sha(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*")):
-        if f.suffix in (".safetensors", ".bin", ".pt"):
+        if f.suffix in (".safetensors", ".bin", ".pt") or f.name == QUERY_WEIGHTS_FILE:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
@@ -117,10 +119,10 @@ def build_collection_index(collection: str, index_dir: Path, encoder: str = "", 
             index.add([chunk_ids[r] for r in new], _load_chunk(chunk_file(i))[new])
     index.compact()
 
-    # 3. the query side: IDF from this corpus, with the encoder's tokenizer
-    idf_file = index_dir / IDF_FILE
-    if not idf_file.exists() or IDFTable.load(idf_file).fingerprint != tokenizer_fingerprint(tok):
-        IDFTable.from_corpus(texts, tok).save(idf_file)
+    # 3. the query side: IDF from this corpus with the encoder's tokenizer, times its learned term weights if any
+    idf = IDFTable.from_corpus(texts, tok)
+    weights = QueryTermWeights.find(encoder_path, tok)
+    (weights.apply(idf) if weights is not None else idf).save(index_dir / IDF_FILE)
     return index
 
 

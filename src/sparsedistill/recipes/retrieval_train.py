@@ -12,9 +12,13 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpo
   pretrain-<variant>-s<seed>               pseudo-query pre-training (not for ``no-pretrain``)
   finetune-<variant>-s<seed>               train qrels; then the encoder is saved to models/<variant>-s<seed>/
   train-<variant>-s<seed>                  the job's training statistics
+  query-<variant>-s<seed>                  with ``query.learn`` (always for ``query-only``): per-token multipliers on
+                                           the IDF query side, learned on the train qrels (+ pseudo-queries) with the
+                                           documents fixed, saved beside the model as query_weights.json
   eval-<variant>-s<seed>-<collection>      ``retrieval_eval.evaluate_collection`` on the test qrels
 Variants: ``main`` (ensemble, IDF-aware FLOPS, pre-training) and its ablations ``plain-flops``,
-``single-teacher`` and ``no-pretrain``.
+``single-teacher`` and ``no-pretrain``; ``query-only`` (not in the defaults) keeps the documents as
+shipped and learns only the query-term weights.
 """
 
 from __future__ import annotations
@@ -36,18 +40,19 @@ from .. import distributed as dist
 from ..data.beir import ir_data_root, load_beir
 from ..distill import TrainConfig, ensemble_scores, train
 from ..report import markdown_table, plt, save_figure, command_line
-from ..runs import Run, atomic_write_bytes
+from ..runs import Run, atomic_torch_save, atomic_write_bytes
 from ..retrieval.flops import flops_loss, flops_weight
 from ..retrieval.losses import RANKING_LOSSES, ranking_loss
 from ..retrieval.pseudo_queries import PSEUDO_KINDS
 from ..retrieval.teachers import TEACHERS, dense_rankings, load_teacher, teacher_scores, teacher_spec
-from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, interleave_rankings,
-                                    load_corpus, mine_candidates, pseudo_examples, student_rankings, supervised_examples,
-                                    held_out_queries)
+from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, doc_key,
+                                    interleave_rankings, load_corpus, mine_candidates, pseudo_examples, student_rankings,
+                                    supervised_examples, held_out_queries)
 
 __all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "save_encoder"]
 
-VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain")
+VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain", "query-only")
+TRAINED_VARIANTS = VARIANTS[:4]  # the ones whose document encoder is trained (the default list)
 
 
 @dataclass
@@ -127,14 +132,30 @@ class EvalConfig:
 
 
 @dataclass
+class QueryConfig:
+    """Learned query-term weights (``retrieval/term_weights.py``): IDF x exp(g) per vocabulary entry, documents fixed."""
+
+    learn: bool = False  # after each trained variant (``query-only`` always learns)
+    supervised: bool = True  # fit on data.supervised's train qrels
+    pseudo_corpora: list[str] = field(default_factory=list)  # also pseudo-queries of these corpora (positive: their document)
+    pseudo_docs: int = 500  # documents drawn per pseudo corpus (0 = all)
+    dev_fraction: float = 0.2  # of each query set, held out to choose the step (test qrels choose nothing)
+    steps: int = 50
+    lr: float = 0.05
+    l2: float = 0.03
+    eval_every: int = 10
+
+
+@dataclass
 class RetrievalTrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(TRAINED_VARIANTS))
     data: DataConfig = field(default_factory=DataConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
 
 def validate(cfg: RetrievalTrainConfig) -> None:
@@ -159,14 +180,22 @@ def validate(cfg: RetrievalTrainConfig) -> None:
         raise ValueError("data.supervised is empty: there is nothing to fine-tune on; set student.finetune.steps=0 and drop 'no-pretrain'")
     if not cfg.data.pseudo_corpora and cfg.student.pretrain.steps > 0:
         raise ValueError("data.pseudo_corpora is empty: nothing to pre-train on; set student.pretrain.steps=0")
-    if cfg.student.pretrain.steps <= 0 and cfg.student.finetune.steps <= 0:
-        raise ValueError("student.pretrain.steps and student.finetune.steps are both 0: nothing to train")
+    trained = [v for v in cfg.variants if v != "query-only"]
+    if trained and cfg.student.pretrain.steps <= 0 and cfg.student.finetune.steps <= 0:
+        raise ValueError("student.pretrain.steps and student.finetune.steps are both 0: nothing to train "
+                         "(variants=[\"query-only\"] learns the query side alone)")
+    q = cfg.query
+    if (q.learn or "query-only" in cfg.variants) and not ((q.supervised and cfg.data.supervised) or q.pseudo_corpora):
+        raise ValueError("learning query-term weights needs queries: set data.supervised (with query.supervised=true) "
+                         "or query.pseudo_corpora")
+    if not 0 < q.dev_fraction < 1:
+        raise ValueError(f"query.dev_fraction must be in (0, 1), got {q.dev_fraction}")
 
 
 def _variant(cfg: RetrievalTrainConfig, v: str) -> dict[str, Any]:
     """What a variant changes: its teachers (with weights), FLOPS form and weight, and whether it pre-trains."""
     t = cfg.teachers
-    teachers = [(t.single, 1.0)] if v == "single-teacher" else list(zip(t.names, t.weights))
+    teachers = [] if v == "query-only" else [(t.single, 1.0)] if v == "single-teacher" else list(zip(t.names, t.weights))
     idf = v != "plain-flops"
     return {"teachers": teachers, "idf_flops": idf, "flops_weight": cfg.loss.flops_weight if idf else cfg.loss.plain_flops_weight,
             "pretrain": v != "no-pretrain" and cfg.student.pretrain.steps > 0}
@@ -206,11 +235,16 @@ class TrainingData:
     scores: dict[tuple[str, str], Any] = field(default_factory=dict)  # (stage, teacher) -> (queries, candidates) array
 
 
+def _training_corpora(cfg: RetrievalTrainConfig) -> list[str]:
+    d = cfg.data
+    return list(dict.fromkeys([*d.pseudo_corpora, *([d.supervised] if d.supervised else [])]))
+
+
 def prepare_data(cfg: RetrievalTrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> TrainingData:
     """Build (or load from the cache) the training sets, then every needed teacher's scores (cached too)."""
     d = cfg.data
     cache = Path(cfg.teachers.cache_dir)
-    names = list(dict.fromkeys([*d.pseudo_corpora, *([d.supervised] if d.supervised else [])]))
+    names = _training_corpora(cfg)
     corpus: dict[str, str] = {}
     for n in names:
         corpus.update(load_corpus(_collection_dir(n)))
@@ -363,6 +397,7 @@ class RetrievalTrain:
         self._idf = None
         self._col_idf: dict[str, Any] = {}
         self._anchor = None
+        self._doc_encoder: tuple[str, Any] | None = None  # (label, encoder) of the last documents encoded
 
     @property
     def data(self) -> TrainingData:
@@ -398,7 +433,9 @@ class RetrievalTrain:
             if f.exists():
                 self._idf = IDFTable.load(f, tokenizer)
             else:
-                self._idf = IDFTable.from_corpus(list(self.data.corpus.values()), tokenizer)
+                corpus = self._data.corpus if self._data is not None else {  # query-only runs never build training sets
+                    k: t for n in _training_corpora(self.cfg) for k, t in load_corpus(_collection_dir(n)).items()}
+                self._idf = IDFTable.from_corpus(list(corpus.values()), tokenizer)
                 if dist.is_main():
                     self._idf.save(f)
         return self._idf
@@ -488,6 +525,12 @@ class RetrievalTrain:
         model_dir = self.run.path / "models" / job
         if self.run.result(f"train-{job}") is not None and (model_dir / "config.json").exists():
             return model_dir
+        if variant == "query-only":  # the encoder as shipped, saved so that its query weights have a home
+            encoder = self.new_encoder()
+            if dist.is_main():
+                save_encoder(encoder, self.idf(encoder.tokenizer), model_dir)
+            self.run.save_result(f"train-{job}", {"variant": variant, "seed": seed, "teachers": [], "trained": False})
+            return model_dir
         v = _variant(self.cfg, variant)
         encoder = self.new_encoder()
         stats: dict[str, Any] = {"variant": variant, "seed": seed, "teachers": v["teachers"], "idf_flops": v["idf_flops"],
@@ -504,26 +547,103 @@ class RetrievalTrain:
         self.run.save_result(f"train-{job}", stats)
         return model_dir
 
+    def _eval_encoder(self, label: str, model_dir: Path | None) -> "_EvalEncoder":
+        if self._doc_encoder is None or self._doc_encoder[0] != label:
+            from ..retrieval import SparseDocEncoder
+
+            ml = self.cfg.eval.max_length or self.cfg.student.max_length
+            enc = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=ml).to(self.device).eval()
+            self._doc_encoder = (label, _EvalEncoder(enc, self.amp))
+        return self._doc_encoder[1]
+
+    def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float]:
+        """``(ids, (documents, vocab) sparse vectors, documents/s)`` of a collection under a model at the evaluation
+        length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
+        from .retrieval_eval import encode_documents
+
+        ml = self.cfg.eval.max_length or self.cfg.student.max_length
+        f = self.run.path / "doc-vectors" / f"{label}-{collection_name(collection)}-{ml}.pt"
+        col = load_beir(collection)
+        ids = list(col.corpus)
+        if f.exists():
+            saved = torch.load(f)
+            if saved["ids"] == ids:
+                m = torch.sparse_csr_tensor(saved["crow"], saved["col"].long(), saved["values"], saved["shape"])
+                return ids, m.to_sparse_coo().coalesce(), saved["docs_per_s"]
+        t0 = time.time()
+        docs = encode_documents(self._eval_encoder(label, model_dir), [col.corpus[i] for i in ids], self.cfg.eval.batch_size,
+                                self.progress, f"{label} {collection_name(collection)}")
+        rate = len(ids) / (time.time() - t0)
+        csr = docs.to_sparse_csr()
+        atomic_torch_save({"ids": ids, "crow": csr.crow_indices(), "col": csr.col_indices().int(), "values": csr.values(),
+                           "shape": tuple(docs.shape), "docs_per_s": rate}, f)
+        return ids, docs, rate
+
+    def learn_query_weights(self, label: str, model_dir: Path, seed: int) -> None:
+        """Fit the model's query-term weights (rank 0; the others wait) and save them beside it."""
+        from ..retrieval import IDFTable, QueryEncoder
+        from ..retrieval.idf import tokenizer_fingerprint
+        from ..retrieval.term_weights import QUERY_WEIGHTS_FILE, QuerySet, TermWeightFit, fit_term_weights
+
+        job = f"query-{label}"
+        if self.run.result(job) is not None and (model_dir / QUERY_WEIGHTS_FILE).exists():
+            return
+        if dist.is_main():
+            q, d = self.cfg.query, self.cfg.data
+            guard = held_out_queries([*_training_corpora(self.cfg), *q.pseudo_corpora, *self.cfg.eval.collections])
+            groups: list[tuple[str, list[TrainExample]]] = []
+            if q.supervised and d.supervised:
+                groups.append((d.supervised, supervised_examples(_collection_dir(d.supervised), d.supervised_queries, d.seed, guard,
+                                                                 d.supervised_split)[0]))
+            for c in q.pseudo_corpora:
+                groups.append((c, pseudo_examples(_collection_dir(c), q.pseudo_docs, d.pseudo_kinds, d.seed, guard,
+                                                  d.pseudo_min_words, d.pseudo_max_words)[0]))
+            check_no_test_leakage([e for _, exs in groups for e in exs], guard)
+            tok = self._eval_encoder(label, model_dir).tokenizer
+            fit, dev, sets = [], [], []
+            for name, exs in groups:
+                path = _collection_dir(name)
+                ids, docs, _ = self.doc_vectors(label, model_dir, path)
+                cname = collection_name(path)
+                row = {doc_key(cname, i): r for r, i in enumerate(ids)}
+                exs = [e for e in exs if e.positives and all(p in row for p in e.positives)]
+                random.Random(f"query-weights:{seed}:{cname}").shuffle(exs)
+                n_dev = round(len(exs) * q.dev_fraction)
+                if n_dev < 1 or n_dev >= len(exs):
+                    raise ValueError(f"{cname}: {len(exs)} queries cannot be split into fit and held-out parts "
+                                     f"(query.dev_fraction={q.dev_fraction})")
+                corpus = load_beir(path).corpus  # the texts (and so the IDF) evaluation uses
+                qenc = QueryEncoder(tok, IDFTable.from_corpus([corpus[i] for i in ids], tok))
+                for part, dest in ((exs[n_dev:], fit), (exs[:n_dev], dev)):
+                    dest.append(QuerySet(cname, docs, qenc([e.query for e in part]), [[row[p] for p in e.positives] for e in part]))
+                sets.append({"collection": cname, "source": exs[0].source.split(":")[0], "fit": len(exs) - n_dev, "dev": n_dev})
+            weights, hist = fit_term_weights(fit, dev, tokenizer_fingerprint(tok),
+                                             TermWeightFit(steps=q.steps, lr=q.lr, l2=q.l2, eval_every=q.eval_every), self.progress)
+            weights.save(model_dir / QUERY_WEIGHTS_FILE)
+            self.run.save_result(job, {"label": label, "sets": sets, **hist}, sync=False)
+        dist.barrier()
+
     def evaluate(self, label: str, model_dir: Path | None) -> list[dict[str, Any]]:
         """Rank 0 evaluates alone (one set of files, latency timed without other ranks competing);
         under ``torchrun`` the others wait, then read its results."""
+        from ..retrieval.term_weights import QueryTermWeights
         from .retrieval_eval import RetrievalEvalConfig, evaluate_collection
 
         e = self.cfg.eval
         ml = e.max_length or self.cfg.student.max_length
-        jobs, encoder = [], None
+        jobs = []
         for name in e.collections if dist.is_main() else []:
             path = _subsample(name, e.max_queries, e.max_docs, self.run.path / "eval-data") if (e.max_queries or e.max_docs) else name
             job = f"eval-{label}-{collection_name(path)}"
             jobs.append(job)
             if self.run.result(job) is None:
-                if encoder is None:
-                    from ..retrieval import SparseDocEncoder
-
-                    encoder = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=ml).to(self.device).eval()
+                encoder = self._eval_encoder(label, model_dir)
+                _, docs, rate = self.doc_vectors(label, model_dir, path)
                 ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
                                            batch_size=e.batch_size, latency_queries=e.latency_queries)
-                r = {"label": label, "source": name, "max_length": ml, **evaluate_collection(str(path), ecfg, _EvalEncoder(encoder, self.amp), self.progress)}
+                weights = QueryTermWeights.find(model_dir, encoder.tokenizer)
+                r = {"label": label, "source": name, "max_length": ml, "docs_per_s_cpu": rate,
+                     **evaluate_collection(str(path), ecfg, encoder, self.progress, docs=docs, term_weights=weights)}
                 self.run.save_result(job, r, sync=False)
         jobs = dist.broadcast_object(jobs)  # also the point where the other ranks wait for rank 0
         return [self.run.result(job) for job in jobs]
@@ -535,6 +655,8 @@ class RetrievalTrain:
         for seed in self.cfg.seeds:
             for variant in self.cfg.variants:
                 model_dir = self.train_variant(variant, seed)
+                if variant == "query-only" or self.cfg.query.learn:
+                    self.learn_query_weights(f"{variant}-s{seed}", model_dir, seed)
                 results += self.evaluate(f"{variant}-s{seed}", model_dir)
         return write_report(self.run, results)
 
@@ -569,16 +691,26 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     rows = [["BM25 (bm25s)", "", *[f"{pct(bm25[c]['ndcg@10'])} / {pct(bm25[c]['recall@100'])} / -" for c in cols], ""]]
     for lab in labels:
         v, s = _label_parts(lab)
-        cells, diffs = [], []
-        for c in cols:
-            r = by.get((lab, c))
-            if r is None:
-                cells.append("-")
-                continue
-            diffs.append(r["ours"]["ndcg@10"] - bm25[c]["ndcg@10"])
-            cells.append(f"{pct(r['ours']['ndcg@10'])} ({100 * diffs[-1]:+.2f}) / {pct(r['ours']['recall@100'])} / {r['nnz_per_doc']:.0f}")
-        mean = f"{100 * sum(diffs) / len(diffs):+.2f}" if diffs else "-"
-        rows.append([v, "" if s is None else s, *cells, mean])
+        learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
+        for key, name in ([("ours_plain_idf", f"{v} (plain IDF queries)")] if learned else []) + [
+                ("ours", f"{v} + learned query weights" if learned else v)]:
+            cells, diffs = [], []
+            for c in cols:
+                r = by.get((lab, c))
+                if r is None or key not in r:
+                    cells.append("-")
+                    continue
+                diffs.append(r[key]["ndcg@10"] - bm25[c]["ndcg@10"])
+                cells.append(f"{pct(r[key]['ndcg@10'])} ({100 * diffs[-1]:+.2f}) / {pct(r[key]['recall@100'])} / {r['nnz_per_doc']:.0f}")
+            mean = f"{100 * sum(diffs) / len(diffs):+.2f}" if diffs else "-"
+            rows.append([name, "" if s is None else s, *cells, mean])
+    query_rows = []
+    for lab in labels:
+        qr = run.result(f"query-{lab}")
+        if qr:
+            query_rows.append([lab, ", ".join(f"{x['collection']} ({x['source']}) {x['fit']} / {x['dev']}" for x in qr["sets"]),
+                               qr["chosen_step"], f"{pct(qr['dev_ndcg@10_plain_idf'])} -> {pct(qr['dev_ndcg@10_chosen'])}",
+                               f"{qr['entries_moved']} / {qr['vocab']}", f"{qr['abs_log_scale_max']:.2f}"])
     train_rows = []
     for lab in labels:
         if lab == "base":
@@ -635,13 +767,20 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
           markdown_table(["model", "seed", *[f"{c}: NDCG@10 / R@100 / nnz" for c in cols], "mean NDCG@10 diff"], rows), "",
           f"![results]({png})", "", "## Training", "",
           markdown_table(["job", "stage", "queries", "steps", "s/step", "final ranking loss", "final FLOPS term", "train nnz/doc"], train_rows)
-          if train_rows else "(no training jobs)", "", "## Training data", "",
+          if train_rows else "(no training jobs)", "",
+          *(["## Learned query-term weights", "",
+             "Query weight = IDF x exp(g) per vocabulary entry, g learned with the documents fixed (listwise softmax over the "
+             "whole corpus, L2 on g); held-out training queries (never test ones) choose the step, step 0 being plain IDF.", "",
+             markdown_table(["model", "queries fit / held out", "chosen step", "held-out NDCG@10: IDF -> learned", "entries moved",
+                             "max |g|"], query_rows), ""] if query_rows else []),
+          "## Training data", "",
           "Pseudo-queries (sentence / title / random crop of a document, which is their positive) from the training corpora's "
           "documents; fine-tuning queries from the train qrels only. Any query equal to a test query was dropped, and the run "
           "refuses a training set that holds a test-split query id or text.", "",
           "```json", json.dumps(data, indent=1), "```", "", "## Config", "", "```toml", cfg.strip(), "```", ""]
     summary = {"environment": env, "data": data, "results": results,
-               "train": {lab: run.result(f"train-{lab}") for lab in labels if lab != "base"}}
+               "train": {lab: run.result(f"train-{lab}") for lab in labels if lab != "base"},
+               "query_weights": {lab: run.result(f"query-{lab}") for lab in labels if run.result(f"query-{lab}")}}
     atomic_write_bytes(run.path / "summary.json", json.dumps(summary, indent=1).encode())
     report = run.path / "report.md"
     atomic_write_bytes(report, "\n".join(md).encode())
