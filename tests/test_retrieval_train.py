@@ -353,15 +353,18 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
     cfg = load_config(RetrievalTrainConfig, None, [
         'variants=["query-only"]', f'data.pseudo_corpora=["{col}"]', f"data.supervised={col}",
         f"teachers.cache_dir={tmp_path / 'cache'}", f'query.pseudo_corpora=["{col}"]', 'data.pseudo_kinds=["title", "crop"]',
-        "query.steps=20", "query.eval_every=5", "query.lr=0.2", "query.l2=0.0",
+        "query.steps=20", "query.eval_every=5", "query.lr=0.2", "query.l2=0.0", 'query.teachers=["splade"]',
+        "teachers.max_length=32",
         f'eval.collections=["{col}"]', "eval.base=false", "eval.batch_size=8", "eval.latency_queries=2", "eval.max_length=24"])
     run_dir = tmp_path / "run"
     report = run_retrieval_train(cfg, run_dir, progress=False).read_text()
-    assert not (tmp_path / "cache").exists()  # no candidate mining, no teacher scores
+    assert not (tmp_path / "cache").exists()  # no candidate mining, no training-set teacher scores
     model_dir = run_dir / "models" / "query-only-s0"
     fit = json.loads((run_dir / "results" / "query-query-only-s0.json").read_text())
     assert [s["source"] for s in fit["sets"]] == ["qrels", "pseudo"]  # train qrels (q4-q6; q7 repeats a test query) + pseudo
     assert fit["sets"][0]["fit"] + fit["sets"][0]["dev"] == 3
+    assert [s["target"] for s in fit["sets"]] == ["labels", "splade"]  # pseudo-queries learn from the teacher
+    assert len(list((run_dir / "query-teachers").glob("tiny-*.pt"))) == 1
     losses = [c["loss"] for c in fit["curve"] if c["loss"] is not None]
     assert len(losses) == 4 and losses[-1] < losses[0]  # the fit ran (steps 5-20) and lowered its loss
     assert fit["dev_ndcg@10_chosen"] >= fit["dev_ndcg@10_plain_idf"]  # step 0 (plain IDF) is a candidate

@@ -64,3 +64,16 @@ def test_weights_apply_save_load_and_refuse_other_tokenizers(tmp_path):
         QueryTermWeights.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="relevant document"):
         QuerySet("x", torch.zeros(2, 4).to_sparse(), torch.zeros(1, 4), [[]])
+
+
+def test_teacher_targets_pull_toward_the_teachers_choice():
+    """The same toy with a teacher's distribution (0.9 on the relevant document, 0.1 on the distractor) in place of labels."""
+    fit, dev = _toy(0, 6), _toy(6, 2)
+    for s in (fit, dev):
+        n = len(s.positives)
+        s.soft = (torch.tensor([[2 * r, 2 * r + 1] for r in range(n)]), torch.tensor([[0.9, 0.1]] * n))
+    w, hist = fit_term_weights([fit], [dev], "fp", TermWeightFit(steps=40, lr=0.1, l2=1e-4, eval_every=5), progress=False)
+    assert w.log_scale[1] - w.log_scale[0] > torch.log(torch.tensor(2.0))
+    assert hist["dev_ndcg@10_chosen"] > hist["dev_ndcg@10_plain_idf"]  # graded gains: the teacher's probabilities
+    with pytest.raises(ValueError, match="one row per query"):
+        QuerySet("x", fit.docs, fit.queries, fit.positives, (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)))

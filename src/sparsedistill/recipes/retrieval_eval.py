@@ -142,11 +142,12 @@ def encode_documents(encoder, texts: list[str], batch_size: int, progress: bool,
     return torch.cat(chunks).coalesce()
 
 
-def teacher_score_matrix(name: str, texts: list[str], qtexts: list[str], cfg: RetrievalEvalConfig, progress: bool) -> torch.Tensor:
+def teacher_score_matrix(name: str, texts: list[str], qtexts: list[str], cfg: RetrievalEvalConfig, progress: bool,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
     """(queries, documents) scores of one teacher over the whole collection."""
     from ..retrieval.teachers import load_teacher
 
-    teacher = load_teacher(name, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    teacher = load_teacher(name, max_length=cfg.max_length, batch_size=cfg.batch_size, device=device)
     d = teacher.encode(texts, progress, f"{name} documents")  # dense rows (cosine) or a scipy CSR (SPLADE dot products)
     q = teacher.encode(qtexts, progress, f"{name} queries")
     return torch.from_numpy(np.asarray((q @ d.T).todense() if hasattr(q, "tocsr") else q @ d.T, dtype=np.float32))

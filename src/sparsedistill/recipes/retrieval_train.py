@@ -139,6 +139,11 @@ class QueryConfig:
     supervised: bool = True  # fit on data.supervised's train qrels
     pseudo_corpora: list[str] = field(default_factory=list)  # also pseudo-queries of these corpora (positive: their document)
     pseudo_docs: int = 500  # documents drawn per pseudo corpus (0 = all)
+    # Teachers (minilm | mpnet | splade) whose ensemble over each pseudo-query's whole corpus is its target (their top
+    # `teacher_depth`, min-max per teacher, summed, softmax at `teacher_scale`); [] = the source document is the target.
+    teachers: list[str] = field(default_factory=list)
+    teacher_depth: int = 30
+    teacher_scale: float = 20.0
     dev_fraction: float = 0.2  # of each query set, held out to choose the step (test qrels choose nothing)
     steps: int = 50
     lr: float = 0.05
@@ -188,6 +193,8 @@ def validate(cfg: RetrievalTrainConfig) -> None:
     if (q.learn or "query-only" in cfg.variants) and not ((q.supervised and cfg.data.supervised) or q.pseudo_corpora):
         raise ValueError("learning query-term weights needs queries: set data.supervised (with query.supervised=true) "
                          "or query.pseudo_corpora")
+    if set(q.teachers) - set(TEACHERS):
+        raise ValueError(f"query.teachers {sorted(set(q.teachers) - set(TEACHERS))} not understood; choose from {list(TEACHERS)}")
     if not 0 < q.dev_fraction < 1:
         raise ValueError(f"query.dev_fraction must be in (0, 1), got {q.dev_fraction}")
 
@@ -613,15 +620,40 @@ class RetrievalTrain:
                     raise ValueError(f"{cname}: {len(exs)} queries cannot be split into fit and held-out parts "
                                      f"(query.dev_fraction={q.dev_fraction})")
                 corpus = load_beir(path).corpus  # the texts (and so the IDF) evaluation uses
-                qenc = QueryEncoder(tok, IDFTable.from_corpus([corpus[i] for i in ids], tok))
-                for part, dest in ((exs[n_dev:], fit), (exs[:n_dev], dev)):
-                    dest.append(QuerySet(cname, docs, qenc([e.query for e in part]), [[row[p] for p in e.positives] for e in part]))
-                sets.append({"collection": cname, "source": exs[0].source.split(":")[0], "fit": len(exs) - n_dev, "dev": n_dev})
+                texts = [corpus[i] for i in ids]
+                qenc = QueryEncoder(tok, IDFTable.from_corpus(texts, tok))
+                pseudo = exs[0].source.startswith("pseudo:")
+                soft = self._teacher_targets(cname, texts, [e.query for e in exs]) if pseudo and q.teachers else None
+                for part, dest in ((slice(n_dev, None), fit), (slice(0, n_dev), dev)):
+                    dest.append(QuerySet(cname, docs, qenc([e.query for e in exs[part]]), [[row[p] for p in e.positives] for e in exs[part]],
+                                         None if soft is None else (soft[0][part], soft[1][part])))
+                sets.append({"collection": cname, "source": exs[0].source.split(":")[0], "fit": len(exs) - n_dev, "dev": n_dev,
+                             "target": "+".join(q.teachers) if soft is not None else "labels" if not pseudo else "source document"})
             weights, hist = fit_term_weights(fit, dev, tokenizer_fingerprint(tok),
                                              TermWeightFit(steps=q.steps, lr=q.lr, l2=q.l2, eval_every=q.eval_every), self.progress)
             weights.save(model_dir / QUERY_WEIGHTS_FILE)
             self.run.save_result(job, {"label": label, "sets": sets, **hist}, sync=False)
         dist.barrier()
+
+    def _teacher_targets(self, collection: str, texts: list[str], queries: list[str]) -> tuple[Tensor, Tensor]:
+        """(indices, probabilities), each (queries, teacher_depth): the ``query.teachers`` ensemble over the whole corpus,
+        cached in ``query-teachers/`` (the teachers encode every document: minutes on a CPU)."""
+        from .retrieval_eval import RetrievalEvalConfig, ensemble_over_candidates, teacher_score_matrix
+
+        q = self.cfg.query
+        key = hashlib.sha256(json.dumps([q.teachers, q.teacher_depth, q.teacher_scale, self.cfg.teachers.max_length,
+                                         queries, len(texts)]).encode()).hexdigest()[:16]
+        f = self.run.path / "query-teachers" / f"{collection}-{key}.pt"
+        if f.exists():
+            saved = torch.load(f)
+            return saved["indices"], saved["probs"]
+        depth = min(q.teacher_depth, len(texts))
+        ecfg = RetrievalEvalConfig(max_length=self.cfg.teachers.max_length, batch_size=self.cfg.teachers.batch_size)
+        mats = [teacher_score_matrix(t, texts, queries, ecfg, self.progress, self.device) for t in q.teachers]
+        top = ensemble_over_candidates(mats, depth).topk(depth, dim=1)  # the union holds at least `depth` documents
+        probs = torch.softmax(q.teacher_scale * top.values / len(mats), 1)  # the sum of min-max scores, back to [0, 1]
+        atomic_torch_save({"indices": top.indices, "probs": probs}, f)
+        return top.indices, probs
 
     def evaluate(self, label: str, model_dir: Path | None) -> list[dict[str, Any]]:
         """Rank 0 evaluates alone (one set of files, latency timed without other ranks competing);
@@ -708,7 +740,8 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     for lab in labels:
         qr = run.result(f"query-{lab}")
         if qr:
-            query_rows.append([lab, ", ".join(f"{x['collection']} ({x['source']}) {x['fit']} / {x['dev']}" for x in qr["sets"]),
+            query_rows.append([lab, ", ".join(f"{x['collection']} ({x['source']}, target: {x.get('target', 'labels')}) {x['fit']} / {x['dev']}"
+                                              for x in qr["sets"]),
                                qr["chosen_step"], f"{pct(qr['dev_ndcg@10_plain_idf'])} -> {pct(qr['dev_ndcg@10_chosen'])}",
                                f"{qr['entries_moved']} / {qr['vocab']}", f"{qr['abs_log_scale_max']:.2f}"])
     train_rows = []
@@ -770,7 +803,9 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
           if train_rows else "(no training jobs)", "",
           *(["## Learned query-term weights", "",
              "Query weight = IDF x exp(g) per vocabulary entry, g learned with the documents fixed (listwise softmax over the "
-             "whole corpus, L2 on g); held-out training queries (never test ones) choose the step, step 0 being plain IDF.", "",
+             "whole corpus, L2 on g) toward each query's target (its judged documents, a pseudo-query's source document, or the "
+             "teachers' distribution over its top documents); held-out training queries (never test ones), scored against "
+             "the same targets, choose the step, step 0 being plain IDF.", "",
              markdown_table(["model", "queries fit / held out", "chosen step", "held-out NDCG@10: IDF -> learned", "entries moved",
                              "max |g|"], query_rows), ""] if query_rows else []),
           "## Training data", "",

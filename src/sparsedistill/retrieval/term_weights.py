@@ -7,7 +7,9 @@ collection's IDF (``apply(idf) -> IDFTable``): an index, the service and the Ope
 read one effective table and need no code of their own.
 
 ``fit_term_weights`` learns ``g`` with the documents fixed: a listwise softmax over each collection's
-whole corpus (every relevant document a positive), L2 on ``g``, Adam; held-out queries pick the step.
+whole corpus, L2 on ``g``, Adam; held-out queries pick the step. A query's target is either its
+relevant documents (labels, or a pseudo-query's source document) or a teacher's distribution over
+its top documents (cross-entropy: the query side distilled from dense teachers).
 """
 
 from __future__ import annotations
@@ -95,12 +97,15 @@ class TermWeightFit:
 
 @dataclass
 class QuerySet:
-    """One collection's queries for the fit: IDF query vectors and the rows of their relevant documents."""
+    """One collection's queries for the fit: IDF query vectors and their targets over the documents."""
 
     name: str
     docs: Tensor  # sparse COO (documents, vocab), the fixed document vectors
     queries: Tensor  # dense (queries, vocab), plain-IDF query vectors of that collection's table
     positives: list[list[int]]  # per query, rows of ``docs`` that are relevant
+    # optional teacher targets: (indices, probabilities), each (queries, k): then the fit's loss is the cross-entropy
+    # to them and held-out NDCG uses them as graded gains; ``positives`` are kept for reference
+    soft: tuple[Tensor, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.queries.shape[0] != len(self.positives):
@@ -109,28 +114,41 @@ class QuerySet:
             raise ValueError(f"{self.name}: every query needs at least one relevant document")
         if self.docs.shape[1] != self.queries.shape[1]:
             raise ValueError(f"{self.name}: documents have {self.docs.shape[1]} vocabulary entries, queries {self.queries.shape[1]}")
+        if self.soft is not None and not (self.soft[0].shape == self.soft[1].shape and self.soft[0].shape[0] == len(self.positives)):
+            raise ValueError(f"{self.name}: teacher targets must be (queries, k) indices and probabilities, one row per query")
+
+    def gains(self, rows: slice) -> Tensor:
+        """(queries, documents) relevance: 1 for positives, or the teacher's probabilities."""
+        n = self.docs.shape[0]
+        if self.soft is not None:
+            idx, p = self.soft[0][rows], self.soft[1][rows]
+            return torch.zeros(idx.shape[0], n).scatter_(1, idx, p)
+        pos = self.positives[rows]
+        g = torch.zeros(len(pos), n)
+        for r, p in enumerate(pos):
+            g[r, p] = 1.0
+        return g
+
+    def loss(self, scores: Tensor, rows: slice) -> Tensor:
+        """Summed over the rows: -log P(relevant) under the softmax, or the cross-entropy to the teacher."""
+        if self.soft is not None:
+            idx, p = self.soft[0][rows], self.soft[1][rows]
+            return (torch.logsumexp(scores, 1) - (p * scores.gather(1, idx)).sum(1)).sum()
+        pos = self.gains(rows) > 0
+        return (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), 1)).sum()
 
 
 def _scores(s: QuerySet, scale: Tensor, rows: slice) -> Tensor:
     return torch.sparse.mm(s.docs, (s.queries[rows] * scale).t()).t()  # (queries, documents)
 
 
-def _positive_mask(s: QuerySet, rows: slice, n_docs: int) -> Tensor:
-    pos = s.positives[rows]
-    m = torch.zeros(len(pos), n_docs, dtype=torch.bool)
-    for r, p in enumerate(pos):
-        m[r, p] = True
-    return m
-
-
-def ndcg_at_10(scores: Tensor, positives: Tensor) -> Tensor:
-    """Mean NDCG@10 with binary gains: ``scores`` and the boolean ``positives`` are (queries, documents)."""
+def ndcg_at_10(scores: Tensor, gains: Tensor) -> Tensor:
+    """Mean NDCG@10 (linear gains): ``scores`` and ``gains`` (boolean or float) are (queries, documents)."""
     k = min(10, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
+    gains = gains.float()
     disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2)
-    dcg = (positives.gather(1, top).float() * disc).sum(1)
-    n_pos = positives.sum(1).clamp(max=k)
-    idcg = torch.stack([disc[: int(n)].sum() for n in n_pos])
+    dcg = (gains.gather(1, scores.topk(k, dim=1).indices) * disc).sum(1)
+    idcg = (gains.topk(k, dim=1).values * disc).sum(1)
     return (dcg / idcg.clamp_min(1e-9)).mean()
 
 
@@ -141,7 +159,7 @@ def _dev_ndcg(sets: Sequence[QuerySet], scale: Tensor, batch: int) -> float:
         for b in range(0, len(s.positives), batch):
             rows = slice(b, b + batch)
             q = len(s.positives[rows])
-            total += float(ndcg_at_10(_scores(s, scale, rows), _positive_mask(s, rows, s.docs.shape[0]))) * q
+            total += float(ndcg_at_10(_scores(s, scale, rows), s.gains(rows))) * q
             n += q
     return total / n if n else math.nan
 
@@ -165,9 +183,7 @@ def fit_term_weights(fit: Sequence[QuerySet], dev: Sequence[QuerySet], fingerpri
         for s in fit:
             for b in range(0, len(s.positives), cfg.query_batch):
                 rows = slice(b, b + cfg.query_batch)
-                sc = _scores(s, scale, rows) / cfg.temperature
-                pos = _positive_mask(s, rows, sc.shape[1])
-                nll = (torch.logsumexp(sc, 1) - torch.logsumexp(sc.masked_fill(~pos, float("-inf")), 1)).sum() / n_fit
+                nll = s.loss(_scores(s, scale, rows) / cfg.temperature, rows) / n_fit
                 nll.backward(retain_graph=True)  # the graph through g.exp() is shared by every batch
                 total += float(nll.detach())
         reg = cfg.l2 * (g**2).sum()
