@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.beir import BeirCollection, load_beir
-from ..retrieval.term_weights import QUERY_WEIGHTS_FILE, QueryTermWeights
+from ..retrieval.term_weights import QueryTermWeights
 from ..runs import atomic_write_bytes
 
 __all__ = ["build_collection_index", "open_collection_index", "IDF_FILE"]
@@ -38,7 +38,7 @@ def _collection_ref(collection: str) -> str:
 def _weights_sha(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*")):
-        if f.suffix in (".safetensors", ".bin", ".pt") or f.name == QUERY_WEIGHTS_FILE:
+        if f.suffix in (".safetensors", ".bin", ".pt"):  # not query_weights.json: it changes idf.json, not the chunks
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
@@ -120,6 +120,7 @@ def build_collection_index(collection: str, index_dir: Path, encoder: str = "", 
     index.compact()
 
     # 3. the query side: IDF from this corpus with the encoder's tokenizer, times its learned term weights if any
+    # (rewritten on every run, so weights learned after the documents were indexed reach the index)
     idf = IDFTable.from_corpus(texts, tok)
     weights = QueryTermWeights.find(encoder_path, tok)
     (weights.apply(idf) if weights is not None else idf).save(index_dir / IDF_FILE)
