@@ -116,6 +116,14 @@ class QuerySet:
             raise ValueError(f"{self.name}: documents have {self.docs.shape[1]} vocabulary entries, queries {self.queries.shape[1]}")
         if self.soft is not None and not (self.soft[0].shape == self.soft[1].shape and self.soft[0].shape[0] == len(self.positives)):
             raise ValueError(f"{self.name}: teacher targets must be (queries, k) indices and probabilities, one row per query")
+        # Only the vocabulary entries some query holds matter: keep the documents' columns for those, dense and
+        # transposed, so a batch's scores are a sparse (queries x entries) by dense product (COO x COO was ~50x slower).
+        self.cols = torch.nonzero(self.queries.any(0)).flatten()
+        docs = self.docs.coalesce()
+        (r, c), v = docs.indices(), docs.values()
+        keep = torch.isin(c, self.cols)
+        self.docs_t = torch.zeros(self.cols.numel(), docs.shape[0])
+        self.docs_t[torch.searchsorted(self.cols, c[keep]), r[keep]] = v[keep].float()
 
     def gains(self, rows: slice) -> Tensor:
         """(queries, documents) relevance: 1 for positives, or the teacher's probabilities."""
@@ -139,7 +147,11 @@ class QuerySet:
 
 
 def _scores(s: QuerySet, scale: Tensor, rows: slice) -> Tensor:
-    return torch.sparse.mm(s.docs, (s.queries[rows] * scale).t()).t()  # (queries, documents)
+    """(queries, documents): each query's IDF weights times exp(g), dotted with every document."""
+    q = s.queries[rows][:, s.cols].to_sparse().coalesce()
+    (r, c), v = q.indices(), q.values()
+    weighted = torch.sparse_coo_tensor(q.indices(), v * scale[s.cols][c], q.shape, check_invariants=False)
+    return torch.sparse.mm(weighted, s.docs_t)
 
 
 def ndcg_at_10(scores: Tensor, gains: Tensor) -> Tensor:
