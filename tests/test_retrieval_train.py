@@ -367,11 +367,10 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
     assert len(list((run_dir / "query-teachers").glob("tiny-*.pt"))) == 1
     losses = [c["loss"] for c in fit["curve"] if c["loss"] is not None]
     assert len(losses) == 4 and losses[-1] < losses[0]  # the fit ran (steps 5-20) and lowered its loss
-    assert fit["dev_ndcg@10_chosen"] >= fit["dev_ndcg@10_plain_idf"]  # step 0 (plain IDF) is a candidate
     res = json.loads((run_dir / "results" / "eval-query-only-s0-tiny.json").read_text())
     assert {"ours", "ours_plain_idf"} <= set(res) and res["query_weights"]["entries_moved"] == fit["entries_moved"]
     assert "query-only (plain IDF queries)" in report and "query-only + learned query weights" in report
-    assert list((run_dir / "doc-vectors").glob("query-only-s0-tiny-24.pt"))  # encoded once, shared by fit and evaluation
+    assert len(list((run_dir / "doc-vectors").glob("query-only-s0-tiny-24-*.pt"))) == 1  # encoded once, shared by fit and evaluation
 
     from transformers import AutoTokenizer
 

@@ -62,6 +62,9 @@ def test_weights_apply_save_load_and_refuse_other_tokenizers(tmp_path):
     (tmp_path / "bad.json").write_text('{"vocab": 4}')
     with pytest.raises(ValueError, match="not a query-term weights file"):
         QueryTermWeights.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text('{"vocab": 4, "fingerprint": "fp", "log_scale": {"-1": 0.5}}')
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        QueryTermWeights.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="relevant document"):
         QuerySet("x", torch.zeros(2, 4).to_sparse(), torch.zeros(1, 4), [[]])
 

@@ -40,8 +40,8 @@ class RetrievalEvalConfig:
     # Teachers (minilm | mpnet | splade) evaluated as full retrievers on the same test sets: the
     # quality a distilled student can hope to approach. Dense ones cost minutes per collection on a CPU.
     teachers: list[str] = field(default_factory=list)
-    # The encoder folder's learned query-term weights (query_weights.json), if it has them, on top of each IDF table;
-    # false = plain IDF. Either way the report shows both when the weights exist.
+    # The encoder folder's learned query-term weights (query_weights.json), if it has them, on top of each IDF table
+    # (the report then shows plain-IDF figures beside them); false = plain IDF only.
     query_weights: bool = True
 
 

@@ -143,7 +143,7 @@ def open_collection_index(index_dir: Path, verify: bool = True) -> tuple[Any, An
     idf_file = index_dir / IDF_FILE
     if not idf_file.exists():
         raise FileNotFoundError(f"{idf_file} is missing: the query side needs it; rerun `sparsedistill retrieval index` "
-                                "or save an IDFTable there")
+                                "(it writes the corpus's IDF, times the encoder's query_weights.json if any) or save an IDFTable there")
     query_encoder = QueryEncoder(tok, IDFTable.load(idf_file, tok))
     corpus = None
     if meta.get("collection"):

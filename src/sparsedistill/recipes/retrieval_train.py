@@ -440,8 +440,9 @@ class RetrievalTrain:
             if f.exists():
                 self._idf = IDFTable.load(f, tokenizer)
             else:
+                names = _training_corpora(self.cfg) or self.cfg.query.pseudo_corpora  # a query-only run may have no training corpora
                 corpus = self._data.corpus if self._data is not None else {  # query-only runs never build training sets
-                    k: t for n in _training_corpora(self.cfg) for k, t in load_corpus(_collection_dir(n)).items()}
+                    k: t for n in names for k, t in load_corpus(_collection_dir(n)).items()}
                 self._idf = IDFTable.from_corpus(list(corpus.values()), tokenizer)
                 if dist.is_main():
                     self._idf.save(f)
@@ -568,8 +569,11 @@ class RetrievalTrain:
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
         from .retrieval_eval import encode_documents
 
+        from .retrieval_index import _weights_sha
+
         ml = self.cfg.eval.max_length or self.cfg.student.max_length
-        f = self.run.path / "doc-vectors" / f"{label}-{collection_name(collection)}-{ml}.pt"
+        model = _weights_sha(model_dir) if model_dir else "base"  # a model retrained within the run gets new vectors
+        f = self.run.path / "doc-vectors" / f"{label}-{collection_name(collection)}-{ml}-{model}.pt"
         col = load_beir(collection)
         ids = list(col.corpus)
         if f.exists():
@@ -593,7 +597,8 @@ class RetrievalTrain:
         from ..retrieval.term_weights import QUERY_WEIGHTS_FILE, QuerySet, TermWeightFit, fit_term_weights
 
         job = f"query-{label}"
-        if self.run.result(job) is not None and (model_dir / QUERY_WEIGHTS_FILE).exists():
+        # rank 0 decides: another rank reading the files could see them half-way through rank 0's write and skip the barrier
+        if dist.broadcast_object(self.run.result(job) is not None and (model_dir / QUERY_WEIGHTS_FILE).exists()):
             return
         if dist.is_main():
             q, d = self.cfg.query, self.cfg.data
@@ -641,8 +646,8 @@ class RetrievalTrain:
         from .retrieval_eval import RetrievalEvalConfig, ensemble_over_candidates, teacher_score_matrix
 
         q = self.cfg.query
-        key = hashlib.sha256(json.dumps([q.teachers, q.teacher_depth, q.teacher_scale, self.cfg.teachers.max_length,
-                                         queries, len(texts)]).encode()).hexdigest()[:16]
+        specs = [teacher_spec(t, self.cfg.teachers.max_length) for t in q.teachers]  # names, weights' identity, length
+        key = hashlib.sha256(json.dumps([specs, q.teacher_depth, q.teacher_scale, queries, texts], default=str).encode()).hexdigest()[:16]
         f = self.run.path / "query-teachers" / f"{collection}-{key}.pt"
         if f.exists():
             saved = torch.load(f)

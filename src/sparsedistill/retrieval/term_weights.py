@@ -67,9 +67,11 @@ class QueryTermWeights:
             data = json.loads(Path(path).read_text())
             g = torch.zeros(int(data["vocab"]))
             for i, v in data["log_scale"].items():
+                if not 0 <= int(i) < g.numel():
+                    raise IndexError(f"entry {i} outside the vocabulary of {g.numel()}")
                 g[int(i)] = float(v)
             out = cls(g, data["fingerprint"])
-        except (KeyError, ValueError, IndexError, TypeError) as e:
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a query-term weights file ({type(e).__name__}: {e}); "
                              "delete it to use plain IDF, or learn it again") from e
         if tokenizer is not None:
