@@ -178,11 +178,9 @@ def ranked_metrics(scores: torch.Tensor, ids: list[str], qids: list[str], qrels,
 
 
 def run_retrieval_eval(cfg: RetrievalEvalConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "") -> Path:
-    from ..retrieval import SparseDocEncoder
+    from ..retrieval import QueryTermWeights, SparseDocEncoder
 
     run = Run(run_dir, cfg, resume=resume, command=command)
-    from ..retrieval.term_weights import QueryTermWeights
-
     encoder = SparseDocEncoder(cfg.encoder or None, max_length=cfg.max_length, max_terms=cfg.max_terms).eval()
     weights = QueryTermWeights.find(cfg.encoder, encoder.tokenizer) if cfg.query_weights else None
     results = []

@@ -568,7 +568,6 @@ class RetrievalTrain:
         """``(ids, (documents, vocab) sparse vectors, documents/s)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
         from .retrieval_eval import encode_documents
-
         from .retrieval_index import _weights_sha
 
         ml = self.cfg.eval.max_length or self.cfg.student.max_length
