@@ -5,6 +5,10 @@ export SPARSEDISTILL_COMMIT="$(cat .gpu/commit 2>/dev/null || echo unknown)"
 if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
 fi
+if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/rwheels/*.whl
+fi
+[ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
 [ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
 [ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
 # The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.

