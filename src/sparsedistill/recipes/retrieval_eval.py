@@ -81,7 +81,8 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
     if docs is None:
         t0 = time.time()
         docs = encode_documents(encoder, texts, cfg.batch_size, progress, name)
-        out["docs_per_s_cpu"] = len(ids) / (time.time() - t0)
+        out["docs_per_s"] = len(ids) / (time.time() - t0)
+        out["encode_device"] = str(next(encoder.parameters()).device)
     elif docs.shape[0] != len(ids):
         raise ValueError(f"{name}: {docs.shape[0]} precomputed document vectors for {len(ids)} documents")
     docs = docs.coalesce()
@@ -200,13 +201,18 @@ def _index_cells(r: dict[str, Any]) -> str:
     return f"{r['index']['bytes_on_disk'] / 1e6:.2f} / {100 * r['ours_index']['ndcg@10']:.2f}"
 
 
+def _rate_cell(r: dict[str, Any]) -> str:
+    rate = r.get("docs_per_s", r.get("docs_per_s_cpu"))  # results written before 2026-12-02 name the rate per CPU
+    return "-" if rate is None else f"{rate:.0f} ({r.get('encode_device', 'cpu')})"
+
+
 def _report(run: Run, results: list[dict[str, Any]]) -> Path:
     env = run.environment()
     rows = [[r["collection"], r["docs"], r["queries"], f"{100 * r['bm25']['ndcg@10']:.2f}", f"{100 * r['ours']['ndcg@10']:.2f}",
              f"{100 * (r['ours']['ndcg@10'] - r['bm25']['ndcg@10']):+.2f}", f"{100 * r['bm25']['recall@100']:.2f}",
              f"{100 * r['ours']['recall@100']:.2f}", f"{r['nnz_per_doc']:.0f}",
              f"{r['latency_ms']['bm25_p50']:.2f} / {r['latency_ms']['bm25_p99']:.2f}",
-             f"{r['latency_ms']['ours_p50']:.2f} / {r['latency_ms']['ours_p99']:.2f}", f"{r['docs_per_s_cpu']:.0f}" if "docs_per_s_cpu" in r else "-",
+             f"{r['latency_ms']['ours_p50']:.2f} / {r['latency_ms']['ours_p99']:.2f}", _rate_cell(r),
              _index_cells(r)] for r in results]
     fig, ax = plt.subplots(figsize=(6, 3))
     teachers = list(dict.fromkeys(t for r in results for t in r.get("teachers", {})))
@@ -226,7 +232,7 @@ def _report(run: Run, results: list[dict[str, Any]]) -> Path:
           "one thread, top-10, in the same process as BM25. Last column: the engine's size on disk and its NDCG@10 "
           "(the quantized impacts' effect on quality).", "",
           markdown_table(["collection", "docs", "judged queries", "BM25 NDCG@10", "ours NDCG@10", "diff", "BM25 R@100",
-                          "ours R@100", "nonzeros/doc", "BM25 latency p50/p99 ms", "ours latency p50/p99 ms", "docs/s encoded (CPU)",
+                          "ours R@100", "nonzeros/doc", "BM25 latency p50/p99 ms", "ours latency p50/p99 ms", "docs/s encoded (device)",
                           "index MB / NDCG@10 via index"], rows),
           ""]
     learned = [r for r in results if "ours_plain_idf" in r]

@@ -678,7 +678,8 @@ class RetrievalTrain:
                 ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
                                            batch_size=e.batch_size, latency_queries=e.latency_queries)
                 weights = QueryTermWeights.find(model_dir, encoder.tokenizer)
-                r = {"label": label, "source": name, "max_length": ml, "docs_per_s_cpu": rate,
+                r = {"label": label, "source": name, "max_length": ml, "docs_per_s": rate,
+                     "encode_device": str(self.device),
                      **evaluate_collection(str(path), ecfg, encoder, self.progress, docs=docs, term_weights=weights)}
                 self.run.save_result(job, r, sync=False)
         jobs = dist.broadcast_object(jobs)  # also the point where the other ranks wait for rank 0
