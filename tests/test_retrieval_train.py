@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -384,3 +385,23 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
     c = load_beir(col)
     want = weights.apply(IDFTable.from_corpus([c.corpus[i] for i in c.corpus], tok)).weights
     assert torch.allclose(IDFTable.load(index_dir / "idf.json").weights, want)
+
+
+def test_report_of_a_cut_run_names_the_variants_it_did_not_reach(tmp_path):
+    from sparsedistill.recipes.retrieval_train import report_from_run
+
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.toml").write_text('seeds = [0]\nvariants = ["main", "plain-flops"]\n')
+    for i, (label, ours) in enumerate((("base", 0.60), ("main-s0", 0.70))):
+        r = {"label": label, "collection": "tiny", "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
+             "ours": {"ndcg@10": ours, "recall@100": 0.9}, "nnz_per_doc": 100.0}
+        f = run / "results" / f"eval-{label}-tiny.json"
+        f.write_text(json.dumps(r))
+        os.utime(f, (1e9 + i, 1e9 + i))  # the report keeps the order the evaluations finished in
+    md = report_from_run(run).read_text()
+    assert "**Not finished**" in md and "plain-flops-s0" in md
+    assert md.index("| base |") < md.index("| main |")
+    assert "70.00 (+5.00)" in md
+    with pytest.raises(FileNotFoundError, match="no finished evaluation"):
+        report_from_run(tmp_path / "empty")

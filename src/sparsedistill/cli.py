@@ -145,6 +145,17 @@ def _indexcache_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_report(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_train import report_from_run
+
+    if not (args.run / "config.toml").exists():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
+    out = report_from_run(args.run)
+    print("\n".join(line for line in out.read_text().splitlines() if line.startswith("|")))
+    print(f"report: {out}")
+    return 0
+
+
 def _retrieval_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .recipes.retrieval_train import RetrievalTrainConfig, run_retrieval_train
@@ -295,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     rtt.add_argument("--prepare-only", action="store_true",
                      help="only build the training sets and the teacher-score cache (teachers.cache_dir), e.g. to carry it to a GPU")
     rtt.set_defaults(func=_retrieval_train)
+    rtr = rt_cmds.add_parser("report", help="write a retrieval train run's report.md from the evaluations it finished",
+                             description="Render report.md (tables, plot, summary.json) from a `retrieval train` run directory, "
+                                         "also one cut by a time limit; variants not yet evaluated are named at the top.")
+    rtr.add_argument("run", type=Path, help="the run directory (--run-dir of `retrieval train`)")
+    rtr.set_defaults(func=_retrieval_report)
     rte = rt_cmds.add_parser("evaluate", help="BM25 vs inference-free sparse retrieval on BEIR-layout collections, with report.md",
                              description="Evaluate BM25 (bm25s) and inference-free sparse retrieval (SPLADE documents, IDF queries) "
                                          "on SciFact / Cranfield / Vaswani or any BEIR-layout folder: NDCG@10, Recall@100, "

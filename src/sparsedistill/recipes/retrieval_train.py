@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -710,6 +711,15 @@ def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool =
 
 
 # ----------------------------------------------------------------------------------------- report
+def report_from_run(run_dir: Path) -> Path:
+    """Write report.md from the evaluations a run has finished (one cut by a time limit too), in the order they ran."""
+    run = Run.open(run_dir)
+    files = sorted((run.path / "results").glob("eval-*.json"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"{run_dir} holds no finished evaluation (results/eval-*.json): nothing to report")
+    return write_report(run, [json.loads(f.read_text()) for f in files])
+
+
 def _label_parts(label: str) -> tuple[str, int | None]:
     if label == "base":
         return "base", None
@@ -796,8 +806,14 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     ax.legend(fontsize=6)
     png = save_figure(fig, run.path / "retrieval_train.png")
 
+    missing = []
+    if cfg:
+        planned = tomllib.loads(cfg)
+        missing = [f"{v}-s{s}" for s in planned.get("seeds", []) for v in planned.get("variants", []) if f"{v}-s{s}" not in labels]
     md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
           command_line(env), "",
+          *([f"**Not finished** (not trained or not evaluated when this report was written): {', '.join(missing)}.", ""]
+            if missing else []),
           "Queries are IDF-weighted tokens (no query model); documents are the trained SPLADE-tiny's vectors. Each cell: "
           "NDCG@10 (difference to BM25) / Recall@100 / nonzeros per document, on the collections' **test** qrels. "
           "`base` is SPLADE-tiny as shipped at the same max length. Collections named `<name>-<Q>q-<D>d` are subsamples "
