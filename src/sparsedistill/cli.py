@@ -145,15 +145,20 @@ def _indexcache_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(report: Path) -> int:
+    """Print a report's table rows and its path (the command's result)."""
+    print("\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))
+    print(f"report: {report}")
+    return 0
+
+
 def _retrieval_report(args: argparse.Namespace) -> int:
     from .recipes.retrieval_train import report_from_run
 
     if not (args.run / "config.toml").exists():
         raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
     out = report_from_run(args.run)
-    print("\n".join(line for line in out.read_text().splitlines() if line.startswith("|")))
-    print(f"report: {out}")
-    return 0
+    return _print_report(out)
 
 
 def _retrieval_train(args: argparse.Namespace) -> int:
@@ -168,9 +173,7 @@ def _retrieval_train(args: argparse.Namespace) -> int:
         print(out.read_text())
         print(f"training sets and teacher scores cached in {cfg.teachers.cache_dir}; data summary: {out}")
         return 0
-    print("\n".join(line for line in out.read_text().splitlines() if line.startswith("|")))
-    print(f"report: {out}")
-    return 0
+    return _print_report(out)
 
 
 def _retrieval_evaluate(args: argparse.Namespace) -> int:
@@ -180,9 +183,7 @@ def _retrieval_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(RetrievalEvalConfig, args.config, args.overrides, recipe="retrieval")
     run_dir = _run_dir(args, "retrieval-eval")
     report = run_retrieval_eval(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
-    print("\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))  # the report's table
-    print(f"report: {report}")
-    return 0
+    return _print_report(report)
 
 
 def _retrieval_index(args: argparse.Namespace) -> int:
