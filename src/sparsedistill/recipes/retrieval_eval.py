@@ -53,12 +53,14 @@ def evaluate_collection(name: str, cfg: RetrievalEvalConfig, encoder, progress: 
                         term_weights=None) -> dict[str, Any]:
     """``docs``: the collection's document vectors if already encoded (sparse, corpus order); ``term_weights``: a
     ``QueryTermWeights`` applied on top of the collection's IDF (then ``ours_plain_idf`` holds the IDF-only figures)."""
-    import bm25s
     from ranx import Qrels, Run as RanxRun, evaluate
 
     from ..retrieval import IDFTable, QueryEncoder
+    from ..retrieval.bm25 import import_bm25s
     from ..retrieval.idf import tokenizer_fingerprint
     from ..retrieval.index import SparseIndex
+
+    bm25s = import_bm25s()
 
     c = load_beir(name)
     ids = list(c.corpus)

@@ -565,7 +565,7 @@ class RetrievalTrain:
             self._doc_encoder = (label, _EvalEncoder(enc, self.amp))
         return self._doc_encoder[1]
 
-    def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float]:
+    def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float, str]:
         """``(ids, (documents, vocab) sparse vectors, documents/s)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
         from .retrieval_eval import encode_documents
@@ -580,15 +580,15 @@ class RetrievalTrain:
             saved = torch.load(f)
             if saved["ids"] == ids:
                 m = torch.sparse_csr_tensor(saved["crow"], saved["col"].long(), saved["values"], saved["shape"])
-                return ids, m.to_sparse_coo().coalesce(), saved["docs_per_s"]
+                return ids, m.to_sparse_coo().coalesce(), saved["docs_per_s"], saved.get("device", "cpu")
         t0 = time.time()
         docs = encode_documents(self._eval_encoder(label, model_dir), [col.corpus[i] for i in ids], self.cfg.eval.batch_size,
                                 self.progress, f"{label} {collection_name(collection)}")
         rate = len(ids) / (time.time() - t0)
         csr = docs.to_sparse_csr()
         atomic_torch_save({"ids": ids, "crow": csr.crow_indices(), "col": csr.col_indices().int(), "values": csr.values(),
-                           "shape": tuple(docs.shape), "docs_per_s": rate}, f)
-        return ids, docs, rate
+                           "shape": tuple(docs.shape), "docs_per_s": rate, "device": str(self.device)}, f)
+        return ids, docs, rate, str(self.device)
 
     def learn_query_weights(self, label: str, model_dir: Path, seed: int) -> None:
         """Fit the model's query-term weights (rank 0; the others wait) and save them beside it."""
@@ -615,7 +615,7 @@ class RetrievalTrain:
             fit, dev, sets = [], [], []
             for name, exs in groups:
                 path = _collection_dir(name)
-                ids, docs, _ = self.doc_vectors(label, model_dir, path)
+                ids, docs, _, _ = self.doc_vectors(label, model_dir, path)
                 cname = collection_name(path)
                 row = {doc_key(cname, i): r for r, i in enumerate(ids)}
                 exs = [e for e in exs if e.positives and all(p in row for p in e.positives)]
@@ -675,12 +675,12 @@ class RetrievalTrain:
             jobs.append(job)
             if self.run.result(job) is None:
                 encoder = self._eval_encoder(label, model_dir)
-                _, docs, rate = self.doc_vectors(label, model_dir, path)
+                _, docs, rate, device = self.doc_vectors(label, model_dir, path)
                 ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
                                            batch_size=e.batch_size, latency_queries=e.latency_queries)
                 weights = QueryTermWeights.find(model_dir, encoder.tokenizer)
                 r = {"label": label, "source": name, "max_length": ml, "docs_per_s": rate,
-                     "encode_device": str(self.device),
+                     "encode_device": device,
                      **evaluate_collection(str(path), ecfg, encoder, self.progress, docs=docs, term_weights=weights)}
                 self.run.save_result(job, r, sync=False)
         jobs = dist.broadcast_object(jobs)  # also the point where the other ranks wait for rank 0
@@ -711,13 +711,26 @@ def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool =
 
 
 # ----------------------------------------------------------------------------------------- report
+def _planned(cfg_text: str) -> tuple[list[str], list[str]]:
+    """(labels, collections) a run's config.toml plans: ``base`` (when evaluated), then each seed's variants."""
+    cfg = tomllib.loads(cfg_text) if cfg_text else {}
+    ev = cfg.get("eval", {})
+    labels = ["base"] if ev.get("base", True) else []
+    labels += [f"{v}-s{s}" for s in cfg.get("seeds", []) for v in cfg.get("variants", [])]
+    return labels, list(ev.get("collections", []))
+
+
 def report_from_run(run_dir: Path) -> Path:
-    """Write report.md from the evaluations a run has finished (one cut by a time limit too), in the order they ran."""
+    """Write report.md from the evaluations a run has finished (one cut by a time limit too), in the planned order."""
     run = Run.open(run_dir)
-    files = sorted((run.path / "results").glob("eval-*.json"), key=lambda f: f.stat().st_mtime)
-    if not files:
+    results = [json.loads(f.read_text()) for f in sorted((run.path / "results").glob("eval-*.json"))]
+    if not results:
         raise FileNotFoundError(f"{run_dir} holds no finished evaluation (results/eval-*.json): nothing to report")
-    return write_report(run, [json.loads(f.read_text()) for f in files])
+    f = run.path / "config.toml"
+    labels, cols = _planned(f.read_text() if f.exists() else "")
+    lab_rank, col_rank = {x: i for i, x in enumerate(labels)}, {x: i for i, x in enumerate(cols)}
+    results.sort(key=lambda r: (lab_rank.get(r["label"], len(labels)), col_rank.get(r.get("source"), len(cols))))
+    return write_report(run, results)
 
 
 def _label_parts(label: str) -> tuple[str, int | None]:
@@ -806,10 +819,11 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     ax.legend(fontsize=6)
     png = save_figure(fig, run.path / "retrieval_train.png")
 
-    missing = []
-    if cfg:
-        planned = tomllib.loads(cfg)
-        missing = [f"{v}-s{s}" for s in planned.get("seeds", []) for v in planned.get("variants", []) if f"{v}-s{s}" not in labels]
+    planned_labels, planned_cols = _planned(cfg)
+    done = {(r["label"], r.get("source")) for r in results}
+    missing = [lab if all((lab, c) not in done for c in planned_cols) else f"{lab} on {c}"
+               for lab in planned_labels for c in planned_cols if (lab, c) not in done]
+    missing = list(dict.fromkeys(missing))  # a label evaluated nowhere is named once
     md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
           command_line(env), "",
           *([f"**Not finished** (not trained or not evaluated when this report was written): {', '.join(missing)}.", ""]

@@ -191,8 +191,9 @@ def mine_candidates(examples: list[TrainExample], corpus: Mapping[str, str], n_c
     the query's collection (0: no BM25) merged with ``extra_rankings[qid]`` (e.g. a dense teacher's
     top-k), positives excluded; a short pool is topped up with random documents of the collection.
     """
-    import bm25s
+    from .bm25 import import_bm25s
 
+    bm25s = import_bm25s()
     if n_candidates < 2:
         raise ValueError(f"n_candidates must be >= 2 (a positive and a negative), got {n_candidates}")
     for c, exs, keys in by_collection(examples, corpus):
