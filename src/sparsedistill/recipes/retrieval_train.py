@@ -566,7 +566,7 @@ class RetrievalTrain:
         return self._doc_encoder[1]
 
     def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float, str]:
-        """``(ids, (documents, vocab) sparse vectors, documents/s)`` of a collection under a model at the evaluation
+        """``(ids, (documents, vocab) sparse vectors, documents/s, device encoded on)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
         from .retrieval_eval import encode_documents
         from .retrieval_index import _weights_sha
