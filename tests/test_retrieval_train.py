@@ -410,3 +410,29 @@ def test_report_of_a_cut_run_names_what_it_did_not_reach_in_the_planned_order(tm
     assert table.index("70.00 (+5.00)") < table.index("71.00 (+6.00)")  # collections in the planned order: tiny, small
     with pytest.raises(FileNotFoundError, match="no finished evaluation"):
         report_from_run(tmp_path / "empty")
+
+
+def _fake_run(path, variants, ranking="kl", evals=()):
+    (path / "results").mkdir(parents=True)
+    (path / "config.toml").write_text(f'seeds = [0]\nvariants = {json.dumps(variants)}\n[loss]\nranking = "{ranking}"\n'
+                                      '[eval]\nbase = false\ncollections = ["tiny"]\n')
+    for label, ours in evals:
+        r = {"label": label, "collection": "tiny", "source": "tiny", "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
+             "ours": {"ndcg@10": ours, "recall@100": 0.9}, "nnz_per_doc": 100.0}
+        (path / "results" / f"eval-{label}-tiny.json").write_text(json.dumps(r))
+    return path
+
+
+def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_differences(tmp_path):
+    from sparsedistill.recipes.retrieval_train import report_from_run
+
+    main = _fake_run(tmp_path / "main", ["main", "plain-flops"], evals=[("main-s0", 0.70)])
+    plain = _fake_run(tmp_path / "plain", ["plain-flops"], evals=[("plain-flops-s0", 0.62)])
+    md = report_from_run(main, plain).read_text()
+    assert "**Not finished**" not in md  # plain-flops, planned by the first run, came from the second
+    assert md.index("| main |") < md.index("| plain-flops |")
+    assert "Run `main`:" in md and "Run `plain`:" in md and "62.00 (-3.00)" in md
+    assert (main / "report.md").exists() and not (plain / "report.md").exists()
+    other = _fake_run(tmp_path / "other", ["single-teacher"], ranking="margin_mse", evals=[("single-teacher-s0", 0.6)])
+    with pytest.raises(ValueError, match="loss.ranking"):
+        report_from_run(main, other)

@@ -155,9 +155,10 @@ def _print_report(report: Path) -> int:
 def _retrieval_report(args: argparse.Namespace) -> int:
     from .recipes.retrieval_train import report_from_run
 
-    if not (args.run / "config.toml").exists():
-        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
-    out = report_from_run(args.run)
+    for run in args.runs:
+        if not (run / "config.toml").exists():
+            raise FileNotFoundError(f"{run} is not a run directory (no config.toml)")
+    out = report_from_run(*args.runs)
     return _print_report(out)
 
 
@@ -308,9 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only build the training sets and the teacher-score cache (teachers.cache_dir), e.g. to carry it to a GPU")
     rtt.set_defaults(func=_retrieval_train)
     rtr = rt_cmds.add_parser("report", help="write a retrieval train run's report.md from the evaluations it finished",
-                             description="Render report.md (tables, plot, summary.json) from a `retrieval train` run directory, "
-                                         "also one cut by a time limit; variants not yet evaluated are named at the top.")
-    rtr.add_argument("run", type=Path, help="the run directory (--run-dir of `retrieval train`)")
+                             description="Render report.md (tables, plot, summary.json) from `retrieval train` run directories, "
+                                         "also ones cut by a time limit; variants not yet evaluated are named at the top. "
+                                         "Several runs of one config (e.g. ablation variants trained as parallel processes) "
+                                         "merge into the first one's report.")
+    rtr.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                     help="run directories (--run-dir of `retrieval train`); the report is written into the first")
     rtr.set_defaults(func=_retrieval_report)
     rte = rt_cmds.add_parser("evaluate", help="BM25 vs inference-free sparse retrieval on BEIR-layout collections, with report.md",
                              description="Evaluate BM25 (bm25s) and inference-free sparse retrieval (SPLADE documents, IDF queries) "

@@ -696,7 +696,7 @@ class RetrievalTrain:
                 if variant == "query-only" or self.cfg.query.learn:
                     self.learn_query_weights(f"{variant}-s{seed}", model_dir, seed)
                 results += self.evaluate(f"{variant}-s{seed}", model_dir)
-        return write_report(self.run, results)
+        return write_report([self.run], results)
 
 
 def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
@@ -711,26 +711,79 @@ def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool =
 
 
 # ----------------------------------------------------------------------------------------- report
-def _planned(cfg_text: str) -> tuple[list[str], list[str]]:
-    """(labels, collections) a run's config.toml plans: ``base`` (when evaluated), then each seed's variants."""
-    cfg = tomllib.loads(cfg_text) if cfg_text else {}
-    ev = cfg.get("eval", {})
-    labels = ["base"] if ev.get("base", True) else []
-    labels += [f"{v}-s{s}" for s in cfg.get("seeds", []) for v in cfg.get("variants", [])]
-    return labels, list(ev.get("collections", []))
+def _planned(cfg_texts: list[str]) -> tuple[list[str], list[str]]:
+    """(labels, collections) the runs' config.toml files plan: ``base`` (when evaluated), then each seed's variants."""
+    labels: list[str] = []
+    cols: list[str] = []
+    for text in cfg_texts:
+        cfg = tomllib.loads(text) if text else {}
+        ev = cfg.get("eval", {})
+        labels += ["base"] if ev.get("base", True) else []
+        labels += [f"{v}-s{s}" for s in cfg.get("seeds", []) for v in cfg.get("variants", [])]
+        cols += list(ev.get("collections", []))
+    return list(dict.fromkeys(labels)), list(dict.fromkeys(cols))
 
 
-def report_from_run(run_dir: Path) -> Path:
-    """Write report.md from the evaluations a run has finished (one cut by a time limit too), in the planned order."""
-    run = Run.open(run_dir)
-    results = [json.loads(f.read_text()) for f in sorted((run.path / "results").glob("eval-*.json"))]
+# What may differ between runs merged into one report: which jobs each ran, where its cache lives, how
+# often it checkpointed (none of these changes a result).
+_MERGE_FREE = {("variants",), ("seeds",), ("eval", "base"), ("teachers", "cache_dir")}
+
+
+def _merge_free(key: tuple[str, ...]) -> bool:
+    return key in _MERGE_FREE or key[-1] == "checkpoint_every"
+
+
+def _flat(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+    return out
+
+
+def check_mergeable(run_dirs: list[Path]) -> None:
+    """Runs merge into one report only when their configs agree on everything but variants, seeds,
+    ``eval.base``, the cache folder and checkpoint intervals (e.g. ablation variants run as parallel processes)."""
+    flats = []
+    for d in run_dirs:
+        f = Path(d) / "config.toml"
+        if not f.exists():
+            raise FileNotFoundError(f"{d} is not a run directory (no config.toml)")
+        flats.append({k: v for k, v in _flat(tomllib.loads(f.read_text())).items() if not _merge_free(k)})
+    for d, flat in zip(run_dirs[1:], flats[1:]):
+        diff = sorted(".".join(k) for k in set(flat) | set(flats[0]) if flat.get(k) != flats[0].get(k))
+        if diff:
+            raise ValueError(f"{d} was run with a config that differs from {run_dirs[0]}'s in {', '.join(diff)}: "
+                             "only runs that differ in variants, seeds, eval.base, teachers.cache_dir or checkpoint_every can share a report")
+
+
+class _MergedRuns:
+    """Several runs of one config read as one: a job's result or metrics come from the first run that has them."""
+
+    def __init__(self, runs: list[Run]) -> None:
+        self.runs = runs
+
+    def result(self, job: str) -> dict[str, Any] | None:
+        return next((r for run in self.runs if (r := run.result(job)) is not None), None)
+
+    def metrics(self, job: str) -> list[dict[str, Any]]:
+        return next((m for run in self.runs if (m := run.metrics(job))), [])
+
+
+def report_from_run(run_dir: Path, *more: Path) -> Path:
+    """Write report.md from the evaluations the runs have finished (cut by a time limit too), in the planned
+    order, into the first run's directory. Several runs (same config, other variants or seeds) merge."""
+    dirs = [Path(run_dir), *map(Path, more)]
+    if more:
+        check_mergeable(dirs)
+    runs = [Run.open(d) for d in dirs]
+    results = list({r["label"] + "/" + r["collection"]: r for run in reversed(runs)
+                    for r in (json.loads(f.read_text()) for f in sorted((run.path / "results").glob("eval-*.json")))}.values())
     if not results:
-        raise FileNotFoundError(f"{run_dir} holds no finished evaluation (results/eval-*.json): nothing to report")
-    f = run.path / "config.toml"
-    labels, cols = _planned(f.read_text() if f.exists() else "")
+        raise FileNotFoundError(f"{', '.join(map(str, dirs))}: no finished evaluation (results/eval-*.json), nothing to report")
+    labels, cols = _planned([(d / "config.toml").read_text() for d in dirs if (d / "config.toml").exists()])
     lab_rank, col_rank = {x: i for i, x in enumerate(labels)}, {x: i for i, x in enumerate(cols)}
     results.sort(key=lambda r: (lab_rank.get(r["label"], len(labels)), col_rank.get(r.get("source"), len(cols))))
-    return write_report(run, results)
+    return write_report(runs, results)
 
 
 def _label_parts(label: str) -> tuple[str, int | None]:
@@ -740,8 +793,10 @@ def _label_parts(label: str) -> tuple[str, int | None]:
     return v, int(s)
 
 
-def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
-    env = run.environment()
+def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
+    """report.md, retrieval_train.png and summary.json in the first run's directory."""
+    out, run = runs[0], _MergedRuns(runs)
+    envs = [r.environment() for r in runs]
     cols = list(dict.fromkeys(r["collection"] for r in results))
     bm25 = {r["collection"]: r["bm25"] for r in results}
     labels = list(dict.fromkeys(r["label"] for r in results))
@@ -785,8 +840,8 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
                                    f"{st['final_rank']:.4f}" if st.get("final_rank") is not None else "-",
                                    f"{st['final_flops']:.3f}" if st.get("final_flops") is not None else "-",
                                    f"{st['final_nnz']:.0f}" if st.get("final_nnz") is not None else "-"])
-    data = json.loads((run.path / "data.json").read_text()) if (run.path / "data.json").exists() else {}
-    cfg = (run.path / "config.toml").read_text() if (run.path / "config.toml").exists() else ""
+    data = json.loads((out.path / "data.json").read_text()) if (out.path / "data.json").exists() else {}
+    cfgs = [(r.path / "config.toml").read_text() if (r.path / "config.toml").exists() else "" for r in runs]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     color = {lab: f"C{i + 1}" for i, lab in enumerate(labels)}
@@ -817,15 +872,15 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
     ax.set_xlabel("training step (pre-training, then fine-tuning)")
     ax.set_ylabel("nonzeros / document (training batch)")
     ax.legend(fontsize=6)
-    png = save_figure(fig, run.path / "retrieval_train.png")
+    png = save_figure(fig, out.path / "retrieval_train.png")
 
-    planned_labels, planned_cols = _planned(cfg)
+    planned_labels, planned_cols = _planned(cfgs)
     done = {(r["label"], r.get("source")) for r in results}
     missing = [lab if all((lab, c) not in done for c in planned_cols) else f"{lab} on {c}"
                for lab in planned_labels for c in planned_cols if (lab, c) not in done]
     missing = list(dict.fromkeys(missing))  # a label evaluated nowhere is named once
     md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
-          command_line(env), "",
+          *(x for env, r in zip(envs, runs) for x in ((f"Run `{r.path.name}`: " if len(runs) > 1 else "") + command_line(env), "")),
           *([f"**Not finished** (not trained or not evaluated when this report was written): {', '.join(missing)}.", ""]
             if missing else []),
           "Queries are IDF-weighted tokens (no query model); documents are the trained SPLADE-tiny's vectors. Each cell: "
@@ -847,11 +902,14 @@ def write_report(run: Run, results: list[dict[str, Any]]) -> Path:
           "Pseudo-queries (sentence / title / random crop of a document, which is their positive) from the training corpora's "
           "documents; fine-tuning queries from the train qrels only. Any query equal to a test query was dropped, and the run "
           "refuses a training set that holds a test-split query id or text.", "",
-          "```json", json.dumps(data, indent=1), "```", "", "## Config", "", "```toml", cfg.strip(), "```", ""]
-    summary = {"environment": env, "data": data, "results": results,
+          "```json", json.dumps(data, indent=1), "```", "", "## Config", "",
+          *([f"Runs merged: {', '.join(f'`{r.path.name}`' for r in runs)}; their configs differ only in `variants`, `seeds`, "
+             "`eval.base`, `teachers.cache_dir` or `checkpoint_every` (checked). The first run's:", ""] if len(runs) > 1 else []),
+          "```toml", cfgs[0].strip(), "```", ""]
+    summary = {"environment": envs[0] if len(envs) == 1 else envs, "data": data, "results": results,
                "train": {lab: run.result(f"train-{lab}") for lab in labels if lab != "base"},
                "query_weights": {lab: run.result(f"query-{lab}") for lab in labels if run.result(f"query-{lab}")}}
-    atomic_write_bytes(run.path / "summary.json", json.dumps(summary, indent=1).encode())
-    report = run.path / "report.md"
+    atomic_write_bytes(out.path / "summary.json", json.dumps(summary, indent=1).encode())
+    report = out.path / "report.md"
     atomic_write_bytes(report, "\n".join(md).encode())
     return report
