@@ -431,8 +431,14 @@ def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_diffe
     md = report_from_run(main, plain).read_text()
     assert "**Not finished**" not in md  # plain-flops, planned by the first run, came from the second
     assert md.index("| main |") < md.index("| plain-flops |")
-    assert "Run `main`:" in md and "Run `plain`:" in md and "62.00 (-3.00)" in md
+    assert "Run `main`:" in md and f"Run `{plain}`:" in md and "62.00 (-3.00)" in md  # not inside the first: full path
     assert (main / "report.md").exists() and not (plain / "report.md").exists()
+    assert "Over seeds" not in md  # one seed each: nothing to average
+    seed1 = _fake_run(main / "seed1", ["main"], evals=[("main-s1", 0.68)])
+    seed1.joinpath("config.toml").write_text(seed1.joinpath("config.toml").read_text().replace("seeds = [0]", "seeds = [1]"))
+    md = report_from_run(main, plain, seed1).read_text()
+    assert "Run `seed1`:" in md
+    assert "| main | 2 | +4.00 | s0: +5.00, s1: +3.00 | 100 |" in md  # (0.70 and 0.68) - 0.65
     other = _fake_run(tmp_path / "other", ["single-teacher"], ranking="margin_mse", evals=[("single-teacher-s0", 0.6)])
     with pytest.raises(ValueError, match="loss.ranking"):
         report_from_run(main, other)

@@ -793,6 +793,14 @@ def _label_parts(label: str) -> tuple[str, int | None]:
     return v, int(s)
 
 
+def _run_name(run: Run, first: Run) -> str:
+    """How a merged run is named in the report: the first by its folder, the others relative to it where they can be."""
+    if run is first:
+        return run.path.name
+    rel = os.path.relpath(run.path, first.path)
+    return rel if not rel.startswith("..") else str(run.path)
+
+
 def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
     """report.md, retrieval_train.png and summary.json in the first run's directory."""
     out, run = runs[0], _MergedRuns(runs)
@@ -804,6 +812,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
     pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
 
     rows = [["BM25 (bm25s)", "", *[f"{pct(bm25[c]['ndcg@10'])} / {pct(bm25[c]['recall@100'])} / -" for c in cols], ""]]
+    per_seed: dict[str, list[tuple[int | None, float, float]]] = {}  # variant -> (seed, mean diff, mean nnz), with query weights
     for lab in labels:
         v, s = _label_parts(lab)
         learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
@@ -819,6 +828,12 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
                 cells.append(f"{pct(r[key]['ndcg@10'])} ({100 * diffs[-1]:+.2f}) / {pct(r[key]['recall@100'])} / {r['nnz_per_doc']:.0f}")
             mean = f"{100 * sum(diffs) / len(diffs):+.2f}" if diffs else "-"
             rows.append([name, "" if s is None else s, *cells, mean])
+            if key == "ours" and len(diffs) == len(cols):
+                per_seed.setdefault(v, []).append((s, sum(diffs) / len(diffs),
+                                                   sum(by[(lab, c)]["nnz_per_doc"] for c in cols) / len(cols)))
+    seed_rows = [[v, len(xs), f"{100 * sum(d for _, d, _ in xs) / len(xs):+.2f}",
+                  ", ".join(f"s{s}: {100 * d:+.2f}" for s, d, _ in xs), f"{sum(n for *_, n in xs) / len(xs):.0f}"]
+                 for v, xs in per_seed.items() if v != "base"]
     query_rows = []
     for lab in labels:
         qr = run.result(f"query-{lab}")
@@ -880,7 +895,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
                for lab in planned_labels for c in planned_cols if (lab, c) not in done]
     missing = list(dict.fromkeys(missing))  # a label evaluated nowhere is named once
     md = ["# Inference-free sparse retrieval: ensemble-distilled SPLADE-tiny vs BM25", "",
-          *(x for env, r in zip(envs, runs) for x in ((f"Run `{r.path.name}`: " if len(runs) > 1 else "") + command_line(env), "")),
+          *(x for env, r in zip(envs, runs) for x in ((f"Run `{_run_name(r, runs[0])}`: " if len(runs) > 1 else "") + command_line(env), "")),
           *([f"**Not finished** (not trained or not evaluated when this report was written): {', '.join(missing)}.", ""]
             if missing else []),
           "Queries are IDF-weighted tokens (no query model); documents are the trained SPLADE-tiny's vectors. Each cell: "
@@ -888,6 +903,9 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
           "`base` is SPLADE-tiny as shipped at the same max length. Collections named `<name>-<Q>q-<D>d` are subsamples "
           "(Q test queries, their judged documents plus random others, D documents in all; BM25 runs on the same subsample).", "",
           markdown_table(["model", "seed", *[f"{c}: NDCG@10 / R@100 / nnz" for c in cols], "mean NDCG@10 diff"], rows), "",
+          *(["Over seeds (each variant's final model, evaluated on every collection):", "",
+             markdown_table(["variant", "seeds", "mean NDCG@10 diff to BM25", "per seed", "mean nnz / doc"], seed_rows), ""]
+            if any(len(x) > 1 for x in per_seed.values()) else []),
           f"![results]({png})", "", "## Training", "",
           markdown_table(["job", "stage", "queries", "steps", "s/step", "final ranking loss", "final FLOPS term", "train nnz/doc"], train_rows)
           if train_rows else "(no training jobs)", "",
@@ -903,7 +921,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
           "documents; fine-tuning queries from the train qrels only. Any query equal to a test query was dropped, and the run "
           "refuses a training set that holds a test-split query id or text.", "",
           "```json", json.dumps(data, indent=1), "```", "", "## Config", "",
-          *([f"Runs merged: {', '.join(f'`{r.path.name}`' for r in runs)}; their configs differ only in `variants`, `seeds`, "
+          *([f"Runs merged: {', '.join(f'`{_run_name(r, runs[0])}`' for r in runs)}; their configs differ only in `variants`, `seeds`, "
              "`eval.base`, `teachers.cache_dir` or `checkpoint_every` (checked). The first run's:", ""] if len(runs) > 1 else []),
           "```toml", cfgs[0].strip(), "```", ""]
     summary = {"environment": envs[0] if len(envs) == 1 else envs, "data": data, "results": results,
