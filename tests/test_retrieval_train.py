@@ -442,3 +442,6 @@ def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_diffe
     other = _fake_run(tmp_path / "other", ["single-teacher"], ranking="margin_mse", evals=[("single-teacher-s0", 0.6)])
     with pytest.raises(ValueError, match="loss.ranking"):
         report_from_run(main, other)
+    rerun = _fake_run(tmp_path / "rerun", ["main"], evals=[("main-s0", 0.5)])
+    with pytest.raises(ValueError, match="main-s0 was evaluated in both"):  # two trainings of one model never mix
+        report_from_run(main, rerun)

@@ -7,6 +7,7 @@
 # Needs the retrieval carry (docs/notes/gpu-plan.md). Logs, a GPU memory trace and the run
 # directories (weights and document vectors left out) go to $OUT.
 set -u
+[ $# -ge 2 ] || { echo "usage: [SEED=N] $0 LIMIT_S VARIANT..." >&2; exit 2; }
 limit=$1; shift
 seed=${SEED:-0}; sfx=""; [ "$seed" = 0 ] || sfx="-s$seed"
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 >> "$OUT/gpu.csv" 2>&1 &
@@ -21,9 +22,11 @@ for v in "$@"; do
     --run-dir "runs/rt-abl-$v$sfx" --resume --no-progress >> "$OUT/$v$sfx.log" 2>&1 &
   pids+=($!)
 done
-wait "${pids[@]}"
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done  # 124: cut by the limit (send again to resume); other: failed
 kill "$smi" 2>/dev/null
 dirs=()
 for v in "$@"; do echo "== $v$sfx"; tail -n 5 "$OUT/$v$sfx.log"; dirs+=("runs/rt-abl-$v$sfx"); done
 # Only this call's runs, without weights or cached document vectors (a call returns a few tens of MB at most).
 tar -czf "$OUT/rt-abl$sfx.tar.gz" --exclude='checkpoints' --exclude='doc-vectors' --exclude='*.safetensors' --exclude='*.bin' "${dirs[@]}"
+exit "$rc"

@@ -743,12 +743,16 @@ def _flat(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ..
 def check_mergeable(run_dirs: list[Path]) -> None:
     """Runs merge into one report only when their configs agree on everything but variants, seeds,
     ``eval.base``, the cache folder and checkpoint intervals (e.g. ablation variants run as parallel processes)."""
+    from ..config import config_to_dict, load_config
+
     flats = []
     for d in run_dirs:
         f = Path(d) / "config.toml"
         if not f.exists():
             raise FileNotFoundError(f"{d} is not a run directory (no config.toml)")
-        flats.append({k: v for k, v in _flat(tomllib.loads(f.read_text())).items() if not _merge_free(k)})
+        # through the dataclass, so a key an older run did not write compares as its default
+        cfg = config_to_dict(load_config(RetrievalTrainConfig, f))
+        flats.append({k: v for k, v in _flat(cfg).items() if not _merge_free(k)})
     for d, flat in zip(run_dirs[1:], flats[1:]):
         diff = sorted(".".join(k) for k in set(flat) | set(flats[0]) if flat.get(k) != flats[0].get(k))
         if diff:
@@ -776,8 +780,14 @@ def report_from_run(run_dir: Path, *more: Path) -> Path:
     if more:
         check_mergeable(dirs)
     runs = [Run.open(d) for d in dirs]
-    results = list({r["label"] + "/" + r["collection"]: r for run in reversed(runs)
-                    for r in (json.loads(f.read_text()) for f in sorted((run.path / "results").glob("eval-*.json")))}.values())
+    per_run = [[json.loads(f.read_text()) for f in sorted((run.path / "results").glob("eval-*.json"))] for run in runs]
+    owner: dict[str, Path] = {}
+    for d, rs in zip(dirs, per_run):
+        for lab in dict.fromkeys(r["label"] for r in rs):
+            if owner.setdefault(lab, d) != d:  # one model's rows must not mix two trainings
+                raise ValueError(f"{lab} was evaluated in both {owner[lab]} and {d}: merge runs that hold different "
+                                 "variants or seeds (run extra ones with --set eval.base=false)")
+    results = [r for rs in per_run for r in rs]
     if not results:
         raise FileNotFoundError(f"{', '.join(map(str, dirs))}: no finished evaluation (results/eval-*.json), nothing to report")
     labels, cols = _planned([(d / "config.toml").read_text() for d in dirs if (d / "config.toml").exists()])
@@ -796,9 +806,9 @@ def _label_parts(label: str) -> tuple[str, int | None]:
 def _run_name(run: Run, first: Run) -> str:
     """How a merged run is named in the report: the first by its folder, the others relative to it where they can be."""
     if run is first:
-        return run.path.name
-    rel = os.path.relpath(run.path, first.path)
-    return rel if not rel.startswith("..") else str(run.path)
+        return run.path.resolve().name
+    rel = Path(os.path.relpath(run.path, first.path))
+    return str(run.path) if rel.parts[0] == ".." else str(rel)
 
 
 def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
@@ -903,7 +913,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
           "`base` is SPLADE-tiny as shipped at the same max length. Collections named `<name>-<Q>q-<D>d` are subsamples "
           "(Q test queries, their judged documents plus random others, D documents in all; BM25 runs on the same subsample).", "",
           markdown_table(["model", "seed", *[f"{c}: NDCG@10 / R@100 / nnz" for c in cols], "mean NDCG@10 diff"], rows), "",
-          *(["Over seeds (each variant's final model, evaluated on every collection):", "",
+          *(["Over seeds (each variant's final model; only seeds evaluated on every collection count):", "",
              markdown_table(["variant", "seeds", "mean NDCG@10 diff to BM25", "per seed", "mean nnz / doc"], seed_rows), ""]
             if any(len(x) > 1 for x in per_seed.values()) else []),
           f"![results]({png})", "", "## Training", "",

@@ -1,11 +1,12 @@
-"""FLOPS regularisers on sparse document vectors: the plain one and the IDF-aware one of the paper.
+"""FLOPS regularisers on sparse document vectors: the plain one and an IDF-aware one.
 
 Plain FLOPS (Paria et al.): ``sum_j (mean_i w_ij)^2`` over the vocabulary, the expected number of
 multiply-adds of a query-document dot product. IDF-aware: each term's mean activation is divided
 by ``1 + idf_j``, so frequent (low-IDF) terms, which an IDF-weighted query barely rewards, are
-pushed out hardest (the variant as issue #6 describes the paper's; the exact weighting should be
-checked against the paper before numbers are compared with it). ``threshold``: only documents with
-more nonzeros than it are penalised.
+pushed out hardest (the variant as issue #6 describes the paper's). The paper's own method appears
+to be the plain term with IDF-weighted queries in the ranking loss, which already makes a low-IDF
+term cost more per unit of score (README, "What the paper's IDF-aware penalty is").
+``threshold``: only documents with more nonzeros than it are penalised.
 
 Under ``torchrun`` the mean runs over the global batch, every rank's documents, not each rank's
 share: a per-rank FLOPS term penalises a different, noisier quantity (the square of a smaller
