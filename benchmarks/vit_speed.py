@@ -10,6 +10,12 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
 
     python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
+    python benchmarks/vit_speed.py ... --guard benchmarks/results/vit_speed_b16_b256_fp16_plan_h200.json
+
+Each of our rows records the cuSPARSELt plan chosen per layer shape. ``--guard REF`` compares every
+row also in REF (same model, batch and variant) by its speedup over the best dense model, and exits
+1 if one fell more than ``--tolerance`` below it: the check that would have caught the fp16 plan
+regression of 7a33e7d (0.84x -> 0.48x).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
+from sparsedistill.weights import sparse24  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
 
@@ -86,6 +93,7 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
         if variants is not None and key not in variants and not key.startswith("dense"):
             return
         t0 = time.time()
+        sparse24._PLANS.clear()  # so this row records the plans it chose
         try:
             with torch.no_grad():
                 fn = build()
@@ -95,6 +103,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
         except Exception as e:  # noqa: BLE001  (report and go on)
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         rows[key]["setup_s"] = round(time.time() - t0, 1)
+        if sparse24._PLANS:  # (fmt, out, in, tokens, ...) -> (transpose_result, algorithm)
+            rows[key]["plans"] = {f"{k[0]} {k[1]}x{k[2]} {k[3]} tokens": list(v) for k, v in sparse24._PLANS.items()}
         print(f"  {name} b{batch} {key}: {rows[key]}", flush=True)
         save()
 
@@ -126,6 +136,8 @@ def main() -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[256, 1])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile for the dense baseline")
     ap.add_argument("--variants", nargs="+", help="only these non-dense variants (e.g. ours_24_int8_compiled); dense always runs")
+    ap.add_argument("--guard", type=Path, help="an earlier result JSON: exit 1 if a row's speedup over dense fell below it")
+    ap.add_argument("--tolerance", type=float, default=0.1, help="relative speedup loss --guard allows (default 0.1)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("vit_speed.py needs a CUDA GPU with 2:4 sparse tensor cores (Ampere or newer); none was found.", file=sys.stderr)
@@ -148,11 +160,33 @@ def main() -> int:
             row["best_dense_ms"] = bench(name, batch, not args.no_compile, set(args.variants) if args.variants else None,
                                          row["variants"], save)
             save()
+    failed = guard(results, json.loads(args.guard.read_text()), args.tolerance) if args.guard else []
+    if args.guard:
+        env["guard"] = {"reference": str(args.guard), "tolerance": args.tolerance, "regressions": failed}
+        save()
     print("\nmodel                   batch  best dense ms  " + "  ".join(f"{k:>14s}" for k in results[0]["variants"]))
     for r in results:
         cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
         print(f"{r['model']:<24s}{r['batch']:>5d}  {r['best_dense_ms']:>13.2f}  " + "  ".join(cells))
-    return 0
+    for line in failed:
+        print("REGRESSION:", line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def guard(results: list[dict], reference: dict, tolerance: float) -> list[str]:
+    """Rows whose speedup over the best dense model is more than ``tolerance`` below the reference's."""
+    ref = {(r["model"], r["batch"], k): v for r in reference["results"] for k, v in r["variants"].items()}
+    failed = []
+    for r in results:
+        for k, v in r["variants"].items():
+            old = ref.get((r["model"], r["batch"], k), {}).get("speedup_vs_best_dense")
+            if old is None or k.startswith("dense"):
+                continue
+            new = v.get("speedup_vs_best_dense")
+            if new is None or new < old * (1 - tolerance):
+                failed.append(f"{r['model']} b{r['batch']} {k}: {new if new is None else round(new, 3)}x, "
+                              f"was {old:.3f}x ({reference['environment'].get('commit')})")
+    return failed
 
 
 if __name__ == "__main__":

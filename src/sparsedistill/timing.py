@@ -9,9 +9,12 @@ import torch
 __all__ = ["time_ms"]
 
 
-def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30) -> float:
-    """Median milliseconds per call; with ``graph`` the calls are captured once and replayed."""
-    for _ in range(3):
+def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds per call; with ``graph`` the calls are captured once and replayed.
+
+    ``warmup`` eager calls come first (a graph also gets two on a side stream before capture).
+    """
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     if graph:

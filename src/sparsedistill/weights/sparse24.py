@@ -179,10 +179,10 @@ class Sparse24Linear(nn.Module):
 
         int8/fp8: the searched algorithm with a transposed (row-major) result. fp16: the search fails
         with a transposed result on the H100, and its only working algorithm (0) is pathologically
-        slow at narrow layers (benchmarks/probes/first_call_probe_h100.txt), so it is timed against the
-        searched plain layout plus one transposing copy, and the faster one is kept. Timed in a CUDA
-        graph, as deployed: eager timing adds host time per call and picked the copy, 3x slower on the
-        H200 at ViT-B batch 256 (benchmarks/probes/fp16_24_probe.py).
+        slow eagerly at narrow layers (benchmarks/probes/first_call_probe_h100.txt), so it is timed against
+        the searched plain layout plus one transposing copy, and the faster one is kept. Timed only in a
+        CUDA graph, as deployed: eager timing adds host time per call and picked the copy, 3x slower on
+        the H200 at ViT-B batch 256 (benchmarks/probes/fp16_24_probe.py; ``_pick_by_graphed_time``).
         """
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"no cuSPARSELt plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
@@ -194,10 +194,9 @@ class Sparse24Linear(nn.Module):
             return plan
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
         t_search = time.perf_counter() - t0
-        candidates = _screen(candidates, lambda c: self._gemm(xk, bias, out_dtype, *c))
-        graphed = {} if len(candidates) == 1 else {  # one left after the screen: nothing to compare
-            c: time_ms(lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=3, reps=5) for c in candidates}
-        plan = min(graphed, key=graphed.get) if graphed else candidates[0]
+        graphed = _pick_by_graphed_time(candidates, lambda c, calls, reps: time_ms(
+            lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=calls, reps=reps, warmup=0))
+        plan = min(graphed, key=graphed.get)
         log.info("cuSPARSELt plan for %s: %s (search %.2f s; graphed ms %s; %.2f s in all)", shape, plan, t_search,
                  {c: round(v, 3) for c, v in graphed.items()}, time.perf_counter() - t0)
         return plan
@@ -214,27 +213,27 @@ class Sparse24Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
 
 
-def _screen(candidates: list[tuple[bool, int]], run, slower: float = 10.0, floor_ms: float = 5.0,
-            clock=time.perf_counter) -> list[tuple[bool, int]]:
-    """Drop candidates whose single eager call is both ``slower`` x the fastest and over ``floor_ms``.
+def _pick_by_graphed_time(candidates: list[tuple[bool, int]], graphed_ms, slower: float = 10.0,
+                          floor_ms: float = 5.0) -> dict[tuple[bool, int], float]:
+    """Each candidate's graphed ms per call: one replay each, then a longer timing of those still in the race.
 
-    Timing a candidate in a graph takes ~25 calls; algorithm 0 with a transposed result can take
-    ~270 ms a call at narrow fp16 layers (benchmarks/probes/first_call_probe_h100.txt), seconds per
-    layer shape for a plan that cannot win. Eager time includes host overhead (up to ~1 ms), so only
-    a gap far beyond it rules a candidate out; close calls are left to the graphed timing.
+    ``graphed_ms(candidate, calls, reps)`` times the candidate replayed from a CUDA graph, as it is
+    deployed. Never screen by an eager call: PyTorch re-creates the cuSPARSELt plan on every eager
+    call, and an earlier eager screen (one call each, drop > 10x and > 5 ms) dropped algorithm 0 with
+    a transposed result at every ViT-B shape although its kernel is the faster one in a graph
+    (0.14-0.53 ms, benchmarks/probes/fp16_24_probe_h200.json): ViT-B b256 2:4 fp16 went from
+    27.6 to 47.9 ms. One replay is cheap even for a candidate that is slow (an eager call took
+    ~270 ms at narrow layers, benchmarks/probes/first_call_probe_h100.txt); only candidates within
+    ``slower`` x the fastest (or under ``floor_ms``) get the 15-call timing that separates close ones.
     """
-    if len(candidates) < 2:
-        return candidates
-    once = {}
-    for c in candidates:
-        run(c)  # first call: the plan's set-up, not its speed
-        torch.cuda.synchronize()
-        t0 = clock()
-        run(c)
-        torch.cuda.synchronize()
-        once[c] = (clock() - t0) * 1e3
+    once = {c: graphed_ms(c, 1, 1) for c in candidates}
+    if len(once) < 2:
+        return once
     best = min(once.values())
-    return [c for c in candidates if not (once[c] > slower * best and once[c] > floor_ms)]
+    close = [c for c in candidates if once[c] <= slower * best or once[c] <= floor_ms]
+    if len(close) < 2:
+        return once
+    return {**once, **{c: graphed_ms(c, 3, 5) for c in close}}
 
 
 @torch.library.custom_op("sparsedistill::cslt_mm", mutates_args=())
