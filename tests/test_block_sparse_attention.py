@@ -1,5 +1,6 @@
 """Block-sparse attention kernels against the PyTorch reference; on the CPU through Triton's interpreter."""
 
+import math
 import os
 
 import pytest
@@ -345,3 +346,98 @@ def test_tuner_drops_a_fast_candidate_whose_output_disagrees_with_the_default(mo
     with pytest.warns(RuntimeWarning, match=r"tile \(32, 64, 4, 2\) disagrees"):
         bs._run_tuned("bwd_dkdv", q, 64, False, list(speed), (64, 64, 4, 2), launch, (out,))
     assert bs._chosen[("bwd_dkdv", 64, 64, False, torch.float16)] == (64, 32, 4, 2) and (out == 1).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,block,samples", [(640, 64, 16), (300, 64, 16), (512, 128, 32), (256, 64, 0)])
+def test_asa_mask_kernel_selects_exactly_what_the_reference_does(causal, sq, block, samples):
+    from sparsedistill.attention import asa_mask, asa_mask_reference
+
+    g = torch.Generator().manual_seed(sq + block)
+    q, k, _ = _inputs(2, 4, 2, sq, sq, 64, torch.float32, g)
+    args = dict(tau=0.6, max_keep=0.5, causal=causal, samples=samples, global_blocks=1)
+    mask = asa_mask(q * 3, k, block, **args)
+    ref = asa_mask_reference(q * 3, k, block, **args)
+    assert torch.equal(mask.to_block_bool(), ref)
+    assert mask.q_indices is None  # the transposed lists wait for a backward
+    counts = ref.sum(-1)
+    assert torch.equal(mask.kv_counts.long(), counts)
+    nk = ref.shape[-1]
+    allowed = ref.new_ones(ref.shape[-2:]) if not causal else torch.ones(ref.shape[-2:], dtype=torch.bool).tril().to(DEV)
+    assert (counts <= torch.floor(0.5 * allowed.sum(-1)).clamp(min=1) + 2).all() and counts.max() < nk + 1
+
+
+def test_asa_block_scores_follow_the_token_softmax_max_pool_definition():
+    from sparsedistill.attention.asa import asa_block_scores_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 128, 16, generator=g), torch.randn(1, 1, 128, 16, generator=g)
+    scores = asa_block_scores_reference(q, k, 64, samples=16)
+    pk = k.view(2, 64, 16).mean(1)  # mean key per block
+    for qb in range(2):
+        tokens = q[0, 0, qb * 64 : qb * 64 + 64 : 4]  # 16 evenly spaced query tokens
+        per_token = torch.softmax(tokens @ pk.T / 4.0, -1)
+        want = per_token.amax(0)
+        assert torch.allclose(scores[0, 0, qb], want / want.sum(), atol=1e-6)
+
+
+def test_block_sparse_lse_and_its_gradient_match_the_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 1, 192, 192, 64, torch.float32, g)
+    mask = _random_mask(1, 2, 192, 192, 64, 0.6, g)
+    mask = BlockMask.from_block_bool(mask.to_block_bool() | torch.eye(3, dtype=torch.bool, device=DEV), 64, 192)
+    w = torch.randn(1, 2, 192, generator=g).to(DEV)
+    grads = []
+    for fn in (block_sparse_attention, lambda *a, **kw: attention_reference(*a, **kw)):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        o, lse = fn(qq, kk, vv, mask, return_lse=True)
+        grads.append((o, lse, *torch.autograd.grad((o.sum(-1) * w).sum() + (lse * w).sum(), (qq, kk, vv))))
+    for a, b in zip(*grads):
+        assert torch.allclose(a.float(), b.float(), atol=2 * FP32_DOT_TOL), (a - b).abs().max()
+
+
+def test_pooled_kv_branch_is_attention_over_kept_tokens_and_dropped_block_means():
+    from sparsedistill.attention import asa_attention, pooled_kv_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, s, d, block = 1, 2, 1, 256, 64, 64
+    q, k, v = _inputs(b, h, hkv, s, s, d, torch.float32, g)
+    keep = torch.rand(b, h, 4, 4, generator=g) < 0.5
+    keep |= torch.eye(4, dtype=torch.bool)
+    mask = BlockMask.from_block_bool(keep.to(DEV), block, s)
+    # the definition: every query sees its kept blocks' tokens and one key per dropped block
+    # (the block's mean key and value, its logit raised by log(block) for the tokens it stands for)
+    pk, pv = k.view(b, hkv, 4, block, d).mean(3), v.view(b, hkv, 4, block, d).mean(3)
+    kk, vv = torch.cat([k, pk], 2).repeat_interleave(h // hkv, 1), torch.cat([v, pv], 2).repeat_interleave(h // hkv, 1)
+    logits = q @ kk.transpose(-1, -2) / math.sqrt(d)
+    logits[..., s:] += math.log(block)
+    token_keep = mask.to_dense()
+    block_dropped = (~keep.to(DEV)).repeat_interleave(block, 2)
+    visible = torch.cat([token_keep, block_dropped], -1)
+    want = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1) @ vv
+    got = asa_attention(q, k, v, mask, pooled_kv=True)
+    assert torch.allclose(got, want, atol=FP32_DOT_TOL)
+    # nothing dropped: exact attention, and the pooled branch gets no weight (and no NaN)
+    full = BlockMask.full(b, h, s, block, device=DEV)
+    q.requires_grad_(True)
+    out = asa_attention(q, k, v, full, pooled_kv=True)
+    assert torch.allclose(out, attention_reference(q, k, v), atol=FP32_DOT_TOL)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="multiples of the block"):
+        pooled_kv_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], BlockMask.full(b, h, 200, block, device=DEV))
+
+
+def test_tile_order_makes_each_block_one_spatiotemporal_tile():
+    from sparsedistill.attention import from_tile_order, tile_order, to_tile_order
+
+    grid, tile = (4, 8, 8), (2, 4, 8)  # 256 tokens, tiles of 64
+    f, y, x = torch.meshgrid(torch.arange(4), torch.arange(8), torch.arange(8), indexing="ij")
+    coords = torch.stack([f, y, x], -1).reshape(1, 256, 3)
+    tiled = to_tile_order(coords, grid, tile, dim=1)
+    for blk in tiled[0].view(4, 64, 3):  # each block spans one 2 x 4 x 8 box
+        assert (blk.amax(0) - blk.amin(0)).tolist() == [1, 3, 7]
+    assert torch.equal(from_tile_order(tiled, grid, tile, dim=1), coords)
+    assert sorted(tile_order(grid, tile).tolist()) == list(range(256))
+    with pytest.raises(ValueError, match="rows 8 is not a multiple of 3"):
+        tile_order(grid, (1, 3, 8))

@@ -1,12 +1,24 @@
-"""ASA, adaptive block-sparse attention (Video-BLADE): choose each query block's key blocks from pooled scores.
+"""ASA, adaptive block-sparse attention (Video-BLADE): each query block keeps the key blocks its sampled queries favour.
 
-Per block, queries and keys are pooled (the mean of the block, or of ``samples`` evenly spaced
-tokens as BLADE does); block scores ``softmax(pool(q) pool(k)^T / sqrt(d))`` are sorted and key
-blocks are kept until their cumulative mass reaches ``tau``, within [``min_keep``, ``max_keep``]
-of the allowed blocks. The diagonal block (where causality allows it) and ``global_blocks``
-leading blocks are always kept, so no query row is left empty. Pooling is a Triton kernel with
-``pool_reference`` beside it; selection is a sort and a cumulative sum, O(blocks^2), far below
-the attention's O(tokens^2).
+Block scores, as BLADE computes them: ``samples`` evenly spaced query tokens of each query block
+score every key block's mean key; each token's scores go through a softmax over the key blocks,
+and the block's score for a key block is the maximum over its tokens (one strongly attending token
+is enough to keep a block). Each row of block scores is normalised to sum 1, sorted, and key
+blocks are kept until their cumulative mass reaches ``tau``, then clamped to [``min_keep``,
+``max_keep``] of the allowed blocks. The diagonal block (where causality allows it) and
+``global_blocks`` leading blocks are always kept, so no query row is left empty.
+
+Mask building is two Triton kernels: mean-pooling of the keys, then one program per (batch, head,
+query block) that scores, selects and writes the kept-block list straight into ``BlockMask``'s
+layout; no dense (blocks x blocks) tensor, no sort outside registers, no host sync (so it can
+sit in a CUDA graph). ``asa_mask_reference`` beside it is the PyTorch definition the kernels are
+tested against.
+
+``pooled_kv``: the blocks a query block drops are not ignored but seen through their mean key and
+value, each standing for its ``block`` tokens (a +log(block) logit), merged with the sparse part by
+log-sum-exp. BLADE's pooled branch attends to pooled groups of *all* tokens (kept ones counted
+twice); here it covers exactly the dropped blocks, so that ``tau = 1`` gives exact attention and
+small ``tau`` a coarse, block-level approximation of the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +34,10 @@ from torch import Tensor, nn
 from ._runtime import triton_can_run
 from .block_mask import SUPPORTED_BLOCKS, BlockMask, causal_blocks
 
-__all__ = ["pool_blocks", "pool_reference", "asa_mask", "ASAConfig", "AdaptiveBlockSparseAttention"]
+__all__ = ["pool_blocks", "pool_reference", "asa_mask", "asa_mask_reference", "asa_block_scores_reference",
+           "pooled_kv_attention", "merge_by_lse", "asa_attention", "ASAConfig", "AdaptiveBlockSparseAttention"]
+
+_MAX_KEY_BLOCKS = 4096  # the selection sorts one row of key blocks in registers
 
 
 @triton.jit
@@ -63,45 +78,214 @@ def pool_blocks(x: Tensor, block: int, samples: int = 0) -> Tensor:
     return out
 
 
-def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: float = 0.0, max_keep: float = 1.0,
-             global_blocks: int = 0, causal: bool = False, samples: int = 0, use_kernel: bool | None = None) -> BlockMask:
-    """The ASA block mask for q (B, H, Sq, D) and k (B, Hkv, Sk, D); GQA keys are shared by their query heads.
+@triton.jit
+def _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    ok = cols < nk
+    if CAUSAL:  # a key block holding at least one key <= the block's last query (bottom-right aligned)
+        last_q = tl.minimum(qb * BLOCK + BLOCK - 1, seq_q - 1)
+        ok = ok & (cols * BLOCK <= last_q + (seq_k - seq_q))
+    return ok
 
-    Built without gradients: training recomputes it every step and back-propagates through the
-    kept blocks only (the attention kernel's gradient).
-    """
+
+@triton.jit
+def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
+                     sqb, sqh, sqs, skb, skh, sks,
+                     H, GROUP, seq_q, seq_k, nq, nk, width, global_blocks, qk_scale, tau, min_keep, max_keep,
+                     BLOCK: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr, NK_PAD: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+    """One query block: score its sampled queries against every pooled key block, select, write the kept list."""
+    qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    rows = qb * BLOCK + tl.arange(0, NS) * (BLOCK // NS)
+    row_ok = rows < seq_q
+    dims = tl.arange(0, D)
+    qs = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok[:, None], other=0.0)
+    kp_base = KP + b * skb + hk * skh
+    # pass 1: each sampled token's softmax statistics over the allowed key blocks (log2 units)
+    m = tl.full([NS], float("-inf"), tl.float32)
+    l = tl.zeros([NS], tl.float32)
+    for c0 in range(0, nk, KC):
+        cols = c0 + tl.arange(0, KC)
+        ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
+        kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
+        s = tl.dot(qs, tl.trans(kp.to(qs.dtype))).to(tl.float32) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    # pass 2: the block score is the largest of its tokens' probabilities
+    row_base = SCORE + (bh * nq + qb) * NK_PAD
+    for c0 in range(0, nk, KC):
+        cols = c0 + tl.arange(0, KC)
+        ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
+        kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
+        s = tl.dot(qs, tl.trans(kp.to(qs.dtype))).to(tl.float32) * qk_scale
+        p = tl.math.exp2(s - m[:, None]) / l[:, None]
+        p = tl.where(row_ok[:, None] & ok[None, :], p, 0.0)
+        tl.store(row_base + cols, tl.max(p, 0), mask=cols < nk)
+    tl.debug_barrier()  # the row written above is read back by other threads of this program
+    # selection: keep the largest blocks until their mass reaches tau, within [lo, hi] blocks
+    ranks = tl.arange(0, NK_PAD)
+    allowed = _allowed_cols(ranks, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
+    p = tl.load(row_base + ranks, mask=allowed, other=0.0)
+    p = p / tl.sum(p, 0)
+    n_allowed = tl.sum(allowed.to(tl.int32), 0)
+    desc = tl.sort(p, descending=True)
+    before = tl.cumsum(desc, 0) - desc
+    n_mass = tl.sum(((before < tau) & (ranks < n_allowed)).to(tl.int32), 0)
+    lo = tl.maximum(tl.math.ceil(min_keep * n_allowed.to(tl.float32)).to(tl.int32), 1)
+    hi = tl.maximum(tl.math.floor(max_keep * n_allowed.to(tl.float32)).to(tl.int32), 1)
+    n_keep = tl.minimum(tl.maximum(n_mass, lo), hi)
+    theta = tl.sum(tl.where(ranks == n_keep - 1, desc, 0.0), 0)
+    top = allowed & (p >= theta)
+    top = top & (tl.cumsum(top.to(tl.int32), 0) <= n_keep)  # ties at theta: the lowest block indices
+    diag = tl.minimum(tl.maximum(qb * BLOCK + (seq_k - seq_q), 0) // BLOCK, nk - 1)
+    keep = top | (ranks == diag) | (allowed & (ranks < global_blocks))
+    count = tl.sum(keep.to(tl.int32), 0)
+    out = KV_IDX + (bh * nq + qb) * width
+    tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, ranks, mask=keep)
+    tl.store(out + ranks, -1, mask=(ranks >= count) & (ranks < width))
+    tl.store(KV_CNT + bh * nq + qb, count)
+
+
+def _check_asa_args(q: Tensor, k: Tensor, block: int, tau: float, min_keep: float, max_keep: float, samples: int) -> None:
     if block not in SUPPORTED_BLOCKS:
         raise ValueError(f"block size {block} is not supported; use one of {SUPPORTED_BLOCKS}")
     if not 0.0 < tau <= 1.0 or not 0.0 <= min_keep <= max_keep <= 1.0:
         raise ValueError(f"need 0 < tau <= 1 and 0 <= min_keep <= max_keep <= 1, got tau={tau}, min_keep={min_keep}, max_keep={max_keep}")
+    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q (B, H, Sq, D) and k (B, Hkv, Sk, D) with H a multiple of Hkv, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if samples and (samples < 16 or block % samples or samples & (samples - 1)):
+        raise ValueError(f"samples must be 0 (every token) or a power of two >= 16 dividing the block size {block}, got {samples}")
+
+
+def asa_block_scores_reference(q: Tensor, k: Tensor, block: int, samples: int = 16, causal: bool = False) -> Tensor:
+    """(B, H, nq, nk) fp32 block scores, each row summing to 1 over its allowed key blocks (the kernel's definition)."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads {h} must be a multiple of key/value heads {hkv}")
+    nq, nk = -(-sq // block), -(-sk // block)
+    ns = samples or block
+    pk = pool_reference(k, block).repeat_interleave(h // hkv, 1)  # (B, H, nk, D)
+    rows = (torch.arange(nq, device=q.device)[:, None] * block + torch.arange(ns, device=q.device) * (block // ns))
+    row_ok = rows < sq
+    qs = q.float()[:, :, rows.clamp(max=sq - 1)]  # (B, H, nq, ns, D)
+    allowed = causal_blocks(nq, nk, block, sq, sk, q.device) if causal else torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    s = (qs @ pk[:, :, None].transpose(-1, -2)) / math.sqrt(d)  # (B, H, nq, ns, nk)
+    p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1) * row_ok[..., None]
+    score = p.amax(3) * allowed
+    return score / score.sum(-1, keepdim=True)
+
+
+def asa_mask_reference(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: float = 0.0,
+                       max_keep: float = 1.0, global_blocks: int = 0, causal: bool = False, samples: int = 16) -> Tensor:
+    """The (B, H, nq, nk) bool block mask the kernel selects, in PyTorch (for tests and CPUs)."""
+    _check_asa_args(q, k, block, tau, min_keep, max_keep, samples)
+    sq, sk = q.shape[2], k.shape[2]
+    nq, nk = -(-sq // block), -(-sk // block)
+    with torch.no_grad():
+        p = asa_block_scores_reference(q, k, block, samples, causal)
+        allowed = causal_blocks(nq, nk, block, sq, sk, q.device) if causal else torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+        desc = p.sort(-1, descending=True).values
+        before = desc.cumsum(-1) - desc
+        n_allowed = allowed.sum(-1)
+        rank = torch.arange(nk, device=q.device)
+        n_mass = ((before < tau) & (rank < n_allowed[:, None])).sum(-1)
+        lo = torch.ceil(min_keep * n_allowed).long().clamp(min=1)
+        hi = torch.floor(max_keep * n_allowed).long().clamp(min=1)
+        n_keep = torch.minimum(torch.maximum(n_mass, lo), hi)
+        theta = desc.gather(-1, (n_keep - 1)[..., None])
+        top = allowed & (p >= theta)
+        top &= top.long().cumsum(-1) <= n_keep[..., None]
+        diag = ((torch.arange(nq, device=q.device) * block + (sk - sq)).clamp(min=0) // block).clamp(max=nk - 1)
+        forced = rank[None, :] == diag[:, None]
+        if global_blocks:
+            forced |= allowed & (rank[None, :] < global_blocks)
+        return top | forced
+
+
+def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: float = 0.0, max_keep: float = 1.0,
+             global_blocks: int = 0, causal: bool = False, samples: int = 16, use_kernel: bool | None = None) -> BlockMask:
+    """The ASA block mask for q (B, H, Sq, D) and k (B, Hkv, Sk, D); GQA keys are shared by their query heads.
+
+    ``samples`` query tokens per block are scored (0: all of them). Built without gradients:
+    training recomputes it every step and back-propagates through the kept blocks only.
+    """
+    _check_asa_args(q, k, block, tau, min_keep, max_keep, samples)
     if use_kernel is None:
         use_kernel = triton_can_run(q)
-    pool = pool_blocks if use_kernel else pool_reference
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    nq, nk = -(-sq // block), -(-sk // block)
+    if not use_kernel or d < 16 or d & (d - 1):
+        return BlockMask.from_block_bool(asa_mask_reference(q, k, block, tau, min_keep, max_keep, global_blocks, causal, samples),
+                                         block, sq, sk)
+    if nk > _MAX_KEY_BLOCKS:
+        raise ValueError(f"{nk} key blocks exceed the selection kernel's {_MAX_KEY_BLOCKS}; use a larger block")
+    nk_pad = max(16, triton.next_power_of_2(nk))
+    width = min(nk, max(1, math.floor(max_keep * nk)) + 1 + global_blocks)  # the most a row can keep
     with torch.no_grad():
-        pq = pool(q, block, samples)
-        pk = pool(k, block, samples).repeat_interleave(h // hkv, 1)
-        nq, nk = pq.shape[2], pk.shape[2]
-        allowed = causal_blocks(nq, nk, block, sq, sk, q.device) if causal else torch.ones(nq, nk, dtype=torch.bool, device=q.device)
-        scores = (pq @ pk.transpose(-1, -2)) / math.sqrt(d)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
-        order = probs.argsort(-1, descending=True)
-        mass_before = probs.gather(-1, order).cumsum(-1) - probs.gather(-1, order)
-        n_allowed = allowed.sum(-1)  # (nq,)
-        rank = torch.arange(nk, device=q.device)
-        lo = torch.ceil(min_keep * n_allowed).clamp(min=1)
-        hi = torch.floor(max_keep * n_allowed).clamp(min=1)
-        keep_sorted = ((mass_before < tau) | (rank < lo[:, None])) & (rank < hi[:, None])
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & allowed
-        # always: the diagonal block (so no row is empty) and the leading global blocks
-        offset_blocks = (torch.arange(nq, device=q.device) * block + (sk - sq)).clamp(min=0) // block
-        keep[..., torch.arange(nq, device=q.device), offset_blocks.clamp(max=nk - 1)] = True
-        if global_blocks:
-            keep[..., :global_blocks] |= allowed[:, :global_blocks]
-    return BlockMask.from_block_bool(keep, block, sq, sk)
+        q = q.contiguous()
+        pk = pool_blocks(k, block)  # (B, Hkv, nk, D) fp32, contiguous
+        scratch = torch.empty(b * h * nq * nk_pad, device=q.device, dtype=torch.float32)
+        kv_indices = torch.empty(b, h, nq, width, device=q.device, dtype=torch.int32)
+        kv_counts = torch.empty(b, h, nq, device=q.device, dtype=torch.int32)
+        _asa_mask_kernel[(nq, b * h)](
+            q, pk, scratch, kv_indices, kv_counts,
+            q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
+            h, h // hkv, sq, sk, nq, nk, width, global_blocks, 1.4426950408889634 / math.sqrt(d), tau, min_keep, max_keep,
+            BLOCK=block, NS=samples or block, D=d, KC=64, NK_PAD=nk_pad, CAUSAL=causal, num_warps=4,
+        )
+    return BlockMask.from_kv_lists(kv_indices, kv_counts, block, sq, sk)
+
+
+def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of every query to the mean key / value of each key block its row of ``mask`` dropped.
+
+    Each pooled key stands for the ``block`` tokens it averages (a +log(block) logit). Returns the
+    output (B, H, Sq, D) in q's dtype and its log-sum-exp (B, H, Sq) fp32 (a very negative finite
+    value where a row dropped nothing, so that merging gives it no weight and no NaN gradient);
+    differentiable in q, k, v. Memory grows as Sq x key blocks (fp32 scores).
+    """
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    block = mask.block
+    if sk % block or sq % block:
+        raise ValueError(f"the pooled-KV branch needs sequence lengths that are multiples of the block {block}, "
+                         f"got {sq} queries and {sk} keys (pad, or order tokens in tiles of the block size)")
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    nq, nk = sq // block, sk // block
+    pk = k.float().view(b, hkv, nk, block, d).mean(3).repeat_interleave(h // hkv, 1)
+    pv = v.float().view(b, hkv, nk, block, d).mean(3).repeat_interleave(h // hkv, 1)
+    dropped = ~mask.to_block_bool()  # (B, H, nq, nk)
+    s = (q.float().view(b, h, nq, block, d) @ pk[:, :, None].transpose(-1, -2)) * scale + math.log(block)
+    s = s.masked_fill(~dropped[:, :, :, None], float("-inf"))  # (B, H, nq, block, nk)
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), 0.0, m)  # rows that dropped nothing: no NaN, zero weight (below)
+    e = torch.exp(s - m)
+    total = e.sum(-1).clamp(min=1e-30)
+    out = ((e @ pv[:, :, None]) / total[..., None]).view(b, h, sq, d)
+    lse = (m.squeeze(-1) + torch.log(total)).view(b, h, sq)  # about -69 where nothing was dropped
+    return out.to(q.dtype), lse
+
+
+def merge_by_lse(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
+    """Softmax attention over the union of two disjoint key sets, from each part's output and log-sum-exp."""
+    w1 = torch.sigmoid(lse1 - lse2)[..., None]
+    return (w1 * o1.float() + (1 - w1) * o2.float()).to(o1.dtype)
+
+
+def asa_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False, pooled_kv: bool = False) -> Tensor:
+    """Block-sparse attention over ``mask``'s kept blocks, plus (``pooled_kv``) the dropped blocks' means."""
+    from .block_sparse import block_sparse_attention
+
+    if not pooled_kv:
+        return block_sparse_attention(q, k, v, mask, causal=causal)
+    if causal:
+        raise ValueError("the pooled-KV branch is for non-causal attention (video); pass pooled_kv=False with causal=True")
+    o1, lse1 = block_sparse_attention(q, k, v, mask, return_lse=True)
+    o2, lse2 = pooled_kv_attention(q, k, v, mask)
+    return merge_by_lse(o1, lse1, o2, lse2)
 
 
 @dataclass
@@ -111,17 +295,18 @@ class ASAConfig:
     min_keep: float = 0.0  # share of the allowed key blocks always kept
     max_keep: float = 1.0  # ... and never exceeded (besides the diagonal and global blocks)
     global_blocks: int = 0
-    samples: int = 16  # tokens pooled per block (BLADE); 0 = the mean of the whole block
+    samples: int = 16  # query tokens scored per block (BLADE: 16-32); 0 = all of them
     causal: bool = False
+    pooled_kv: bool = False  # the dropped blocks through their mean key / value (BLADE's pooled branch)
 
 
 class AdaptiveBlockSparseAttention(nn.Module):
     """ASA in place of ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
     Training: the mask is rebuilt from the current q and k at every call and gradients flow
-    through the kept blocks. Inference: ``reuse`` > 1 keeps a mask for that many calls of the same
-    shape (e.g. adjacent denoising steps), saving the pooling and selection. ``last_mask`` holds the
-    mask of the latest call (for density logging).
+    through the kept blocks (and the pooled branch). Inference: ``reuse`` > 1 keeps a mask for
+    that many calls of the same shape (e.g. adjacent denoising steps), saving its building.
+    ``last_mask`` holds the mask of the latest call (for density logging).
     """
 
     def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1) -> None:
@@ -131,8 +316,6 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self._uses = 0
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        from .block_sparse import block_sparse_attention
-
         c = self.cfg
         stale = (self.training or self.last_mask is None or self._uses >= self.reuse
                  or (self.last_mask.seq_q, self.last_mask.seq_k) != (q.shape[2], k.shape[2])
@@ -141,4 +324,4 @@ class AdaptiveBlockSparseAttention(nn.Module):
             self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples)
             self._uses = 0
         self._uses += 1
-        return block_sparse_attention(q, k, v, self.last_mask, causal=c.causal)
+        return asa_attention(q, k, v, self.last_mask, causal=c.causal, pooled_kv=c.pooled_kv)

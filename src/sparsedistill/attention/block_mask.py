@@ -35,8 +35,8 @@ def _lists(keep: Tensor) -> tuple[Tensor, Tensor]:
 class BlockMask:
     kv_indices: Tensor  # (B, H, n_q_blocks, max_kv) int32, -1 padded
     kv_counts: Tensor  # (B, H, n_q_blocks) int32
-    q_indices: Tensor  # (B, H, n_k_blocks, max_q) int32: the query blocks that visit each key block
-    q_counts: Tensor  # (B, H, n_k_blocks) int32
+    q_indices: Tensor | None  # (B, H, n_k_blocks, max_q) int32: the query blocks that visit each key block
+    q_counts: Tensor | None  # (B, H, n_k_blocks) int32; both None until a backward needs them (``with_transposed``)
     block: int
     seq_q: int
     seq_k: int
@@ -68,10 +68,24 @@ class BlockMask:
             keep = causal_blocks(nq, nk, block, seq_q, seq_k, device)
         return cls.from_block_bool(keep.expand(batch, heads, nq, nk), block, seq_q, seq_k)
 
+    @classmethod
+    def from_kv_lists(cls, kv_indices: Tensor, kv_counts: Tensor, block: int, seq_q: int, seq_k: int) -> "BlockMask":
+        """From per-query-block lists (kept key blocks first, ascending, -1 after); the transposed lists come later."""
+        if block not in SUPPORTED_BLOCKS:
+            raise ValueError(f"block size {block} is not supported; use one of {SUPPORTED_BLOCKS}")
+        return cls(kv_indices, kv_counts, None, None, block, seq_q, seq_k)
+
+    def with_transposed(self) -> "BlockMask":
+        """This mask with the query-block lists per key block that the backward pass reads."""
+        if self.q_indices is not None:
+            return self
+        q_indices, q_counts = _lists(self.to_block_bool().transpose(-1, -2))
+        return BlockMask(self.kv_indices, self.kv_counts, q_indices, q_counts, self.block, self.seq_q, self.seq_k)
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         b, h, nq = self.kv_counts.shape
-        return b, h, nq, self.q_counts.shape[-1]
+        return b, h, nq, -(-self.seq_k // self.block)
 
     def to_block_bool(self) -> Tensor:
         b, h, nq, nk = self.shape
@@ -92,8 +106,9 @@ class BlockMask:
         return float(self.kv_counts.sum()) / (b * h * nq * nk)
 
     def to(self, device: torch.device | str) -> "BlockMask":
-        return BlockMask(self.kv_indices.to(device), self.kv_counts.to(device), self.q_indices.to(device),
-                         self.q_counts.to(device), self.block, self.seq_q, self.seq_k)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return BlockMask(move(self.kv_indices), move(self.kv_counts), move(self.q_indices), move(self.q_counts),
+                         self.block, self.seq_q, self.seq_k)
 
 
 def causal_blocks(nq: int, nk: int, block: int, seq_q: int, seq_k: int, device: torch.device | str = "cpu") -> Tensor:

@@ -29,11 +29,15 @@ __all__ = ["block_sparse_attention", "attention_reference", "forward_config", "t
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None = None, causal: bool = False,
-                        scale: float | None = None) -> Tensor:
-    """softmax(q k^T * scale + masks) v in fp32; q (B, H, Sq, D), k/v (B, Hkv, Sk, D). Fully masked rows give 0."""
+                        scale: float | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + masks) v in fp32; q (B, H, Sq, D), k/v (B, Hkv, Sk, D). Fully masked rows give 0.
+
+    ``return_lse`` also returns the rows' log-sum-exp (fp32, -inf for fully masked rows).
+    """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     k, v = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
@@ -45,7 +49,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | None 
         allowed = allowed & mask.to_dense().to(q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # all-masked rows: 0, as in the kernel
-    return (p @ v.float()).to(q.dtype)
+    o = (p @ v.float()).to(q.dtype)
+    return (o, torch.logsumexp(s, -1)) if return_lse else o
 
 
 @triton.jit
@@ -273,6 +278,7 @@ def _launch_dkdv(cfg, q, k, v, do, lse, delta, dk, dv, mask: BlockMask, causal: 
     bm, bn, warps, stages = cfg
     b, h, sq, d = q.shape
     hkv = k.shape[1]
+    mask = mask.with_transposed()
     qi, qc = mask.q_indices, mask.q_counts
     _bwd_dkdv_kernel[(qi.shape[2] * (mask.block // bn), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, qi, qc,
@@ -316,15 +322,19 @@ class _BlockSparseAttention(torch.autograd.Function):
                    lambda cfg: _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale), (o,))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
-        return o
+        # natural-log log-sum-exp of the visited scores (the kernel keeps log2 units; -inf where a row saw nothing)
+        lse_out = torch.where(torch.isinf(lse), float("-inf"), lse * _LN2)
+        return o, lse_out
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         mask, causal, scale = ctx.mask, ctx.causal, ctx.scale
         d = q.shape[-1]
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Sq)
+        if dlse is not None:  # d lse / d s_ij = p_ij, so dS = P * (dP - delta + dlse): fold it into delta
+            delta = delta - dlse.float()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         cands, default = _BWD_CANDIDATES[d], _BWD_DEFAULT[d]
         _run_tuned("bwd_dq", q, mask.block, causal, cands, default,
@@ -335,19 +345,23 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False,
-                           scale: float | None = None, allow_reference: bool = False) -> Tensor:
+                           scale: float | None = None, allow_reference: bool = False,
+                           return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D), visiting only the blocks ``mask`` keeps.
 
     ``causal`` adds the token-level causal mask (bottom-right aligned when Sq < Sk). Query rows
-    that see no key return zeros. Differentiable in q, k and v. Without CUDA the Triton kernel
-    cannot run (except under ``TRITON_INTERPRET=1``); ``allow_reference`` then falls back to
-    ``attention_reference`` instead of raising.
+    that see no key return zeros. Differentiable in q, k and v. ``return_lse`` also returns each
+    row's log-sum-exp of its visited scores (B, H, Sq) fp32, -inf where it saw nothing,
+    differentiable too: what merging with another attention over other keys needs. Without CUDA
+    the Triton kernel cannot run (except under ``TRITON_INTERPRET=1``); ``allow_reference`` then
+    falls back to ``attention_reference`` instead of raising.
     """
     _check(q, k, v, mask)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not triton_can_run(q):
         if allow_reference:
-            return attention_reference(q, k, v, mask, causal, scale)
+            return attention_reference(q, k, v, mask, causal, scale, return_lse=return_lse)
         raise RuntimeError("block_sparse_attention runs a Triton kernel and needs CUDA tensors; pass allow_reference=True "
                            "to compute it with the PyTorch reference instead (slow, O(S^2) memory)")
-    return _BlockSparseAttention.apply(q, k, v, mask, causal, scale)
+    o, lse = _BlockSparseAttention.apply(q, k, v, mask, causal, scale)
+    return (o, lse) if return_lse else o
