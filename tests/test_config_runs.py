@@ -184,3 +184,27 @@ def test_resume_from_a_checkpoint_without_scheduler_state(tmp_path):
     resumed = train(fresh, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "c", cfg, resume=True), progress=False)
     for a, b in zip(ref.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ema_follows_the_weights_and_resumes_exactly(tmp_path):
+    import copy
+
+    cfg = TrainConfig(steps=30, batch_size=20, lr=0.01, log_every=5, checkpoint_every=10)
+    x, y, model, loss = _setup()
+    ema = copy.deepcopy(model)
+    start = [p.detach().clone() for p in ema.parameters()]
+    train(model, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "a", cfg), ema=ema, ema_decay=0.9, progress=False)
+    # an average of the trajectory: moved off the start, not equal to the final weights
+    assert all(not torch.equal(e, s) and not torch.equal(e, p) for e, s, p in zip(ema.parameters(), start, model.parameters()))
+
+    x, y, model, loss = _setup()
+    ema_b, run = copy.deepcopy(model), Run(tmp_path / "b", cfg)
+    with pytest.raises(Stop):
+        train(model, crash_after(loss, 15), lambda r: (x[r], y[r]), 200, cfg, job="j", run=run, ema=ema_b, ema_decay=0.9,
+              progress=False)
+    _, _, fresh, _ = _setup()
+    ema_c = copy.deepcopy(fresh)
+    train(fresh, loss, lambda r: (x[r], y[r]), 200, cfg, job="j", run=Run(tmp_path / "b", cfg, resume=True), ema=ema_c,
+          ema_decay=0.9, progress=False)
+    for a, b in zip(ema.parameters(), ema_c.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

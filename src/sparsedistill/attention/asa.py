@@ -275,15 +275,20 @@ def merge_by_lse(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
     return (w1 * o1.float() + (1 - w1) * o2.float()).to(o1.dtype)
 
 
-def asa_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False, pooled_kv: bool = False) -> Tensor:
-    """Block-sparse attention over ``mask``'s kept blocks, plus (``pooled_kv``) the dropped blocks' means."""
+def asa_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False, pooled_kv: bool = False,
+                  allow_reference: bool = False) -> Tensor:
+    """Block-sparse attention over ``mask``'s kept blocks, plus (``pooled_kv``) the dropped blocks' means.
+
+    ``allow_reference``: where the Triton kernel cannot run (a CPU without the interpreter), use
+    the PyTorch reference instead of raising.
+    """
     from .block_sparse import block_sparse_attention
 
     if not pooled_kv:
-        return block_sparse_attention(q, k, v, mask, causal=causal)
+        return block_sparse_attention(q, k, v, mask, causal=causal, allow_reference=allow_reference)
     if causal:
         raise ValueError("the pooled-KV branch is for non-causal attention (video); pass pooled_kv=False with causal=True")
-    o1, lse1 = block_sparse_attention(q, k, v, mask, return_lse=True)
+    o1, lse1 = block_sparse_attention(q, k, v, mask, return_lse=True, allow_reference=allow_reference)
     o2, lse2 = pooled_kv_attention(q, k, v, mask)
     return merge_by_lse(o1, lse1, o2, lse2)
 
@@ -306,12 +311,13 @@ class AdaptiveBlockSparseAttention(nn.Module):
     Training: the mask is rebuilt from the current q and k at every call and gradients flow
     through the kept blocks (and the pooled branch). Inference: ``reuse`` > 1 keeps a mask for
     that many calls of the same shape (e.g. adjacent denoising steps), saving its building.
-    ``last_mask`` holds the mask of the latest call (for density logging).
+    ``last_mask`` holds the mask of the latest call (for density logging). ``allow_reference``:
+    without a GPU (CPU checks), attend with the PyTorch reference instead of raising.
     """
 
-    def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1) -> None:
+    def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1, allow_reference: bool = False) -> None:
         super().__init__()
-        self.cfg, self.reuse = cfg or ASAConfig(), reuse
+        self.cfg, self.reuse, self.allow_reference = cfg or ASAConfig(), reuse, allow_reference
         self.last_mask: BlockMask | None = None
         self._uses = 0
 
@@ -324,4 +330,5 @@ class AdaptiveBlockSparseAttention(nn.Module):
             self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples)
             self._uses = 0
         self._uses += 1
-        return asa_attention(q, k, v, self.last_mask, causal=c.causal, pooled_kv=c.pooled_kv)
+        return asa_attention(q, k, v, self.last_mask, causal=c.causal, pooled_kv=c.pooled_kv,
+                             allow_reference=self.allow_reference)

@@ -104,10 +104,10 @@ class LightningIndexer(nn.Module):
         k = self.k_norm(self.wk(x))
         w = self.ww(x) * self.heads**-0.5
         if self.rope_dims:
-            from ..models.llama import LlamaConfig, apply_rope, rope_tables
+            from .rope import apply_rope, rope_angles
 
             r = self.rope_dims
-            cos, sin = rope_tables(LlamaConfig(rope_theta=self.rope_theta), torch.arange(start, start + s, device=x.device), r)
+            cos, sin = rope_angles(torch.arange(start, start + s, device=x.device), r, self.rope_theta)
             q = torch.cat([apply_rope(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], -1)
             k = torch.cat([apply_rope(k[..., :r], cos, sin), k[..., r:]], -1)
         return q, w, k

@@ -78,13 +78,17 @@ def train(
     seed: int = 0,
     enforce: Callable[[nn.Module], None] | None = None,
     extra_params: list[nn.Parameter] | None = None,
+    ema: nn.Module | None = None,
+    ema_decay: float = 0.999,
     progress: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place for ``cfg.steps`` steps and return it.
 
     ``get_batch(rows)`` turns this rank's row indices into a batch; ``loss_fn(model, batch)``
     returns ``(loss, metrics)``. ``enforce(model)`` runs after every optimizer step (sparsity
-    masks). ``extra_params`` are trained too (e.g. a hint-loss projection). With a ``run``, the
+    masks). ``extra_params`` are trained too (e.g. a hint-loss projection). ``ema``, a copy of
+    ``model``, is moved toward its weights by ``ema_decay`` after every step (diffusion
+    teachers sample from it) and checkpointed with them. With a ``run``, the
     loop logs reduced metrics, checkpoints atomically every ``cfg.checkpoint_every`` steps and at
     the end, and resumes from ``run``'s checkpoint for ``job`` if there is one.
     """
@@ -100,8 +104,15 @@ def train(
     sched = None if graphed else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     start = 0
     state = run.load_checkpoint(job) if run else None
+    ema_pairs = None
+    if ema is not None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad]
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         if graphed:  # the checkpoint may come from an eager run: its groups say capturable = False and hold a float lr
@@ -139,6 +150,7 @@ def train(
             run.save_checkpoint(job, {
                 "model": model.state_dict(), "optimizer": optimizer_state(), "scheduler": None if graphed else sched.state_dict(),
                 "extra_params": [p.detach().clone() for p in extra_params or []],
+                "ema": None if ema is None else ema.state_dict(),
                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "step": step,
             })
@@ -168,6 +180,9 @@ def train(
             sched.step()
             if enforce is not None:
                 enforce(model)
+        if ema_pairs:
+            with torch.no_grad():
+                torch._foreach_lerp_([e for e, _ in ema_pairs], [p.detach() for _, p in ema_pairs], 1.0 - ema_decay)
         if clock is None:
             if loss.is_cuda:
                 torch.cuda.synchronize()

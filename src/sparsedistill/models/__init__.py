@@ -2,6 +2,7 @@
 
 from . import llama as _llama  # noqa: F401  (registers)
 from . import mlp as _mlp  # noqa: F401  (registers)
+from . import video_dit as _video_dit  # noqa: F401  (registers)
 from . import vit as _vit  # noqa: F401  (registers)
 from .registry import create_model, list_models, register_model
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention.rope import apply_rope, rope_angles  # noqa: F401  (apply_rope: part of this module's API)
 from .registry import register_model
 
 __all__ = ["LlamaConfig", "Llama", "KVCache"]
@@ -59,17 +60,7 @@ class KVCache:
 def rope_tables(cfg: LlamaConfig, positions: Tensor, head_dim: int | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin (S, head_dim) for ``positions`` at the model's RoPE base; ``head_dim`` defaults to the model's
     (a smaller one serves e.g. the rotated part of DSA's indexer heads)."""
-    hd = head_dim or cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd))
-    ang = positions.float()[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], -1)  # the rotate-half layout (Hugging Face's)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return rope_angles(positions, head_dim or cfg.head_dim, cfg.rope_theta)
 
 
 class RMSNorm(nn.Module):

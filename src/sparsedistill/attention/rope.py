@@ -1,0 +1,55 @@
+"""Rotary position embeddings on tensors (rotate-half layout, Hugging Face's): 1D for text, 3D for video.
+
+Shared by the models (Llama, the video DiT) and by the attention code that rotates its own
+projections (DSA's indexer), so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rope_angles", "apply_rope", "rope_3d_tables", "apply_rope_3d", "split_3d"]
+
+
+def rope_angles(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin (S, dim) for integer or float ``positions`` (S,) at base ``theta``."""
+    if dim % 2:
+        raise ValueError(f"a rotary dimension must be even, got {dim}")
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    ang = positions.float()[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the last dimension of ``x`` (..., S, dim) by the angles of ``cos``/``sin`` (S, dim), computed in fp32."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def split_3d(head_dim: int) -> tuple[int, int, int]:
+    """How a head's dimensions are shared by time, rows and columns: a quarter to time, the rest split evenly (all even)."""
+    t = 2 * (head_dim // 8)
+    hw = 2 * ((head_dim - t) // 4)
+    return t, hw, head_dim - t - hw
+
+
+def rope_3d_tables(coords: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin (S, head_dim) for tokens at integer (frame, row, column) ``coords`` (S, 3).
+
+    Each axis rotates its own slice of the head (``split_3d``); ``apply_rope_3d`` applies them.
+    """
+    parts = [rope_angles(coords[:, i], n, theta) for i, n in enumerate(split_3d(head_dim))]
+    return torch.cat([c for c, _ in parts], -1), torch.cat([s for _, s in parts], -1)
+
+
+def apply_rope_3d(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rope`` on each axis's slice of the head (the layout of ``rope_3d_tables``)."""
+    out, start = [], 0
+    for n in split_3d(x.shape[-1]):
+        sl = slice(start, start + n)
+        out.append(apply_rope(x[..., sl], cos[:, sl], sin[:, sl]))
+        start += n
+    return torch.cat(out, -1)

@@ -1,0 +1,115 @@
+"""The video system's pieces: Moving Fashion-MNIST, the video DiT, rectified flow (CPU, small shapes)."""
+
+import pytest
+import torch
+
+from sparsedistill.models import create_model
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from sparsedistill.data.moving_fmnist import MovingFashionMNIST
+
+    return MovingFashionMNIST.from_split("train", frames=6, size=40, items=2)
+
+
+def test_moving_fmnist_clips_are_a_function_of_seed_and_index(clips):
+    v, y = clips.clips([0, 1, 2, 3], seed=7)
+    assert v.shape == (4, 1, 6, 40, 40) and v.min() >= -1 and v.max() <= 1
+    again, y2 = clips.clips([2, 0], seed=7)
+    assert torch.equal(again[0], v[2]) and torch.equal(again[1], v[0]) and y2.tolist() == [y[2], y[0]]
+    assert not torch.equal(clips.clips([0], seed=8)[0][0], v[0])
+    # the items move: consecutive frames differ, and every frame shows something
+    assert (v[:, :, 1:] != v[:, :, :-1]).any() and (v.amax((1, 3, 4)) > 0).all()
+
+
+def test_moving_fmnist_items_are_of_the_clip_class(clips):
+    from sparsedistill.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist()
+    for i in range(5):
+        label, rows, _, _ = clips._params(i, seed=0)
+        assert (data.train_y[rows] == label).all()
+    with pytest.raises(ValueError, match="split must be"):
+        type(clips).from_split("valid")
+
+
+def test_video_dit_shapes_token_order_and_bad_input():
+    from sparsedistill.models.video_dit import VideoDiTConfig
+
+    m = create_model("video_dit_fmnist_tiny")
+    x = torch.randn(2, 1, 8, 32, 32)
+    assert torch.equal(m.unpatchify(m.patchify(x)), x)
+    tokens = m.patchify(torch.arange(8 * 32 * 32, dtype=torch.float32).view(1, 1, 8, 32, 32))
+    # token 0..63 of the model order: one 1 x 8 x 8 tile of patches, i.e. one frame's 16 x 16 pixel corner
+    first = tokens[0, :64, 0].long()
+    frame, row, col = first // 1024, (first % 1024) // 32, first % 32
+    assert frame.unique().tolist() == [0] and row.max() < 16 and col.max() < 16
+    v = m(x, torch.rand(2), torch.tensor([0, m.null_class]))
+    assert v.shape == x.shape
+    with pytest.raises(ValueError, match=r"class ids must be integers in 0\.\.9, or 10"):
+        m.check_inputs(x, torch.rand(2), torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="expected videos"):
+        m.check_inputs(torch.randn(2, 1, 7, 32, 32), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="height 30 is not a multiple of the patch size 4"):
+        VideoDiTConfig(height=30, patch=(1, 4, 4))
+    with pytest.raises(ValueError, match="not tiled by"):
+        VideoDiTConfig(frames=16, height=64, width=64, tile=(1, 6, 8))
+
+
+def test_video_dit_attention_is_swappable():
+    from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig
+
+    torch.manual_seed(0)
+    m = create_model("video_dit_fmnist_tiny")
+    for p in m.parameters():  # adaLN-Zero starts at zero output: give it weights so attention matters
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(1, 1, 8, 32, 32), torch.rand(1), torch.tensor([3])
+    dense = m(x, t, y)
+    m.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=64, tau=1.0, samples=16), allow_reference=True))
+    assert isinstance(m.blocks[1].attention, AdaptiveBlockSparseAttention)
+    full_mask = m(x, t, y)  # tau = 1 keeps every block: the same function (reference path on the CPU)
+    assert torch.allclose(full_mask, dense, atol=1e-4)
+
+
+def test_rope_3d_rotates_each_axis_by_its_own_position():
+    from sparsedistill.attention.rope import apply_rope_3d, rope_3d_tables, split_3d
+
+    assert split_3d(64) == (16, 24, 24) and split_3d(128) == (32, 48, 48)
+    coords = torch.tensor([[0, 0, 0], [1, 2, 3], [1, 2, 4]])
+    cos, sin = rope_3d_tables(coords, 64)
+    q = torch.randn(1, 1, 3, 64)
+    rq = apply_rope_3d(q, cos, sin)
+    assert torch.allclose(rq[..., 0, :], q[..., 0, :])  # position 0: no rotation
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # rotations keep lengths
+    # tokens 1 and 2 differ only in the column: the time and row slices rotate alike
+    same = torch.randn(64)
+    r = apply_rope_3d(same.expand(1, 1, 3, 64).clone(), cos, sin)[0, 0]
+    assert torch.allclose(r[1, :40], r[2, :40]) and not torch.allclose(r[1, 40:], r[2, 40:])
+
+
+def test_flow_loss_and_euler_sampler():
+    from sparsedistill.video import euler_sample, flow_matching_loss, time_grid
+
+    assert torch.allclose(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert torch.allclose(time_grid(4, shift=3.0)[1], torch.tensor(0.9))
+    with pytest.raises(ValueError, match="at least one"):
+        time_grid(0)
+
+    class Exact(torch.nn.Module):  # knows x0: its velocity is (x_t - x0) / t, so one Euler step lands on x0
+        def __init__(self, x0):
+            super().__init__()
+            self.x0 = x0
+
+        def forward(self, x, t, y):
+            x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)  # guidance doubles the batch
+            return (x - x0) / t.view(-1, 1, 1, 1, 1).clamp(min=1e-6)
+
+    x0 = torch.randn(2, 1, 2, 4, 4)
+    noise = torch.randn_like(x0)
+    out = euler_sample(Exact(x0), noise, torch.tensor([0, 1]), null_class=10, steps=1, cfg=5.0)
+    assert torch.allclose(out, x0, atol=1e-5)  # guidance of two equal velocities is that velocity
+    m = create_model("video_dit_fmnist_tiny")
+    loss = flow_matching_loss(m, torch.randn(2, 1, 8, 32, 32), torch.tensor([1, 2]), m.null_class)
+    loss.backward()
+    assert loss.item() > 0 and m.head.weight.grad.abs().sum() > 0
