@@ -113,3 +113,63 @@ def test_flow_loss_and_euler_sampler():
     loss = flow_matching_loss(m, torch.randn(2, 1, 8, 32, 32), torch.tensor([1, 2]), m.null_class)
     loss.backward()
     assert loss.item() > 0 and m.head.weight.grad.abs().sum() > 0
+
+
+def test_tdm_student_step_with_eta_one_is_the_euler_step_and_rollout_matches_the_sampler():
+    from sparsedistill.video import euler_sample
+    from sparsedistill.video.tdm import rollout, student_step, student_times
+
+    x, v = torch.randn(2, 1, 2, 4, 4), torch.randn(2, 1, 2, 4, 4)
+    t, s = torch.tensor([0.75, 0.75]), torch.tensor([0.5, 0.5])
+    x0, nxt = student_step(x, v, t, s, eta=1.0, noise=None)
+    assert torch.allclose(nxt, x + (s - t).view(-1, 1, 1, 1, 1) * v, atol=1e-6)
+    assert torch.allclose(x0, x - 0.75 * v)
+    torch.manual_seed(0)
+    m = create_model("video_dit_fmnist_tiny")
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    noise, y = torch.randn(1, 1, 8, 32, 32), torch.tensor([4])
+    inputs, out = rollout(m, noise, y, steps=3, eta=1.0)
+    assert len(inputs) == 3 and torch.equal(inputs[0], noise)
+    ref = euler_sample(m, noise, y, m.null_class, cfg=1.0, times=student_times(3))
+    assert torch.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="pass it"):
+        student_step(x, v, t, s, eta=0.9, noise=None)
+
+
+def test_tdm_renoise_reaches_times_between_the_interval_and_t_max():
+    from sparsedistill.video.tdm import renoise
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 1, 1, 8, 8, generator=g), torch.randn(64, 1, 1, 8, 8, generator=g)
+    low = torch.full((64,), 0.25)
+    x_t, t = renoise(x0, eps, low, eta=0.9, t_max=0.98, generator=g)
+    assert (t >= 0.25).all() and (t <= 0.98).all() and not x_t.requires_grad
+    # the marginal of x_t given x0 is the flow's: mean (1 - t) x0, variance t^2
+    resid = (x_t - (1 - t.view(-1, 1, 1, 1, 1)) * x0) / t.view(-1, 1, 1, 1, 1)
+    assert abs(resid.std().item() - 1.0) < 0.05
+
+
+def test_tdm_generator_gradient_vanishes_when_fake_equals_teacher_and_follows_their_gap():
+    from sparsedistill.video.tdm import fake_score_loss, generator_loss
+
+    class Const(torch.nn.Module):  # velocity that denoises everything toward a fixed x0
+        def __init__(self, x0):
+            super().__init__()
+            self.x0 = x0
+
+        def forward(self, x, t, y):
+            return (x - self.x0.expand_as(x)) / t.view(-1, 1, 1, 1, 1)
+
+    shape = (2, 1, 1, 4, 4)
+    x0 = torch.zeros(shape, requires_grad=True)
+    x_t, t, y = torch.randn(shape), torch.tensor([0.5, 0.7]), torch.tensor([0, 1])
+    same = Const(torch.ones(1, 1, 1, 4, 4))
+    loss, _ = generator_loss(x0, x_t, t, y, same, same, null_class=10, cfg=1.0, huber_c=1e-3)
+    (g,) = torch.autograd.grad(loss, x0)
+    assert g.abs().max() < 1e-6
+    teacher, fake = Const(torch.ones(1, 1, 1, 4, 4)), Const(torch.zeros(1, 1, 1, 4, 4))
+    loss, metrics = generator_loss(x0, x_t, t, y, teacher, fake, null_class=10, cfg=1.0, huber_c=1e-3)
+    (g,) = torch.autograd.grad(loss, x0)
+    assert (g < 0).all() and abs(metrics["real_minus_fake"].item() - 1.0) < 1e-5  # descent moves x0 toward the teacher
+    assert fake_score_loss(Const(x0.detach()), x_t, t, y, x0) < 1e-10
