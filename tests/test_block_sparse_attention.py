@@ -362,23 +362,63 @@ def test_asa_mask_kernel_selects_exactly_what_the_reference_does(causal, sq, blo
     assert mask.q_indices is None  # the transposed lists wait for a backward
     counts = ref.sum(-1)
     assert torch.equal(mask.kv_counts.long(), counts)
-    nk = ref.shape[-1]
-    allowed = ref.new_ones(ref.shape[-2:]) if not causal else torch.ones(ref.shape[-2:], dtype=torch.bool).tril().to(DEV)
-    assert (counts <= torch.floor(0.5 * allowed.sum(-1)).clamp(min=1) + 2).all() and counts.max() < nk + 1
+    nq, nk = ref.shape[-2:]
+    # within the cap (half the allowed blocks) plus the diagonal and the one global block
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=DEV)
+    if causal:
+        from sparsedistill.attention.block_mask import causal_blocks
+
+        allowed = causal_blocks(nq, nk, block, sq, sq, DEV)
+    assert (counts <= torch.floor(0.5 * allowed.sum(-1)).clamp(min=1) + 2).all()
+    assert not (ref & ~allowed).any() and ref.any(-1).all()
 
 
 def test_asa_block_scores_follow_the_token_softmax_max_pool_definition():
-    from sparsedistill.attention.asa import asa_block_scores_reference
+    from sparsedistill.attention.asa import _sample_offsets, asa_block_scores_reference
 
+    offsets = _sample_offsets(64, 16)
+    assert len(set(offsets.tolist())) == 16  # distinct, and over a 1 x 8 x 8 tile they reach every row and column
+    assert sorted(set((offsets // 8).tolist())) == list(range(8)) and sorted(set((offsets % 8).tolist())) == list(range(8))
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 128, 16, generator=g), torch.randn(1, 1, 128, 16, generator=g)
     scores = asa_block_scores_reference(q, k, 64, samples=16)
     pk = k.view(2, 64, 16).mean(1)  # mean key per block
     for qb in range(2):
-        tokens = q[0, 0, qb * 64 : qb * 64 + 64 : 4]  # 16 evenly spaced query tokens
+        tokens = q[0, 0, qb * 64 + offsets]
         per_token = torch.softmax(tokens @ pk.T / 4.0, -1)
         want = per_token.amax(0)
         assert torch.allclose(scores[0, 0, qb], want / want.sum(), atol=1e-6)
+
+
+def test_asa_mask_ties_keep_the_best_block_and_tau_one_keeps_all():
+    from sparsedistill.attention import asa_mask, asa_mask_reference
+
+    # key blocks 0 and 1 are identical (tied scores), block 2 scores higher: 0.42 / 0.29 / 0.29 of the mass
+    d, u = 64, torch.zeros(64)
+    u[0] = 1.0
+    q = u.expand(1, 1, 192, d).clone()
+    k = torch.zeros(1, 1, 192, d)
+    k[..., 128:, :] = 3.0 * u  # logit 3 / sqrt(64) = 0.375 above the zero keys
+    for fn in (asa_mask_reference, lambda *a, **kw: asa_mask(*a, **kw).to_block_bool()):
+        keep = fn(q.to(DEV), k.to(DEV), 64, tau=0.6, samples=16)[0, 0].cpu()
+        assert keep[0].tolist() == [True, False, True]  # the best block and one of the tied, not both tied ones
+    # tau = 1 keeps every block, even where the running sum reaches 1 in fp32 before the last ones
+    g = torch.Generator().manual_seed(0)
+    q, k, _ = _inputs(1, 2, 1, 1024, 1024, 64, torch.float32, g)
+    assert asa_mask(q * 20, k * 20, 64, tau=1.0).density() == 1.0
+    assert asa_mask_reference(q * 20, k * 20, 64, tau=1.0).all()
+
+
+def test_asa_mask_kept_lists_fit_their_width_when_fp32_rounds_the_cap_up():
+    from sparsedistill.attention import asa_mask, asa_mask_reference
+
+    # max_keep * 100 blocks = 28.999... in float64 but 29 in fp32: the list needs its spare place
+    g = torch.Generator().manual_seed(0)
+    q, k, _ = _inputs(1, 1, 1, 6400, 6400, 64, torch.float32, g)
+    mask = asa_mask(q, k, 64, tau=1.0, max_keep=0.29)
+    ref = asa_mask_reference(q, k, 64, tau=1.0, max_keep=0.29)
+    assert mask.kv_indices.shape[-1] >= int(mask.kv_counts.max())
+    assert torch.equal(mask.to_block_bool(), ref) and int(ref.sum(-1).max()) == 30  # 29 + the diagonal
 
 
 def test_block_sparse_lse_and_its_gradient_match_the_reference():

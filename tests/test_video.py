@@ -173,3 +173,31 @@ def test_tdm_generator_gradient_vanishes_when_fake_equals_teacher_and_follows_th
     (g,) = torch.autograd.grad(loss, x0)
     assert (g < 0).all() and abs(metrics["real_minus_fake"].item() - 1.0) < 1e-5  # descent moves x0 toward the teacher
     assert fake_score_loss(Const(x0.detach()), x_t, t, y, x0) < 1e-10
+
+
+def test_tdm_generator_loss_guides_the_teacher_and_scales_huber_like_blade():
+    from sparsedistill.video.tdm import generator_loss, renoise
+
+    class ByClass(torch.nn.Module):  # denoises toward x0 = class id (the null class 10 toward 0)
+        def forward(self, x, t, y):
+            target = torch.where(y == 10, 0.0, y.float()).view(-1, 1, 1, 1, 1)
+            return (x - target) / t.view(-1, 1, 1, 1, 1)
+
+    shape = (1, 1, 1, 4, 4)
+    x0 = torch.zeros(shape, requires_grad=True)
+    x_t, t, y = torch.randn(shape), torch.tensor([0.5]), torch.tensor([1])
+    fake = ByClass()
+    _, m1 = generator_loss(x0, x_t, t, torch.tensor([0]), ByClass(), fake, 10, cfg=3.0, huber_c=1e-3)
+    assert m1["real_minus_fake"].item() < 1e-6  # class 0 = the null class's x0: guidance changes nothing
+    _, m3 = generator_loss(x0, x_t, t, y, ByClass(), lambda x, t, y: (x - 0.0) / t.view(-1, 1, 1, 1, 1), 10, cfg=3.0,
+                           huber_c=1e-3)
+    assert abs(m3["real_minus_fake"].item() - 3.0) < 1e-5  # null 0 + 3 x (class 1 - null 0) = 3
+    # BLADE's constant for Wan's latent (16 x 21 x 60 x 104): 1e-3 / 128 * sqrt(elements) = 0.0113
+    big = torch.zeros(1, 16, 21, 60, 104)
+    zero_fake = lambda x, t, y: x / t.view(-1, 1, 1, 1, 1)  # noqa: E731  (x0 = 0)
+    loss, _ = generator_loss(big, big, torch.tensor([0.5]), y, ByClass(), zero_fake, 10, cfg=1.0, huber_c=1e-3)
+    c = 1e-3 * big[0].numel() ** 0.5 / 128  # every element 1 away from its target: sqrt(1 + c^2) - c
+    assert abs(c - 0.0113) < 1e-4 and abs(loss.item() - ((1 + c * c) ** 0.5 - c)) < 1e-5
+    # re-noising never reaches t = 0 (the fake score's target divides by t)
+    _, tt = renoise(torch.zeros(4096, 1, 1, 1, 1), torch.zeros(4096, 1, 1, 1, 1), torch.zeros(4096), 1.0, 0.98)
+    assert tt.min() >= 1e-3

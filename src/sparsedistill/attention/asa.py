@@ -1,11 +1,12 @@
 """ASA, adaptive block-sparse attention (Video-BLADE): each query block keeps the key blocks its sampled queries favour.
 
-Block scores, as BLADE computes them: ``samples`` evenly spaced query tokens of each query block
-score every key block's mean key; each token's scores go through a softmax over the key blocks,
+Block scores, as BLADE computes them: ``samples`` query tokens of each query block, spread over it
+(``_sample_offsets``), score every key block's mean key; each token's scores go through a softmax over the key blocks,
 and the block's score for a key block is the maximum over its tokens (one strongly attending token
 is enough to keep a block). Each row of block scores is normalised to sum 1, sorted, and key
 blocks are kept until their cumulative mass reaches ``tau``, then clamped to [``min_keep``,
-``max_keep``] of the allowed blocks. The diagonal block (where causality allows it) and
+``max_keep``] of the allowed blocks (ties at the threshold go to the lowest block indices; ``tau = 1``
+keeps every allowed block). The diagonal block (where causality allows it) and
 ``global_blocks`` leading blocks are always kept, so no query row is left empty.
 
 Mask building is two Triton kernels: mean-pooling of the keys, then one program per (batch, head,
@@ -91,13 +92,13 @@ def _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK: tl.constexpr, CAUSAL: tl.co
 def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
                      sqb, sqh, sqs, skb, skh, sks,
                      H, GROUP, seq_q, seq_k, nq, nk, width, global_blocks, qk_scale, tau, min_keep, max_keep,
-                     BLOCK: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, KC: tl.constexpr, NK_PAD: tl.constexpr,
-                     CAUSAL: tl.constexpr):
+                     BLOCK: tl.constexpr, NS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
+                     NK_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """One query block: score its sampled queries against every pooled key block, select, write the kept list."""
     qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // GROUP
-    rows = qb * BLOCK + tl.arange(0, NS) * (BLOCK // NS)
+    rows = qb * BLOCK + (tl.arange(0, NS) * SPREAD) % BLOCK  # see _sample_offsets
     row_ok = rows < seq_q
     dims = tl.arange(0, D)
     qs = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok[:, None], other=0.0)
@@ -109,7 +110,7 @@ def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
         cols = c0 + tl.arange(0, KC)
         ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
         kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
-        s = tl.dot(qs, tl.trans(kp.to(qs.dtype))).to(tl.float32) * qk_scale
+        s = tl.dot(qs, tl.trans(kp.to(qs.dtype)), input_precision=PRECISION).to(tl.float32) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -120,7 +121,7 @@ def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
         cols = c0 + tl.arange(0, KC)
         ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
         kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
-        s = tl.dot(qs, tl.trans(kp.to(qs.dtype))).to(tl.float32) * qk_scale
+        s = tl.dot(qs, tl.trans(kp.to(qs.dtype)), input_precision=PRECISION).to(tl.float32) * qk_scale
         p = tl.math.exp2(s - m[:, None]) / l[:, None]
         p = tl.where(row_ok[:, None] & ok[None, :], p, 0.0)
         tl.store(row_base + cols, tl.max(p, 0), mask=cols < nk)
@@ -134,19 +135,37 @@ def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
     desc = tl.sort(p, descending=True)
     before = tl.cumsum(desc, 0) - desc
     n_mass = tl.sum(((before < tau) & (ranks < n_allowed)).to(tl.int32), 0)
+    n_mass = tl.where(tau >= 1.0, n_allowed, n_mass)  # tau = 1 keeps all (the running sum rounds to 1 early)
     lo = tl.maximum(tl.math.ceil(min_keep * n_allowed.to(tl.float32)).to(tl.int32), 1)
     hi = tl.maximum(tl.math.floor(max_keep * n_allowed.to(tl.float32)).to(tl.int32), 1)
     n_keep = tl.minimum(tl.maximum(n_mass, lo), hi)
     theta = tl.sum(tl.where(ranks == n_keep - 1, desc, 0.0), 0)
-    top = allowed & (p >= theta)
-    top = top & (tl.cumsum(top.to(tl.int32), 0) <= n_keep)  # ties at theta: the lowest block indices
+    above = allowed & (p > theta)
+    tied = allowed & (p == theta)  # ties at the threshold fill the remaining places, lowest block index first
+    top = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= n_keep - tl.sum(above.to(tl.int32), 0)))
     diag = tl.minimum(tl.maximum(qb * BLOCK + (seq_k - seq_q), 0) // BLOCK, nk - 1)
     keep = top | (ranks == diag) | (allowed & (ranks < global_blocks))
-    count = tl.sum(keep.to(tl.int32), 0)
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    count = tl.minimum(tl.sum(keep.to(tl.int32), 0), width)  # width has a spare place: never clipped in practice
     out = KV_IDX + (bh * nq + qb) * width
-    tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, ranks, mask=keep)
+    tl.store(out + pos, ranks, mask=keep & (pos < width))
     tl.store(out + ranks, -1, mask=(ranks >= count) & (ranks < width))
     tl.store(KV_CNT + bh * nq + qb, count)
+
+
+def _spread(block: int, samples: int) -> int:
+    """An odd step near block / golden ratio: (i * step) % block for i < samples are distinct and spread over a tile."""
+    if samples == block:
+        return 1
+    step = round(block * 0.618)
+    return step if step % 2 else step + 1
+
+
+def _sample_offsets(block: int, samples: int) -> Tensor:
+    """Positions in a block of the query tokens that are scored. Evenly strided tokens (i * block / samples)
+    would hit only columns 0 and 4 of a 1 x 8 x 8 tile; an odd, golden-ratio step spreads them over its
+    rows and columns, and stays deterministic (reproducible masks, graph-capturable)."""
+    return (torch.arange(samples) * _spread(block, samples)) % block
 
 
 def _check_asa_args(q: Tensor, k: Tensor, block: int, tau: float, min_keep: float, max_keep: float, samples: int) -> None:
@@ -167,7 +186,7 @@ def asa_block_scores_reference(q: Tensor, k: Tensor, block: int, samples: int = 
     nq, nk = -(-sq // block), -(-sk // block)
     ns = samples or block
     pk = pool_reference(k, block).repeat_interleave(h // hkv, 1)  # (B, H, nk, D)
-    rows = (torch.arange(nq, device=q.device)[:, None] * block + torch.arange(ns, device=q.device) * (block // ns))
+    rows = torch.arange(nq, device=q.device)[:, None] * block + _sample_offsets(block, ns).to(q.device)
     row_ok = rows < sq
     qs = q.float()[:, :, rows.clamp(max=sq - 1)]  # (B, H, nq, ns, D)
     allowed = causal_blocks(nq, nk, block, sq, sk, q.device) if causal else torch.ones(nq, nk, dtype=torch.bool, device=q.device)
@@ -191,12 +210,15 @@ def asa_mask_reference(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, 
         n_allowed = allowed.sum(-1)
         rank = torch.arange(nk, device=q.device)
         n_mass = ((before < tau) & (rank < n_allowed[:, None])).sum(-1)
-        lo = torch.ceil(min_keep * n_allowed).long().clamp(min=1)
-        hi = torch.floor(max_keep * n_allowed).long().clamp(min=1)
+        if tau >= 1.0:
+            n_mass = n_allowed.expand_as(n_mass)
+        lo = torch.ceil(min_keep * n_allowed.float()).long().clamp(min=1)
+        hi = torch.floor(max_keep * n_allowed.float()).long().clamp(min=1)
         n_keep = torch.minimum(torch.maximum(n_mass, lo), hi)
         theta = desc.gather(-1, (n_keep - 1)[..., None])
-        top = allowed & (p >= theta)
-        top &= top.long().cumsum(-1) <= n_keep[..., None]
+        above = allowed & (p > theta)
+        tied = allowed & (p == theta)
+        top = above | (tied & (tied.long().cumsum(-1) <= (n_keep - above.sum(-1))[..., None]))
         diag = ((torch.arange(nq, device=q.device) * block + (sk - sq)).clamp(min=0) // block).clamp(max=nk - 1)
         forced = rank[None, :] == diag[:, None]
         if global_blocks:
@@ -223,7 +245,9 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
     if nk > _MAX_KEY_BLOCKS:
         raise ValueError(f"{nk} key blocks exceed the selection kernel's {_MAX_KEY_BLOCKS}; use a larger block")
     nk_pad = max(16, triton.next_power_of_2(nk))
-    width = min(nk, max(1, math.floor(max_keep * nk)) + 1 + global_blocks)  # the most a row can keep
+    # the most a row can keep: the cap, the diagonal, the global blocks, and one spare place because the
+    # kernel rounds max_keep * n in fp32 (e.g. 0.29 * 100 -> 29, not 28)
+    width = min(nk, max(1, math.floor(max_keep * nk)) + 2 + global_blocks)
     with torch.no_grad():
         q = q.contiguous()
         pk = pool_blocks(k, block)  # (B, Hkv, nk, D) fp32, contiguous
@@ -234,7 +258,8 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
             q, pk, scratch, kv_indices, kv_counts,
             q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
             h, h // hkv, sq, sk, nq, nk, width, global_blocks, 1.4426950408889634 / math.sqrt(d), tau, min_keep, max_keep,
-            BLOCK=block, NS=samples or block, D=d, KC=64, NK_PAD=nk_pad, CAUSAL=causal, num_warps=4,
+            BLOCK=block, NS=samples or block, SPREAD=_spread(block, samples or block), D=d, KC=64, NK_PAD=nk_pad,
+            CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         )
     return BlockMask.from_kv_lists(kv_indices, kv_counts, block, sq, sk)
 

@@ -19,13 +19,17 @@ __all__ = ["BlockMask", "SUPPORTED_BLOCKS"]
 SUPPORTED_BLOCKS = (64, 128)
 
 
-def _lists(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """(indices of True along the last dim, padded with -1 and sorted; counts) for a (..., n) bool tensor."""
+def _lists(keep: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """(indices of True along the last dim, padded with -1 and sorted; counts) for a (..., n) bool tensor.
+
+    ``width`` fixes the lists' length (no host sync); by default it is the longest list's.
+    """
     n = keep.shape[-1]
     counts = keep.sum(-1, dtype=torch.int32)
     # kept columns first, in increasing order: sort by (not kept, column)
     order = torch.argsort((~keep).to(torch.int32) * n + torch.arange(n, device=keep.device), dim=-1).to(torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    if width is None:
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
     idx = order[..., :width]
     idx = torch.where(torch.arange(width, device=keep.device) < counts[..., None], idx, torch.full_like(idx, -1))
     return idx.contiguous(), counts.contiguous()
@@ -76,11 +80,15 @@ class BlockMask:
         return cls(kv_indices, kv_counts, None, None, block, seq_q, seq_k)
 
     def with_transposed(self) -> "BlockMask":
-        """This mask with the query-block lists per key block that the backward pass reads."""
-        if self.q_indices is not None:
-            return self
-        q_indices, q_counts = _lists(self.to_block_bool().transpose(-1, -2))
-        return BlockMask(self.kv_indices, self.kv_counts, q_indices, q_counts, self.block, self.seq_q, self.seq_k)
+        """This mask, its query-block lists per key block (what the backward reads) filled in once and kept.
+
+        Built without a host sync (lists as long as the query blocks), so a backward can be graph-captured.
+        """
+        if self.q_indices is None:
+            q_indices, q_counts = _lists(self.to_block_bool().transpose(-1, -2), width=self.kv_counts.shape[-1])
+            object.__setattr__(self, "q_indices", q_indices)  # a cache on a frozen value: same mask, more lists
+            object.__setattr__(self, "q_counts", q_counts)
+        return self
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -294,10 +294,10 @@ def layer_inputs(model: nn.Module, tokens: Tensor) -> dict[int, Tensor]:
 @torch.no_grad()
 def dense_attention_probs(model: nn.Module, layer: int, h: Tensor) -> Tensor:
     """(B, H, S, S) causal attention probabilities of ``model``'s ``layer`` for its normed input ``h``."""
-    from ..models.llama import rope_tables
+    from .rope import rope_angles
 
     attn = model.model.layers[layer].self_attn
-    cos, sin = rope_tables(model.cfg, torch.arange(h.shape[1], device=h.device))
+    cos, sin = rope_angles(torch.arange(h.shape[1], device=h.device), model.cfg.head_dim, model.cfg.rope_theta)
     q, k, _ = attn.qkv(h, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
     s = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5

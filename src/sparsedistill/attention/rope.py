@@ -1,7 +1,7 @@
 """Rotary position embeddings on tensors (rotate-half layout, Hugging Face's): 1D for text, 3D for video.
 
 Shared by the models (Llama, the video DiT) and by the attention code that rotates its own
-projections (DSA's indexer), so neither has to import the other.
+projections (DSA's indexer), so the attention code needs no model's config for it.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class MovingFashionMNIST:
 
     def _params(self, index: int, seed: int) -> tuple[int, Tensor, Tensor, Tensor]:
         """Class, picture rows, start positions and velocities of clip ``index``: from a CPU generator, so every device agrees."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + index) % 2**63)  # no (seed, index) collisions in practice
         label = int(torch.randint(self.num_classes, (1,), generator=g))
         pool = self.by_class[label]
         rows = pool[torch.randint(len(pool), (self.items,), generator=g)]

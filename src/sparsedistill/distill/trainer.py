@@ -108,11 +108,19 @@ def train(
     if ema is not None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        ema_pairs = list(zip(ema.parameters(), model.parameters(), strict=True))
+        for e, p in ema_pairs:
+            if (e.device, e.dtype, e.shape) != (p.device, p.dtype, p.shape):
+                raise ValueError(f"the EMA copy must match the model's parameters (device, dtype, shape): got {e.device} "
+                                 f"{e.dtype} {tuple(e.shape)} for {p.device} {p.dtype} {tuple(p.shape)}; make it with "
+                                 "copy.deepcopy(model) after moving the model")
+        if any(p.dtype in (torch.float16, torch.bfloat16) for _, p in ema_pairs):
+            warnings.warn(f"{job}: an EMA in 16-bit weights barely moves (steps of 1 - decay are below its precision); "
+                          "keep the model in fp32 and train under autocast", stacklevel=2)
     if state is not None:
         model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        if ema is not None:  # a checkpoint written without an EMA: it starts from the weights
+            ema.load_state_dict(state.get("ema") or state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         if graphed:  # the checkpoint may come from an eager run: its groups say capturable = False and hold a float lr
@@ -138,6 +146,11 @@ def train(
 
     # A graphed step averages gradients itself, inside the graph (DDP's hooks cannot be captured).
     net = DistributedDataParallel(model) if dist.world_size() > 1 and not graphed else model
+    if ema is not None and state is None:  # every rank's EMA starts from rank 0's weights, as the model does
+        if dist.world_size() > 1 and graphed:  # DDP broadcast them above; a graphed step would only at capture
+            for t in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(t.data, 0)
+        ema.load_state_dict(model.state_dict())
 
     def optimizer_state() -> dict:
         sd = opt.state_dict()
@@ -180,9 +193,10 @@ def train(
             sched.step()
             if enforce is not None:
                 enforce(model)
-        if ema_pairs:
+        if ema_pairs:  # frozen parameters and buffers stay as the EMA copy got them (state_dict at the start)
             with torch.no_grad():
-                torch._foreach_lerp_([e for e, _ in ema_pairs], [p.detach() for _, p in ema_pairs], 1.0 - ema_decay)
+                torch._foreach_lerp_([e for e, p in ema_pairs if p.requires_grad],
+                                     [p.detach() for _, p in ema_pairs if p.requires_grad], 1.0 - ema_decay)
         if clock is None:
             if loss.is_cuda:
                 torch.cuda.synchronize()

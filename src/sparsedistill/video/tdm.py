@@ -36,7 +36,10 @@ class TDMConfig:
     eta: float = 0.9  # share of predicted (vs fresh) noise in each student step
     cfg: float = 5.0  # guidance of the teacher (the real score)
     t_max: float = 0.98  # the highest time re-noised points reach
-    huber_c: float = 1e-3  # pseudo-Huber constant, per element of a 1 x 128-element reference
+    huber_c: float = 1e-3  # pseudo-Huber constant before scaling: c = huber_c * sqrt(elements per sample) / 128
+
+
+T_MIN = 1e-3  # the lowest time a re-noised point gets
 
 
 def student_times(steps: int, device: torch.device | str = "cpu") -> Tensor:
@@ -89,7 +92,8 @@ def renoise(x0: Tensor, eps: Tensor, t_low: Tensor, eta: float, t_max: float,
         eps = eta * eps + math.sqrt(1 - eta**2) * torch.randn(x0.shape, device=dev, dtype=dt, generator=generator)
     s = t_low.to(dev)
     x_s = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * eps
-    t = s + (t_max - s).clamp(min=0) * torch.rand(b, device=dev, generator=generator)
+    # at least T_MIN: the fake score's target divides by t
+    t = (s + (t_max - s).clamp(min=0) * torch.rand(b, device=dev, generator=generator)).clamp(min=T_MIN)
     a = (1 - t) / (1 - s).clamp(min=1e-6)
     sd = (t.square() - (a * s).square()).clamp(min=1e-8).sqrt()
     z = torch.randn(x0.shape, device=dev, dtype=dt, generator=generator)
@@ -98,8 +102,8 @@ def renoise(x0: Tensor, eps: Tensor, t_low: Tensor, eta: float, t_max: float,
 
 def fake_score_loss(fake: nn.Module, x_t: Tensor, t: Tensor, y: Tensor, x0: Tensor) -> Tensor:
     """The fake score denoises the student's samples: MSE to the velocity that maps x_t to ``x0`` ((x_t - x0) / t)."""
-    target = (x_t - x0.detach()) / _bcast(t, x_t)
-    return (fake(x_t, t, y).float() - target.float()).square().mean()
+    target = (x_t.float() - x0.detach().float()) / _bcast(t.float(), x_t)
+    return (fake(x_t, t, y).float() - target).square().mean()
 
 
 def pseudo_huber(diff: Tensor, c: float) -> Tensor:
@@ -110,13 +114,14 @@ def generator_loss(x0: Tensor, x_t: Tensor, t: Tensor, y: Tensor, teacher: nn.Mo
                    null_class: int, cfg: float, huber_c: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Pseudo-Huber between the student's ``x0`` (with gradients) and stopgrad(x0 + x0_teacher,cfg - x0_fake) at (x_t, t).
 
-    ``huber_c`` is scaled by sqrt(elements per sample / 128), as BLADE scales TDM's constant to the latent size.
+    ``huber_c`` is scaled by sqrt(elements per sample) / 128, as BLADE scales TDM's 1e-3 to its latent size
+    (0.0113 for Wan's 16 x 21 x 60 x 104 latent).
     """
     tb = _bcast(t, x_t)
     with torch.no_grad():
         x0_real = x_t - tb * guided_velocity(teacher, x_t, t, y, null_class, cfg)
         x0_fake = x_t - tb * fake(x_t, t, y)
         target = x0.detach() + (x0_real - x0_fake)
-    c = huber_c * math.sqrt(x0[0].numel() / 128)
+    c = huber_c * math.sqrt(x0[0].numel()) / 128
     loss = pseudo_huber(x0 - target, c)
     return loss, {"real_minus_fake": (x0_real - x0_fake).float().abs().mean()}

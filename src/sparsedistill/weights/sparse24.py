@@ -222,8 +222,9 @@ def _pick_by_graphed_time(candidates: list[tuple[bool, int]], graphed_ms, slower
     call, and an earlier eager screen (one call each, drop > 10x and > 5 ms) dropped algorithm 0 with
     a transposed result at every ViT-B shape although its kernel is the faster one in a graph
     (0.14-0.53 ms, benchmarks/probes/fp16_24_probe_h200.json): ViT-B b256 2:4 fp16 went from
-    27.6 to 47.9 ms. One replay is cheap even for a candidate that is slow (an eager call took
-    ~270 ms at narrow layers, benchmarks/probes/first_call_probe_h100.txt); only candidates within
+    27.6 to 47.9 ms (issue 24's measurement). One replay is cheap even for a candidate that is slow
+    (an eager call took ~270 ms at narrow layers, benchmarks/probes/first_call_probe_h100.txt; the two
+    eager warm-up calls before capture cost that twice); only candidates within
     ``slower`` x the fastest (or under ``floor_ms``) get the 15-call timing that separates close ones.
     """
     once = {c: graphed_ms(c, 1, 1) for c in candidates}
