@@ -201,3 +201,45 @@ def test_tdm_generator_loss_guides_the_teacher_and_scales_huber_like_blade():
     # re-noising never reaches t = 0 (the fake score's target divides by t)
     _, tt = renoise(torch.zeros(4096, 1, 1, 1, 1), torch.zeros(4096, 1, 1, 1, 1), torch.zeros(4096), 1.0, 0.98)
     assert tt.min() >= 1e-3
+
+
+def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
+    import copy
+
+    from sparsedistill.runs import Run
+    from sparsedistill.video.tdm import TDMTrainConfig, train_tdm
+
+    class Stop(Exception):
+        pass
+
+    torch.manual_seed(0)
+    teacher = create_model("video_dit_fmnist_tiny", depth=1, dim=64, heads=1)
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    cfg = TDMTrainConfig(steps=2, iterations=4, batch_size=2, checkpoint_every=2, log_every=1, cfg=3.0)
+    fresh = lambda: (copy.deepcopy(teacher), copy.deepcopy(teacher))  # noqa: E731
+    s_ref, f_ref = fresh()
+    train_tdm(s_ref, f_ref, teacher, 10, cfg, job="tdm", run=Run(tmp_path / "a", cfg), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(s_ref.parameters(), teacher.parameters()))
+
+    s, f = fresh()
+    run = Run(tmp_path / "b", cfg)
+    calls = [0]
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):  # the 6th optimizer step: iteration 3's fake update (after the iteration-2 checkpoint)
+        calls[0] += 1
+        if calls[0] == 6:
+            raise Stop
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = dying_step
+    try:
+        with pytest.raises(Stop):
+            train_tdm(s, f, teacher, 10, cfg, job="tdm", run=run, progress=False)
+    finally:
+        torch.optim.AdamW.step = real_step
+    s, f = fresh()
+    train_tdm(s, f, teacher, 10, cfg, job="tdm", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
+    for a, b in zip(s.parameters(), s_ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

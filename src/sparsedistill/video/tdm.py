@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .flow import guided_velocity
 
-__all__ = ["TDMConfig", "student_times", "student_step", "rollout", "renoise", "fake_score_loss", "generator_loss",
+if TYPE_CHECKING:
+    from ..runs import Run
+
+__all__ = ["TDMConfig", "TDMTrainConfig", "train_tdm", "student_times", "student_step", "rollout", "renoise", "fake_score_loss", "generator_loss",
            "pseudo_huber"]
 
 
@@ -125,3 +129,125 @@ def generator_loss(x0: Tensor, x_t: Tensor, t: Tensor, y: Tensor, teacher: nn.Mo
     c = huber_c * math.sqrt(x0[0].numel()) / 128
     loss = pseudo_huber(x0 - target, c)
     return loss, {"real_minus_fake": (x0_real - x0_fake).float().abs().mean()}
+
+
+@dataclass
+class TDMTrainConfig(TDMConfig):
+    iterations: int = 300
+    batch_size: int = 8  # global, across ranks
+    lr: float = 1e-4  # the student (BLADE: 1e-4)
+    fake_lr: float = 5e-4  # the fake score (BLADE: 5e-4)
+    beta2: float = 0.95  # AdamW betas (0, beta2), as TDM and BLADE
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+
+def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_classes: int, cfg: TDMTrainConfig, *,
+              job: str, run: Run | None = None, seed: int = 0, autocast: bool = True,
+              progress: bool = True) -> nn.Module:
+    """Distil ``teacher`` (frozen, dense, guided) into the K-step ``student`` by TDM; ``fake`` starts as the student's copy.
+
+    Each iteration: one rollout of the student (no gradients), one update of the fake score, then one
+    of the student against the updated fake score (BLADE's order). The prompts are class ids drawn
+    uniformly (data-free; ``num_classes`` is also the null class of the teacher's guidance); they, the
+    noise and every other draw come from a generator seeded by
+    ``(seed, iteration)``, so a resumed run sees what an uninterrupted one would. Under ``torchrun``
+    each rank takes its share of the batch and gradients are averaged by hand (no DDP wrapper: the
+    student runs three times per iteration, twice without gradients). Checkpoints (both networks,
+    both optimizers, the iteration) go to ``run`` every ``cfg.checkpoint_every`` iterations.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import distributed as dist
+
+    if cfg.batch_size % dist.world_size():
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
+    dev = next(student.parameters()).device
+    teacher.eval()  # read under no_grad only (generator_loss)
+    for name, m in (("student", student), ("fake score", fake)):
+        if not any(p.requires_grad for p in m.parameters()):
+            raise ValueError(f"the {name} has no trainable parameters (was it copied from a frozen teacher? "
+                             "call .requires_grad_(True) on it)")
+    opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.0, cfg.beta2),
+                              weight_decay=cfg.weight_decay)
+    opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=cfg.fake_lr, betas=(0.0, cfg.beta2),
+                              weight_decay=cfg.weight_decay)
+    start = 0
+    state = run.load_checkpoint(job) if run else None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        fake.load_state_dict(state["fake"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_f.load_state_dict(state["opt_f"])
+        start = state["iteration"]
+    elif dist.world_size() > 1:  # every rank starts from rank 0's weights
+        for t in [*student.state_dict().values(), *fake.state_dict().values()]:
+            torch.distributed.broadcast(t, 0)
+    local = cfg.batch_size // dist.world_size()
+    times = student_times(cfg.steps, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast and dev.type == "cuda")
+
+    def update(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if dist.world_size() > 1:
+            for p in params:
+                p.grad.copy_(dist.all_reduce_mean(p.grad))
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+
+    def student_x0(inputs: list[Tensor], step: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 re-predicted (with gradients) at each sample's step, its predicted noise and the step's lower time."""
+        x = torch.stack(inputs)[step, torch.arange(len(step), device=dev)]
+        t = times[step]
+        v = student(x, t, y)
+        tb = _bcast(t, x)
+        return x - tb * v, x + (1 - tb) * v, times[step + 1]
+
+    bar = tqdm(range(start, cfg.iterations), desc=job, disable=not (progress and dist.is_main()), leave=False)
+    for it in bar:
+        g = torch.Generator(device=dev).manual_seed((seed * 1_000_003 + it) * dist.world_size() + dist.rank())
+        y = torch.randint(num_classes, (local,), device=dev, generator=g)
+        noise = torch.randn((local, *_sample_shape(student)), device=dev, generator=g)
+        with amp:
+            inputs, _ = rollout(student, noise, y, cfg.steps, cfg.eta, generator=g)
+            # the fake score learns the student's current outputs
+            step = torch.randint(cfg.steps, (local,), device=dev, generator=g)
+            with torch.no_grad():
+                x0, eps, t_low = student_x0(inputs, step, y, g)
+            x_t, t = renoise(x0, eps, t_low, cfg.eta, cfg.t_max, generator=g)
+            loss_f = fake_score_loss(fake, x_t, t, y, x0)
+        update(fake, opt_f, loss_f)
+        with amp:  # then the student, against the updated fake score
+            step = torch.randint(cfg.steps, (local,), device=dev, generator=g)
+            x0, eps, t_low = student_x0(inputs, step, y, g)
+            x_t, t = renoise(x0, eps, t_low, cfg.eta, cfg.t_max, generator=g)
+            loss_g, metrics = generator_loss(x0, x_t, t, y, teacher, fake, num_classes, cfg.cfg, cfg.huber_c)
+        update(student, opt_g, loss_g)
+        done = it + 1
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            vals = dist.all_reduce_mean(torch.stack([loss_f.detach().float(), loss_g.detach().float(),
+                                                     metrics["real_minus_fake"].float()]))
+            lf, lg, gap = vals.tolist()
+            if not (math.isfinite(lf) and math.isfinite(lg)):
+                raise FloatingPointError(f"{job}: a TDM loss became non-finite by iteration {done} (fake {lf}, "
+                                         f"generator {lg}); lower the learning rates or resume from the last checkpoint")
+            bar.set_postfix(fake=f"{lf:.4f}", gen=f"{lg:.4f}")
+            if run is not None:
+                run.log(job, done, fake_loss=lf, generator_loss=lg, real_minus_fake=gap)
+        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+            run.save_checkpoint(job, {"student": student.state_dict(), "fake": fake.state_dict(),
+                                      "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "iteration": done})
+    return student
+
+
+def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """(C, F, H, W) of the videos a DiT-like model (with a ``cfg`` naming them) generates."""
+    c = getattr(model, "cfg", None)
+    if c is None or not all(hasattr(c, a) for a in ("channels", "frames", "height", "width")):
+        raise ValueError("train_tdm needs a model whose .cfg has channels, frames, height and width (e.g. VideoDiT)")
+    return c.channels, c.frames, c.height, c.width

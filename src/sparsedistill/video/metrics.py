@@ -1,0 +1,107 @@
+"""Offline quality metrics for class-conditional video generators (Moving Fashion-MNIST).
+
+- per-frame **class accuracy** of a Fashion-MNIST frame classifier trained on real clips (does the
+  video show the prompted class?);
+- **Frechet distance** between generated and reference frames, on that classifier's penultimate
+  features (torchmetrics' ``FrechetInceptionDistance`` with our feature module: the same statistic
+  as FID, without Inception's weights, which cannot be fetched offline);
+- **motion**: mean absolute change between consecutive frames, and **label consistency**: the share
+  of frames whose predicted class agrees with the video's majority (objects should not morph);
+- **bootstrap** intervals over videos for every figure.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FrameClassifier", "frames_of", "class_accuracy", "frechet_distance", "motion", "label_consistency",
+           "bootstrap_interval"]
+
+
+class FrameClassifier(nn.Module):
+    """A small CNN on single frames (N, 1, H, W) in [-1, 1]; ``features`` gives its ``num_features``-d penultimate layer."""
+
+    num_features = 128
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        def conv(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(conv(1, 32), conv(32, 64), conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(128, self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(self.body(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class _Features(nn.Module):
+    """The classifier's features as torchmetrics' FID feature extractor (frames in, (N, 128) float64 out)."""
+
+    def __init__(self, classifier: FrameClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x.float())
+
+
+def frames_of(videos: Tensor) -> Tensor:
+    """(B, C, F, H, W) -> (B * F, C, H, W)."""
+    b, c, f, h, w = videos.shape
+    return videos.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+@torch.no_grad()
+def _predict(classifier: FrameClassifier, videos: Tensor, batch: int = 512) -> Tensor:
+    classifier.eval()
+    frames = frames_of(videos.clamp(-1, 1))
+    preds = torch.cat([classifier(frames[i : i + batch].float()).argmax(-1) for i in range(0, len(frames), batch)])
+    return preds.view(videos.shape[0], videos.shape[2])
+
+
+def class_accuracy(classifier: FrameClassifier, videos: Tensor, labels: Tensor) -> Tensor:
+    """Per video: the share of its frames classified as its label (B,)."""
+    return (_predict(classifier, videos) == labels.view(-1, 1).to(videos.device)).float().mean(1)
+
+
+def label_consistency(classifier: FrameClassifier, videos: Tensor) -> Tensor:
+    """Per video: the share of frames predicted as the video's most frequent predicted class (B,)."""
+    preds = _predict(classifier, videos)
+    return (preds == preds.mode(1).values[:, None]).float().mean(1)
+
+
+def motion(videos: Tensor) -> Tensor:
+    """Per video: mean absolute change between consecutive frames, on the [-1, 1] scale (B,)."""
+    return (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean((1, 2, 3, 4))
+
+
+@torch.no_grad()
+def frechet_distance(classifier: FrameClassifier, generated: Tensor, reference: Tensor, batch: int = 512) -> float:
+    """Frechet distance between the classifier features of all frames of two video sets (torchmetrics' FID)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    classifier.eval()
+    fid = FrechetInceptionDistance(feature=_Features(classifier), normalize=True).to(generated.device)
+    for videos, real in ((reference, True), (generated, False)):
+        frames = frames_of(videos.clamp(-1, 1))
+        for i in range(0, len(frames), batch):
+            fid.update(frames[i : i + batch], real=real)
+    return float(fid.compute())
+
+
+def bootstrap_interval(values: Tensor, rounds: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of ``values`` (one per video) over ``rounds`` resamples."""
+    g = torch.Generator().manual_seed(seed)
+    v = values.detach().float().cpu()
+    idx = torch.randint(len(v), (rounds, len(v)), generator=g)
+    means = v[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2])).tolist()
+    return lo, hi
