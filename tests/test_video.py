@@ -243,3 +243,24 @@ def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
     train_tdm(s, f, teacher, 10, cfg, job="tdm", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
     for a, b in zip(s.parameters(), s_ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_video_metrics_on_real_clips_and_their_corruptions(clips):
+    from sparsedistill.video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frechet_distance,
+                                             label_consistency, motion)
+
+    torch.manual_seed(0)
+    clf = FrameClassifier()
+    real, y = clips.clips(range(16), seed=0)
+    other, _ = clips.clips(range(16, 32), seed=0)
+    noise = torch.rand_like(real) * 2 - 1
+    # the statistic: ~0 for a set against itself, larger for noise than for other real clips
+    assert abs(frechet_distance(clf, real, real)) < 1e-6
+    assert frechet_distance(clf, noise, real) > frechet_distance(clf, other, real)
+    acc = class_accuracy(clf, real, y)
+    assert acc.shape == (16,) and ((acc >= 0) & (acc <= 1)).all()
+    frozen = real[:, :, :1].expand_as(real)  # a still video: no motion, one label throughout
+    assert (motion(frozen) == 0).all() and (motion(real) > 0).all()
+    assert (label_consistency(clf, frozen) == 1).all()
+    lo, hi = bootstrap_interval(torch.tensor([0.0, 1.0] * 50))
+    assert 0.35 < lo < 0.5 < hi < 0.65
