@@ -246,8 +246,8 @@ def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
 
 
 def test_video_metrics_on_real_clips_and_their_corruptions(clips):
-    from sparsedistill.video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frechet_distance,
-                                             label_consistency, motion)
+    from sparsedistill.video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features,
+                                             frechet_distance, frechet_interval, label_consistency, motion)
 
     torch.manual_seed(0)
     clf = FrameClassifier()
@@ -255,8 +255,12 @@ def test_video_metrics_on_real_clips_and_their_corruptions(clips):
     other, _ = clips.clips(range(16, 32), seed=0)
     noise = torch.rand_like(real) * 2 - 1
     # the statistic: ~0 for a set against itself, larger for noise than for other real clips
-    assert abs(frechet_distance(clf, real, real)) < 1e-6
-    assert frechet_distance(clf, noise, real) > frechet_distance(clf, other, real)
+    f_real, f_other, f_noise = (frame_features(clf, v) for v in (real, other, noise))
+    assert f_real.shape == (16, 6, 128)
+    assert abs(frechet_distance(f_real, f_real)) < 1e-6
+    assert frechet_distance(f_noise, f_real) > frechet_distance(f_other, f_real)
+    lo, hi = frechet_interval(f_other, f_real, rounds=20)
+    assert lo <= hi and lo > 0
     acc = class_accuracy(clf, real, y)
     assert acc.shape == (16,) and ((acc >= 0) & (acc <= 1)).all()
     frozen = real[:, :, :1].expand_as(real)  # a still video: no motion, one label throughout
@@ -264,3 +268,51 @@ def test_video_metrics_on_real_clips_and_their_corruptions(clips):
     assert (label_consistency(clf, frozen) == 1).all()
     lo, hi = bootstrap_interval(torch.tensor([0.0, 1.0] * 50))
     assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+def _tiny_recipe_config(**over):
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.video_blade import VideoBladeConfig
+
+    sets = ["teacher.steps=6", "classifier.steps=4", "students.tdm.iterations=2", "eval.videos=4", "eval.batch=4",
+            "eval.bootstrap=20", "sampling.steps=4", *[f"{k}={v}" for k, v in over.items()]]
+    return load_config(VideoBladeConfig, "short", sets, recipe="video")
+
+
+def test_video_recipe_runs_resumes_and_reports(tmp_path):
+    import json
+
+    from sparsedistill.cli import main
+    from sparsedistill.recipes.video_blade import run_video_blade
+
+    cfg = _tiny_recipe_config()
+    report = run_video_blade(cfg, tmp_path / "run", progress=False)
+    res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
+    assert list(res["models"]) == ["teacher-4", "teacher-k2", "tdm-k2", "tdm+asa-k2", "tdm-asa-k2"]
+    for name, row in res["models"].items():
+        assert 0 <= row["class_accuracy"] <= 1 and row["fd_real"] >= 0 and row["fd_real_ci"][0] <= row["fd_real_ci"][1]
+        assert (row["attention_kept"] is None) == ("asa" not in name)
+        assert (tmp_path / "run" / "samples" / f"{name}-s0.gif").exists()
+    assert res["models"]["tdm-asa-k2"]["attention_kept"] < 0.5  # max_keep 0.17 of the blocks, plus diagonals
+    assert res["models"]["teacher-k2"]["nfe"] == 4 and res["models"]["tdm-k2"]["nfe"] == 2
+    text = report.read_text()
+    assert "| `tdm-asa-k2` | TDM + ASA (b) |" in text and "![quality](quality-s0.png)" in text
+    # resuming a finished run retrains nothing; the report command rewrites the report from the results
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    run_video_blade(cfg, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
+    report.unlink()
+    assert main(["video", "report", str(tmp_path / "run")]) == 0 and report.exists()
+
+
+def test_video_recipe_rejects_bad_configs(tmp_path):
+    from sparsedistill.recipes.video_blade import validate
+
+    with pytest.raises(ValueError, match="between 1 and the teacher's 4 sampling steps"):
+        validate(_tiny_recipe_config(**{"students.steps": "[8]"}))
+    with pytest.raises(ValueError, match="unknown student variants"):
+        validate(_tiny_recipe_config(**{"students.variants": '["tdm-lora"]'}))
+    with pytest.raises(ValueError, match="not a video DiT"):
+        validate(_tiny_recipe_config(**{"model.name": '"mlp"'}))
+    with pytest.raises(ValueError, match="unknown model"):
+        validate(_tiny_recipe_config(**{"model.name": '"video_dit_huge"'}))

@@ -1,7 +1,7 @@
 """``sparsedistill`` command line: one subcommand per system, each with its own ``--help``.
 
-Systems register here as their recipes land (``kd``, ``vit``, ``indexcache`` and ``retrieval`` today;
-``video`` and ``perception`` follow their issues).
+Systems register here as their recipes land (``kd``, ``vit``, ``indexcache``, ``retrieval`` and ``video``
+today; ``perception`` follows its issue).
 """
 
 from __future__ import annotations
@@ -143,6 +143,31 @@ def _indexcache_run(args: argparse.Namespace) -> int:
     report = run_indexcache(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
     print(f"report: {report}")
     return 0
+
+
+def _video_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.video_blade import VideoBladeConfig, run_video_blade
+
+    cfg = load_config(VideoBladeConfig, args.config, args.overrides, recipe="video")
+    run_dir = _run_dir(args, "video-blade")
+    report = run_video_blade(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                             command="sparsedistill " + shlex.join(args.argv))
+    return _print_report(report)
+
+
+def _video_report(args: argparse.Namespace) -> int:
+    from .recipes.video_report import write_report
+    from .runs import Run
+
+    if not (args.run / "config.toml").exists():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
+    run = Run.open(args.run)
+    results = {int(p.stem.rsplit("-s", 1)[1]): json.loads(p.read_text()) for p in sorted((args.run / "results").glob("eval-s*.json"))}
+    if not results:
+        raise FileNotFoundError(f"{args.run} has no finished evaluation yet (results/eval-s*.json); resume the run first")
+    write_report(run, results)
+    return _print_report(run.artifact("report.md"))
 
 
 def _print_report(report: Path) -> int:
@@ -296,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
                                          "frozen model's attention), then compare IndexCache patterns (uniform, greedy, trained).")
     _add_run_options(icr, "'full' (default, for a GPU) or 'short' (a CPU-sized check)")
     icr.set_defaults(func=_indexcache_run)
+
+    vid = systems.add_parser("video", help="Video-BLADE: few-step block-sparse (ASA) video generators distilled by TDM")
+    vid_cmds = vid.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    vr = vid_cmds.add_parser("run", help="teacher -> TDM students (dense, ASA) -> evaluation on Moving Fashion-MNIST, with report.md",
+                             description="Train a class-conditional video DiT by rectified flow, distil few-step students by TDM "
+                                         "(dense and with ASA), and evaluate every model against real clips and the teacher.")
+    _add_run_options(vr, "'full' (default, a GPU) or 'short' (a tiny model, minutes on 2 CPU cores; no claims)")
+    vr.set_defaults(func=_video_run)
+    vrep = vid_cmds.add_parser("report", help="(re)write a video run's report.md from its finished evaluations")
+    vrep.add_argument("run", type=Path, help="run directory")
+    vrep.set_defaults(func=_video_report)
 
     rt = systems.add_parser("retrieval", help="inference-free learned sparse retrieval")
     rt_cmds = rt.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrameClassifier", "frames_of", "class_accuracy", "frechet_distance", "motion", "label_consistency",
-           "bootstrap_interval"]
+__all__ = ["FrameClassifier", "frames_of", "frame_features", "class_accuracy", "frechet_distance", "frechet_interval",
+           "motion", "label_consistency", "bootstrap_interval"]
 
 
 class FrameClassifier(nn.Module):
@@ -41,16 +41,15 @@ class FrameClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-class _Features(nn.Module):
-    """The classifier's features as torchmetrics' FID feature extractor (frames in, (N, 128) float64 out)."""
+class _Given(nn.Module):
+    """Features already computed, as torchmetrics' FID feature extractor (it then only accumulates statistics)."""
 
-    def __init__(self, classifier: FrameClassifier) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__()
-        self.classifier = classifier
-        self.num_features = classifier.num_features
+        self.num_features = num_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier.features(x.float())
+        return x
 
 
 def frames_of(videos: Tensor) -> Tensor:
@@ -84,17 +83,33 @@ def motion(videos: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def frechet_distance(classifier: FrameClassifier, generated: Tensor, reference: Tensor, batch: int = 512) -> float:
-    """Frechet distance between the classifier features of all frames of two video sets (torchmetrics' FID)."""
+def frame_features(classifier: FrameClassifier, videos: Tensor, batch: int = 512) -> Tensor:
+    """(B, F, num_features) fp64 classifier features of every frame."""
+    classifier.eval()
+    frames = frames_of(videos.clamp(-1, 1))
+    feats = torch.cat([classifier.features(frames[i : i + batch].float()) for i in range(0, len(frames), batch)])
+    return feats.double().view(videos.shape[0], videos.shape[2], -1)
+
+
+@torch.no_grad()
+def frechet_distance(generated: Tensor, reference: Tensor) -> float:
+    """Frechet distance between the per-frame features (B, F, d) of two video sets (torchmetrics' FID statistic)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    classifier.eval()
-    fid = FrechetInceptionDistance(feature=_Features(classifier), normalize=True).to(generated.device)
-    for videos, real in ((reference, True), (generated, False)):
-        frames = frames_of(videos.clamp(-1, 1))
-        for i in range(0, len(frames), batch):
-            fid.update(frames[i : i + batch], real=real)
+    fid = FrechetInceptionDistance(feature=_Given(generated.shape[-1])).to(generated.device).set_dtype(torch.float64)
+    fid.update(reference.reshape(-1, reference.shape[-1]), real=True)
+    fid.update(generated.reshape(-1, generated.shape[-1]), real=False)
     return float(fid.compute())
+
+
+def frechet_interval(generated: Tensor, reference: Tensor, rounds: int = 100, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the Frechet distance over resamples of the generated videos (reference fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([frechet_distance(generated[torch.randint(len(generated), (len(generated),), generator=g)], reference)
+                         for _ in range(rounds)])
+    lo, hi = torch.quantile(vals, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=vals.dtype)).tolist()
+    return lo, hi
 
 
 def bootstrap_interval(values: Tensor, rounds: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

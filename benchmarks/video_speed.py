@@ -1,0 +1,228 @@
+"""Video samplers end to end, noise to pixels: the 50-step CFG teacher, dense K-step students, ASA K-step students.
+
+One process, one GPU, random weights (speed does not depend on them), bf16. Each DiT forward is
+replayed from a CUDA graph captured once per (model, batch), with the sampler's Euler updates between
+replays, so host overhead is gone from every row alike; the dense path is PyTorch's SDPA (the flash
+backend at these shapes), ASA rebuilds its mask at every step (mask building included). Our model
+works in pixel space (no VAE): noise to pixels is the whole sampler.
+
+Rows per shape and batch:
+  teacher-50-cfg   50 Euler steps, classifier-free guidance (a doubled batch: 100 forward passes' work)
+  dense-k{K}       a K-step student with dense attention
+  asa-k{K}         the same with ASA (blocks of the model's tile, tau 0.95, keep 5-17 %, 16 sampled queries)
+and, beside each, a profiler split of one eager forward (attention / ASA mask / rest, by kernel names).
+Wan2.1-1.3B's shape (21 x 30 x 52 tokens, 30 blocks of width 1536, head dim 128) is timed per forward
+only (dense vs ASA at one step: the issue's target is their ratio; 50 CFG steps there take minutes).
+
+    python benchmarks/video_speed.py --out benchmarks/results/video_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig  # noqa: E402
+from sparsedistill.models import create_model  # noqa: E402
+from sparsedistill.video.flow import time_grid  # noqa: E402
+
+ASA = dict(tau=0.95, min_keep=0.05, max_keep=0.17, samples=16)
+
+
+class GraphedForward:
+    """``model(x, t, y)`` captured once in a CUDA graph for these shapes; calls copy inputs in and replay."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.t, self.y = x.clone(), t.clone(), y.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(s):
+            for _ in range(2):  # kernel tuning and lazy set-up happen here, outside capture
+                model(self.x, self.t, self.y)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.out = model(self.x, self.t, self.y)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.out
+
+
+def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps: int, cfg: float, null: int,
+               reps: int) -> float:
+    """Median ms of the whole sampler (Euler steps; guidance as one doubled batch)."""
+    times = time_grid(steps, device=noise.device)
+    yy = torch.cat([y, torch.full_like(y, null)]) if cfg != 1.0 else y
+
+    def run() -> torch.Tensor:
+        x = noise
+        for a, b in zip(times[:-1], times[1:]):
+            xin = torch.cat([x, x]) if cfg != 1.0 else x
+            v = fwd(xin, a.expand(len(xin)), yy)
+            if cfg != 1.0:
+                vc, vn = v.chunk(2)
+                v = vn + cfg * (vc - vn)
+            x = x + (b - a) * v
+        return x
+
+    run()
+    out = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        run()
+        e1.record()
+        e1.synchronize()
+        out.append(e0.elapsed_time(e1))
+    return statistics.median(out)
+
+
+def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Share of GPU kernel time in one eager forward: attention, ASA mask, the rest (by kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        model(x, t, y)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x, t, y)
+            torch.cuda.synchronize()
+    split = {"attention_ms": 0.0, "mask_ms": 0.0, "rest_ms": 0.0}
+    for ev in prof.events():  # kernels only (operator events would count their kernels twice)
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = ev.self_device_time_total / 1e3
+        name = ev.name.lower()
+        if "asa_mask" in name or "pool_kernel" in name:
+            split["mask_ms"] += ms
+        elif "flash" in name or "fmha" in name or "attention" in name or "_fwd_kernel" in name:
+            split["attention_ms"] += ms
+        else:
+            split["rest_ms"] += ms
+    total = sum(split.values()) or 1.0
+    return {**{k: round(v, 3) for k, v in split.items()}, **{k.replace("_ms", "_share"): round(v / total, 3) for k, v in split.items()}}
+
+
+def with_asa(model: torch.nn.Module) -> torch.nn.Module:
+    block = model.cfg.block or 128  # raster-ordered models (Wan's shape): blocks of 128, as BLADE
+    return model.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=block, **ASA)))
+
+
+def random_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero starts at zero: give every path weight, as a trained model has
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+    return model.to("cuda", torch.bfloat16).eval()
+
+
+def bench_trained_shape(name: str, batch: int, students: list[int], reps: int) -> list[dict]:
+    model = random_model(name)
+    c = model.cfg
+    noise = torch.randn(batch, c.channels, c.frames, c.height, c.width, device="cuda", dtype=torch.bfloat16)
+    y = torch.arange(batch, device="cuda") % c.num_classes
+    rows = []
+
+    def row(variant: str, steps: int, cfg: float, m: torch.nn.Module) -> dict:
+        b2 = batch * (2 if cfg != 1.0 else 1)
+        x = torch.randn(b2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)
+        t = torch.full((b2,), 0.5, device="cuda")
+        yy = torch.arange(b2, device="cuda") % c.num_classes
+        fwd = GraphedForward(m, x, t, yy)
+        r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "steps": steps, "cfg": cfg,
+             "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps), **profile_split(m, x, t, yy)}
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        del fwd
+        torch.cuda.empty_cache()
+        return r
+
+    rows.append(row("teacher-50-cfg", 50, 5.0, model))
+    for k in students:
+        rows.append(row(f"dense-k{k}", k, 1.0, model))
+    with_asa(model)
+    for k in students:
+        rows.append(row(f"asa-k{k}", k, 1.0, model))
+    teacher = rows[0]["ms"]
+    for r in rows:
+        r["speedup_vs_teacher"] = teacher / r["ms"]
+    for k in students:
+        dense = next(r for r in rows if r["variant"] == f"dense-k{k}")
+        asa = next(r for r in rows if r["variant"] == f"asa-k{k}")
+        asa["speedup_vs_dense_same_steps"] = dense["ms"] / asa["ms"]
+    return rows
+
+
+def bench_forward(name: str, batch: int, reps: int) -> list[dict]:
+    """One forward (one sampler step without guidance), dense vs ASA."""
+    model = random_model(name)
+    c = model.cfg
+    x = torch.randn(batch, c.channels, c.frames, c.height, c.width, device="cuda", dtype=torch.bfloat16)
+    t, y = torch.full((batch,), 0.5, device="cuda"), torch.zeros(batch, dtype=torch.long, device="cuda")
+    rows = []
+    for variant in ("dense", "asa"):
+        if variant == "asa":
+            with_asa(model)
+        fwd = GraphedForward(model, x, t, y)
+        r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": f"{variant}-forward",
+             "ms": sampler_ms(fwd, x, y, 1, 1.0, c.num_classes, reps), **profile_split(model, x, t, y)}
+        rows.append(r)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        del fwd
+        torch.cuda.empty_cache()
+    rows[1]["speedup_vs_dense_same_steps"] = rows[0]["ms"] / rows[1]["ms"]
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/video_speed.json"))
+    ap.add_argument("--model", default="video_dit_fmnist", help="the trained shape's registry name")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--students", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-wan", action="store_true", help="skip Wan2.1-1.3B's shape")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("video_speed.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from sparsedistill.runs import environment
+
+    env = {**environment(), "command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "asa": ASA}
+    env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
+    rows: list[dict] = []
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+
+    for batch in args.batches:
+        try:
+            rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps))
+        except Exception as e:  # noqa: BLE001  (report and go on)
+            rows.append({"shape": args.model, "batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
+        save()
+    if not args.no_wan:
+        try:
+            rows.extend(bench_forward("video_dit_wan_1_3b_shape", 1, args.reps))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"shape": "video_dit_wan_1_3b_shape", "error": f"{type(e).__name__}: {e}"[:300]})
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Video-BLADE on Moving Fashion-MNIST (paper 2): a dense many-step teacher, few-step TDM students with ASA.
+
+Jobs (each skipped on ``--resume`` once its result exists; training jobs resume from checkpoints):
+  classifier                frame classifier on real train clips (the metrics' judge; shared by seeds)
+  teacher-s{seed}           the video DiT trained by rectified flow, with an EMA copy (what is sampled)
+  {variant}-k{K}-s{seed}    TDM students from the teacher's EMA, data-free:
+                              tdm      dense attention                              (a)
+                              tdm-asa  ASA in the student and the fake score        (b)
+  eval-s{seed}              samples of the 50-step CFG teacher, the teacher at K steps (d), (a), (a) with ASA
+                            switched on untrained (c) and (b), from the same noise and classes; class accuracy,
+                            Frechet distances to real test clips and to the teacher's samples, motion, label
+                            consistency, achieved attention sparsity, bootstrap intervals; sample strips and GIFs
+Students are fully fine-tuned (no LoRA: the model is small). Everything is drawn on the fly on the
+run's device: clip i of a seed is the same clip on any machine (``data/moving_fmnist.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist
+from ..attention import SUPPORTED_BLOCKS, AdaptiveBlockSparseAttention, ASAConfig
+from ..data.moving_fmnist import MovingFashionMNIST
+from ..distill import TrainConfig, train
+from ..models import create_model
+from ..models.video_dit import VideoDiT
+from ..runs import Run
+from ..video import euler_sample, flow_matching_loss
+from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
+                             frechet_distance, frechet_interval, label_consistency, motion)
+from ..video.tdm import TDMTrainConfig, student_times, train_tdm
+
+__all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
+
+VARIANTS = ("tdm", "tdm-asa")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "video_dit_fmnist"  # a registry key; the data takes its frames, size and channels
+
+
+@dataclass
+class DataConfig:
+    items: int = 2  # Fashion-MNIST pictures per clip, all of the clip's class
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    steps: int = 6000
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_frac: float = 0.02
+    checkpoint_every: int = 500
+    ema_decay: float = 0.999
+    drop_class: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 50  # the teacher's Euler steps
+    cfg: float = 5.0  # guidance scale (BLADE's Wan setting)
+    shift: float = 1.0  # time shift of the teacher's grid
+
+
+@dataclass
+class ASASettings:
+    """ASA as BLADE configures it for Wan (block = the model's tile)."""
+
+    tau: float = 0.95
+    min_keep: float = 0.05
+    max_keep: float = 0.17
+    samples: int = 16
+    pooled_kv: bool = False  # the dropped blocks' means (PyTorch for now: slower than the sparse kernel)
+
+
+@dataclass
+class StudentsConfig:
+    steps: list[int] = field(default_factory=lambda: [4, 8])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    tdm: TDMTrainConfig = field(default_factory=TDMTrainConfig)
+
+
+@dataclass
+class ClassifierConfig(TrainConfig):
+    steps: int = 1500
+    batch_size: int = 16  # clips; every frame of each is a training image
+    lr: float = 1e-3
+    checkpoint_every: int = 500
+
+
+@dataclass
+class EvalConfig:
+    videos: int = 200  # generated per model (and real test clips as the reference), classes balanced
+    batch: int = 20
+    bootstrap: int = 1000
+    show: int = 4  # videos per model in the sample strips and GIFs
+
+
+@dataclass
+class VideoBladeConfig:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    asa: ASASettings = field(default_factory=ASASettings)
+    students: StudentsConfig = field(default_factory=StudentsConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def validate(cfg: VideoBladeConfig) -> VideoDiT:
+    """Check the config against the model it names (returned, on the CPU); errors say what is allowed."""
+    model = create_model(cfg.model.name)
+    if not isinstance(model, VideoDiT):
+        raise ValueError(f"model {cfg.model.name!r} is not a video DiT; use e.g. video_dit_fmnist or video_dit_fmnist_tiny")
+    unknown = set(cfg.students.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown student variants {sorted(unknown)}; use any of {list(VARIANTS)}")
+    for k in cfg.students.steps:
+        if not 1 <= k <= cfg.sampling.steps:
+            raise ValueError(f"a student's steps K={k} must be between 1 and the teacher's {cfg.sampling.steps} sampling steps")
+    if "tdm-asa" in cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:
+        raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of the "
+                         f"kernel's block sizes {SUPPORTED_BLOCKS}")
+    if cfg.eval.videos % cfg.eval.batch:
+        raise ValueError(f"eval.videos {cfg.eval.videos} must be a multiple of eval.batch {cfg.eval.batch}")
+    return model
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class VideoBlade:
+    def __init__(self, cfg: VideoBladeConfig, run: Run, progress: bool) -> None:
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        m = validate(cfg).cfg
+        self.shape = (m.channels, m.frames, m.height, m.width)
+        self.num_classes = m.num_classes
+        kw = dict(frames=m.frames, size=m.height, items=cfg.data.items, num_classes=m.num_classes, device=self.device)
+        if m.height != m.width or m.channels != 1:
+            raise ValueError(f"Moving Fashion-MNIST makes square grey clips; {cfg.model.name} wants {self.shape}")
+        self.train_clips = MovingFashionMNIST.from_split("train", **kw)
+        self.test_clips = MovingFashionMNIST.from_split("test", **kw)
+
+    # jobs ------------------------------------------------------------------------------------
+    def classifier(self) -> FrameClassifier:
+        job, c = "classifier", self.cfg.classifier
+        torch.manual_seed(0)  # a job's result depends on its config alone, not on what ran before it
+        clf = FrameClassifier(self.num_classes).to(self.device)
+        f = self.shape[1]
+
+        def get_batch(rows: Tensor) -> tuple[Tensor, Tensor]:
+            videos, y = self.train_clips.clips(rows, seed=10_000)  # clips of their own seed, not the teachers'
+            return frames_of(videos), y.repeat_interleave(f)
+
+        loss = lambda net, b: (nn.functional.cross_entropy(net(b[0]), b[1]), {})  # noqa: E731
+        if self.run.result(job) is None:
+            train(clf, loss, get_batch, c.steps * c.batch_size, c, job=job, run=self.run, seed=0, progress=self.progress)
+            videos, y = self.test_clips.clips(range(self.cfg.eval.videos), seed=0)
+            acc = float(class_accuracy(clf, videos, y).mean())
+            self.run.save_result(job, {"real_test_frame_accuracy": acc, "steps": c.steps})
+        clf.load_state_dict(self.run.load_checkpoint(job)["model"])
+        return clf.eval()
+
+    def teacher(self, seed: int) -> VideoDiT:
+        """The teacher's EMA (trained here unless its job is done)."""
+        job, c = f"teacher-s{seed}", self.cfg.teacher
+        torch.manual_seed(seed)
+        model = create_model(self.cfg.model.name).to(self.device)
+        if self.run.result(job) is None:
+            ema = copy.deepcopy(model)
+
+            def loss(net: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
+                with _autocast(self.device):
+                    return flow_matching_loss(net, batch[0], batch[1], self.num_classes, c.drop_class), {}
+
+            t0 = time.time()
+            train(model, loss, lambda rows: self.train_clips.clips(rows, seed=seed), c.steps * c.batch_size, c, job=job,
+                  run=self.run, seed=seed, ema=ema, ema_decay=c.ema_decay, progress=self.progress)
+            last = [r for r in self.run.metrics(job) if r["step"] == c.steps]
+            self.run.save_result(job, {"steps": c.steps, "seconds": time.time() - t0,
+                                       "final_loss": last[0]["loss"] if last else None,
+                                       "parameters": sum(p.numel() for p in model.parameters())})
+        model.load_state_dict(self.run.load_checkpoint(job)["ema"])
+        return model.eval()
+
+    def student(self, seed: int, variant: str, k: int, teacher: VideoDiT) -> VideoDiT:
+        job = f"{variant}-k{k}-s{seed}"
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        if variant == "tdm-asa":
+            self.attach_asa(student)
+        if self.run.result(job) is None:
+            fake = copy.deepcopy(student)  # made after ASA is attached: the fake score runs ASA too (as BLADE's)
+            tdm = copy.deepcopy(self.cfg.students.tdm)
+            tdm.steps, tdm.cfg = k, self.cfg.sampling.cfg
+            t0 = time.time()
+            train_tdm(student, fake, teacher, self.num_classes, tdm, job=job, run=self.run, seed=seed, progress=self.progress)
+            last = [r for r in self.run.metrics(job) if r["step"] == tdm.iterations]
+            self.run.save_result(job, {"iterations": tdm.iterations, "seconds": time.time() - t0,
+                                       **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
+            del fake
+        student.load_state_dict(self.run.load_checkpoint(job)["student"])
+        return student.eval()
+
+    def attach_asa(self, model: VideoDiT) -> VideoDiT:
+        a = self.cfg.asa
+        asa = ASAConfig(block=model.cfg.block, tau=a.tau, min_keep=a.min_keep, max_keep=a.max_keep, samples=a.samples,
+                        pooled_kv=a.pooled_kv)
+        # without a GPU (the CPU check) the kernels' PyTorch references run instead
+        return model.set_attention(lambda i: AdaptiveBlockSparseAttention(asa, allow_reference=self.device.type == "cpu"))
+
+    # evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, model: VideoDiT, steps: int, cfg: float, seed: int) -> tuple[Tensor, float, float | None]:
+        """Eval videos from fixed noise and balanced classes; (videos, seconds per video, mean kept share of ASA)."""
+        e, dev = self.cfg.eval, self.device
+        densities: list[float] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: densities.append(mod.last_mask.density()))
+                 for m in model.modules() if isinstance(m, AdaptiveBlockSparseAttention)]
+        out, elapsed = [], 0.0
+        times = student_times(steps, dev) if steps < self.cfg.sampling.steps else None
+        for start in range(0, e.videos, e.batch):
+            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
+            noise = torch.randn((e.batch, *self.shape), device=dev, generator=g)
+            y = torch.arange(start, start + e.batch, device=dev) % self.num_classes
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with _autocast(dev):
+                out.append(euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg,
+                                        shift=self.cfg.sampling.shift, times=times).float().clamp(-1, 1))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed += time.perf_counter() - t0
+        for h in hooks:
+            h.remove()
+        return torch.cat(out), elapsed / e.videos, (sum(densities) / len(densities) if densities else None)
+
+    def evaluate(self, seed: int, teacher: VideoDiT, students: dict[tuple[str, int], VideoDiT], clf: FrameClassifier) -> dict:
+        job, e, s = f"eval-s{seed}", self.cfg.eval, self.cfg.sampling
+        done = self.run.result(job)
+        if done is not None:
+            return done
+        labels = torch.arange(e.videos, device=self.device) % self.num_classes
+        real, _ = self.test_clips.clips(range(e.videos), seed=seed)  # the reference: real test clips
+        models: list[tuple[str, str, VideoDiT, int, float]] = [(f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg)]
+        for k in self.cfg.students.steps:
+            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg))
+            if ("tdm", k) in students:
+                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0))
+                untrained = self.attach_asa(copy.deepcopy(students["tdm", k]))
+                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0))
+            if ("tdm-asa", k) in students:
+                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0))
+        rows, reference = {}, None
+        real_features = frame_features(clf, real)
+        samples_dir = self.run.artifact("samples")
+        samples_dir.mkdir(exist_ok=True)
+        for name, what, model, steps, guidance in models:
+            videos, sec, density = self.generate(model, steps, guidance, seed)
+            feats = frame_features(clf, videos)
+            if reference is None:
+                reference = feats  # the 50-step teacher's samples
+            acc = class_accuracy(clf, videos, labels)
+            mot, cons = motion(videos), label_consistency(clf, videos)
+            rows[name] = {
+                "what": what, "steps": steps, "cfg": guidance, "nfe": steps * (2 if guidance != 1.0 else 1),
+                "class_accuracy": float(acc.mean()), "class_accuracy_ci": bootstrap_interval(acc, e.bootstrap, seed=seed),
+                "fd_real": frechet_distance(feats, real_features), "fd_teacher": frechet_distance(feats, reference),
+                "fd_real_ci": frechet_interval(feats, real_features, max(e.bootstrap // 10, 2), seed=seed),
+                "fd_teacher_ci": frechet_interval(feats, reference, max(e.bootstrap // 10, 2), seed=seed),
+                "motion": float(mot.mean()), "label_consistency": float(cons.mean()),
+                "attention_kept": density, "seconds_per_video": sec,
+            }
+            _save_samples(videos[: e.show], samples_dir / f"{name}-s{seed}")
+        _save_samples(real[: e.show], samples_dir / f"real-s{seed}")
+        result = {"models": rows, "real": {"class_accuracy": float(class_accuracy(clf, real, labels).mean()),
+                                           "motion": float(motion(real).mean()),
+                                           "label_consistency": float(label_consistency(clf, real).mean())},
+                  "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"}
+        self.run.save_result(job, result)
+        return result
+
+    def run_all(self) -> dict:
+        clf = self.classifier()
+        out = {}
+        for seed in self.cfg.seeds:
+            teacher = self.teacher(seed)
+            students = {(v, k): self.student(seed, v, k, teacher) for k in self.cfg.students.steps for v in self.cfg.students.variants}
+            out[seed] = self.evaluate(seed, teacher, students, clf)
+            del students
+        return out
+
+
+def _save_samples(videos: Tensor, stem: Path) -> None:
+    """A PNG strip (one row per video, every frame) and an animated GIF (the videos side by side)."""
+    import numpy as np
+    from PIL import Image
+
+    v = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()[:, 0]  # (N, F, H, W)
+    n, f, h, w = v.shape
+    strip = v.permute(0, 2, 1, 3).reshape(n * h, f * w).numpy()
+    Image.fromarray(strip).save(stem.with_suffix(".png"))
+    frames = [Image.fromarray(np.concatenate(list(v[:, i].numpy()), 1)) for i in range(f)]
+    frames[0].save(stem.with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=120, loop=0)
+
+
+def run_video_blade(cfg: VideoBladeConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                    command: str = "") -> Path:
+    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path."""
+    from .video_report import write_report
+
+    validate(cfg)
+    dist.init()
+    run = Run(run_dir, cfg, resume=resume, command=command)
+    results = VideoBlade(cfg, run, progress).run_all()
+    report = run.artifact("report.md")
+    if dist.is_main():
+        write_report(run, results)
+    dist.barrier()
+    return report

@@ -1,0 +1,86 @@
+"""report.md of a video_blade run: quality table per seed with bootstrap intervals, plots, sample strips and GIFs."""
+
+from __future__ import annotations
+
+from ..report import command_line, markdown_table, plt, save_figure
+from ..runs import Run
+
+__all__ = ["write_report", "format_rows"]
+
+
+def _ci(v: float, ci: list[float] | tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
+    if ci is None:
+        return f"{v * scale:.{digits}f}"
+    return f"{v * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def format_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, r in result["models"].items():
+        kept = "dense" if r["attention_kept"] is None else f"{100 * r['attention_kept']:.1f} %"
+        rows.append([f"`{name}`", r["what"], r["steps"], r["nfe"], _ci(r["class_accuracy"], r["class_accuracy_ci"], 1, 100),
+                     _ci(r["fd_real"], r["fd_real_ci"], 3), _ci(r["fd_teacher"], r.get("fd_teacher_ci"), 3),
+                     f"{r['motion']:.4f}", f"{100 * r['label_consistency']:.1f}", kept, f"{r['seconds_per_video']:.3f}"])
+    return rows
+
+
+HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real [CI]", "FD vs teacher [CI]", "motion",
+           "label consistency %", "attention kept", "s / video (this run)"]
+
+
+def write_report(run: Run, results: dict[int, dict]) -> None:
+    env = run.environment()
+    lines = ["# Video-BLADE on Moving Fashion-MNIST", "", command_line(env), "",
+             "Videos generated from the same noise and classes by every model; the reference is as many real test clips. "
+             "FD: Frechet distance of frame-classifier features (torchmetrics' FID statistic on our classifier); "
+             "intervals: bootstrap over videos. Seconds per video are this run's wall time, not a benchmark "
+             "(`benchmarks/video_speed.py` times the samplers).", ""]
+    clf = run.result("classifier") or {}
+    if clf:
+        lines += [f"Frame classifier: {100 * clf['real_test_frame_accuracy']:.1f} % of real test-clip frames classified as "
+                  "their clip's class.", ""]
+    for seed, res in results.items():
+        real = res["real"]
+        lines += [f"## Seed {seed} ({res['device']})", "", markdown_table(HEADERS, format_rows(res)), "",
+                  f"Real test clips: class accuracy {100 * real['class_accuracy']:.1f} %, motion {real['motion']:.4f}, "
+                  f"label consistency {100 * real['label_consistency']:.1f} %.", ""]
+        lines.append(f"![quality](quality-s{seed}.png)")
+        lines.append("")
+        _plot_quality(run, seed, res)
+        lines += ["Samples (rows: videos; columns: frames; the same noise and class for every model):", ""]
+        for name in [*res["models"], "real"]:
+            lines += [f"**{name}**", "", f"![{name}](samples/{name}-s{seed}.png) ([GIF](samples/{name}-s{seed}.gif))", ""]
+    curves = _plot_losses(run)
+    if curves:
+        lines += ["## Training", "", f"![losses]({curves})", ""]
+    run.artifact("report.md").write_text("\n".join(lines))
+
+
+def _plot_quality(run: Run, seed: int, res: dict) -> None:
+    names = list(res["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, key, label, scale in ((axes[0], "class_accuracy", "class accuracy %", 100), (axes[1], "fd_real", "FD vs real", 1)):
+        vals = [res["models"][n][key] * scale for n in names]
+        cis = [res["models"][n][f"{key}_ci"] for n in names]
+        # a bootstrap interval of a Frechet distance can sit above the full-sample value (resampling duplicates): clip at 0
+        err = [[max(v - c[0] * scale, 0) for v, c in zip(vals, cis)], [max(c[1] * scale - v, 0) for v, c in zip(vals, cis)]]
+        ax.bar(range(len(names)), vals, yerr=err, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    save_figure(fig, run.artifact(f"quality-s{seed}.png"))
+
+
+def _plot_losses(run: Run) -> str | None:
+    rows = run.metrics()
+    jobs = sorted({r["job"] for r in rows if r["job"] != "classifier"})
+    if not jobs:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for job in jobs:
+        pts = sorted((r["step"], r.get("loss", r.get("generator_loss"))) for r in rows if r["job"] == job)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=job)
+    ax.set_xlabel("step / iteration")
+    ax.set_ylabel("loss (teacher: flow MSE; students: generator)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    return save_figure(fig, run.artifact("losses.png"))
