@@ -481,3 +481,22 @@ def test_tile_order_makes_each_block_one_spatiotemporal_tile():
     assert sorted(tile_order(grid, tile).tolist()) == list(range(256))
     with pytest.raises(ValueError, match="rows 8 is not a multiple of 3"):
         tile_order(grid, (1, 3, 8))
+
+
+@pytest.mark.parametrize("block,hkv", [(64, 2), (128, 1)])
+def test_pooled_kv_kernel_matches_the_differentiable_path(block, hkv):
+    from sparsedistill.attention import pooled_kv_attention
+
+    g = torch.Generator().manual_seed(block)
+    q, k, v = _inputs(1, 2, hkv, 512, 512, 64, torch.float32, g)
+    keep = torch.rand(1, 2, 512 // block, 512 // block, generator=g) < 0.4
+    keep[..., 0, :] = True  # a query block that dropped nothing: no weight on its pooled part
+    mask = BlockMask.from_block_bool(keep.to(DEV), block, 512)
+    with torch.no_grad():
+        o_kernel, lse_kernel = pooled_kv_attention(q, k, v, mask)
+    q.requires_grad_(True)  # gradients asked for: the PyTorch path
+    o_torch, lse_torch = pooled_kv_attention(q, k, v, mask)
+    assert torch.allclose(o_kernel, o_torch.detach(), atol=FP32_DOT_TOL)
+    live = lse_torch.detach() > -1e29
+    assert torch.equal(live, lse_kernel > -1e29) and not live[..., :block].any()
+    assert torch.allclose(lse_kernel[live], lse_torch.detach()[live], atol=1e-4)

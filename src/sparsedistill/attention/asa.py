@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from ._online_softmax import online_softmax_step
 from ._runtime import triton_can_run
 from .block_mask import SUPPORTED_BLOCKS, BlockMask, causal_blocks
 
@@ -264,13 +265,61 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
     return BlockMask.from_kv_lists(kv_indices, kv_counts, block, sq, sk)
 
 
+@triton.jit
+def _pooled_fwd_kernel(Q, PK, PV, DROP, O, LSE, sqb, sqh, sqs, skb, skh, sks,
+                       H, GROUP, seq_q, nq, nk, qk_scale, log2_block,
+                       BLOCK: tl.constexpr, BM: tl.constexpr, KC: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """One BM-row query tile against the mean keys / values of the key blocks its query block dropped."""
+    tile, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    rows = tile * BM + tl.arange(0, BM)
+    qb = (tile * BM) // BLOCK
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :])
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for c0 in range(0, nk, KC):
+        cols = c0 + tl.arange(0, KC)
+        ok = cols < nk
+        dropped = tl.load(DROP + (bh * nq + qb) * nk + cols, mask=ok, other=0) != 0
+        kv_off = b * skb + hk * skh + cols[:, None] * sks + dims[None, :]
+        pk = tl.load(PK + kv_off, mask=ok[:, None], other=0.0)
+        pv = tl.load(PV + kv_off, mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(pk), input_precision=PRECISION) * qk_scale + log2_block
+        s = tl.where(dropped[None, :], s, float("-inf"))
+        m, l, acc = online_softmax_step(s, pv, m, l, acc)
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    tl.store(O + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], out.to(O.dtype.element_ty))
+    lse = tl.where(has, (m + tl.math.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, -1e30)
+    tl.store(LSE + bh * seq_q + rows, lse)
+
+
+def _pooled_kv_kernel(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float) -> tuple[Tensor, Tensor]:
+    b, h, sq, d = q.shape
+    nq, nk = sq // mask.block, k.shape[2] // mask.block
+    q = q.contiguous()
+    pk, pv = pool_blocks(k, mask.block).to(q.dtype), pool_blocks(v, mask.block).to(q.dtype)  # (B, Hkv, nk, D)
+    dropped = (~mask.to_block_bool()).to(torch.uint8).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    _pooled_fwd_kernel[(sq // 64, b * h)](
+        q, pk, pv, dropped, out, lse, q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
+        h, h // k.shape[1], sq, nq, nk, scale * 1.4426950408889634, math.log2(mask.block),
+        BLOCK=mask.block, BM=64, KC=64, D=d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    return out, lse
+
+
 def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every query to the mean key / value of each key block its row of ``mask`` dropped.
 
     Each pooled key stands for the ``block`` tokens it averages (a +log(block) logit). Returns the
-    output (B, H, Sq, D) in q's dtype and its log-sum-exp (B, H, Sq) fp32 (a very negative finite
-    value where a row dropped nothing, so that merging gives it no weight and no NaN gradient);
-    differentiable in q, k, v. Memory grows as Sq x key blocks (fp32 scores).
+    output (B, H, Sq, D) in q's dtype and its log-sum-exp (B, H, Sq) fp32 (-1e30 where a row dropped
+    nothing, so that merging gives it no weight and no NaN gradient);
+    differentiable in q, k, v. Without gradients (sampling) a Triton kernel computes it with an
+    online softmax over the pooled keys; with them, PyTorch does (memory grows as Sq x key blocks).
     """
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -279,6 +328,9 @@ def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale:
         raise ValueError(f"the pooled-KV branch needs sequence lengths that are multiples of the block {block}, "
                          f"got {sq} queries and {sk} keys (pad, or order tokens in tiles of the block size)")
     scale = 1 / math.sqrt(d) if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if triton_can_run(q) and not needs_grad and d in (64, 128):
+        return _pooled_kv_kernel(q, k, v, mask, scale)
     nq, nk = sq // block, sk // block
     pk = k.float().view(b, hkv, nk, block, d).mean(3).repeat_interleave(h // hkv, 1)
     pv = v.float().view(b, hkv, nk, block, d).mean(3).repeat_interleave(h // hkv, 1)
@@ -290,7 +342,8 @@ def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale:
     e = torch.exp(s - m)
     total = e.sum(-1).clamp(min=1e-30)
     out = ((e @ pv[:, :, None]) / total[..., None]).view(b, h, sq, d)
-    lse = (m.squeeze(-1) + torch.log(total)).view(b, h, sq)  # about -69 where nothing was dropped
+    lse = m.squeeze(-1) + torch.log(total)
+    lse = torch.where(dropped.any(-1)[..., None], lse, -1e30).view(b, h, sq)  # as the kernel: no weight, no NaN
     return out.to(q.dtype), lse
 
 
