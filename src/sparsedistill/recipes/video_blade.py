@@ -77,7 +77,8 @@ class ASASettings:
     min_keep: float = 0.05
     max_keep: float = 0.17
     samples: int = 16
-    pooled_kv: bool = False  # the dropped blocks' means (PyTorch for now: slower than the sparse kernel)
+    pooled_kv: bool = False  # the dropped blocks' means, merged by log-sum-exp (BLADE's pooled branch)
+    reuse: int = 1  # sampling: a layer's mask serves this many consecutive calls (denoising steps); training rebuilds
 
 
 @dataclass
@@ -217,7 +218,8 @@ class VideoBlade:
         asa = ASAConfig(block=model.cfg.block, tau=a.tau, min_keep=a.min_keep, max_keep=a.max_keep, samples=a.samples,
                         pooled_kv=a.pooled_kv)
         # without a GPU (the CPU check) the kernels' PyTorch references run instead
-        return model.set_attention(lambda i: AdaptiveBlockSparseAttention(asa, allow_reference=self.device.type == "cpu"))
+        return model.set_attention(lambda i: AdaptiveBlockSparseAttention(asa, reuse=a.reuse,
+                                                                          allow_reference=self.device.type == "cpu"))
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,6 +235,9 @@ class VideoBlade:
             g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
             noise = torch.randn((e.batch, *self.shape), device=dev, generator=g)
             y = torch.arange(start, start + e.batch, device=dev) % self.num_classes
+            for m in model.modules():  # reused masks never carry over from another batch's videos
+                if isinstance(m, AdaptiveBlockSparseAttention):
+                    m.last_mask = None
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
