@@ -66,7 +66,7 @@ def test_video_dit_attention_is_swappable():
         torch.nn.init.normal_(p, std=0.05)
     x, t, y = torch.randn(1, 1, 8, 32, 32), torch.rand(1), torch.tensor([3])
     dense = m(x, t, y)
-    m.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=64, tau=1.0, samples=16), allow_reference=True))
+    m.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=64, tau=1.0, samples=16), reference=True))
     assert isinstance(m.blocks[1].attention, AdaptiveBlockSparseAttention)
     full_mask = m(x, t, y)  # tau = 1 keeps every block: the same function (reference path on the CPU)
     assert torch.allclose(full_mask, dense, atol=1e-4)

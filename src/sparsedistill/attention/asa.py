@@ -312,7 +312,8 @@ def _pooled_kv_kernel(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: f
     return out, lse
 
 
-def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None) -> tuple[Tensor, Tensor]:
+def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None,
+                        use_kernel: bool | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every query to the mean key / value of each key block its row of ``mask`` dropped.
 
     Each pooled key stands for the ``block`` tokens it averages (a +log(block) logit). Returns the
@@ -329,7 +330,9 @@ def pooled_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale:
                          f"got {sq} queries and {sk} keys (pad, or order tokens in tiles of the block size)")
     scale = 1 / math.sqrt(d) if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if triton_can_run(q) and not needs_grad and d in (64, 128):
+    if use_kernel is None:
+        use_kernel = triton_can_run(q) and not needs_grad and d in (64, 128)
+    if use_kernel:
         return _pooled_kv_kernel(q, k, v, mask, scale)
     nq, nk = sq // block, sk // block
     pk = k.float().view(b, hkv, nk, block, d).mean(3).repeat_interleave(h // hkv, 1)
@@ -354,20 +357,21 @@ def merge_by_lse(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
 
 
 def asa_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, causal: bool = False, pooled_kv: bool = False,
-                  allow_reference: bool = False) -> Tensor:
+                  reference: bool = False) -> Tensor:
     """Block-sparse attention over ``mask``'s kept blocks, plus (``pooled_kv``) the dropped blocks' means.
 
-    ``allow_reference``: where the Triton kernel cannot run (a CPU without the interpreter), use
-    the PyTorch reference instead of raising.
+    ``reference``: compute with the PyTorch references instead of the Triton kernels (CPU checks;
+    O(S^2) memory).
     """
-    from .block_sparse import block_sparse_attention
+    from .block_sparse import attention_reference, block_sparse_attention
 
-    if not pooled_kv:
-        return block_sparse_attention(q, k, v, mask, causal=causal, allow_reference=allow_reference)
-    if causal:
+    if pooled_kv and causal:
         raise ValueError("the pooled-KV branch is for non-causal attention (video); pass pooled_kv=False with causal=True")
-    o1, lse1 = block_sparse_attention(q, k, v, mask, return_lse=True, allow_reference=allow_reference)
-    o2, lse2 = pooled_kv_attention(q, k, v, mask)
+    sparse = attention_reference if reference else block_sparse_attention
+    if not pooled_kv:
+        return sparse(q, k, v, mask, causal=causal)
+    o1, lse1 = sparse(q, k, v, mask, return_lse=True)
+    o2, lse2 = pooled_kv_attention(q, k, v, mask, use_kernel=False if reference else None)
     return merge_by_lse(o1, lse1, o2, lse2)
 
 
@@ -389,13 +393,13 @@ class AdaptiveBlockSparseAttention(nn.Module):
     Training: the mask is rebuilt from the current q and k at every call and gradients flow
     through the kept blocks (and the pooled branch). Inference: ``reuse`` > 1 keeps a mask for
     that many calls of the same shape (e.g. adjacent denoising steps), saving its building.
-    ``last_mask`` holds the mask of the latest call (for density logging). ``allow_reference``:
-    without a GPU (CPU checks), attend with the PyTorch reference instead of raising.
+    ``last_mask`` holds the mask of the latest call (for density logging). ``reference``: build the
+    mask and attend with the PyTorch references, not the Triton kernels (CPU checks of whole models).
     """
 
-    def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1, allow_reference: bool = False) -> None:
+    def __init__(self, cfg: ASAConfig | None = None, reuse: int = 1, reference: bool = False) -> None:
         super().__init__()
-        self.cfg, self.reuse, self.allow_reference = cfg or ASAConfig(), reuse, allow_reference
+        self.cfg, self.reuse, self.reference = cfg or ASAConfig(), reuse, reference
         self.last_mask: BlockMask | None = None
         self._uses = 0
 
@@ -405,8 +409,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
                  or (self.last_mask.seq_q, self.last_mask.seq_k) != (q.shape[2], k.shape[2])
                  or tuple(self.last_mask.kv_counts.shape[:2]) != tuple(q.shape[:2]))
         if stale:
-            self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples)
+            self.last_mask = asa_mask(q, k, c.block, c.tau, c.min_keep, c.max_keep, c.global_blocks, c.causal, c.samples,
+                                      use_kernel=False if self.reference else None)
             self._uses = 0
         self._uses += 1
-        return asa_attention(q, k, v, self.last_mask, causal=c.causal, pooled_kv=c.pooled_kv,
-                             allow_reference=self.allow_reference)
+        return asa_attention(q, k, v, self.last_mask, causal=c.causal, pooled_kv=c.pooled_kv, reference=self.reference)

@@ -219,7 +219,7 @@ class VideoBlade:
                         pooled_kv=a.pooled_kv)
         # without a GPU (the CPU check) the kernels' PyTorch references run instead
         return model.set_attention(lambda i: AdaptiveBlockSparseAttention(asa, reuse=a.reuse,
-                                                                          allow_reference=self.device.type == "cpu"))
+                                                                          reference=self.device.type == "cpu"))
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
