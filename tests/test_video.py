@@ -303,6 +303,18 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
     report.unlink()
     assert main(["video", "report", str(tmp_path / "run")]) == 0 and report.exists()
+    # the exported teacher starts another run; a checkpoint of another architecture is refused by name
+    export = tmp_path / "run" / "exports" / "teacher-s0-ema.safetensors"
+    assert export.exists()
+    from sparsedistill.recipes.video_blade import VideoBlade
+    from sparsedistill.runs import Run
+
+    blade = VideoBlade(_tiny_recipe_config(**{"teacher.init": f'"{export}"'}), Run(tmp_path / "b", cfg), progress=False)
+    assert blade.teacher(0).blocks[0].qkv.weight.dtype == torch.float32
+    wrong = VideoBlade(_tiny_recipe_config(**{"teacher.init": f'"{export}"', "model.name": '"video_dit_fmnist"'}),
+                       Run(tmp_path / "c", cfg), progress=False)
+    with pytest.raises(ValueError, match="another architecture"):
+        wrong.teacher(0)
 
 
 def test_video_recipe_rejects_bad_configs(tmp_path):

@@ -60,6 +60,9 @@ class TeacherConfig(TrainConfig):
     checkpoint_every: int = 500
     ema_decay: float = 0.999
     drop_class: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    # a teacher's EMA exported by an earlier run (exports/teacher-s<seed>-ema.safetensors, bf16, ~40 MB, small
+    # enough to carry to a fresh GPU machine): used instead of training one; "" trains
+    init: str = ""
 
 
 @dataclass
@@ -178,6 +181,8 @@ class VideoBlade:
         job, c = f"teacher-s{seed}", self.cfg.teacher
         torch.manual_seed(seed)
         model = create_model(self.cfg.model.name).to(self.device)
+        if c.init:
+            return _load_weights(model, Path(c.init)).eval()
         if self.run.result(job) is None:
             ema = copy.deepcopy(model)
 
@@ -193,6 +198,9 @@ class VideoBlade:
                                        "final_loss": last[0]["loss"] if last else None,
                                        "parameters": sum(p.numel() for p in model.parameters())})
         model.load_state_dict(self.run.load_checkpoint(job)["ema"])
+        export = self.run.artifact("exports") / f"{job}-ema.safetensors"
+        if dist.is_main() and not export.exists():
+            _save_weights(model, export)
         return model.eval()
 
     def student(self, seed: int, variant: str, k: int, teacher: VideoDiT) -> VideoDiT:
@@ -305,6 +313,31 @@ class VideoBlade:
             out[seed] = self.evaluate(seed, teacher, students, clf)
             del students
         return out
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """The model's weights in bf16 safetensors, written atomically (what travels between machines)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _load_weights(model: nn.Module, path: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"teacher.init: {path} does not exist (an exports/teacher-s<seed>-ema.safetensors of an earlier run)")
+    state = load_file(str(path))
+    mine = model.state_dict()
+    wrong = sorted(set(state) ^ set(mine)) or [k for k in state if state[k].shape != mine[k].shape]
+    if wrong:
+        raise ValueError(f"teacher.init: {path} holds another architecture than {type(model).__name__} "
+                         f"{getattr(model, 'cfg', '')} (first mismatching keys: {wrong[:4]})")
+    model.load_state_dict({k: v.to(mine[k].dtype) for k, v in state.items()})
+    return model
 
 
 def _save_samples(videos: Tensor, stem: Path) -> None:
