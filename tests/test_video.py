@@ -110,6 +110,8 @@ def test_flow_loss_and_euler_sampler():
     out = euler_sample(Exact(x0), noise, torch.tensor([0, 1]), null_class=10, steps=1, cfg=5.0)
     assert torch.allclose(out, x0, atol=1e-5)  # guidance of two equal velocities is that velocity
     m = create_model("video_dit_fmnist_tiny")
+    with pytest.raises(ValueError, match=r"class ids must be integers in 0\.\.9"):
+        euler_sample(m, torch.randn(1, 1, 8, 32, 32), torch.tensor([12]), m.null_class, steps=2)
     loss = flow_matching_loss(m, torch.randn(2, 1, 8, 32, 32), torch.tensor([1, 2]), m.null_class)
     loss.backward()
     assert loss.item() > 0 and m.head.weight.grad.abs().sum() > 0

@@ -49,6 +49,8 @@ def euler_sample(model: nn.Module, noise: Tensor, y: Tensor, null_class: int, st
                  shift: float = 1.0, times: Tensor | None = None) -> Tensor:
     """x0 from ``noise`` by Euler steps of the (guided) velocity over ``time_grid(steps, shift)`` or ``times``."""
     times = time_grid(steps, shift, noise.device) if times is None else times.to(noise.device)
+    if hasattr(model, "check_inputs"):  # once per sampler call (a host sync), not in every forward
+        model.check_inputs(noise, times[0].expand(noise.shape[0]), y)
     x = noise
     for t, s in zip(times[:-1], times[1:]):
         tb = t.expand(x.shape[0])
