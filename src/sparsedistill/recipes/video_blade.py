@@ -8,7 +8,8 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs resume 
                               tdm-asa  ASA in the student and the fake score        (b)
   eval-s{seed}              samples of the 50-step CFG teacher, the teacher at K steps (d), (a), (a) with ASA
                             switched on untrained (c) and (b), from the same noise and classes; class accuracy,
-                            Frechet distances to real test clips and to the teacher's samples, motion, label
+                            Frechet distances (frame classifier's and EfficientNet-Lite0's features) to real test
+                            clips and to the teacher's samples, motion, label
                             consistency, achieved attention sparsity, bootstrap intervals; sample strips and GIFs
 Students are fully fine-tuned (no LoRA: the model is small). Everything is drawn on the fly on the
 run's device: clip i of a seed is the same clip on any machine (``data/moving_fmnist.py``).
@@ -33,7 +34,7 @@ from ..models.video_dit import VideoDiT
 from ..runs import Run
 from ..video import euler_sample, flow_matching_loss
 from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
-                             frechet_distance, frechet_interval, label_consistency, motion)
+                             frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
 from ..video.tdm import TDMTrainConfig, student_times, train_tdm
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
@@ -275,15 +276,17 @@ class VideoBlade:
                 models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0))
             if ("tdm-asa", k) in students:
                 models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0))
-        rows, reference = {}, None
+        rows, reference, reference_in = {}, None, None
         real_features = frame_features(clf, real)
+        imagenet = create_model("efficientnet_lite0", pretrained=True).to(self.device)
+        real_in = imagenet_features(imagenet, real)
         samples_dir = self.run.artifact("samples")
         samples_dir.mkdir(exist_ok=True)
         for name, what, model, steps, guidance in models:
             videos, sec, density = self.generate(model, steps, guidance, seed)
-            feats = frame_features(clf, videos)
+            feats, feats_in = frame_features(clf, videos), imagenet_features(imagenet, videos)
             if reference is None:
-                reference = feats  # the 50-step teacher's samples
+                reference, reference_in = feats, feats_in  # the 50-step teacher's samples
             acc = class_accuracy(clf, videos, labels)
             mot, cons = motion(videos), label_consistency(clf, videos)
             rows[name] = {
@@ -292,6 +295,8 @@ class VideoBlade:
                 "fd_real": frechet_distance(feats, real_features), "fd_teacher": frechet_distance(feats, reference),
                 "fd_real_ci": frechet_interval(feats, real_features, max(e.bootstrap // 10, 2), seed=seed),
                 "fd_teacher_ci": frechet_interval(feats, reference, max(e.bootstrap // 10, 2), seed=seed),
+                "fd_real_effnet": frechet_distance(feats_in, real_in), "fd_teacher_effnet": frechet_distance(feats_in, reference_in),
+                "fd_real_effnet_ci": frechet_interval(feats_in, real_in, max(e.bootstrap // 10, 2), seed=seed),
                 "motion": float(mot.mean()), "label_consistency": float(cons.mean()),
                 "attention_kept": density, "seconds_per_video": sec,
             }

@@ -20,11 +20,13 @@ def format_rows(result: dict) -> list[list[str]]:
         kept = "dense" if r["attention_kept"] is None else f"{100 * r['attention_kept']:.1f} %"
         rows.append([f"`{name}`", r["what"], r["steps"], r["nfe"], _ci(r["class_accuracy"], r["class_accuracy_ci"], 1, 100),
                      _ci(r["fd_real"], r["fd_real_ci"], 3), _ci(r["fd_teacher"], r.get("fd_teacher_ci"), 3),
+                     _ci(r["fd_real_effnet"], r["fd_real_effnet_ci"], 2), f"{r['fd_teacher_effnet']:.2f}",
                      f"{r['motion']:.4f}", f"{100 * r['label_consistency']:.1f}", kept, f"{r['seconds_per_video']:.3f}"])
     return rows
 
 
-HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real [CI]", "FD vs teacher [CI]", "motion",
+HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real [CI]", "FD vs teacher [CI]",
+           "FD-EffNet vs real [CI]", "FD-EffNet vs teacher", "motion",
            "label consistency %", "attention kept", "s / video (this run)"]
 
 
@@ -33,6 +35,7 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
     lines = ["# Video-BLADE on Moving Fashion-MNIST", "", command_line(env), "",
              "Videos generated from the same noise and classes by every model; the reference is as many real test clips. "
              "FD: Frechet distance of frame-classifier features (torchmetrics' FID statistic on our classifier); "
+             "FD-EffNet: the same on ImageNet EfficientNet-Lite0 features of the frames (resized to 224); "
              "intervals: bootstrap over videos. Seconds per video are this run's wall time, not a benchmark "
              "(`benchmarks/video_speed.py` times the samplers).", ""]
     clf = run.result("classifier") or {}

@@ -3,8 +3,9 @@
 - per-frame **class accuracy** of a Fashion-MNIST frame classifier trained on real clips (does the
   video show the prompted class?);
 - **Frechet distance** between generated and reference frames, on that classifier's penultimate
-  features (torchmetrics' ``FrechetInceptionDistance`` with our feature module: the same statistic
-  as FID, without Inception's weights, which cannot be fetched offline);
+  features and on ImageNet EfficientNet-Lite0's (``imagenet_features``), through torchmetrics'
+  ``FrechetInceptionDistance`` with our feature modules: the same statistic as FID, without
+  Inception's weights, which cannot be fetched offline;
 - **motion**: mean absolute change between consecutive frames, and **label consistency**: the share
   of frames whose predicted class agrees with the video's majority (objects should not morph);
 - **bootstrap** intervals over videos for every figure.
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrameClassifier", "frames_of", "frame_features", "class_accuracy", "frechet_distance", "frechet_interval",
+__all__ = ["FrameClassifier", "frames_of", "frame_features", "imagenet_features", "class_accuracy", "frechet_distance", "frechet_interval",
            "motion", "label_consistency", "bootstrap_interval"]
 
 
@@ -89,6 +90,18 @@ def frame_features(classifier: FrameClassifier, videos: Tensor, batch: int = 512
     frames = frames_of(videos.clamp(-1, 1))
     feats = torch.cat([classifier.features(frames[i : i + batch].float()) for i in range(0, len(frames), batch)])
     return feats.double().view(videos.shape[0], videos.shape[2], -1)
+
+
+@torch.no_grad()
+def imagenet_features(model: nn.Module, videos: Tensor, size: int = 224, batch: int = 128) -> Tensor:
+    """(B, F, 1280) fp64 EfficientNet-Lite0 features of every frame (grey frames as RGB, resized to ``size``)."""
+    model.eval()
+    frames = frames_of(videos.clamp(-1, 1)).float()
+    out = []
+    for i in range(0, len(frames), batch):
+        x = F.interpolate(frames[i : i + batch], size=size, mode="bilinear", align_corners=False)
+        out.append(model.features(x.expand(-1, 3, -1, -1)))
+    return torch.cat(out).double().view(videos.shape[0], videos.shape[2], -1)
 
 
 @torch.no_grad()
