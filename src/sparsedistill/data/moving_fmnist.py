@@ -46,10 +46,11 @@ class MovingFashionMNIST:
         data = load_fashion_mnist()
         return cls(*(data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y), **kw)
 
-    def _params(self, index: int, seed: int) -> tuple[int, Tensor, Tensor, Tensor]:
+    def _params(self, index: int, seed: int, label: int | None = None) -> tuple[int, Tensor, Tensor, Tensor]:
         """Class, picture rows, start positions and velocities of clip ``index``: from a CPU generator, so every device agrees."""
         g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + index) % 2**63)  # no (seed, index) collisions in practice
-        label = int(torch.randint(self.num_classes, (1,), generator=g))
+        drawn = int(torch.randint(self.num_classes, (1,), generator=g))
+        label = drawn if label is None else label
         pool = self.by_class[label]
         rows = pool[torch.randint(len(pool), (self.items,), generator=g)]
         room = self.size - _ITEM
@@ -59,9 +60,17 @@ class MovingFashionMNIST:
         velocity = torch.stack([angle.cos(), angle.sin()], -1) * speed[:, None]
         return label, rows, start, velocity
 
-    def clips(self, indices: Tensor | list[int], seed: int = 0) -> tuple[Tensor, Tensor]:
-        """Videos (B, 1, frames, size, size) in [-1, 1] and labels (B,) for clip ``indices`` of ``seed``."""
-        params = [self._params(int(i), seed) for i in torch.as_tensor(indices).flatten().tolist()]
+    def clips(self, indices: Tensor | list[int] | range, seed: int = 0, labels: Tensor | list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Videos (B, 1, frames, size, size) in [-1, 1] and labels (B,) for clip ``indices`` of ``seed``.
+
+        ``labels`` fixes each clip's class (e.g. balanced evaluation sets); by default it is drawn.
+        """
+        indices = torch.as_tensor(list(indices) if isinstance(indices, range) else indices).flatten().tolist()
+        if labels is not None:
+            labels = torch.as_tensor(labels).flatten().tolist()
+            if len(labels) != len(indices) or not all(0 <= c < self.num_classes for c in labels):
+                raise ValueError(f"need one class in 0..{self.num_classes - 1} per clip, got {labels} for {len(indices)} clips")
+        params = [self._params(int(i), seed, None if labels is None else labels[j]) for j, i in enumerate(indices)]
         b, f, s, n = len(params), self.frames, self.size, self.items
         labels = torch.tensor([p[0] for p in params])
         rows = torch.stack([p[1] for p in params]).to(self.device)  # (B, items)

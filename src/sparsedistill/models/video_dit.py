@@ -153,9 +153,9 @@ class VideoDiT(nn.Module):
         return self.cfg.num_classes
 
     def set_attention(self, make: Callable[[int], nn.Module] | None) -> "VideoDiT":
-        """Give block ``i`` the self-attention module ``make(i)`` (None: dense SDPA everywhere)."""
+        """Give block ``i`` the self-attention module ``make(i)`` (None: dense SDPA everywhere), in the model's mode."""
         for i, blk in enumerate(self.blocks):
-            blk.attention = DenseAttention() if make is None else make(i)
+            blk.attention = (DenseAttention() if make is None else make(i)).train(self.training)
         return self
 
     def patchify(self, x: Tensor) -> Tensor:

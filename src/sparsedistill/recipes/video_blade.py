@@ -18,6 +18,7 @@ run's device: clip i of a seed is the same clip on any machine (``data/moving_fm
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class TeacherConfig(TrainConfig):
     ema_decay: float = 0.999
     drop_class: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
     # a teacher's EMA exported by an earlier run (exports/teacher-s<seed>-ema.safetensors, bf16, ~40 MB, small
-    # enough to carry to a fresh GPU machine): used instead of training one; "" trains
+    # enough to carry to a fresh GPU machine), used instead of training one; "{seed}" in it stands for each seed
+    # (required with several seeds); "" trains
     init: str = ""
 
 
@@ -132,11 +134,19 @@ def validate(cfg: VideoBladeConfig) -> VideoDiT:
     for k in cfg.students.steps:
         if not 1 <= k <= cfg.sampling.steps:
             raise ValueError(f"a student's steps K={k} must be between 1 and the teacher's {cfg.sampling.steps} sampling steps")
-    if "tdm-asa" in cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:
+    if cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:  # (b) trains with ASA, (c) samples with it
         raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of the "
                          f"kernel's block sizes {SUPPORTED_BLOCKS}")
     if cfg.eval.videos % cfg.eval.batch:
         raise ValueError(f"eval.videos {cfg.eval.videos} must be a multiple of eval.batch {cfg.eval.batch}")
+    if cfg.teacher.init:
+        if len(cfg.seeds) > 1 and "{seed}" not in cfg.teacher.init:
+            raise ValueError(f"teacher.init names one file for {len(cfg.seeds)} seeds: write {{seed}} in the path "
+                             "(e.g. runs/x/exports/teacher-s{seed}-ema.safetensors) so that each seed has its own teacher")
+        for seed in cfg.seeds:
+            if not Path(cfg.teacher.init.format(seed=seed)).exists():
+                raise FileNotFoundError(f"teacher.init: {cfg.teacher.init.format(seed=seed)} does not exist (an "
+                                        "exports/teacher-s<seed>-ema.safetensors of an earlier run)")
     return model
 
 
@@ -147,7 +157,7 @@ def _autocast(device: torch.device):
 class VideoBlade:
     def __init__(self, cfg: VideoBladeConfig, run: Run, progress: bool) -> None:
         self.cfg, self.run, self.progress = cfg, run, progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = dist.init()  # cuda:LOCAL_RANK under torchrun, else the one GPU or the CPU
         m = validate(cfg).cfg
         self.shape = (m.channels, m.frames, m.height, m.width)
         self.num_classes = m.num_classes
@@ -174,7 +184,7 @@ class VideoBlade:
             videos, y = self.test_clips.clips(range(self.cfg.eval.videos), seed=0)
             acc = float(class_accuracy(clf, videos, y).mean())
             self.run.save_result(job, {"real_test_frame_accuracy": acc, "steps": c.steps})
-        clf.load_state_dict(self.run.load_checkpoint(job)["model"])
+        clf.load_state_dict(self._checkpoint(job)["model"])
         return clf.eval()
 
     def teacher(self, seed: int) -> VideoDiT:
@@ -183,7 +193,11 @@ class VideoBlade:
         torch.manual_seed(seed)
         model = create_model(self.cfg.model.name).to(self.device)
         if c.init:
-            return _load_weights(model, Path(c.init)).eval()
+            path = Path(c.init.format(seed=seed))
+            _load_weights(model, path)
+            if self.run.result(job) is None:
+                self.run.save_result(job, {"init": str(path), "sha256": _sha256(path)})
+            return model.eval()
         if self.run.result(job) is None:
             ema = copy.deepcopy(model)
 
@@ -198,7 +212,7 @@ class VideoBlade:
             self.run.save_result(job, {"steps": c.steps, "seconds": time.time() - t0,
                                        "final_loss": last[0]["loss"] if last else None,
                                        "parameters": sum(p.numel() for p in model.parameters())})
-        model.load_state_dict(self.run.load_checkpoint(job)["ema"])
+        model.load_state_dict(self._checkpoint(job)["ema"])
         export = self.run.artifact("exports") / f"{job}-ema.safetensors"
         if dist.is_main() and not export.exists():
             _save_weights(model, export)
@@ -219,8 +233,15 @@ class VideoBlade:
             self.run.save_result(job, {"iterations": tdm.iterations, "seconds": time.time() - t0,
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
-        student.load_state_dict(self.run.load_checkpoint(job)["student"])
+        student.load_state_dict(self._checkpoint(job)["student"])
         return student.eval()
+
+    def _checkpoint(self, job: str) -> dict:
+        state = self.run.load_checkpoint(job)
+        if state is None:
+            raise FileNotFoundError(f"{self.run.path} has job {job!r} finished but not its weights "
+                                    f"({self.run.checkpoint_path(job)}): copy them back, or start a new run")
+        return state
 
     def attach_asa(self, model: VideoDiT) -> VideoDiT:
         a = self.cfg.asa
@@ -232,58 +253,75 @@ class VideoBlade:
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model: VideoDiT, steps: int, cfg: float, seed: int) -> tuple[Tensor, float, float | None]:
-        """Eval videos from fixed noise and balanced classes; (videos, seconds per video, mean kept share of ASA)."""
+    def generate(self, model: VideoDiT, steps: int, cfg: float, times: Tensor | None,
+                 seed: int) -> tuple[Tensor, float, float | None]:
+        """Eval videos: (videos, wall seconds per video, mean kept share of ASA's blocks or None).
+
+        Video i starts from noise drawn on the CPU from (seed, i), with class i % classes, so every model,
+        batch size and device sees the same inputs. One untimed warm-up batch first (kernel compilation
+        and tuning, CUDA set-up); the kept share is gathered on the device and read after the timing.
+        """
         e, dev = self.cfg.eval, self.device
-        densities: list[float] = []
-        hooks = [m.register_forward_hook(lambda mod, i, o: densities.append(mod.last_mask.density()))
-                 for m in model.modules() if isinstance(m, AdaptiveBlockSparseAttention)]
+        asa = [m for m in model.modules() if isinstance(m, AdaptiveBlockSparseAttention)]
+        kept: list[Tensor] = []
+        hook = lambda mod, i, o: kept.append(mod.last_mask.kv_counts.float().mean() / mod.last_mask.shape[-1])  # noqa: E731
         out, elapsed = [], 0.0
-        times = student_times(steps, dev) if steps < self.cfg.sampling.steps else None
-        for start in range(0, e.videos, e.batch):
-            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
-            noise = torch.randn((e.batch, *self.shape), device=dev, generator=g)
+        for n, start in enumerate([0, *range(0, e.videos, e.batch)]):  # the first batch twice: a warm-up, then timed
+            warm_up = n == 0
+            noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                                 for i in range(start, start + e.batch)]).to(dev)
             y = torch.arange(start, start + e.batch, device=dev) % self.num_classes
-            for m in model.modules():  # reused masks never carry over from another batch's videos
-                if isinstance(m, AdaptiveBlockSparseAttention):
-                    m.last_mask = None
+            for m in asa:  # reused masks never carry over from another batch's videos
+                m.last_mask = None
+            hooks = [] if warm_up else [m.register_forward_hook(hook) for m in asa]
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with _autocast(dev):
-                out.append(euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg,
-                                        shift=self.cfg.sampling.shift, times=times).float().clamp(-1, 1))
+                x0 = euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg, shift=self.cfg.sampling.shift,
+                                  times=times).float().clamp(-1, 1)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            elapsed += time.perf_counter() - t0
-        for h in hooks:
-            h.remove()
-        return torch.cat(out), elapsed / e.videos, (sum(densities) / len(densities) if densities else None)
+            for h in hooks:
+                h.remove()
+            if not warm_up:
+                elapsed += time.perf_counter() - t0
+                out.append(x0)
+        density = float(torch.stack(kept).mean()) if kept else None
+        return torch.cat(out), elapsed / e.videos, density
 
     def evaluate(self, seed: int, teacher: VideoDiT, students: dict[tuple[str, int], VideoDiT], clf: FrameClassifier) -> dict:
         job, e, s = f"eval-s{seed}", self.cfg.eval, self.cfg.sampling
         done = self.run.result(job)
         if done is not None:
             return done
+        if not dist.is_main():  # rank 0 evaluates alone (one set of samples and files); the others wait for its result
+            dist.barrier()
+            return self.run.result(job)
         labels = torch.arange(e.videos, device=self.device) % self.num_classes
-        real, _ = self.test_clips.clips(range(e.videos), seed=seed)  # the reference: real test clips
-        models: list[tuple[str, str, VideoDiT, int, float]] = [(f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg)]
+        # the reference: as many real test clips, with the same balanced classes as the generated ones
+        real, real_y = self.test_clips.clips(range(e.videos), seed=seed, labels=labels.cpu())
+        # (name, what, model, steps, guidance, time grid): students on the grid they were distilled for
+        models: list[tuple[str, str, VideoDiT, int, float, Tensor | None]] = [
+            (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, None)]
         for k in self.cfg.students.steps:
-            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg))
+            grid = student_times(k, self.device)
+            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, None))
             if ("tdm", k) in students:
-                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0))
+                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0, grid))
                 untrained = self.attach_asa(copy.deepcopy(students["tdm", k]))
-                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0))
+                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0, grid))
             if ("tdm-asa", k) in students:
-                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0))
+                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0, grid))
         rows, reference, reference_in = {}, None, None
         real_features = frame_features(clf, real)
         imagenet = create_model("efficientnet_lite0", pretrained=True).to(self.device)
         real_in = imagenet_features(imagenet, real)
         samples_dir = self.run.artifact("samples")
         samples_dir.mkdir(exist_ok=True)
-        for name, what, model, steps, guidance in models:
-            videos, sec, density = self.generate(model, steps, guidance, seed)
+        rounds = max(e.bootstrap // 10, 2)
+        for name, what, model, steps, guidance, grid in models:
+            videos, sec, density = self.generate(model, steps, guidance, grid, seed)
             feats, feats_in = frame_features(clf, videos), imagenet_features(imagenet, videos)
             if reference is None:
                 reference, reference_in = feats, feats_in  # the 50-step teacher's samples
@@ -292,21 +330,29 @@ class VideoBlade:
             rows[name] = {
                 "what": what, "steps": steps, "cfg": guidance, "nfe": steps * (2 if guidance != 1.0 else 1),
                 "class_accuracy": float(acc.mean()), "class_accuracy_ci": bootstrap_interval(acc, e.bootstrap, seed=seed),
-                "fd_real": frechet_distance(feats, real_features), "fd_teacher": frechet_distance(feats, reference),
-                "fd_real_ci": frechet_interval(feats, real_features, max(e.bootstrap // 10, 2), seed=seed),
-                "fd_teacher_ci": frechet_interval(feats, reference, max(e.bootstrap // 10, 2), seed=seed),
-                "fd_real_effnet": frechet_distance(feats_in, real_in), "fd_teacher_effnet": frechet_distance(feats_in, reference_in),
-                "fd_real_effnet_ci": frechet_interval(feats_in, real_in, max(e.bootstrap // 10, 2), seed=seed),
+                "fd_real": frechet_distance(feats, real_features),
+                "fd_real_ci": frechet_interval(feats, real_features, rounds, seed=seed),
+                "fd_real_effnet": frechet_distance(feats_in, real_in),
+                "fd_real_effnet_ci": frechet_interval(feats_in, real_in, rounds, seed=seed),
+                # against the teacher's own samples (None for the teacher itself)
+                "fd_teacher": None if feats is reference else frechet_distance(feats, reference),
+                "fd_teacher_ci": None if feats is reference else frechet_interval(feats, reference, rounds, seed=seed),
+                "fd_teacher_effnet": None if feats is reference else frechet_distance(feats_in, reference_in),
                 "motion": float(mot.mean()), "label_consistency": float(cons.mean()),
                 "attention_kept": density, "seconds_per_video": sec,
             }
             _save_samples(videos[: e.show], samples_dir / f"{name}-s{seed}")
         _save_samples(real[: e.show], samples_dir / f"real-s{seed}")
-        result = {"models": rows, "real": {"class_accuracy": float(class_accuracy(clf, real, labels).mean()),
+        # the noise floor: another set of real clips (another seed) against the reference
+        other, _ = self.test_clips.clips(range(e.videos), seed=seed + 1_000, labels=labels.cpu())
+        floor = {"fd_real": frechet_distance(frame_features(clf, other), real_features),
+                 "fd_real_effnet": frechet_distance(imagenet_features(imagenet, other), real_in)}
+        result = {"models": rows, "real": {"class_accuracy": float(class_accuracy(clf, real, real_y).mean()), **floor,
                                            "motion": float(motion(real).mean()),
                                            "label_consistency": float(label_consistency(clf, real).mean())},
                   "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"}
-        self.run.save_result(job, result)
+        self.run.save_result(job, result, sync=False)
+        dist.barrier()
         return result
 
     def run_all(self) -> dict:
@@ -318,6 +364,14 @@ class VideoBlade:
             out[seed] = self.evaluate(seed, teacher, students, clf)
             del students
         return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

@@ -8,7 +8,9 @@ from ..runs import Run
 __all__ = ["write_report", "format_rows"]
 
 
-def _ci(v: float, ci: list[float] | tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
+def _ci(v: float | None, ci: list[float] | tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
+    if v is None:
+        return "—"
     if ci is None:
         return f"{v * scale:.{digits}f}"
     return f"{v * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
@@ -20,14 +22,14 @@ def format_rows(result: dict) -> list[list[str]]:
         kept = "dense" if r["attention_kept"] is None else f"{100 * r['attention_kept']:.1f} %"
         rows.append([f"`{name}`", r["what"], r["steps"], r["nfe"], _ci(r["class_accuracy"], r["class_accuracy_ci"], 1, 100),
                      _ci(r["fd_real"], r["fd_real_ci"], 3), _ci(r["fd_teacher"], r.get("fd_teacher_ci"), 3),
-                     _ci(r["fd_real_effnet"], r["fd_real_effnet_ci"], 2), f"{r['fd_teacher_effnet']:.2f}",
+                     _ci(r["fd_real_effnet"], r["fd_real_effnet_ci"], 2), _ci(r["fd_teacher_effnet"], None, 2),
                      f"{r['motion']:.4f}", f"{100 * r['label_consistency']:.1f}", kept, f"{r['seconds_per_video']:.3f}"])
     return rows
 
 
 HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real [CI]", "FD vs teacher [CI]",
            "FD-EffNet vs real [CI]", "FD-EffNet vs teacher", "motion",
-           "label consistency %", "attention kept", "s / video (this run)"]
+           "label consistency %", "attention kept", "wall s / video"]
 
 
 def write_report(run: Run, results: dict[int, dict]) -> None:
@@ -36,8 +38,9 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
              "Videos generated from the same noise and classes by every model; the reference is as many real test clips. "
              "FD: Frechet distance of frame-classifier features (torchmetrics' FID statistic on our classifier); "
              "FD-EffNet: the same on ImageNet EfficientNet-Lite0 features of the frames (resized to 224); "
-             "intervals: bootstrap over videos. Seconds per video are this run's wall time, not a benchmark "
-             "(`benchmarks/video_speed.py` times the samplers).", ""]
+             "intervals: 95 % bootstrap over videos (basic intervals for FD, which resampling inflates). "
+             "Wall seconds per video: this run's sampler in batches of `eval.batch`, after one untimed warm-up "
+             "batch; not a benchmark (`benchmarks/video_speed.py` times the samplers).", ""]
     clf = run.result("classifier") or {}
     if clf:
         lines += [f"Frame classifier: {100 * clf['real_test_frame_accuracy']:.1f} % of real test-clip frames classified as "
@@ -46,7 +49,8 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
         real = res["real"]
         lines += [f"## Seed {seed} ({res['device']})", "", markdown_table(HEADERS, format_rows(res)), "",
                   f"Real test clips: class accuracy {100 * real['class_accuracy']:.1f} %, motion {real['motion']:.4f}, "
-                  f"label consistency {100 * real['label_consistency']:.1f} %.", ""]
+                  f"label consistency {100 * real['label_consistency']:.1f} %; another set of real clips against "
+                  f"them (the noise floor of FD vs real): FD {real['fd_real']:.3f}, FD-EffNet {real['fd_real_effnet']:.2f}.", ""]
         lines.append(f"![quality](quality-s{seed}.png)")
         lines.append("")
         _plot_quality(run, seed, res)

@@ -177,6 +177,9 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
     start = 0
     state = run.load_checkpoint(job) if run else None
     if state is not None:
+        if state.get("world_size", 1) != dist.world_size():
+            raise ValueError(f"{job}: checkpoint written by {state.get('world_size', 1)} processes, resumed by "
+                             f"{dist.world_size()}: the per-rank draws differ; resume with as many processes")
         student.load_state_dict(state["student"])
         fake.load_state_dict(state["fake"])
         opt_g.load_state_dict(state["opt_g"])
@@ -192,10 +195,13 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
     def update(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in model.parameters() if p.grad is not None]
-        if dist.world_size() > 1:
-            for p in params:
-                p.grad.copy_(dist.all_reduce_mean(p.grad))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if dist.world_size() > 1:  # one flat all-reduce (a parameter without a gradient counts as zeros)
+            flat = dist.all_reduce_mean(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                                   for p in params]))
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad = g.view_as(p).clone()
+        params = [p for p in params if p.grad is not None]
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -241,7 +247,8 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
                 run.log(job, done, fake_loss=lf, generator_loss=lg, real_minus_fake=gap)
         if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
             run.save_checkpoint(job, {"student": student.state_dict(), "fake": fake.state_dict(),
-                                      "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "iteration": done})
+                                      "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "iteration": done,
+                                      "world_size": dist.world_size()})
     return student
 
 
