@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig  # noqa: E402
 from sparsedistill.models import create_model  # noqa: E402
+from sparsedistill.timing import time_ms  # noqa: E402
 from sparsedistill.video.flow import time_grid  # noqa: E402
 
 ASA = dict(tau=0.95, min_keep=0.05, max_keep=0.17, samples=16)
@@ -77,16 +77,7 @@ def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps:
             x = x + (b - a) * v
         return x
 
-    run()
-    out = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        run()
-        e1.record()
-        e1.synchronize()
-        out.append(e0.elapsed_time(e1))
-    return statistics.median(out)
+    return time_ms(run, graph=False, calls=1, reps=reps, warmup=0)  # time_ms runs it once untimed first
 
 
 def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

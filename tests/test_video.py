@@ -321,7 +321,7 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
     # the exported teacher starts another run; a checkpoint of another architecture is refused by name
     export = tmp_path / "run" / "exports" / "teacher-s0-ema.safetensors"
     assert export.exists()
-    from sparsedistill.recipes.video_blade import VideoBlade, _save_weights
+    from sparsedistill.recipes.video_blade import VideoBlade
     from sparsedistill.runs import Run
 
     wrong = VideoBlade(_tiny_recipe_config(**{"teacher.init": f'"{export}"', "model.name": '"video_dit_fmnist"'}),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..files import sha256_file
 from ..data.beir import BeirCollection, load_beir
 from ..retrieval.term_weights import QueryTermWeights
 from ..runs import atomic_write_bytes
@@ -39,9 +40,7 @@ def _weights_sha(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*")):
         if f.suffix in (".safetensors", ".bin", ".pt"):  # not query_weights.json: it changes idf.json, not the chunks
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            sha256_file(f, into=h)
     return h.hexdigest()[:16]
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from .. import distributed as dist
 from ..data.beir import ir_data_root, load_beir
 from ..distill import TrainConfig, ensemble_scores, train
+from ..files import sha256_file
 from ..report import markdown_table, plt, save_figure, command_line
 from ..runs import Run, atomic_torch_save, atomic_write_bytes
 from ..retrieval.flops import flops_loss, flops_weight
@@ -211,11 +212,7 @@ def _variant(cfg: RetrievalTrainConfig, v: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ data
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def _collection_dir(name: str) -> Path:

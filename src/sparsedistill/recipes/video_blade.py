@@ -18,7 +18,6 @@ run's device: clip i of a seed is the same clip on any machine (``data/moving_fm
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .. import distributed as dist
 from ..attention import SUPPORTED_BLOCKS, AdaptiveBlockSparseAttention, ASAConfig
 from ..data.moving_fmnist import MovingFashionMNIST
 from ..distill import TrainConfig, train
+from ..files import sha256_file
 from ..models import create_model
 from ..models.video_dit import VideoDiT
 from ..runs import Run
@@ -196,7 +196,7 @@ class VideoBlade:
             path = Path(c.init.format(seed=seed))
             _load_weights(model, path)
             if self.run.result(job) is None:
-                self.run.save_result(job, {"init": str(path), "sha256": _sha256(path)})
+                self.run.save_result(job, {"init": str(path), "sha256": sha256_file(path)})
             return model.eval()
         if self.run.result(job) is None:
             ema = copy.deepcopy(model)
@@ -364,14 +364,6 @@ class VideoBlade:
             out[seed] = self.evaluate(seed, teacher, students, clf)
             del students
         return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

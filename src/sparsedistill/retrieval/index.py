@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..files import sha256_file
 from ..runs import atomic_open
 
 __all__ = ["SparseIndex", "IndexCorruptError", "IndexLockedError"]
@@ -110,11 +111,7 @@ def _write_json(directory: Path, name: str, obj: Any) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _check_file(path: Path, sha: str, verify: bool) -> None:
