@@ -493,9 +493,12 @@ def test_pooled_kv_kernel_matches_the_differentiable_path(block, hkv):
     keep[..., 0, :] = True  # a query block that dropped nothing: no weight on its pooled part
     mask = BlockMask.from_block_bool(keep.to(DEV), block, 512)
     with torch.no_grad():
-        o_kernel, lse_kernel = pooled_kv_attention(q, k, v, mask)
-    q.requires_grad_(True)  # gradients asked for: the PyTorch path
-    o_torch, lse_torch = pooled_kv_attention(q, k, v, mask)
+        o_kernel, lse_kernel = pooled_kv_attention(q, k, v, mask, use_kernel=True)
+    q.requires_grad_(True)
+    o_torch, lse_torch = pooled_kv_attention(q, k, v, mask, use_kernel=False)
+    with torch.no_grad():  # the automatic choice: the kernel without gradients, PyTorch with them
+        assert torch.equal(pooled_kv_attention(q, k, v, mask)[0], o_kernel)
+    assert pooled_kv_attention(q, k, v, mask)[0].requires_grad
     assert torch.allclose(o_kernel, o_torch.detach(), atol=FP32_DOT_TOL)
     live = lse_torch.detach() > -1e29
     assert torch.equal(live, lse_kernel > -1e29) and not live[..., :block].any()

@@ -6,6 +6,7 @@ a single process with no process group.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ def init(backend: str | None = None) -> torch.device:
         use_cuda = torch.cuda.is_available() and backend != "gloo"
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
+        # two hours, not NCCL's ten minutes: ranks wait in a barrier while rank 0 alone evaluates (video recipe)
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(hours=2))
     if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend() == "nccl"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -195,8 +195,14 @@ class VideoBlade:
         if c.init:
             path = Path(c.init.format(seed=seed))
             _load_weights(model, path)
-            if self.run.result(job) is None:
-                self.run.save_result(job, {"init": str(path), "sha256": sha256_file(path)})
+            if dist.is_main():  # rank 0 alone decides and writes: no rank may skip a barrier another waits in
+                sha, done = sha256_file(path), self.run.result(job)
+                if done is None:
+                    self.run.save_result(job, {"init": str(path), "sha256": sha}, sync=False)
+                elif done.get("sha256") != sha:
+                    raise ValueError(f"teacher.init: {path} changed since this run started from it (sha256 "
+                                     f"{done.get('sha256')}, now {sha}); start a new run")
+            dist.barrier()
             return model.eval()
         if self.run.result(job) is None:
             ema = copy.deepcopy(model)
@@ -292,9 +298,8 @@ class VideoBlade:
 
     def evaluate(self, seed: int, teacher: VideoDiT, students: dict[tuple[str, int], VideoDiT], clf: FrameClassifier) -> dict:
         job, e, s = f"eval-s{seed}", self.cfg.eval, self.cfg.sampling
-        done = self.run.result(job)
-        if done is not None:
-            return done
+        if dist.broadcast_object(self.run.result(job) is not None):  # decided once, by rank 0, for every rank
+            return self.run.result(job)
         if not dist.is_main():  # rank 0 evaluates alone (one set of samples and files); the others wait for its result
             dist.barrier()
             return self.run.result(job)

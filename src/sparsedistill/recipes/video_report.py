@@ -38,7 +38,7 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
              "Videos generated from the same noise and classes by every model; the reference is as many real test clips. "
              "FD: Frechet distance of frame-classifier features (torchmetrics' FID statistic on our classifier); "
              "FD-EffNet: the same on ImageNet EfficientNet-Lite0 features of the frames (resized to 224); "
-             "intervals: 95 % bootstrap over videos (basic intervals for FD, which resampling inflates). "
+             "intervals: 95 % bootstrap over videos (for FD shifted by the bootstrap's bias, as resampling inflates it). "
              "Wall seconds per video: this run's sampler in batches of `eval.batch`, after one untimed warm-up "
              "batch; not a benchmark (`benchmarks/video_speed.py` times the samplers).", ""]
     clf = run.result("classifier") or {}
@@ -69,7 +69,7 @@ def _plot_quality(run: Run, seed: int, res: dict) -> None:
     for ax, key, label, scale in ((axes[0], "class_accuracy", "class accuracy %", 100), (axes[1], "fd_real", "FD vs real", 1)):
         vals = [res["models"][n][key] * scale for n in names]
         cis = [res["models"][n][f"{key}_ci"] for n in names]
-        # a bootstrap interval of a Frechet distance can sit above the full-sample value (resampling duplicates): clip at 0
+        # an interval need not contain its estimate exactly (bias-corrected bootstrap): never a negative bar
         err = [[max(v - c[0] * scale, 0) for v, c in zip(vals, cis)], [max(c[1] * scale - v, 0) for v, c in zip(vals, cis)]]
         ax.bar(range(len(names)), vals, yerr=err, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)

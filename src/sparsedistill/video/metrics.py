@@ -4,10 +4,11 @@
   video show the prompted class?);
 - **Frechet distance** between generated and reference frames, on that classifier's penultimate
   features and on ImageNet EfficientNet-Lite0's (``imagenet_features``): FID's statistic without
-  Inception's weights (which cannot be fetched offline). Computed here through a symmetric
-  eigendecomposition, tr sqrt(S1 S2) = tr sqrt(A S1 A) with A = S2^(1/2), because bootstrap intervals
-  need hundreds of them: torchmetrics' ``FrechetInceptionDistance`` takes the non-symmetric
-  eigenvalues of S1 S2 (4 s per 1280-d call on 2 CPU threads); the tests check both agree;
+  Inception's weights (which cannot be fetched offline). Computed here from the features' moments
+  (tr sqrt(S1 S2) as tr sqrt(A S1 A), A = S2^(1/2), a symmetric eigendecomposition) because the
+  bootstrap resamples videos of already computed features, while torchmetrics' public
+  ``FrechetInceptionDistance`` accumulates statistics of images passed through a feature module;
+  the tests check that both give the same number;
 - **motion**: mean absolute change between consecutive frames, and **label consistency**: the share
   of frames whose predicted class agrees with the video's majority (objects should not morph);
 - **bootstrap** intervals over videos for every figure.
@@ -107,7 +108,7 @@ def _sqrt_psd(s: Tensor) -> Tensor:
 
 def _frechet(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor, root2: Tensor) -> float:
     cross = torch.linalg.eigvalsh(root2 @ s1 @ root2).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross)
+    return max(float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0)  # >= 0 up to rounding
 
 
 @torch.no_grad()
@@ -120,11 +121,11 @@ def frechet_distance(generated: Tensor, reference: Tensor) -> float:
 @torch.no_grad()
 def frechet_interval(generated: Tensor, reference: Tensor, rounds: int = 100, level: float = 0.95,
                      seed: int = 0) -> tuple[float, float]:
-    """Basic bootstrap interval of the Frechet distance, resampling generated videos (the reference fixed).
+    """Bias-corrected bootstrap interval of the Frechet distance, resampling generated videos (reference fixed).
 
     Resampling with replacement inflates the distance (duplicated videos shrink the covariance), so
-    the percentile interval often misses the full-sample value; the basic interval
-    [2 d - q_hi, 2 d - q_lo] corrects for that bias (clipped at 0).
+    the percentile interval of the resampled distances can lie wholly above the full-sample value;
+    it is shifted down by the bootstrap's bias (mean of the resamples - full-sample value).
     """
     g = torch.Generator().manual_seed(seed)
     mu2, s2 = _moments(reference)
@@ -133,7 +134,8 @@ def frechet_interval(generated: Tensor, reference: Tensor, rounds: int = 100, le
     vals = torch.tensor([_frechet(*_moments(generated[torch.randint(len(generated), (len(generated),), generator=g)]),
                                   mu2, s2, root2) for _ in range(rounds)], dtype=torch.float64)
     lo, hi = torch.quantile(vals, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return max(2 * full - hi, 0.0), max(2 * full - lo, 0.0)
+    bias = float(vals.mean()) - full
+    return max(lo - bias, 0.0), max(hi - bias, 0.0)
 
 
 def bootstrap_interval(values: Tensor, rounds: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -196,11 +196,12 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in model.parameters() if p.requires_grad]
-        if dist.world_size() > 1:  # one flat all-reduce (a parameter without a gradient counts as zeros)
+        if dist.world_size() > 1:  # one flat all-reduce; a parameter no rank gave a gradient keeps none (no decay)
+            has = dist.all_reduce_sum(torch.tensor([float(p.grad is not None) for p in params], device=dev))
             flat = dist.all_reduce_mean(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                                    for p in params]))
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                p.grad = g.view_as(p).clone()
+            for p, g, n in zip(params, flat.split([p.numel() for p in params]), has.tolist()):
+                p.grad = g.view_as(p).clone() if n > 0 else None
         params = [p for p in params if p.grad is not None]
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
