@@ -6,12 +6,29 @@
   later layer can reuse (IndexCache).
 """
 
-from .asa import (AdaptiveBlockSparseAttention, ASAConfig, asa_attention, asa_mask, asa_mask_reference, pool_blocks,
-                  pool_reference, pooled_kv_attention)
+import importlib
+
 from .block_mask import SUPPORTED_BLOCKS, BlockMask
 from .token_order import from_tile_order, tile_order, to_tile_order
-from .block_sparse import SUPPORTED_HEAD_DIMS, attention_reference, block_sparse_attention
-from .topk import indexer_scores, indexer_scores_reference, indexer_topk, topk_attention, topk_attention_reference
+
+# The kernels' modules import Triton (Linux only) and are loaded on first use, so that models importing the
+# pure-PyTorch pieces (rope, token_order) do not need Triton.
+_LAZY = {
+    **dict.fromkeys(("AdaptiveBlockSparseAttention", "ASAConfig", "asa_attention", "asa_mask", "asa_mask_reference",
+                     "pool_blocks", "pool_reference", "pooled_kv_attention"), "asa"),
+    **dict.fromkeys(("SUPPORTED_HEAD_DIMS", "attention_reference", "block_sparse_attention"), "block_sparse"),
+    **dict.fromkeys(("indexer_scores", "indexer_scores_reference", "indexer_topk", "topk_attention",
+                     "topk_attention_reference"), "topk"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdaptiveBlockSparseAttention", "ASAConfig", "asa_attention", "asa_mask", "asa_mask_reference", "pool_blocks",

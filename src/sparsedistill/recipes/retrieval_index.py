@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from ..files import sha256_file
 from ..data.beir import BeirCollection, load_beir
+from ..retrieval.idf import INDEX_IDF_FILE
 from ..retrieval.term_weights import QueryTermWeights
 from ..runs import atomic_write_bytes
 
 __all__ = ["build_collection_index", "open_collection_index", "IDF_FILE"]
 
-IDF_FILE = "idf.json"
+IDF_FILE = INDEX_IDF_FILE  # the library's name for it (the service reads it too)
 
 
 def _collection_ref(collection: str) -> str:

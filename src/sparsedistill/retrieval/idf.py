@@ -20,7 +20,9 @@ from torch import Tensor
 
 from ..runs import atomic_write_bytes
 
-__all__ = ["IDFTable", "tokenizer_fingerprint"]
+__all__ = ["IDFTable", "tokenizer_fingerprint", "INDEX_IDF_FILE"]
+
+INDEX_IDF_FILE = "idf.json"  # an index directory's query-side IDF table (written by `retrieval index`, read by the service)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -170,11 +170,10 @@ class SearchService:
     def _default_query_encoder(self) -> Encoder:
         from transformers import AutoTokenizer
 
-        from ..recipes.retrieval_index import IDF_FILE
         from .encoders import QueryEncoder
-        from .idf import IDFTable
+        from .idf import INDEX_IDF_FILE, IDFTable
 
-        idf_file = self.index_dir / IDF_FILE
+        idf_file = self.index_dir / INDEX_IDF_FILE
         if not idf_file.exists():
             raise FileNotFoundError(f"{idf_file} is missing: the query side needs the index's IDF table "
                                     "(`sparsedistill retrieval index` writes it), or pass query_encoder to create_app")
