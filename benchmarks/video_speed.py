@@ -10,7 +10,8 @@ Rows per shape and batch:
   teacher-50-cfg   50 Euler steps, classifier-free guidance (a doubled batch: 100 forward passes' work)
   dense-k{K}       a K-step student with dense attention
   asa-k{K}         the same with ASA (blocks of the model's tile, tau 0.95, keep 5-17 %, 16 sampled queries)
-and, beside each, a profiler split of one eager forward (attention / ASA mask / rest, by kernel names).
+and, beside each, a profiler split of one forward (attention / ASA mask / rest, by kernel names). Every
+row runs eagerly and under torch.compile (``--modes``); speedups compare rows of one mode.
 Wan2.1-1.3B's shape (21 x 30 x 52 tokens, 30 blocks of width 1536, head dim 128) is timed per forward
 only (dense vs ASA at one step: the issue's target is their ratio; 50 CFG steps there take minutes).
 
@@ -121,21 +122,23 @@ def random_model(name: str) -> torch.nn.Module:
     return model.to("cuda", torch.bfloat16).eval()
 
 
-def bench_trained_shape(name: str, batch: int, students: list[int], reps: int) -> list[dict]:
+def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, compiled: bool = False) -> list[dict]:
     model = random_model(name)
     c = model.cfg
     noise = torch.randn(batch, c.channels, c.frames, c.height, c.width, device="cuda", dtype=torch.bfloat16)
     y = torch.arange(batch, device="cuda") % c.num_classes
     rows = []
+    mode = "compiled" if compiled else "eager"
 
     def row(variant: str, steps: int, cfg: float, m: torch.nn.Module) -> dict:
         b2 = batch * (2 if cfg != 1.0 else 1)
         x = torch.randn(b2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)
         t = torch.full((b2,), 0.5, device="cuda")
         yy = torch.arange(b2, device="cuda") % c.num_classes
-        fwd = GraphedForward(m, x, t, yy)
-        r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "steps": steps, "cfg": cfg,
-             "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps), **profile_split(m, x, t, yy)}
+        run = torch.compile(m) if compiled else m  # Inductor's kernels, then the same CUDA graph around them
+        fwd = GraphedForward(run, x, t, yy)
+        r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "mode": mode, "steps": steps,
+             "cfg": cfg, "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps), **profile_split(run, x, t, yy)}
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         del fwd
         torch.cuda.empty_cache()
@@ -186,6 +189,8 @@ def main() -> int:
     ap.add_argument("--students", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-wan", action="store_true", help="skip Wan2.1-1.3B's shape")
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                    help="eager: PyTorch's kernels; compiled: torch.compile's fused kernels (both in CUDA graphs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("video_speed.py needs a CUDA GPU", file=sys.stderr)
@@ -200,12 +205,13 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
 
-    for batch in args.batches:
-        try:
-            rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps))
-        except Exception as e:  # noqa: BLE001  (report and go on)
-            rows.append({"shape": args.model, "batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
-        save()
+    for mode in args.modes:
+        for batch in args.batches:
+            try:
+                rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps, compiled=mode == "compiled"))
+            except Exception as e:  # noqa: BLE001  (report and go on)
+                rows.append({"shape": args.model, "batch": batch, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+            save()
     if not args.no_wan:
         try:
             rows.extend(bench_forward("video_dit_wan_1_3b_shape", 1, args.reps))

@@ -55,14 +55,14 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig(TrainConfig):
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 3e-4
     warmup_frac: float = 0.02
     checkpoint_every: int = 500
     ema_decay: float = 0.999
     drop_class: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
-    # a teacher's EMA exported by an earlier run (exports/teacher-s<seed>-ema.safetensors, bf16, ~40 MB, small
+    # a teacher's EMA exported by an earlier run (exports/teacher-s<seed>-ema.safetensors, bf16, ~20 MB, small
     # enough to carry to a fresh GPU machine), used instead of training one; "{seed}" in it stands for each seed
     # (required with several seeds); "" trains
     init: str = ""
