@@ -88,6 +88,13 @@ def test_rope_3d_rotates_each_axis_by_its_own_position():
     same = torch.randn(64)
     r = apply_rope_3d(same.expand(1, 1, 3, 64).clone(), cos, sin)[0, 0]
     assert torch.allclose(r[1, :40], r[2, :40]) and not torch.allclose(r[1, 40:], r[2, 40:])
+    # the one-pass rotation is apply_rope on each axis's slice
+    from sparsedistill.attention.rope import apply_rope
+
+    k = torch.randn(2, 3, 3, 64)
+    bounds = [0, 16, 40, 64]
+    per_slice = torch.cat([apply_rope(k[..., a:b], cos[:, a:b], sin[:, a:b]) for a, b in zip(bounds, bounds[1:])], -1)
+    assert torch.allclose(apply_rope_3d(k, cos, sin), per_slice, atol=1e-6)
 
 
 def test_flow_loss_and_euler_sampler():
@@ -342,12 +349,14 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
         wrong.teacher(0)
 
 
-def test_video_recipe_tells_the_students_apart(tmp_path):
+def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
     """With a teacher whose attention matters (random weights, not a 6-step one still near adaLN-Zero's identity),
     switching ASA on untrained (c) changes the samples of the dense student (a)."""
     import json
 
-    from sparsedistill.recipes.video_blade import _save_weights, run_video_blade
+    from sparsedistill.data.moving_fmnist import MovingFashionMNIST
+    from sparsedistill.recipes.video_blade import VideoBlade, _save_weights, run_video_blade
+    from sparsedistill.runs import Run
 
     torch.manual_seed(0)
     teacher = create_model("video_dit_fmnist_tiny")
@@ -357,6 +366,15 @@ def test_video_recipe_tells_the_students_apart(tmp_path):
                 p.normal_(0, 0.05)
     _save_weights(teacher, tmp_path / "teacher-s0.safetensors")
     cfg = _tiny_recipe_config(**{"teacher.init": f'"{tmp_path}/teacher-s{{seed}}.safetensors"', "students.tdm.iterations": 1})
+    # from an exported teacher the students' distillation is data-free: it runs where the data is not (a GPU
+    # machine that got the teacher but not Fashion-MNIST yet)
+    def no_data(*a, **k):
+        raise AssertionError("the data was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(MovingFashionMNIST, "from_split", classmethod(no_data))
+        blade = VideoBlade(cfg, Run(tmp_path / "data-free", cfg), progress=False)
+        blade.student(0, "tdm-asa", 2, blade.teacher(0))
     run_video_blade(cfg, tmp_path / "run", progress=False)
     res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())["models"]
     a, c = res["tdm-k2"], res["tdm+asa-k2"]

@@ -10,6 +10,8 @@ if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
 fi
 [ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
 [ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
+# The video teacher's export (carried once; it waits in /root/video-teacher for the calls that carry the data)
+mkdir -p /root/video-teacher && cp .gpu/video-teacher/*.safetensors /root/video-teacher/ 2>/dev/null || true
 [ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
 # The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.
 mkdir -p /root/gguf-parts

@@ -46,10 +46,29 @@ def rope_3d_tables(coords: Tensor, head_dim: int, theta: float = 10000.0) -> tup
 
 
 def apply_rope_3d(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``apply_rope`` on each axis's slice of the head (the layout of ``rope_3d_tables``)."""
-    out, start = [], 0
-    for n in split_3d(x.shape[-1]):
-        sl = slice(start, start + n)
-        out.append(apply_rope(x[..., sl], cos[:, sl], sin[:, sl]))
-        start += n
-    return torch.cat(out, -1)
+    """``apply_rope`` on each axis's slice of the head (the layout of ``rope_3d_tables``), in one pass.
+
+    Each slice's rotate-half is a fixed signed permutation of the head's dimensions, so the three
+    rotations are one gather and one multiply-add (eager PyTorch runs a kernel per op: at video
+    token counts the per-slice version's dozen fp32 passes cost more than the attention).
+    """
+    perm, sign = _rotate_half_3d(x.shape[-1], x.device)
+    out = x.float() * cos
+    return out.addcmul_(x.index_select(-1, perm).float(), sin * sign).to(x.dtype)
+
+
+_ROTATIONS: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+
+def _rotate_half_3d(head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(perm, sign) with ``rotate_half`` of every ``split_3d`` slice = ``x[..., perm] * sign``."""
+    key = (head_dim, str(device))
+    if key not in _ROTATIONS:
+        perm, sign, start = [], [], 0
+        for n in split_3d(head_dim):
+            h = n // 2
+            perm += [start + h + j for j in range(h)] + [start + j for j in range(h)]
+            sign += [-1.0] * h + [1.0] * h
+            start += n
+        _ROTATIONS[key] = (torch.tensor(perm, device=device), torch.tensor(sign, device=device))
+    return _ROTATIONS[key]

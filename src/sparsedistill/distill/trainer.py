@@ -143,6 +143,7 @@ def train(
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     if start >= cfg.steps:
         return model
+    seconds, since = (state or {}).get("seconds", 0.0), time.perf_counter()  # training time over every resume
 
     # A graphed step averages gradients itself, inside the graph (DDP's hooks cannot be captured).
     net = DistributedDataParallel(model) if dist.world_size() > 1 and not graphed else model
@@ -165,7 +166,7 @@ def train(
                 "extra_params": [p.detach().clone() for p in extra_params or []],
                 "ema": None if ema is None else ema.state_dict(),
                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "step": step,
+                "step": step, "seconds": seconds + time.perf_counter() - since,
             })
 
     model.train()

@@ -18,6 +18,7 @@ run's device: clip i of a seed is the same clip on any machine (``data/moving_fm
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +162,19 @@ class VideoBlade:
         m = validate(cfg).cfg
         self.shape = (m.channels, m.frames, m.height, m.width)
         self.num_classes = m.num_classes
-        kw = dict(frames=m.frames, size=m.height, items=cfg.data.items, num_classes=m.num_classes, device=self.device)
         if m.height != m.width or m.channels != 1:
             raise ValueError(f"Moving Fashion-MNIST makes square grey clips; {cfg.model.name} wants {self.shape}")
-        self.train_clips = MovingFashionMNIST.from_split("train", **kw)
-        self.test_clips = MovingFashionMNIST.from_split("test", **kw)
+        self._clips_kw = dict(frames=m.frames, size=m.height, items=cfg.data.items, num_classes=m.num_classes,
+                              device=self.device)
+
+    # the data is read only by the jobs that use it: the students' distillation is data-free
+    @functools.cached_property
+    def train_clips(self) -> MovingFashionMNIST:
+        return MovingFashionMNIST.from_split("train", **self._clips_kw)
+
+    @functools.cached_property
+    def test_clips(self) -> MovingFashionMNIST:
+        return MovingFashionMNIST.from_split("test", **self._clips_kw)
 
     # jobs ------------------------------------------------------------------------------------
     def classifier(self) -> FrameClassifier:
@@ -211,11 +220,10 @@ class VideoBlade:
                 with _autocast(self.device):
                     return flow_matching_loss(net, batch[0], batch[1], self.num_classes, c.drop_class), {}
 
-            t0 = time.time()
             train(model, loss, lambda rows: self.train_clips.clips(rows, seed=seed), c.steps * c.batch_size, c, job=job,
                   run=self.run, seed=seed, ema=ema, ema_decay=c.ema_decay, progress=self.progress)
             last = [r for r in self.run.metrics(job) if r["step"] == c.steps]
-            self.run.save_result(job, {"steps": c.steps, "seconds": time.time() - t0,
+            self.run.save_result(job, {"steps": c.steps, "seconds": self._checkpoint(job).get("seconds"),
                                        "final_loss": last[0]["loss"] if last else None,
                                        "parameters": sum(p.numel() for p in model.parameters())})
         model.load_state_dict(self._checkpoint(job)["ema"])
@@ -233,10 +241,9 @@ class VideoBlade:
             fake = copy.deepcopy(student)  # made after ASA is attached: the fake score runs ASA too (as BLADE's)
             tdm = copy.deepcopy(self.cfg.students.tdm)
             tdm.steps, tdm.cfg = k, self.cfg.sampling.cfg
-            t0 = time.time()
             train_tdm(student, fake, teacher, self.num_classes, tdm, job=job, run=self.run, seed=seed, progress=self.progress)
             last = [r for r in self.run.metrics(job) if r["step"] == tdm.iterations]
-            self.run.save_result(job, {"iterations": tdm.iterations, "seconds": time.time() - t0,
+            self.run.save_result(job, {"iterations": tdm.iterations, "seconds": self._checkpoint(job).get("seconds"),
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
         student.load_state_dict(self._checkpoint(job)["student"])
@@ -361,11 +368,12 @@ class VideoBlade:
         return result
 
     def run_all(self) -> dict:
-        clf = self.classifier()
-        out = {}
+        clf, out = None, {}
         for seed in self.cfg.seeds:
             teacher = self.teacher(seed)
             students = {(v, k): self.student(seed, v, k, teacher) for k in self.cfg.students.steps for v in self.cfg.students.variants}
+            if clf is None:  # first needed here: a run from teacher.init trains its students without the data
+                clf = self.classifier()
             out[seed] = self.evaluate(seed, teacher, students, clf)
             del students
         return out

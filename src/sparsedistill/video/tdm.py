@@ -19,6 +19,7 @@ t_{j+1}; ``eta`` mixes predicted and fresh noise in each step (eta = 1: the dete
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -189,6 +190,7 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
         for t in [*student.state_dict().values(), *fake.state_dict().values()]:
             torch.distributed.broadcast(t, 0)
     local = cfg.batch_size // dist.world_size()
+    seconds, since = (state or {}).get("seconds", 0.0), time.perf_counter()  # training time over every resume
     times = student_times(cfg.steps, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast and dev.type == "cuda")
 
@@ -249,7 +251,7 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
         if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
             run.save_checkpoint(job, {"student": student.state_dict(), "fake": fake.state_dict(),
                                       "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "iteration": done,
-                                      "world_size": dist.world_size()})
+                                      "world_size": dist.world_size(), "seconds": seconds + time.perf_counter() - since})
     return student
 
 
