@@ -1,0 +1,105 @@
+"""Multi-agent LiDAR frames: one scene, every connected car's scan, the labels, in one seeded unit.
+
+A frame is what a cooperative detector receives at one instant: each agent's points in its own sensor
+frame, the agents' poses (the ego first) and the cars' boxes. Frames are drawn from integer seeds, and the
+splits use disjoint seed ranges, so a training set is a range of numbers, made where it is used (the GPU
+machine makes its own at the start of a run: datasets do not travel there).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .corruptions import ScanContext, corrupt
+from .geometry import boxes_between, points_between
+from .lidar import LidarConfig, scan
+from .scene import SceneConfig, simulate_scene
+
+__all__ = ["Frame", "SimConfig", "simulate_frame", "corrupt_frame", "split_seeds", "SPLITS", "frames_per_second"]
+
+SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first seed of each split
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    lidar: LidarConfig = field(default_factory=LidarConfig)
+
+
+@dataclass
+class Frame:
+    """``points[a]`` (N_a, 5) = (x, y, z, intensity, ring) in agent a's sensor frame; ``poses`` (A, 4); ``boxes`` (K, 7)
+    in the world, ``agent_boxes`` (A,) the row of each agent's own car in ``boxes``."""
+
+    points: list[Tensor]
+    poses: Tensor
+    boxes: Tensor
+    agent_boxes: Tensor
+    seed: int
+
+    @property
+    def num_agents(self) -> int:
+        return len(self.points)
+
+    def to(self, device: torch.device | str) -> "Frame":
+        return Frame([p.to(device) for p in self.points], self.poses.to(device), self.boxes.to(device),
+                     self.agent_boxes.to(device), self.seed)
+
+    def points_in_ego(self, agent: int) -> Tensor:
+        """Agent ``agent``'s points moved into the ego's sensor frame (the cooperative detector's common frame)."""
+        return points_between(self.points[agent], self.poses[agent], self.poses[0])
+
+    def boxes_in_ego(self) -> Tensor:
+        """Every car but the ego's own, in the ego's sensor frame (what the ego should detect)."""
+        others = torch.ones(len(self.boxes), dtype=torch.bool, device=self.boxes.device)
+        others[self.agent_boxes[0]] = False
+        return boxes_between(self.boxes[others], None, self.poses[0])
+
+
+def simulate_frame(seed: int, cfg: SimConfig = SimConfig(), device: torch.device | str = "cpu") -> Frame:
+    """The frame of ``seed``: its scene and each agent's scan (noise seeded by (seed, agent))."""
+    scene = simulate_scene(seed, cfg.scene)
+    points = [scan(scene, a, cfg.lidar, seed=seed * 7 + a, device=device) for a in range(scene.num_agents)]
+    return Frame(points, scene.poses.to(device), scene.boxes.to(device), scene.agents.to(device), seed)
+
+
+def corrupt_frame(frame: Frame, name: str, level: int, rings: int, seed: int | None = None) -> Frame:
+    """``frame`` with every agent's scan corrupted in its own sensor frame (as DSRC and Robo3D do), ``name`` at ``level``.
+
+    ``name`` "clean" returns the frame itself. The draws depend on (``seed`` or the frame's seed, agent) only.
+    """
+    if name == "clean":
+        return frame
+    base = frame.seed if seed is None else seed
+    points = []
+    for a, p in enumerate(frame.points):
+        pose = frame.poses[a]
+        ctx = ScanContext(rings=rings, sensor_height=float(pose[2]), boxes=boxes_between(frame.boxes, None, pose))
+        points.append(corrupt(p, name, level, seed=base * 131 + a * 17 + level, ctx=ctx))
+    return Frame(points, frame.poses, frame.boxes, frame.agent_boxes, frame.seed)
+
+
+def split_seeds(split: str, count: int) -> range:
+    """The seeds of the first ``count`` frames of ``split`` (train / val / test: disjoint ranges)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    if not 0 < count <= 1_000_000:
+        raise ValueError(f"count must be between 1 and 1,000,000 frames per split, got {count}")
+    return range(SPLITS[split], SPLITS[split] + count)
+
+
+def frames_per_second(count: int, cfg: SimConfig = SimConfig(), device: torch.device | str = "cpu") -> float:
+    """Simulated frames per second on ``device`` (scene drawing + every agent's scan), after one warm-up frame."""
+    simulate_frame(0, cfg, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(1, count + 1):
+        simulate_frame(s, cfg, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - t0)
