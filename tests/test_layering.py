@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparsedistill"
-LIBRARY = ("distill", "weights", "attention", "retrieval", "models", "data", "video")
+LIBRARY = ("distill", "weights", "attention", "retrieval", "models", "data", "video", "perception")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

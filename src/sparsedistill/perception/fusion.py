@@ -1,0 +1,40 @@
+"""Fusing several agents' BEV features at each cell: DSRC / OpenCOOD's attention fusion, and the references.
+
+Every agent's map is already in the ego's frame (points are moved there before pillarisation), so cell (i, j)
+of every map is the same place. ``attention_fusion``: at each cell the agents' feature vectors attend to each
+other (scaled dot products, softmax over agents, no learned weights) and the ego's row is kept; an agent
+that saw nothing at a cell has a zero vector there and still takes part, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_fusion", "FUSIONS"]
+
+
+def attention_fusion(features: Tensor, agents: list[int]) -> Tensor:
+    """(sum(agents), C, H, W) per-agent maps, frames in order with the ego first -> (frames, C, H, W)."""
+    out = []
+    for x in features.split(agents):
+        a, c, h, w = x.shape
+        v = x.flatten(2).permute(2, 0, 1)  # (HW, A, C)
+        ego = v[:, :1]  # only the ego's row is kept: its query against every agent
+        att = torch.softmax(ego @ v.transpose(1, 2) / c**0.5, -1)  # (HW, 1, A)
+        out.append((att @ v).squeeze(1).T.reshape(c, h, w))
+    return torch.stack(out)
+
+
+def ego_only(features: Tensor, agents: list[int]) -> Tensor:
+    """No fusion: each frame's ego map alone (the no-collaboration reference)."""
+    starts = torch.tensor([0, *agents[:-1]], device=features.device).cumsum(0)
+    return features[starts]
+
+
+def max_fusion(features: Tensor, agents: list[int]) -> Tensor:
+    """Element-wise max over agents (a parameter-free reference, as OpenCOOD's max fusion)."""
+    return torch.stack([x.amax(0) for x in features.split(agents)])
+
+
+FUSIONS = {"attention": attention_fusion, "none": ego_only, "max": max_fusion}
