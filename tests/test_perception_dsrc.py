@@ -1,0 +1,84 @@
+"""DSRC's training signals: the painted teacher input, the object mask, the distillation and reconstruction losses."""
+
+import math
+
+import torch
+
+from sparsedistill.perception.dsrc import (head_distillation, masked_feature_mse, object_mask, paint_teacher_input,
+                                           reconstruction_loss, reconstruction_targets)
+from sparsedistill.perception.frames import SimConfig, simulate_frame
+from sparsedistill.perception.geometry import points_in_boxes
+from sparsedistill.perception.lidar import LidarConfig
+from sparsedistill.perception.pillars import BEVGrid
+from sparsedistill.perception.scene import SceneConfig
+
+GRID = BEVGrid((-25.6, 25.6), (-12.8, 12.8))
+
+
+def test_teacher_input_gives_every_agent_the_fleets_car_points():
+    frame = simulate_frame(2, SimConfig(SceneConfig(agents=(3, 3)), LidarConfig(rings=32, azimuths=512)))
+    pts = [frame.points_in_ego(a)[:, :4] for a in range(frame.num_agents)]
+    boxes = frame.boxes_in_ego()
+    clouds, objects = paint_teacher_input(pts, boxes)
+    merged = torch.cat(pts)
+    on_car = points_in_boxes(merged, boxes, 0.1) >= 0
+    assert len(objects) == int(on_car.sum()) > 50 and (objects[:, 4] == 1).all()
+    for p, c in zip(pts, clouds):
+        own_bg = points_in_boxes(p, boxes, 0.1) < 0
+        assert c.shape == (int(own_bg.sum()) + len(objects), 5)
+        assert torch.equal(c[c[:, 4] == 0][:, :4], p[own_bg]) and torch.equal(c[c[:, 4] == 1], objects)
+    # a turned car: a point inside the axis-aligned bounds of its corners but outside the car is background
+    car = torch.tensor([[0.0, 0.0, 0.0, 4.0, 1.0, 2.0, math.pi / 4]])
+    corner = torch.tensor([[1.2, -1.2, 0.0, 0.5]])  # inside |x|, |y| < 1.77 but 1.7 m sideways of the car's axis
+    clouds, objects = paint_teacher_input([corner], car)
+    assert len(objects) == 0 and clouds[0][0, 4] == 0
+
+
+def test_object_mask_marks_the_pillars_of_object_points():
+    objects = torch.tensor([[0.1, 0.1, 0.0, 0.5, 1.0], [10.1, -5.1, 0.0, 0.5, 1.0], [0.15, 0.15, 0.0, 0.5, 1.0]])
+    m = object_mask(objects, torch.tensor([0, 1, 0]), GRID, 2)
+    h, w = GRID.shape
+    assert m.shape == (2, h, w) and m.sum() == 2
+    assert m[0, 32, 64] == 1 and m[1, int((-5.1 + 12.8) / 0.4), int((10.1 + 25.6) / 0.4)] == 1
+
+
+def test_masked_mse_counts_masked_cells_only_and_ignores_area():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 8, 16, 16, generator=g)
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 4:8, 4:8] = 1
+    base = masked_feature_mse(s, t, mask)
+    s2 = s.clone()
+    s2[..., 12:, 12:] += 5  # outside the mask
+    assert torch.allclose(masked_feature_mse(s2, t, mask), base)
+    assert masked_feature_mse(t, t, mask) == 0 and masked_feature_mse(s, t, torch.zeros(1, 16, 16)) == 0
+    uniform = torch.ones(1, 8, 16, 16)
+    small, big = mask.clone(), torch.ones(1, 16, 16)
+    assert torch.allclose(masked_feature_mse(uniform, 0 * uniform, small), masked_feature_mse(uniform, 0 * uniform, big))
+    s.requires_grad_(True)
+    masked_feature_mse(s, t, mask).backward()
+    assert s.grad[..., 12:, 12:].abs().sum() == 0 and s.grad[..., 5, 5].abs().sum() > 0
+
+
+def test_head_distillation_is_zero_at_the_teacher_and_pulls_toward_it():
+    g = torch.Generator().manual_seed(1)
+    tc, tr = torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 14, 4, 4, generator=g)
+    assert head_distillation(tc, tr, tc, tr) < 1e-5
+    sc = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    sr = torch.zeros(2, 14, 4, 4, requires_grad=True)
+    loss = head_distillation(sc, sr, tc, tr)
+    loss.backward()
+    assert loss > 0.01 and (torch.sign(-sc.grad) == torch.sign(tc)).float().mean() > 0.95  # logits move toward the teacher's
+
+
+def test_reconstruction_targets_and_loss():
+    pts = torch.tensor([[0.1, 0.1, -1.0, 0.5], [0.3, 0.3, -1.0, 0.5], [10.0, 5.0, 0.0, 0.2]])
+    occ, off = reconstruction_targets(pts, torch.tensor([0, 0, 1]), GRID, 2)
+    assert occ.shape == (2, 1, 32 * 2, 64 * 2) and occ.sum() == 2
+    assert occ[0, 0, 32, 64] == 1 and torch.allclose(off[0, :, 32, 64], torch.tensor([0.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(off[1, :, int((5.0 + 12.8) / 0.4), int((10.0 + 25.6) / 0.4)], torch.tensor([-0.5, -0.5, 0.25]), atol=1e-5)
+    perfect = torch.cat([occ * 40 - 20, off], 1)
+    occ_l, l1 = reconstruction_loss(perfect, occ, off)
+    assert occ_l < 1e-4 and l1 == 0
+    occ_l, l1 = reconstruction_loss(torch.zeros_like(perfect), occ, off)
+    assert occ_l > 0.5 and l1 > 0
