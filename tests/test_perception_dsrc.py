@@ -72,11 +72,11 @@ def test_head_distillation_is_zero_at_the_teacher_and_pulls_toward_it():
 
 
 def test_reconstruction_targets_and_loss():
-    pts = torch.tensor([[0.1, 0.1, -1.0, 0.5], [0.3, 0.3, -1.0, 0.5], [10.0, 5.0, 0.0, 0.2]])
+    pts = torch.tensor([[0.1, 0.1, -1.0, 0.5], [0.3, 0.3, -1.0, 0.5], [10.1, 5.1, 0.0, 0.2]])
     occ, off = reconstruction_targets(pts, torch.tensor([0, 0, 1]), GRID, 2)
     assert occ.shape == (2, 1, 32 * 2, 64 * 2) and occ.sum() == 2
     assert occ[0, 0, 32, 64] == 1 and torch.allclose(off[0, :, 32, 64], torch.tensor([0.0, 0.0, 0.0]), atol=1e-5)
-    assert torch.allclose(off[1, :, int((5.0 + 12.8) / 0.4), int((10.0 + 25.6) / 0.4)], torch.tensor([-0.5, -0.5, 0.25]), atol=1e-5)
+    assert torch.allclose(off[1, :, 44, 89], torch.tensor([-0.25, 0.25, 0.25]), atol=1e-5)  # pillar centre (10.2, 5.0)
     perfect = torch.cat([occ * 40 - 20, off], 1)
     occ_l, l1 = reconstruction_loss(perfect, occ, off)
     assert occ_l < 1e-4 and l1 == 0
