@@ -272,8 +272,10 @@ def test_paired_bootstrap():
     swapped = paired_bootstrap_delta_ap(weak[:2], good[:2], gts, 0.5, rounds=500, seed=1)
     assert swapped == pytest.approx((-delta, -high, -low), abs=1e-12)
     one_car = [boxes((0.0, 0.0))] + [t[:0] for t in gts[1:]]  # a resample misses frame 0 with probability 0.36
-    with pytest.raises(ValueError, match="resamples drew only frames without ground truth"):
-        paired_bootstrap_delta_ap(good[:2], good[:2], one_car, 0.5, rounds=50)
+    # resamples without frame 0 have no AP and are left out: every kept one holds the car, found by one model only
+    found = ([b.clone() for b in one_car], [torch.ones(len(b)) for b in one_car])
+    missed = ([b[:0] for b in one_car], [torch.ones(0) for _ in one_car])
+    assert paired_bootstrap_delta_ap(found, missed, one_car, 0.5, rounds=50) == (1.0, 1.0, 1.0)
 
 
 def test_corruption_error_and_resilience_rate():

@@ -156,6 +156,58 @@ def _video_run(args: argparse.Namespace) -> int:
     return _print_report(report)
 
 
+def _perception_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes.dsrc import DSRCConfig, run_dsrc
+
+    cfg = load_config(DSRCConfig, args.config, args.overrides, recipe="perception")
+    run_dir = _run_dir(args, "dsrc")
+    report = run_dsrc(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                      command="sparsedistill " + shlex.join(args.argv))
+    return _print_report(report)
+
+
+def _perception_simulate(args: argparse.Namespace) -> int:
+    """BEV pictures of a few simulated frames (clean and corrupted) and the simulator's frames per second."""
+    import torch
+
+    from .perception import LidarConfig, SceneConfig, SimConfig, corrupt_frame, simulate_frame, split_seeds
+    from .perception.batching import collate
+    from .perception.frames import frames_per_second
+    from .perception.pillars import BEVGrid
+    from .perception.plots import save_bev
+
+    sim = SimConfig(SceneConfig(), LidarConfig(rings=args.rings))
+    grid = BEVGrid()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in split_seeds(args.split, args.frames):
+        frame = simulate_frame(seed, sim, device)
+        truth = collate([frame], grid).boxes[0]
+        for name, level in [("clean", 0)] + [(c, 2) for c in args.corruptions]:
+            f = corrupt_frame(frame, name, level, args.rings)
+            label = "clean" if name == "clean" else f"{name}-2"
+            path = save_bev(args.out / f"frame-{seed}-{label}.png", [f.points_in_ego(a) for a in range(f.num_agents)],
+                            truth, grid, title=f"frame {seed}, {label}, {f.num_agents} agents, {len(truth)} cars")
+            print(path)
+    print(f"simulator: {frames_per_second(args.speed_frames, sim, device):.2f} frames/s on {device}")
+    return 0
+
+
+def _perception_report(args: argparse.Namespace) -> int:
+    from .recipes.dsrc_report import write_report
+    from .runs import Run
+
+    if not (args.run / "config.toml").exists():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
+    run = Run.open(args.run)
+    results = {int(p.stem.rsplit("-s", 1)[1]): json.loads(p.read_text()) for p in sorted((args.run / "results").glob("eval-s*.json"))}
+    if not results:
+        raise FileNotFoundError(f"{args.run} has no finished evaluation yet (results/eval-s*.json); resume the run first")
+    write_report(run, results)
+    return _print_report(run.artifact("report.md"))
+
+
 def _video_report(args: argparse.Namespace) -> int:
     from .recipes.video_report import write_report
     from .runs import Run
@@ -332,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     vrep = vid_cmds.add_parser("report", help="(re)write a video run's report.md from its finished evaluations")
     vrep.add_argument("run", type=Path, help="run directory")
     vrep.set_defaults(func=_video_report)
+
+    per = systems.add_parser("perception", help="DSRC: cooperative LiDAR detection robust to corruptions, on simulated scans")
+    per_cmds = per.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pr = per_cmds.add_parser("run", help="teachers -> B0, references, DSRC and ablations -> clean and corrupted evaluation, with report.md",
+                             description="Simulate multi-vehicle LiDAR frames, train cooperative detectors on clean scans (B0, no "
+                                         "fusion, early fusion, DSRC's painted teacher and its distilled + reconstructing student, "
+                                         "ablations) and evaluate them under eight corruptions at three levels.")
+    _add_run_options(pr, "'full' (default, for a GPU) or 'short' (a tiny detector, minutes on 2 CPU cores; no claims)")
+    pr.set_defaults(func=_perception_run)
+    ps = per_cmds.add_parser("simulate", help="BEV pictures of simulated frames, clean and corrupted, and frames/s")
+    ps.add_argument("--out", type=Path, default=Path("runs/perception-simulate"), help="folder for the PNGs")
+    ps.add_argument("--frames", type=int, default=2, help="frames to draw (from the split's first seeds)")
+    ps.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ps.add_argument("--rings", type=int, default=32, choices=[16, 32, 64, 128])
+    ps.add_argument("--corruptions", nargs="*", default=["beam_missing", "fog", "snow"], help="drawn at level 2 beside clean")
+    ps.add_argument("--speed-frames", type=int, default=5, help="frames timed for the frames/s figure")
+    ps.set_defaults(func=_perception_simulate)
+    prep = per_cmds.add_parser("report", help="(re)write a DSRC run's report.md from its finished evaluations")
+    prep.add_argument("run", type=Path, help="run directory")
+    prep.set_defaults(func=_perception_report)
 
     rt = systems.add_parser("retrieval", help="inference-free learned sparse retrieval")
     rt_cmds = rt.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,84 @@
+"""The cooperative detector's losses and predictions on a ``Batch``: what every DSRC recipe variant shares.
+
+``detector_loss``: the detection loss alone (B0, the references, the teacher on its painted input).
+``dsrc_loss``: DSRC's student objective, detection + sparse-to-dense distillation (masked feature MSE at each
+scale before fusion and after it, head distillation) + point-cloud reconstruction, each switchable so that
+the ablations are the same code with a term off. ``predict``: boxes and scores per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import AnchorConfig, detection_loss, postprocess
+from .batching import Batch
+from .dsrc import head_distillation, masked_feature_mse, object_mask, reconstruction_loss, reconstruction_targets
+
+__all__ = ["DSRCWeights", "flat_outputs", "detector_loss", "dsrc_loss", "predict", "freeze"]
+
+
+@dataclass(frozen=True)
+class DSRCWeights:
+    """Weights of DSRC's terms (the authors' code: all 1); 0 switches a term off (the ablations)."""
+
+    before_fusion: float = 1.0
+    after_fusion: float = 1.0
+    head: float = 1.0
+    occupancy: float = 1.0
+    offset: float = 1.0
+
+
+def flat_outputs(out: dict) -> tuple[Tensor, Tensor]:
+    """(B * H' * W' * A,) logits and (same, 7) box deltas, in ``make_anchors(...).view(-1, 7)``'s order per frame."""
+    cls, reg = out["cls"], out["reg"]
+    b, a, h, w = cls.shape
+    return cls.permute(0, 2, 3, 1).reshape(-1), reg.view(b, a, 7, h, w).permute(0, 3, 4, 1, 2).reshape(-1, 7)
+
+
+def detector_loss(out: dict, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    if batch.labels is None:
+        raise ValueError("the batch has no anchor targets: collate it with anchors and anchor_cfg")
+    return detection_loss(*flat_outputs(out), batch.labels, batch.targets)
+
+
+def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, grid, weights: DSRCWeights = DSRCWeights()
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Detection + distillation (from ``teacher_out``, the frozen teacher's outputs on ``batch.teacher_points``) +
+    reconstruction (``student_out['recon']``), as weighted by ``weights``."""
+    loss, parts = detector_loss(student_out, batch)
+    distill = teacher_out is not None and (weights.before_fusion or weights.after_fusion or weights.head)
+    if distill:
+        if batch.objects is None:
+            raise ValueError("distillation needs the painted teacher input: collate with teacher=True")
+        mask = object_mask(batch.objects, batch.object_frame, grid, batch.num_frames)  # (B, H, W)
+        per_cloud = mask.repeat_interleave(torch.tensor(batch.agents, device=mask.device), 0)  # the same cars for every agent
+        before = sum(masked_feature_mse(s, t, per_cloud)
+                     for s, t in zip(student_out["agent_features"], teacher_out["agent_features"]))
+        after = masked_feature_mse(student_out["bev"], teacher_out["bev"], mask)
+        head = head_distillation(student_out["cls"], student_out["reg"], teacher_out["cls"], teacher_out["reg"])
+        loss = loss + weights.before_fusion * before + weights.after_fusion * after + weights.head * head
+        parts.update(before_fusion=before.detach(), after_fusion=after.detach(), head=head.detach())
+    if "recon" in student_out and (weights.occupancy or weights.offset):
+        occ_t, off_t = reconstruction_targets(batch.points, batch.merged_frame, grid, batch.num_frames)
+        occ, off = reconstruction_loss(student_out["recon"], occ_t, off_t)
+        loss = loss + weights.occupancy * occ + weights.offset * off
+        parts.update(occupancy=occ.detach(), offset=off.detach())
+    return loss, parts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: Batch, anchors: Tensor, cfg: AnchorConfig,
+            points: Tensor | None = None, cloud: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """(boxes (D, 7), scores (D,)) per frame of ``batch`` (``points``/``cloud`` override the batch's, e.g. painted ones)."""
+    out = model(batch.points if points is None else points, batch.cloud if cloud is None else cloud, batch.agents)
+    cls, reg = flat_outputs(out)
+    m = len(anchors)
+    return [postprocess(cls[i * m : (i + 1) * m], reg[i * m : (i + 1) * m], anchors, cfg) for i in range(batch.num_frames)]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: eval mode (BatchNorm's statistics stay put, unlike the authors' code) and no gradients."""
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,274 @@
+"""DSRC on simulated multi-vehicle LiDAR: cooperative detectors trained clean, evaluated under corruptions.
+
+Jobs, per seed (each resumable; a finished job is skipped on --resume):
+  teacher-s{seed}             the detector on DSRC's painted input (own background + the fleet's car points)
+  teacher_unpainted-s{seed}   the same input with the paint channel zeroed (the "no painting" ablation's teacher)
+  {variant}-s{seed}           b0 (detection loss only), no_fusion (the ego alone), early (points merged before
+                              pillars), dsrc (distillation + reconstruction) and its ablations dsrc_no_paint,
+                              dsrc_no_recon, dsrc_no_distill
+  eval-s{seed}                every model on the test frames, clean and under each corruption at each level:
+                              AP@0.5 / 0.7, Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0
+Frames are simulated at the start (``perception.frames``) from disjoint seed ranges per split; nothing is
+downloaded. The report (``dsrc_report``) merges seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..distill import TrainConfig, train
+from ..models import create_model
+from ..models.coop_detector import CoopDetector
+from ..perception.anchors import make_anchors
+from ..perception.batching import collate
+from ..perception.corruptions import LEVELS, corruption_names
+from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frame, split_seeds
+from ..perception.lidar import LidarConfig
+from ..perception.plots import save_bev
+from ..perception.metrics import (average_precision, corruption_error, mean_ce, mean_rr, paired_bootstrap_delta_ap,
+                                  resilience_rate)
+from ..perception.scene import SceneConfig
+from ..perception.training import DSRCWeights, detector_loss, dsrc_loss, freeze, predict
+from ..runs import Run
+
+__all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
+
+# variant: (input mode, fusion, teacher job (None: no distillation), reconstruction head)
+VARIANTS = {
+    "b0": ("intermediate", "attention", None, False),
+    "no_fusion": ("intermediate", "none", None, False),
+    "early": ("early", "attention", None, False),
+    "dsrc": ("intermediate", "attention", "teacher", True),
+    "dsrc_no_paint": ("intermediate", "attention", "teacher_unpainted", True),
+    "dsrc_no_recon": ("intermediate", "attention", "teacher", False),
+    "dsrc_no_distill": ("intermediate", "attention", None, True),
+}
+
+
+@dataclass
+class SimSettings:
+    rings: int = 32
+    azimuths: int = 1024
+    agents: tuple[int, int] = (2, 5)
+    train_frames: int = 2000
+    test_frames: int = 200
+
+
+@dataclass
+class DetectorTrainConfig(TrainConfig):
+    steps: int = 4000
+    batch_size: int = 4  # frames
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.05
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class EvalConfig:
+    corruptions: list[str] = field(default_factory=corruption_names)
+    levels: list[int] = field(default_factory=lambda: list(LEVELS))
+    batch: int = 8
+    bootstrap: int = 1000
+
+
+@dataclass
+class DSRCConfig:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: str = "coop_detector"
+    sim: SimSettings = field(default_factory=SimSettings)
+    train: DetectorTrainConfig = field(default_factory=DetectorTrainConfig)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def validate(cfg: DSRCConfig) -> None:
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; use any of {list(VARIANTS)}")
+    if "b0" not in cfg.variants:
+        raise ValueError("the variants must include b0: CE and delta-AP are measured against it")
+    bad = set(cfg.eval.corruptions) - set(corruption_names())
+    if bad:
+        raise ValueError(f"unknown corruptions {sorted(bad)}; use any of {corruption_names()}")
+    if set(cfg.eval.levels) - set(LEVELS) or not cfg.eval.levels:
+        raise ValueError(f"eval.levels must be a non-empty subset of {list(LEVELS)}, got {cfg.eval.levels}")
+    if not isinstance(create_model(cfg.model), CoopDetector):
+        raise ValueError(f"model {cfg.model!r} is not a cooperative detector; use coop_detector or coop_detector_tiny")
+
+
+class DSRCRecipe:
+    def __init__(self, cfg: DSRCConfig, run: Run, progress: bool) -> None:
+        validate(cfg)
+        self.cfg, self.run, self.progress = cfg, run, progress
+        self.device = dist.init()
+        s = cfg.sim
+        self.sim = SimConfig(SceneConfig(agents=tuple(s.agents)), LidarConfig(rings=s.rings, azimuths=s.azimuths))
+        probe = create_model(cfg.model)
+        self.grid, self.anchor_cfg = probe.cfg.grid, probe.cfg.anchors
+        self.anchors = make_anchors(self.grid, self.anchor_cfg, self.device).view(-1, 7)
+        self._frames: dict[str, list[Frame]] = {}
+
+    def frames(self, split: str) -> list[Frame]:
+        if split not in self._frames:
+            n = self.cfg.sim.train_frames if split == "train" else self.cfg.sim.test_frames
+            self._frames[split] = [simulate_frame(s, self.sim, self.device) for s in split_seeds(split, n)]
+        return self._frames[split]
+
+    def _model(self, **kw) -> CoopDetector:
+        return create_model(self.cfg.model, **kw).to(self.device)
+
+    def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int) -> nn.Module:
+        frames = self.frames("train")
+
+        def get_batch(rows: torch.Tensor):
+            return collate([frames[int(r)] for r in rows], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
+                           teacher=teacher_input)
+
+        if self.run.result(job) is None:
+            torch.manual_seed(seed)
+            train(model, loss_fn, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
+                  progress=self.progress)
+            self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": self.run.load_checkpoint(job).get("seconds")})
+        state = self.run.load_checkpoint(job)
+        if state is None:
+            raise FileNotFoundError(f"{self.run.path} has job {job!r} finished but not its weights; start a new run")
+        model.load_state_dict(state["model"])
+        return model
+
+    def teacher(self, seed: int, painted: bool = True) -> CoopDetector:
+        job = f"{'teacher' if painted else 'teacher_unpainted'}-s{seed}"
+        torch.manual_seed(seed)
+        model = self._model(in_features=5)
+
+        def loss(net, batch):
+            pts = batch.teacher_points if painted else torch.cat([batch.teacher_points[:, :4], 0 * batch.teacher_points[:, 4:]], 1)
+            return detector_loss(net(pts, batch.teacher_cloud, batch.agents), batch)
+
+        return freeze(self._train(job, model, loss, "intermediate", True, seed))
+
+    def variant(self, name: str, seed: int, teachers: dict[str, CoopDetector]) -> CoopDetector:
+        inputs, fusion, teacher_job, recon = VARIANTS[name]
+        torch.manual_seed(seed)
+        model = self._model(fusion=fusion, reconstruction=recon)
+        teacher = teachers.get(teacher_job) if teacher_job else None
+        weights = DSRCWeights() if recon else DSRCWeights(occupancy=0.0, offset=0.0)
+        painted = teacher_job != "teacher_unpainted"
+        grid = self.grid
+
+        def loss(net, batch):
+            out = net(batch.points, batch.cloud, batch.agents)
+            if teacher is None and not recon:
+                return detector_loss(out, batch)
+            t_out = None
+            if teacher is not None:
+                pts = batch.teacher_points if painted else torch.cat([batch.teacher_points[:, :4], 0 * batch.teacher_points[:, 4:]], 1)
+                with torch.no_grad():
+                    t_out = teacher(pts, batch.teacher_cloud, batch.agents)
+            return dsrc_loss(out, t_out, batch, grid, weights)
+
+        return self._train(f"{name}-s{seed}", model, loss, inputs, teacher is not None, seed).eval()
+
+    @torch.no_grad()
+    def evaluate(self, seed: int, models: dict[str, CoopDetector]) -> dict:
+        job, e = f"eval-s{seed}", self.cfg.eval
+        if self.run.result(job) is not None:
+            return self.run.result(job)
+        rings = self.cfg.sim.rings
+        conditions = [("clean", 0)] + [(c, lv) for c in e.corruptions for lv in e.levels]
+        test = self.frames("test")
+        results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in conditions], "models": {}}
+        detections: dict[tuple[str, str], tuple[list, list]] = {}
+        gts: dict[str, list] = {}
+        for cname, lv in conditions:
+            key = "clean" if cname == "clean" else f"{cname}-{lv}"
+            frames = [corrupt_frame(f, cname, lv, rings) for f in test]
+            for name, model in models.items():
+                inputs = VARIANTS[name][0]
+                boxes, scores, truth = [], [], []
+                for i in range(0, len(frames), e.batch):
+                    batch = collate(frames[i : i + e.batch], self.grid, inputs=inputs)
+                    # the labels come from the clean frames: a corruption hides points, not cars
+                    clean = collate(test[i : i + e.batch], self.grid)
+                    for (b, s), gt in zip(predict(model, batch, self.anchors, self.anchor_cfg), clean.boxes):
+                        boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
+                        scores.append(s.cpu())
+                        truth.append(gt[:, [0, 1, 3, 4, 6]].cpu())
+                detections[name, key] = (boxes, scores)
+                gts[key] = truth
+                row = results["models"].setdefault(name, {})
+                row[key] = {f"ap{int(t * 100)}": average_precision(boxes, scores, truth, t) for t in (0.5, 0.7)}
+        # Robo3D's robustness against b0, and paired bootstrap of delta-AP against b0, per condition
+        for name, rows in results["models"].items():
+            b0 = results["models"]["b0"]
+            for t in ("ap50", "ap70"):
+                # undefined (None) where a denominator is 0: b0 perfect under a corruption, or a clean AP of 0
+                ce = {c: corruption_error([rows[f"{c}-{lv}"][t] for lv in e.levels], [b0[f"{c}-{lv}"][t] for lv in e.levels])
+                      if any(b0[f"{c}-{lv}"][t] < 1 for lv in e.levels) else None for c in e.corruptions}
+                rr = {c: resilience_rate([rows[f"{c}-{lv}"][t] for lv in e.levels], rows["clean"][t])
+                      if rows["clean"][t] > 0 else None for c in e.corruptions}
+                rows[f"ce_{t}"], rows[f"rr_{t}"] = ce, rr
+                rows[f"mce_{t}"] = mean_ce(ce) if ce and None not in ce.values() else None
+                rows[f"mrr_{t}"] = mean_rr(rr) if rr and None not in rr.values() else None
+            if name != "b0":
+                for key in results["conditions"]:
+                    for thr, t in ((0.5, "ap50"), (0.7, "ap70")):
+                        rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_ap(
+                            detections[name, key], detections["b0", key], gts[key], thr, rounds=e.bootstrap, seed=seed)
+        self._pictures(seed, models, test[:2], e.corruptions[0] if e.corruptions else None)
+        self.run.save_result(job, results)
+        return results
+
+    def _pictures(self, seed: int, models: dict[str, CoopDetector], frames: list[Frame], corruption: str | None) -> None:
+        """BEV pictures of the first test frames, clean and under ``corruption`` at level 2, for b0 and dsrc."""
+        out = self.run.artifact("samples")
+        out.mkdir(exist_ok=True)
+        shown = [m for m in ("b0", "dsrc") if m in models]
+        for cname in ["clean"] + ([corruption] if corruption else []):
+            for i, frame in enumerate(frames):
+                f = corrupt_frame(frame, cname, 2, self.cfg.sim.rings)
+                clouds = [f.points_in_ego(a) for a in range(f.num_agents)]
+                truth = collate([frame], self.grid).boxes[0]
+                for name in shown:
+                    batch = collate([f], self.grid, inputs=VARIANTS[name][0])
+                    boxes, scores = predict(models[name], batch, self.anchors, self.anchor_cfg)[0]
+                    label = "clean" if cname == "clean" else f"{cname}-2"
+                    save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
+                             title=f"{name}, {label}, test frame {i}, seed {seed}")
+
+    def run_all(self) -> dict:
+        out = {}
+        for seed in self.cfg.seeds:
+            teachers = {}
+            jobs = {VARIANTS[v][2] for v in self.cfg.variants} - {None}
+            if "teacher" in jobs:
+                teachers["teacher"] = self.teacher(seed)
+            if "teacher_unpainted" in jobs:
+                teachers["teacher_unpainted"] = self.teacher(seed, painted=False)
+            models = {v: self.variant(v, seed, teachers) for v in self.cfg.variants}
+            out[seed] = self.evaluate(seed, models) if dist.is_main() else None
+            dist.barrier()
+        return out
+
+
+def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "") -> Path:
+    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path."""
+    from .dsrc_report import write_report
+
+    validate(cfg)
+    dist.init()
+    run = Run(run_dir, cfg, resume=resume, command=command)
+    recipe = DSRCRecipe(cfg, run, progress)
+    results = recipe.run_all()
+    report = run.artifact("report.md")
+    if dist.is_main():
+        write_report(run, results, recipe)
+    dist.barrier()
+    return report
+

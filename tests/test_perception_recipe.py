@@ -1,0 +1,65 @@
+"""The DSRC recipe end to end on the CPU at a tiny size (a pipeline check: the numbers are not claims)."""
+
+import json
+
+import pytest
+
+from sparsedistill.config import load_config
+from sparsedistill.recipes.dsrc import DSRCConfig, run_dsrc, validate
+
+
+def _cfg(**over):
+    sets = ["sim.train_frames=4", "sim.test_frames=2", "sim.azimuths=256", "train.steps=3", "train.checkpoint_every=2",
+            "train.log_every=1", 'variants=["b0", "dsrc", "dsrc_no_paint"]', 'eval.corruptions=["fog"]', "eval.levels=[2]",
+            "eval.bootstrap=20", *[f"{k}={v}" for k, v in over.items()]]
+    return load_config(DSRCConfig, "short", sets, recipe="perception")
+
+
+def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
+    from sparsedistill.cli import main
+
+    cfg = _cfg()
+    report = run_dsrc(cfg, tmp_path / "run", progress=False)
+    res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
+    assert res["conditions"] == ["clean", "fog-2"] and list(res["models"]) == ["b0", "dsrc", "dsrc_no_paint"]
+    for name, rows in res["models"].items():
+        assert 0 <= rows["clean"]["ap50"] <= 1 and 0 <= rows["fog-2"]["ap70"] <= 1
+        assert ("delta_ap50_vs_b0" in rows["clean"]) == (name != "b0")
+    done = sorted(p.stem for p in (tmp_path / "run" / "results").glob("*.json"))
+    assert done == ["b0-s0", "dsrc-s0", "dsrc_no_paint-s0", "eval-s0", "teacher-s0", "teacher_unpainted-s0"]
+    logged = {json.loads(line)["job"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
+    assert {"teacher-s0", "dsrc-s0"} <= logged
+    dsrc_terms = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["job"] == "dsrc-s0"]
+    assert {"before_fusion", "after_fusion", "head", "occupancy", "offset"} <= set(dsrc_terms[-1])  # every DSRC term trained
+    text = report.read_text()
+    assert "| `dsrc` |" in text and (tmp_path / "run" / "ap-vs-severity.png").exists()
+    assert list((tmp_path / "run" / "samples").glob("bev-dsrc-fog-2-f0-s0.png"))
+    # resuming a finished run trains nothing; the report command rewrites the report
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    run_dsrc(cfg, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    report.unlink()
+    assert main(["perception", "report", str(tmp_path / "run")]) == 0 and report.exists()
+
+
+def test_dsrc_recipe_rejects_bad_configs():
+    with pytest.raises(ValueError, match="unknown variants"):
+        validate(_cfg(variants='["b0", "dsrc_plus"]'))
+    with pytest.raises(ValueError, match="must include b0"):
+        validate(_cfg(variants='["dsrc"]'))
+    with pytest.raises(ValueError, match="unknown corruptions"):
+        validate(_cfg(**{"eval.corruptions": '["rain"]'}))
+    with pytest.raises(ValueError, match="eval.levels"):
+        validate(_cfg(**{"eval.levels": "[4]"}))
+    with pytest.raises(ValueError, match="not a cooperative detector"):
+        validate(_cfg(model='"mlp"'))
+
+
+def test_perception_simulate_draws_frames(tmp_path, capsys):
+    from sparsedistill.cli import main
+
+    assert main(["perception", "simulate", "--out", str(tmp_path), "--frames", "1", "--corruptions", "snow",
+                 "--speed-frames", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["frame-2000000-clean.png", "frame-2000000-snow-2.png"]
+    assert "frames/s on cpu" in capsys.readouterr().out
