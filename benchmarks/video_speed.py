@@ -135,7 +135,9 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
         x = torch.randn(b2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)
         t = torch.full((b2,), 0.5, device="cuda")
         yy = torch.arange(b2, device="cuda") % c.num_classes
-        run = torch.compile(m) if compiled else m  # Inductor's kernels, then the same CUDA graph around them
+        if compiled:  # every row compiled alike: static shapes, nothing carried over from the previous row's compile
+            torch._dynamo.reset()
+        run = torch.compile(m, dynamic=False) if compiled else m  # Inductor's kernels, then the same CUDA graph around them
         fwd = GraphedForward(run, x, t, yy)
         r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "mode": mode, "steps": steps,
              "cfg": cfg, "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps), **profile_split(run, x, t, yy)}

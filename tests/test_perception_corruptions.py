@@ -99,3 +99,8 @@ def test_bad_input_gets_clear_errors(frame):
     with pytest.raises(ValueError, match="unknown split"):
         split_seeds("dev", 3)
     assert list(split_seeds("test", 2)) == [2_000_000, 2_000_001]
+
+
+def test_ring_count_must_match_the_scan(frame):
+    with pytest.raises(ValueError, match="ScanContext.rings is 16"):
+        corrupt(frame.points[0], "beam_missing", 2, 0, ScanContext(rings=16))

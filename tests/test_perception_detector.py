@@ -97,7 +97,7 @@ def test_detector_learns_one_frame_and_finds_its_cars():
     """Overfitting one simulated frame: a broken assignment, coding, fusion or decoding would not reach AP 0.5."""
     torch.manual_seed(0)
     sim = SimConfig(SceneConfig(agents=(3, 3)), LidarConfig(rings=32, azimuths=512))
-    frame = simulate_frame(11, sim)
+    frame = simulate_frame(12, sim)
     model = create_model("coop_detector_tiny")
     grid = model.cfg.grid
     pts = [frame.points_in_ego(a)[:, :4] for a in range(frame.num_agents)]
@@ -132,3 +132,16 @@ def test_detector_learns_one_frame_and_finds_its_cars():
     assert ap > 0.5
     with pytest.raises(ValueError, match="at least its ego's cloud"):
         model(points, cloud, [0])
+
+
+def test_detector_runs_under_bf16_autocast_and_checks_its_cloud_index():
+    model = create_model("coop_detector_tiny")
+    pts = torch.tensor([[1.0, 1.0, -1.0, 0.5], [2.0, -1.0, -1.2, 0.3], [5.0, 3.0, -0.5, 0.2]])
+    cloud = torch.tensor([0, 1, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pts, cloud, [2])
+    assert torch.isfinite(out["cls"].float()).all()
+    with pytest.raises(ValueError, match="make 2 clouds"):
+        model(pts, torch.tensor([0, 1, 2]), [2])
+    with pytest.raises(ValueError, match="one integer index per point"):
+        model(pts, cloud.float(), [2])

@@ -82,3 +82,10 @@ def test_reconstruction_targets_and_loss():
     assert occ_l < 1e-4 and l1 == 0
     occ_l, l1 = reconstruction_loss(torch.zeros_like(perfect), occ, off)
     assert occ_l > 0.5 and l1 > 0
+
+
+def test_masked_mse_keeps_a_small_car_at_coarse_scales():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 9, 13] = 1  # one pillar: bilinear resizing to 8 x 8 would skip it at most offsets
+    s, t = torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+    assert masked_feature_mse(s, t, mask) == 1.0

@@ -8,6 +8,7 @@ import torch
 
 from sparsedistill.perception.geometry import boxes_between, points_between, points_in_boxes, points_to_world
 from sparsedistill.perception.lidar import LidarConfig, cast_rays, ray_directions, scan
+from sparsedistill.perception.metrics import rotated_iou_bev
 from sparsedistill.perception.scene import SceneConfig, simulate_scene
 
 
@@ -58,16 +59,15 @@ def test_scenes_are_a_function_of_the_seed(scene):
     assert torch.equal(scene.primitives, again.primitives) and torch.equal(scene.poses, again.poses)
     assert not torch.equal(scene.primitives[:5], other.primitives[:5])
     cfg = SceneConfig()
-    for seed in range(8):
+    for seed in range(60):  # seed 41 had two cars on one spot of the side street
         s = simulate_scene(seed)
         assert cfg.agents[0] <= s.num_agents <= cfg.agents[1] and len(set(s.agents.tolist())) == s.num_agents
         ego = s.boxes[s.agents[0], :2]
         assert (s.boxes[s.agents, :2] - ego).norm(dim=1).max() <= cfg.comm_range  # collaborators within range
         assert (s.owner[s.owner >= 0] < len(s.boxes)).all()
-        # no two cars overlap: centre distances at least the sum of their half widths
-        b = s.boxes
-        gap = (b[:, None, :2] - b[None, :, :2]).norm(dim=-1) + torch.eye(len(b)) * 1e3
-        assert (gap > (b[:, None, 4] + b[None, :, 4]) / 2).all()
+        # no two cars overlap
+        iou = rotated_iou_bev(s.boxes[:, [0, 1, 3, 4, 6]], s.boxes[:, [0, 1, 3, 4, 6]])
+        assert (iou - torch.eye(len(iou))).abs().max() < 1e-6
     with pytest.raises(ValueError, match="agents must be a range"):
         SceneConfig(agents=(3, 2))
 

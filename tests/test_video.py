@@ -95,6 +95,15 @@ def test_rope_3d_rotates_each_axis_by_its_own_position():
     bounds = [0, 16, 40, 64]
     per_slice = torch.cat([apply_rope(k[..., a:b], cos[:, a:b], sin[:, a:b]) for a, b in zip(bounds, bounds[1:])], -1)
     assert torch.allclose(apply_rope_3d(k, cos, sin), per_slice, atol=1e-6)
+    # its cached rotation, first built under inference mode (sampling), still serves training (saved for backward)
+    from sparsedistill.attention import rope
+
+    rope._ROTATIONS.clear()
+    with torch.inference_mode():
+        apply_rope_3d(k, cos, sin)
+    leaf = k.clone().requires_grad_(True)
+    apply_rope_3d(leaf, cos, sin).sum().backward()
+    assert leaf.grad is not None
 
 
 def test_flow_loss_and_euler_sampler():

@@ -8,7 +8,9 @@ set -u
 limit=$1; shift
 SPARSEDISTILL_LOG=info timeout "$limit" python3 -m sparsedistill video run --config full --run-dir runs/vb-full \
   --resume --no-progress "$@" >> "$OUT/vb-full.log" 2>&1
-echo "video run: exit $? after $SECONDS s" | tee -a "$OUT/vb-full.log"
+rc=$?
+echo "video run: exit $rc after $SECONDS s" | tee -a "$OUT/vb-full.log"
 tail -n 12 "$OUT/vb-full.log"
 ls runs/vb-full/results 2>/dev/null; tail -n 2 runs/vb-full/metrics.jsonl 2>/dev/null
 tar -czf - --exclude='*.pt' runs/vb-full | split -b 15m -d - "$OUT/vb-full.tgz.part-"
+exit $rc

@@ -64,11 +64,17 @@ def _rotate_half_3d(head_dim: int, device: torch.device) -> tuple[Tensor, Tensor
     """(perm, sign) with ``rotate_half`` of every ``split_3d`` slice = ``x[..., perm] * sign``."""
     key = (head_dim, str(device))
     if key not in _ROTATIONS:
-        perm, sign, start = [], [], 0
-        for n in split_3d(head_dim):
-            h = n // 2
-            perm += [start + h + j for j in range(h)] + [start + j for j in range(h)]
-            sign += [-1.0] * h + [1.0] * h
-            start += n
-        _ROTATIONS[key] = (torch.tensor(perm, device=device), torch.tensor(sign, device=device))
+        # built once per (size, device); first called outside CUDA-graph capture (callers warm up before capturing)
+        with torch.inference_mode(False):
+            _ROTATIONS[key] = _make_rotation(head_dim, device)
     return _ROTATIONS[key]
+
+
+def _make_rotation(head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    perm, sign, start = [], [], 0
+    for n in split_3d(head_dim):
+        h = n // 2
+        perm += [start + h + j for j in range(h)] + [start + j for j in range(h)]
+        sign += [-1.0] * h + [1.0] * h
+        start += n
+    return torch.tensor(perm, device=device), torch.tensor(sign, device=device)

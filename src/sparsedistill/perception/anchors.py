@@ -128,12 +128,13 @@ def nms_bev(boxes: Tensor, scores: Tensor, iou: float, limit: int) -> Tensor:
     boxes = boxes[order]
     if len(boxes) == 0:
         return order
-    overlap = rotated_iou_bev(boxes[:, [0, 1, 3, 4, 6]], boxes[:, [0, 1, 3, 4, 6]])
-    keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-    for i in range(len(boxes)):  # candidates are few (score threshold + pre-NMS top-k)
+    # one copy to the host, then the greedy loop there (candidates are few: score threshold + pre-NMS top-k)
+    overlap = (rotated_iou_bev(boxes[:, [0, 1, 3, 4, 6]], boxes[:, [0, 1, 3, 4, 6]]) > iou).cpu()
+    keep = torch.ones(len(boxes), dtype=torch.bool)
+    for i in range(len(boxes)):
         if keep[i]:
-            keep[i + 1 :] &= overlap[i, i + 1 :] <= iou
-    return order[keep.nonzero().squeeze(1)][:limit]
+            keep[i + 1 :] &= ~overlap[i, i + 1 :]
+    return order[keep.nonzero().squeeze(1).to(order.device)][:limit]
 
 
 def postprocess(cls_logits: Tensor, reg: Tensor, anchors: Tensor, cfg: AnchorConfig,

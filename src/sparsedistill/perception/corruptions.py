@@ -102,7 +102,8 @@ def _attenuate(p: Tensor, beta: float, u: Tensor) -> Tensor:
 
 
 def _backscatter(p: Tensor, share: float, scale: float, u: Tensor) -> Tensor:
-    """A share of rays return from the medium itself: the point moves to a short range (Gamma-like, mean ``scale``)."""
+    """A share of rays return from the medium itself: the point moves to a short range (a Gamma(2, ``scale``) draw, mean
+    2 ``scale``, at least 0.5 m, never beyond the hard target)."""
     hit = u[0] < share
     r = p[:, :3].norm(dim=1, keepdim=True).clamp(min=1e-6)
     near = (-scale * torch.log(u[1:2].T.clamp(min=1e-6) * u[2:3].T.clamp(min=1e-6))).clamp(min=0.5)  # sum of 2 exponentials
@@ -176,5 +177,8 @@ def corrupt(points: Tensor, name: str, level: int, seed: int, ctx: ScanContext =
         raise ValueError("the scan holds NaN or infinite values; drop those points before corrupting it")
     if len(points) == 0:
         return points
+    if name in ("beam_missing", "cross_sensor") and int(points[:, 4].max()) >= ctx.rings:
+        raise ValueError(f"the scan has ring ids up to {int(points[:, 4].max())} but ScanContext.rings is {ctx.rings}: "
+                         "pass the sensor's ring count")
     return CORRUPTIONS[name](points, level, seed, ctx)
 

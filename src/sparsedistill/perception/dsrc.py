@@ -35,6 +35,8 @@ __all__ = ["paint_teacher_input", "object_mask", "masked_feature_mse", "head_dis
 def paint_teacher_input(agent_points: list[Tensor], boxes: Tensor, margin: float = 0.1) -> tuple[list[Tensor], Tensor]:
     """For one frame's agents' points (each (N_a, 4), already in the ego frame) and its cars ``boxes`` (K, 7):
     the teacher's clouds (N'_a, 5), one per agent, and the fleet's object points (M, 5) (all painted 1)."""
+    if any(p.ndim != 2 or p.shape[1] != 4 for p in agent_points):
+        raise ValueError("paint_teacher_input takes each agent's points as (N, 4) = (x, y, z, intensity) in the ego frame")
     merged = torch.cat(agent_points) if agent_points else torch.zeros(0, 4)
     on_car = points_in_boxes(merged, boxes, margin) >= 0
     objects = torch.cat([merged[on_car], torch.ones(int(on_car.sum()), 1, device=merged.device)], 1)
@@ -55,13 +57,11 @@ def object_mask(objects: Tensor, frame: Tensor, grid: BEVGrid, num_frames: int) 
 
 
 def masked_feature_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-    """Mean squared feature error over the masked cells: ``student``/``teacher`` (N, C, h, w), ``mask`` (N, H, W) resized to
-    (h, w) bilinearly (soft at the borders, as DSRC). Zero when no cell is masked."""
-    m = F.interpolate(mask[:, None], size=student.shape[-2:], mode="bilinear", align_corners=False)
-    weight = m.sum() * student.shape[1]
-    if weight == 0:
-        return student.sum() * 0.0
-    return (m * (student - teacher.detach()).square()).sum() / weight
+    """Mean squared feature error over the masked cells: ``student``/``teacher`` (N, C, h, w), ``mask`` (N, H, W) averaged
+    down to (h, w) (a coarse cell weighs by its share of car; DSRC resizes bilinearly, which skips cells). Zero when
+    no cell is masked."""
+    m = F.interpolate(mask[:, None], size=student.shape[-2:], mode="area")  # the share of each coarse cell that is car
+    return (m * (student - teacher.detach()).square()).sum() / (m.sum() * student.shape[1]).clamp(min=1e-6)
 
 
 def head_distillation(student_cls: Tensor, student_reg: Tensor, teacher_cls: Tensor, teacher_reg: Tensor) -> Tensor:

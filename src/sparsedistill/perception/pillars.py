@@ -90,7 +90,7 @@ class PillarEncoder(nn.Module):
                                              self.norm.bias, False, 0.0, self.norm.eps)
             else:
                 x = self.norm(x)
-            feats = torch.relu(x)
+            feats = torch.relu(x).to(out.dtype)  # under autocast the features come out in bf16
             # features are >= 0 after the ReLU, so a max into zeros is the max over the pillar's points (empty: 0)
             out = out.scatter_reduce(0, cell[:, None].expand(-1, self.channels), feats, reduce="amax", include_self=True)
         return out.view(num_clouds, h, w, self.channels).permute(0, 3, 1, 2).contiguous()

@@ -53,6 +53,9 @@ class SceneConfig:
         lo, hi = self.agents
         if not 1 <= lo <= hi:
             raise ValueError(f"agents must be a range (min, max) with 1 <= min <= max, got {self.agents}")
+        if self.moving_cars[0] < max(1, lo) or self.moving_cars[0] > self.moving_cars[1]:
+            raise ValueError(f"moving_cars {self.moving_cars} must be a range whose minimum holds the agents (>= {max(1, lo)}): "
+                             "the ego and its collaborators are moving cars")
         if self.comm_range <= 0 or self.length <= 2 * 10:
             raise ValueError(f"comm_range must be positive and length above 20 m, got {self.comm_range}, {self.length}")
 
@@ -181,11 +184,14 @@ def simulate_scene(seed: int, cfg: SceneConfig = SceneConfig()) -> Scene:
             taken[y].append((x, 3.5))
             movers.append(b.car(x, y + float(d.uniform(-0.3, 0.3)), yaw + float(d.uniform(-0.05, 0.05))))
     if side_x is not None:
+        side_taken: dict[float, list[tuple[float, float]]] = {}
         for _ in range(d.count((1, 4))):
             lane = (1 if d.chance(0.5) else -1) * cfg.lane_width / 2
             y = float(d.uniform(walk + 2, 45)) * (1 if d.chance(0.5) else -1)
-            yaw = math.pi / 2 if lane > 0 else -math.pi / 2
-            movers.append(b.car(side_x + lane, y, yaw + float(d.uniform(-0.05, 0.05))))
+            if _free(y, side_taken.setdefault(lane, []), 3.5):
+                side_taken[lane].append((y, 3.5))
+                yaw = math.pi / 2 if lane > 0 else -math.pi / 2
+                movers.append(b.car(side_x + lane, y, yaw + float(d.uniform(-0.05, 0.05))))
     # parked cars along the kerbs, facing with the traffic of their side
     parked_taken: dict[int, list[tuple[float, float]]] = {1: [], -1: []}
     for _ in range(d.count(cfg.parked_cars)):
