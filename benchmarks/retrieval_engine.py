@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsedistill.recipes.retrieval_index import open_collection_index  # noqa: E402
+from sparsedistill.retrieval.collection import open_collection_index  # noqa: E402
 from sparsedistill.retrieval.index import SparseIndex  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
 

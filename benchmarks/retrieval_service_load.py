@@ -58,7 +58,7 @@ def ndcg10(ranked: list[str], rels: dict[str, int]) -> float:
 def prepare_index(source: Path, collection: str, work: Path) -> Path:
     """A private copy of the index files (the service may be pointed at writes; the source stays untouched)."""
     if not (source / "manifest.json").exists():
-        from sparsedistill.recipes.retrieval_index import build_collection_index
+        from sparsedistill.retrieval.collection import build_collection_index
 
         print(f"{source} holds no index: encoding {collection} with SPLADE-tiny (resumable; ~9 minutes for SciFact on 2 cores)")
         build_collection_index(collection, source).close()
@@ -116,7 +116,7 @@ def main() -> int:
                 raise SystemExit(f"the index holds {health['docs']} documents, {args.collection} has {len(col.corpus)}")
 
             # correctness: the service against the same index searched in-process
-            from sparsedistill.recipes.retrieval_index import open_collection_index
+            from sparsedistill.retrieval.collection import open_collection_index
 
             index, qenc, _ = open_collection_index(index_dir)
             mismatches, ndcgs = 0, []

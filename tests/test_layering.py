@@ -40,7 +40,7 @@ def test_attention_works_on_tensors_and_imports_no_model():
 def test_the_check_sees_lazy_relative_imports():
     src = PACKAGE / "retrieval" / "service.py"
     mods = [m for _, m in _imports(src)]
-    assert "sparsedistill.retrieval.idf" in mods  # a function-level `from .idf import ...` is resolved and seen
+    assert "sparsedistill.retrieval.collection" in mods  # a function-level `from .collection import ...` is resolved and seen
 
 
 def test_models_need_no_triton():
@@ -51,3 +51,36 @@ def test_models_need_no_triton():
     code = "import sys, sparsedistill.models, sparsedistill.attention.rope; assert 'triton' not in sys.modules, 'triton'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _subpackage_graph() -> dict[str, set[str]]:
+    """Which library subpackage imports which (lazy imports included)."""
+    edges: dict[str, set[str]] = {sub: set() for sub in LIBRARY}
+    for sub in LIBRARY:
+        for f in (PACKAGE / sub).rglob("*.py"):
+            for _, mod in _imports(f):
+                parts = mod.split(".")
+                if len(parts) > 1 and parts[0] == "sparsedistill" and parts[1] in LIBRARY and parts[1] != sub:
+                    edges[sub].add(parts[1])
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found = []
+
+    def walk(path: list[str]) -> None:
+        for nxt in sorted(edges.get(path[-1], ())):
+            if nxt == path[0]:
+                found.append(path + [nxt])
+            elif nxt not in path:
+                walk(path + [nxt])
+
+    for start in edges:
+        walk([start])
+    return found
+
+
+def test_no_import_cycle_between_subpackages():
+    cycles = _cycles(_subpackage_graph())
+    assert not cycles, "import cycles between library subpackages:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) and not _cycles({"a": {"b"}, "b": {"c"}, "c": set()})

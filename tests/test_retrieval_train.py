@@ -344,7 +344,7 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
     pytest.importorskip("bm25s")
     pytest.importorskip("ranx")
     from sparsedistill.config import load_config
-    from sparsedistill.recipes.retrieval_index import build_collection_index
+    from sparsedistill.retrieval.collection import build_collection_index
     from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, run_retrieval_train
     from sparsedistill.retrieval import IDFTable
     from sparsedistill.retrieval.term_weights import QueryTermWeights

@@ -265,7 +265,7 @@ def _retrieval_evaluate(args: argparse.Namespace) -> int:
 
 
 def _retrieval_index(args: argparse.Namespace) -> int:
-    from .recipes.retrieval_index import build_collection_index
+    from .retrieval.collection import build_collection_index
 
     index = build_collection_index(args.collection, args.index_dir, encoder=args.encoder or "", max_length=args.max_length,
                                    batch_size=args.batch_size, chunk_docs=args.chunk_docs, progress=not args.no_progress)
@@ -276,7 +276,7 @@ def _retrieval_index(args: argparse.Namespace) -> int:
 
 
 def _retrieval_search(args: argparse.Namespace) -> int:
-    from .recipes.retrieval_index import open_collection_index
+    from .retrieval.collection import open_collection_index
 
     index, query_encoder, corpus = open_collection_index(args.index_dir, verify=not args.no_verify)
     hits = index.search(query_encoder([args.query]), k=args.k)
@@ -308,7 +308,8 @@ def _retrieval_serve(args: argparse.Namespace) -> int:
 
 
 def _retrieval_export(args: argparse.Namespace) -> int:
-    from .recipes.retrieval_index import IDF_FILE, open_collection_index
+    from .retrieval.collection import open_collection_index
+    from .retrieval.idf import INDEX_IDF_FILE
     from .retrieval.exports import opensearch_mapping, token_strings, write_anserini_vectors, write_opensearch_bulk, write_opensearch_idf
 
     index, query_encoder, corpus = open_collection_index(args.index_dir)
@@ -326,7 +327,7 @@ def _retrieval_export(args: argparse.Namespace) -> int:
     atomic_write_bytes(Path(f"{stem}.mapping.json"), json.dumps(opensearch_mapping(args.field), indent=1).encode())
     write_opensearch_idf(query_encoder.idf, query_encoder.tokenizer, Path(f"{stem}.idf.json"))
     print(f"{args.out}: {n} documents as OpenSearch _bulk NDJSON for index '{name}'; mapping in {stem}.mapping.json, "
-          f"IDF (from {args.index_dir / IDF_FILE}) in {stem}.idf.json")
+          f"IDF (from {args.index_dir / INDEX_IDF_FILE}) in {stem}.idf.json")
     return 0
 
 

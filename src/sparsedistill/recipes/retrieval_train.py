@@ -566,10 +566,10 @@ class RetrievalTrain:
         """``(ids, (documents, vocab) sparse vectors, documents/s, device encoded on)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
         from .retrieval_eval import encode_documents
-        from .retrieval_index import _weights_sha
+        from ..retrieval.collection import weights_sha256
 
         ml = self.cfg.eval.max_length or self.cfg.student.max_length
-        model = _weights_sha(model_dir) if model_dir else "base"  # a model retrained within the run gets new vectors
+        model = weights_sha256(model_dir) if model_dir else "base"  # a model retrained within the run gets new vectors
         f = self.run.path / "doc-vectors" / f"{label}-{collection_name(collection)}-{ml}-{model}.pt"
         col = load_beir(collection)
         ids = list(col.corpus)

@@ -168,18 +168,9 @@ class SearchService:
         return splade_tiny_path()  # the index's tokenizer fingerprint is checked against whatever this gives
 
     def _default_query_encoder(self) -> Encoder:
-        from transformers import AutoTokenizer
+        from .collection import query_encoder_for
 
-        from .encoders import QueryEncoder
-        from .idf import INDEX_IDF_FILE, IDFTable
-
-        idf_file = self.index_dir / INDEX_IDF_FILE
-        if not idf_file.exists():
-            raise FileNotFoundError(f"{idf_file} is missing: the query side needs the index's IDF table "
-                                    "(`sparsedistill retrieval index` writes it), or pass query_encoder to create_app")
-        tok = AutoTokenizer.from_pretrained(str(self._tokenizer_path()))
-        self.index.check_tokenizer(tok)
-        return QueryEncoder(tok, IDFTable.load(idf_file, tok))
+        return query_encoder_for(self.index, self.index_dir, self._tokenizer_path())
 
     def _load_doc_encoder(self) -> Encoder:
         if self._doc_encoder is not None:

@@ -5,7 +5,8 @@
 at the first missing chunk; then adds every chunk not yet in the index (one atomic segment each),
 compacts to one segment, and writes ``idf.json`` for the query side (times the encoder's learned
 query-term weights, ``query_weights.json``, when it has them: the index's one effective table). ``open_collection_index`` gives
-back what ``retrieval search`` needs: the index, the query encoder and, if found, the corpus.
+back what ``retrieval search`` needs: the index, the query encoder and, if found, the corpus;
+``query_encoder_for`` the query side alone (the HTTP service's default).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import sha256_file
 from ..data.beir import BeirCollection, load_beir
-from ..retrieval.idf import INDEX_IDF_FILE
-from ..retrieval.term_weights import QueryTermWeights
+from ..files import sha256_file
 from ..runs import atomic_write_bytes
+from .idf import INDEX_IDF_FILE
+from .term_weights import QueryTermWeights
 
-__all__ = ["build_collection_index", "open_collection_index", "IDF_FILE"]
-
-IDF_FILE = INDEX_IDF_FILE  # the library's name for it (the service reads it too)
+__all__ = ["build_collection_index", "open_collection_index", "query_encoder_for", "weights_sha256"]
 
 
 def _collection_ref(collection: str) -> str:
@@ -37,7 +36,8 @@ def _collection_ref(collection: str) -> str:
     return str(p.resolve()) if p.is_dir() else collection
 
 
-def _weights_sha(model_dir: Path) -> str:
+def weights_sha256(model_dir: Path) -> str:
+    """A short fingerprint of an encoder folder's weight files (what its document vectors depend on)."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*")):
         if f.suffix in (".safetensors", ".bin", ".pt"):  # not query_weights.json: it changes idf.json, not the chunks
@@ -63,10 +63,9 @@ def _load_chunk(path: Path):
 def build_collection_index(collection: str, index_dir: Path, encoder: str = "", max_length: int = 256,
                            batch_size: int = 32, chunk_docs: int = 512, progress: bool = True):
     """Encode (resumably) and index ``collection`` (a name under the IR data root, or a BEIR folder)."""
-    from ..retrieval import IDFTable, SparseDocEncoder
-    from ..retrieval.encoders import splade_tiny_path
-    from ..retrieval.idf import tokenizer_fingerprint
-    from ..retrieval.index import MANIFEST, SparseIndex
+    from .encoders import SparseDocEncoder, splade_tiny_path
+    from .idf import IDFTable, tokenizer_fingerprint
+    from .index import MANIFEST, SparseIndex
 
     c = load_beir(collection)
     ids = list(c.corpus)
@@ -76,7 +75,7 @@ def build_collection_index(collection: str, index_dir: Path, encoder: str = "", 
     chunk_dir = index_dir / "chunks"
     meta = {"collection": _collection_ref(collection), "docs": len(ids),
             "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "encoder": str(encoder_path.resolve()),
-            "encoder_weights_sha256": _weights_sha(encoder_path), "max_length": max_length, "chunk_docs": chunk_docs}
+            "encoder_weights_sha256": weights_sha256(encoder_path), "max_length": max_length, "chunk_docs": chunk_docs}
     meta_file = chunk_dir / "meta.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
@@ -123,32 +122,38 @@ def build_collection_index(collection: str, index_dir: Path, encoder: str = "", 
     # (rewritten on every run, so weights learned after the documents were indexed reach the index)
     idf = IDFTable.from_corpus(texts, tok)
     weights = QueryTermWeights.find(encoder_path, tok)
-    (weights.apply(idf) if weights is not None else idf).save(index_dir / IDF_FILE)
+    (weights.apply(idf) if weights is not None else idf).save(index_dir / INDEX_IDF_FILE)
     return index
+
+
+def query_encoder_for(index: Any, index_dir: Path, tokenizer_path: Path | None = None) -> Any:
+    """The query side of an index built by ``build_collection_index``: its tokenizer (``tokenizer_path``, else the
+    encoder the index records, else SPLADE-tiny's) and its IDF table, checked against the index's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .encoders import QueryEncoder, splade_tiny_path
+    from .idf import IDFTable
+
+    idf_file = Path(index_dir) / INDEX_IDF_FILE
+    if not idf_file.exists():
+        raise FileNotFoundError(f"{idf_file} is missing: the query side needs it; rerun `sparsedistill retrieval index` "
+                                "(it writes the corpus's IDF, times the encoder's query_weights.json if any) or save an IDFTable there")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path or index.metadata.get("encoder") or splade_tiny_path()))
+    index.check_tokenizer(tok)
+    return QueryEncoder(tok, IDFTable.load(idf_file, tok))
 
 
 def open_collection_index(index_dir: Path, verify: bool = True) -> tuple[Any, Any, BeirCollection | None]:
     """``(index, query_encoder, corpus or None)`` for an index built by ``build_collection_index``."""
-    from transformers import AutoTokenizer
-
     from ..data import DatasetNotFound
-    from ..retrieval import IDFTable, QueryEncoder
-    from ..retrieval.encoders import splade_tiny_path
-    from ..retrieval.index import SparseIndex
+    from .index import SparseIndex
 
     index = SparseIndex.open(index_dir, verify=verify)
-    meta = index.metadata
-    tok = AutoTokenizer.from_pretrained(meta.get("encoder") or str(splade_tiny_path()))
-    index.check_tokenizer(tok)
-    idf_file = index_dir / IDF_FILE
-    if not idf_file.exists():
-        raise FileNotFoundError(f"{idf_file} is missing: the query side needs it; rerun `sparsedistill retrieval index` "
-                                "(it writes the corpus's IDF, times the encoder's query_weights.json if any) or save an IDFTable there")
-    query_encoder = QueryEncoder(tok, IDFTable.load(idf_file, tok))
+    query_encoder = query_encoder_for(index, index_dir)
     corpus = None
-    if meta.get("collection"):
+    if index.metadata.get("collection"):
         try:
-            corpus = load_beir(meta["collection"])
+            corpus = load_beir(index.metadata["collection"])
         except (DatasetNotFound, FileNotFoundError):
             pass
     return index, query_encoder, corpus
