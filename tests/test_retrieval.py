@@ -135,7 +135,7 @@ def test_doc_encoder_static_pruning_keeps_the_largest_terms():
 
 
 def test_teacher_ensemble_as_a_retriever_normalises_over_the_candidate_union():
-    from sparsedistill.recipes.retrieval_eval import ensemble_over_candidates
+    from sparsedistill.retrieval.evaluation import ensemble_over_candidates
 
     a = torch.tensor([[10.0, 9.0, 0.0, -5.0]])  # teacher A's top 2: docs 0, 1
     b = torch.tensor([[0.1, 0.2, 0.9, 0.0]])  # teacher B's top 2: docs 2, 1

@@ -26,7 +26,7 @@ from ranx import Qrels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from sparsedistill.data.beir import load_beir  # noqa: E402
-from sparsedistill.recipes.retrieval_eval import ranked_metrics  # noqa: E402
+from sparsedistill.retrieval.evaluation import ranked_metrics  # noqa: E402
 from sparsedistill.retrieval.encoders import QueryEncoder, SparseDocEncoder  # noqa: E402
 from sparsedistill.retrieval.idf import IDFTable  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402

@@ -15,7 +15,7 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpo
   query-<variant>-s<seed>                  with ``query.learn`` (always for ``query-only``): per-token multipliers on
                                            the IDF query side, learned on the train qrels (+ pseudo-queries) with the
                                            documents fixed, saved beside the model as query_weights.json
-  eval-<variant>-s<seed>-<collection>      ``retrieval_eval.evaluate_collection`` on the test qrels
+  eval-<variant>-s<seed>-<collection>      ``retrieval.evaluation.evaluate_collection`` on the test qrels
 Variants: ``main`` (ensemble, IDF-aware FLOPS, pre-training) and its ablations ``plain-flops``,
 ``single-teacher`` and ``no-pretrain``; ``query-only`` (not in the defaults) keeps the documents as
 shipped and learns only the query-term weights.
@@ -565,7 +565,7 @@ class RetrievalTrain:
     def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float, str]:
         """``(ids, (documents, vocab) sparse vectors, documents/s, device encoded on)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
-        from .retrieval_eval import encode_documents
+        from ..retrieval.evaluation import encode_documents
         from ..retrieval.collection import weights_sha256
 
         ml = self.cfg.eval.max_length or self.cfg.student.max_length
@@ -640,7 +640,7 @@ class RetrievalTrain:
     def _teacher_targets(self, collection: str, texts: list[str], queries: list[str]) -> tuple[Tensor, Tensor]:
         """(indices, probabilities), each (queries, teacher_depth): the ``query.teachers`` ensemble over the whole corpus,
         cached in ``query-teachers/`` (the teachers encode every document: minutes on a CPU)."""
-        from .retrieval_eval import RetrievalEvalConfig, ensemble_over_candidates, teacher_score_matrix
+        from ..retrieval.evaluation import EvalSettings, ensemble_over_candidates, teacher_score_matrix
 
         q = self.cfg.query
         specs = [teacher_spec(t, self.cfg.teachers.max_length) for t in q.teachers]  # names, weights' identity, length
@@ -650,7 +650,7 @@ class RetrievalTrain:
             saved = torch.load(f)
             return saved["indices"], saved["probs"]
         depth = min(q.teacher_depth, len(texts))
-        ecfg = RetrievalEvalConfig(max_length=self.cfg.teachers.max_length, batch_size=self.cfg.teachers.batch_size)
+        ecfg = EvalSettings(max_length=self.cfg.teachers.max_length, batch_size=self.cfg.teachers.batch_size)
         mats = [teacher_score_matrix(t, texts, queries, ecfg, self.progress, self.device) for t in q.teachers]
         top = ensemble_over_candidates(mats, depth).topk(depth, dim=1)  # the union holds at least `depth` documents
         probs = torch.softmax(q.teacher_scale * top.values / len(mats), 1)  # the sum of min-max scores, back to [0, 1]
@@ -661,7 +661,7 @@ class RetrievalTrain:
         """Rank 0 evaluates alone (one set of files, latency timed without other ranks competing);
         under ``torchrun`` the others wait, then read its results."""
         from ..retrieval.term_weights import QueryTermWeights
-        from .retrieval_eval import RetrievalEvalConfig, evaluate_collection
+        from ..retrieval.evaluation import EvalSettings, evaluate_collection
 
         e = self.cfg.eval
         ml = e.max_length or self.cfg.student.max_length
@@ -673,8 +673,7 @@ class RetrievalTrain:
             if self.run.result(job) is None:
                 encoder = self._eval_encoder(label, model_dir)
                 _, docs, rate, device = self.doc_vectors(label, model_dir, path)
-                ecfg = RetrievalEvalConfig(collections=[str(path)], encoder=str(model_dir or ""), max_length=ml,
-                                           batch_size=e.batch_size, latency_queries=e.latency_queries)
+                ecfg = EvalSettings(max_length=ml, batch_size=e.batch_size, latency_queries=e.latency_queries)
                 weights = QueryTermWeights.find(model_dir, encoder.tokenizer)
                 r = {"label": label, "source": name, "max_length": ml, "docs_per_s": rate,
                      "encode_device": device,
