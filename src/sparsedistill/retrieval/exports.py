@@ -41,10 +41,10 @@ def token_strings(tokenizer) -> list[str]:
 
 def documents_from_matrix(doc_ids: Sequence[str], vectors: Any) -> Iterator[Document]:
     """``(doc_id, term_ids, weights)`` per row of a (docs, vocab) matrix (torch dense/COO/CSR, numpy, scipy)."""
-    from .index import _document_csr
+    from .index import document_csr
 
     vocab = vectors.shape[1]
-    indptr, indices, data, rows = _document_csr(vectors, vocab)
+    indptr, indices, data, rows = document_csr(vectors, vocab)
     if rows != len(doc_ids):
         raise ValueError(f"{len(doc_ids)} document ids for {rows} vectors")
     for r, doc_id in enumerate(doc_ids):

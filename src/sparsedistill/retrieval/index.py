@@ -52,7 +52,7 @@ import numpy as np
 from ..files import sha256_file
 from ..runs import atomic_open
 
-__all__ = ["SparseIndex", "IndexCorruptError", "IndexLockedError"]
+__all__ = ["SparseIndex", "IndexCorruptError", "IndexLockedError", "document_csr"]
 
 FORMAT = "sparsedistill-sparse-index"
 VERSION = 1
@@ -204,7 +204,7 @@ def _snapshot(manifest: dict, segments: Sequence[_Segment]) -> _Snapshot:
 # inputs
 
 
-def _document_csr(vectors: Any, vocab_size: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def document_csr(vectors: Any, vocab_size: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(indptr, term ids, weights, rows) from a torch (dense / COO / CSR), numpy or scipy matrix."""
     if hasattr(vectors, "layout"):  # torch
         import torch
@@ -560,7 +560,7 @@ class SparseIndex:
         """``search`` for each row of a (queries, vocab) matrix (dense or sparse, torch/numpy/scipy) or each item of a list."""
         if isinstance(queries, list):
             return [self.search(q, k, algorithm) for q in queries]
-        indptr, indices, data, rows = _document_csr(queries, self.vocab_size, dtype=np.float64)
+        indptr, indices, data, rows = document_csr(queries, self.vocab_size, dtype=np.float64)
         return [self.search((indices[indptr[r]:indptr[r + 1]], data[indptr[r]:indptr[r + 1]]), k, algorithm) for r in range(rows)]
 
     # documents out ------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ class SparseIndex:
         for d in ids:
             if not isinstance(d, str) or not d:
                 raise ValueError(f"document ids must be non-empty strings, got {d!r}")
-        indptr, indices, data, rows = _document_csr(vectors, self.vocab_size)
+        indptr, indices, data, rows = document_csr(vectors, self.vocab_size)
         if rows != len(ids):
             raise ValueError(f"{len(ids)} document ids for {rows} vectors")
         if len(set(ids)) != len(ids):
