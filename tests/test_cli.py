@@ -18,11 +18,27 @@ TINY = [
 ]
 
 
-def test_help_everywhere():
-    for argv in (["--help"], ["kd", "--help"], ["kd", "experiment", "--help"], ["kd", "axioms", "--help"]):
+def _command_paths(parser, prefix=()):
+    """Every command path of the CLI (argparse's subparser tree), e.g. ("vit", "compress")."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+def test_help_everywhere(capsys):
+    from sparsedistill.cli import build_parser
+
+    paths = list(_command_paths(build_parser()))
+    assert ("perception", "run") in paths and ("video", "report") in paths and len(paths) > 20
+    for path in paths:
         with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 0
+            main([*path, "--help"])
+        assert e.value.code == 0, path
+        assert "usage: sparsedistill" in capsys.readouterr().out, path
 
 
 def test_axioms_command_passes():

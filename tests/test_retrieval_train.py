@@ -48,15 +48,20 @@ def test_minmax_normalisation_and_ensemble_sum():
     assert torch.allclose(ensemble_targets({"a": a, "b": 1000 * b}, [("a", 1.0), ("b", 1.0)], 1.0), torch.tensor([[0.5, 0.5, 0.5]]))
 
 
-class _FakeTeacher:
-    calls = 0
+def _fake_teacher_class():
+    """A teacher class whose scoring calls are counted on itself (a fresh class per test: no shared counter)."""
 
-    def spec(self):
-        return {"name": "fake", "weights": "w"}
+    class FakeTeacher:
+        calls = 0
 
-    def pair_scores(self, queries, keys, corpus, qi, di, progress=False):
-        _FakeTeacher.calls += 1
-        return np.array([len(queries[i]) + len(corpus[keys[j]]) for i, j in zip(qi, di)], np.float32)
+        def spec(self):
+            return {"name": "fake", "weights": "w"}
+
+        def pair_scores(self, queries, keys, corpus, qi, di, progress=False):
+            type(self).calls += 1
+            return np.array([len(queries[i]) + len(corpus[keys[j]]) for i, j in zip(qi, di)], np.float32)
+
+    return FakeTeacher
 
 
 def test_teacher_score_cache_hits_and_misses(tmp_path):
@@ -68,12 +73,12 @@ def test_teacher_score_cache_hits_and_misses(tmp_path):
            TrainExample("q2", "three", "pseudo:crop", "c", "", ["c/3"], ["c/3", "c/1"])]
     fp = data_fingerprint(exs, corpus)
     spec = {"name": "fake", "max_length": 8, "source": "test"}
-    _FakeTeacher.calls = 0
-    s1 = teacher_scores(spec, exs, corpus, tmp_path, fp, _FakeTeacher)
-    assert s1.tolist() == [[3 + 5, 3 + 10], [5 + 5, 5 + 5]] and _FakeTeacher.calls == 1
+    Fake = _fake_teacher_class()
+    s1 = teacher_scores(spec, exs, corpus, tmp_path, fp, Fake)
+    assert s1.tolist() == [[3 + 5, 3 + 10], [5 + 5, 5 + 5]] and Fake.calls == 1
     assert scores_cache_file(tmp_path, spec, fp).exists()
-    s2 = teacher_scores(spec, exs, corpus, tmp_path, fp, _FakeTeacher)  # hit: the teacher is not even built
-    assert np.array_equal(s1, s2) and _FakeTeacher.calls == 1
+    s2 = teacher_scores(spec, exs, corpus, tmp_path, fp, Fake)  # hit: the teacher is not even built
+    assert np.array_equal(s1, s2) and Fake.calls == 1
     assert np.array_equal(teacher_scores(spec, exs, corpus, tmp_path, fp), s1)  # a hit needs no teacher at all
     # another document text -> another fingerprint -> a miss
     corpus2 = {**corpus, "c/2": "beta"}
@@ -81,7 +86,7 @@ def test_teacher_score_cache_hits_and_misses(tmp_path):
     assert fp2 != fp
     with pytest.raises(FileNotFoundError, match="no cached scores"):
         teacher_scores(spec, exs, corpus2, tmp_path, fp2)
-    assert teacher_scores(spec, exs, corpus2, tmp_path, fp2, _FakeTeacher)[0, 1] == 3 + 4 and _FakeTeacher.calls == 2
+    assert teacher_scores(spec, exs, corpus2, tmp_path, fp2, Fake)[0, 1] == 3 + 4 and Fake.calls == 2
     # another teacher spec (e.g. max length) is another file
     assert scores_cache_file(tmp_path, {**spec, "max_length": 16}, fp) != scores_cache_file(tmp_path, spec, fp)
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
@@ -185,8 +190,9 @@ def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
     assert pre[-1]["flops"] < pre[0]["flops"]
     model_dir = run_dir / "models" / "main-s0"
     assert (model_dir / "idf.json").exists() and not list(model_dir.parent.glob(".*"))
-    enc = SparseDocEncoder(model_dir, max_length=32)  # the saved encoder loads on its own
-    assert enc(["volcano"]).shape[1] == enc.vocab_size
+    enc = SparseDocEncoder(model_dir, max_length=32)  # the saved encoder loads on its own, with the trained weights
+    vec, base = enc(["volcano"]), SparseDocEncoder(None, max_length=32)(["volcano"])
+    assert vec.shape == base.shape and (vec >= 0).all() and (base > 0).any() and not torch.allclose(vec, base)
     res = json.loads((run_dir / "results" / "eval-main-s0-tiny.json").read_text())
     assert res["queries"] == 4 and 0 <= res["ours"]["ndcg@10"] <= 1
     assert res["max_length"] == 24  # eval.max_length overrides the training length for the documents
