@@ -393,7 +393,7 @@ def test_query_only_variant_learns_query_weights_that_evaluation_and_the_index_u
 
 
 def test_report_of_a_cut_run_names_what_it_did_not_reach_in_the_planned_order(tmp_path):
-    from sparsedistill.recipes.retrieval_train import report_from_run
+    from sparsedistill.recipes.retrieval_report import report_from_run
 
     run = tmp_path / "run"
     (run / "results").mkdir(parents=True)
@@ -430,7 +430,7 @@ def _fake_run(path, variants, ranking="kl", evals=()):
 
 
 def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_differences(tmp_path):
-    from sparsedistill.recipes.retrieval_train import report_from_run
+    from sparsedistill.recipes.retrieval_report import report_from_run
 
     main = _fake_run(tmp_path / "main", ["main", "plain-flops"], evals=[("main-s0", 0.70)])
     plain = _fake_run(tmp_path / "plain", ["plain-flops"], evals=[("plain-flops-s0", 0.62)])

@@ -230,7 +230,7 @@ def _print_report(report: Path) -> int:
 
 
 def _retrieval_report(args: argparse.Namespace) -> int:
-    from .recipes.retrieval_train import report_from_run
+    from .recipes.retrieval_report import report_from_run
 
     for run in args.runs:
         if not (run / "config.toml").exists():
