@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -43,14 +44,38 @@ def _run_dir(args: argparse.Namespace, prefix: str) -> Path:
     return dist.broadcast_object(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _kd_experiment(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.kd_experiment import ExperimentConfig, run_experiment
+def _run_recipe(args: argparse.Namespace, module: str, config: str, runner: str, presets: str, prefix: str,
+                **extra: Any) -> Path:
+    """Every ``<system> run``-style command: the preset plus ``--set`` overrides into the recipe's config class, then
+    its runner on the run directory (new, ``--run-dir``, or the latest one with ``--resume``)."""
+    import importlib
 
-    cfg = load_config(ExperimentConfig, args.config, args.overrides, recipe="kd")
-    run_dir = _run_dir(args, "kd-experiment")
-    command = "sparsedistill " + shlex.join(args.argv)
-    report = run_experiment(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command=command)
+    from .config import load_config
+
+    mod = importlib.import_module(f".recipes.{module}", __package__)
+    cfg = load_config(getattr(mod, config), args.config, args.overrides, recipe=presets)
+    return getattr(mod, runner)(cfg, _run_dir(args, prefix), resume=args.resume, progress=not args.no_progress,
+                                command="sparsedistill " + shlex.join(args.argv), **extra)
+
+
+def _report_from_evaluations(args: argparse.Namespace, module: str) -> int:
+    """``<system> report RUN``: rewrite a run's report.md from its finished ``results/eval-s<seed>.json``."""
+    import importlib
+
+    from .runs import Run
+
+    if not (args.run / "config.toml").exists():
+        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
+    run = Run.open(args.run)
+    results = {int(p.stem.rsplit("-s", 1)[1]): json.loads(p.read_text()) for p in sorted((args.run / "results").glob("eval-s*.json"))}
+    if not results:
+        raise FileNotFoundError(f"{args.run} has no finished evaluation yet (results/eval-s*.json); resume the run first")
+    importlib.import_module(f".recipes.{module}", __package__).write_report(run, results)
+    return _print_report(run.artifact("report.md"))
+
+
+def _kd_experiment(args: argparse.Namespace) -> int:
+    report = _run_recipe(args, "kd_experiment", "ExperimentConfig", "run_experiment", "kd", "kd-experiment")
     from .recipes.kd_report import format_summary
 
     print(format_summary(json.loads((report.parent / "summary.json").read_text())))
@@ -74,13 +99,9 @@ def _kd_axioms(args: argparse.Namespace) -> int:
 
 
 def _vit_compress(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.vit_compress import CompressConfig, run_compress
     from .recipes.vit_report import format_summary
 
-    cfg = load_config(CompressConfig, args.config, args.overrides, recipe="vit")
-    run_dir = _run_dir(args, "vit-compress")
-    report = run_compress(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
+    report = _run_recipe(args, "vit_compress", "CompressConfig", "run_compress", "vit", "vit-compress")
     print(format_summary(json.loads((report.parent / "summary.json").read_text())))
     print(_device_note())
     print(f"report: {report}")
@@ -135,36 +156,17 @@ def _vit_evaluate(args: argparse.Namespace) -> int:
 
 
 def _indexcache_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.indexcache import IndexCacheConfig, run_indexcache
-
-    cfg = load_config(IndexCacheConfig, args.config, args.overrides, recipe="indexcache")
-    run_dir = _run_dir(args, "indexcache")
-    report = run_indexcache(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
+    report = _run_recipe(args, "indexcache", "IndexCacheConfig", "run_indexcache", "indexcache", "indexcache")
     print(f"report: {report}")
     return 0
 
 
 def _video_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.video_blade import VideoBladeConfig, run_video_blade
-
-    cfg = load_config(VideoBladeConfig, args.config, args.overrides, recipe="video")
-    run_dir = _run_dir(args, "video-blade")
-    report = run_video_blade(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                             command="sparsedistill " + shlex.join(args.argv))
-    return _print_report(report)
+    return _print_report(_run_recipe(args, "video_blade", "VideoBladeConfig", "run_video_blade", "video", "video-blade"))
 
 
 def _perception_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.dsrc import DSRCConfig, run_dsrc
-
-    cfg = load_config(DSRCConfig, args.config, args.overrides, recipe="perception")
-    run_dir = _run_dir(args, "dsrc")
-    report = run_dsrc(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                      command="sparsedistill " + shlex.join(args.argv))
-    return _print_report(report)
+    return _print_report(_run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc"))
 
 
 def _perception_simulate(args: argparse.Namespace) -> int:
@@ -195,31 +197,11 @@ def _perception_simulate(args: argparse.Namespace) -> int:
 
 
 def _perception_report(args: argparse.Namespace) -> int:
-    from .recipes.dsrc_report import write_report
-    from .runs import Run
-
-    if not (args.run / "config.toml").exists():
-        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
-    run = Run.open(args.run)
-    results = {int(p.stem.rsplit("-s", 1)[1]): json.loads(p.read_text()) for p in sorted((args.run / "results").glob("eval-s*.json"))}
-    if not results:
-        raise FileNotFoundError(f"{args.run} has no finished evaluation yet (results/eval-s*.json); resume the run first")
-    write_report(run, results)
-    return _print_report(run.artifact("report.md"))
+    return _report_from_evaluations(args, "dsrc_report")
 
 
 def _video_report(args: argparse.Namespace) -> int:
-    from .recipes.video_report import write_report
-    from .runs import Run
-
-    if not (args.run / "config.toml").exists():
-        raise FileNotFoundError(f"{args.run} is not a run directory (no config.toml)")
-    run = Run.open(args.run)
-    results = {int(p.stem.rsplit("-s", 1)[1]): json.loads(p.read_text()) for p in sorted((args.run / "results").glob("eval-s*.json"))}
-    if not results:
-        raise FileNotFoundError(f"{args.run} has no finished evaluation yet (results/eval-s*.json); resume the run first")
-    write_report(run, results)
-    return _print_report(run.artifact("report.md"))
+    return _report_from_evaluations(args, "video_report")
 
 
 def _print_report(report: Path) -> int:
@@ -240,28 +222,18 @@ def _retrieval_report(args: argparse.Namespace) -> int:
 
 
 def _retrieval_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.retrieval_train import RetrievalTrainConfig, run_retrieval_train
-
-    cfg = load_config(RetrievalTrainConfig, args.config, args.overrides, recipe="retrieval_train")
-    run_dir = _run_dir(args, "retrieval-train")
-    out = run_retrieval_train(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                              command="sparsedistill " + shlex.join(args.argv), prepare_only=args.prepare_only)
+    out = _run_recipe(args, "retrieval_train", "RetrievalTrainConfig", "run_retrieval_train", "retrieval_train",
+                      "retrieval-train", prepare_only=args.prepare_only)
     if args.prepare_only:
         print(out.read_text())
-        print(f"training sets and teacher scores cached in {cfg.teachers.cache_dir}; data summary: {out}")
+        print(f"training sets and the teacher-score cache (teachers.cache_dir) are ready; data summary: {out}")
         return 0
     return _print_report(out)
 
 
 def _retrieval_evaluate(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .recipes.retrieval_eval import RetrievalEvalConfig, run_retrieval_eval
-
-    cfg = load_config(RetrievalEvalConfig, args.config, args.overrides, recipe="retrieval")
-    run_dir = _run_dir(args, "retrieval-eval")
-    report = run_retrieval_eval(cfg, run_dir, resume=args.resume, progress=not args.no_progress, command="sparsedistill " + shlex.join(args.argv))
-    return _print_report(report)
+    return _print_report(_run_recipe(args, "retrieval_eval", "RetrievalEvalConfig", "run_retrieval_eval", "retrieval",
+                                     "retrieval-eval"))
 
 
 def _retrieval_index(args: argparse.Namespace) -> int:
