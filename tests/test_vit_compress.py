@@ -63,3 +63,16 @@ def test_vit_compress_cli_end_to_end_and_resume(tmp_path):
     # a resume with the same config finds every job done and rewrites the same table
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.splitlines()[:6] == out.stdout.splitlines()[:6]
+    # every job is a function of its config alone: redone in a fresh process (the jobs before it loaded from their
+    # checkpoints, not trained in the same process), the students come out the same to the last digit
+    redo = ["sparse-unsup-s0", "qat-int8-s0", "qat-fp8-s0", "qat-int8-unsup-s0"]
+    before = {j: json.loads((run / "results" / f"{j}.json").read_text()) for j in redo}
+    for j in redo:
+        (run / "results" / f"{j}.json").unlink()
+        (run / "checkpoints" / f"{j}.pt").unlink()
+    third = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    for j in redo:
+        after = json.loads((run / "results" / f"{j}.json").read_text())
+        assert after["test_acc"] == before[j]["test_acc"] and after["test_nll"] == before[j]["test_nll"], j
+        assert after["deployed"]["test_acc"] == before[j]["deployed"]["test_acc"], j
