@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .scene import Scene
+from .scene import SURFACES, Scene
 
 __all__ = ["LidarConfig", "ray_directions", "cast_rays", "scan", "POINT_FIELDS"]
 
@@ -128,7 +128,8 @@ def scan(scene: Scene, agent: int, cfg: LidarConfig = LidarConfig(), seed: int =
     keep_draw = torch.rand(len(dirs), generator=g).to(device)
     jitter = (0.9 + 0.2 * torch.rand(len(dirs), generator=g)).to(device)
     keep = (hit > -2) & (keep_draw >= cfg.dropout)
-    refl = torch.where(hit == -1, torch.full_like(dist, 0.12),
+    ground = sum(SURFACES["ground"]) / 2  # the road: one asphalt everywhere
+    refl = torch.where(hit == -1, torch.full_like(dist, ground),
                        scene.reflectivity.to(device)[others][hit.clamp(min=0)])
     cos_inc = (normal * dirs).sum(-1).abs()
     intensity = (refl * (0.3 + 0.7 * cos_inc) * jitter).clamp(0, 1)
