@@ -108,6 +108,9 @@ class DSRCRecipe:
         validate(cfg)
         self.cfg, self.run, self.progress = cfg, run, progress
         self.device = dist.init()
+        if self.device.type == "cuda":  # fp32 convolutions of a small BEV net: TF32 tensor cores are the fast path
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         s = cfg.sim
         self.sim = SimConfig(SceneConfig(agents=tuple(s.agents)), LidarConfig(rings=s.rings, azimuths=s.azimuths))
         probe = create_model(cfg.model)
