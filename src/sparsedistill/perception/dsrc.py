@@ -38,11 +38,11 @@ def paint_teacher_input(agent_points: list[Tensor], boxes: Tensor, margin: float
     if any(p.ndim != 2 or p.shape[1] != 4 for p in agent_points):
         raise ValueError("paint_teacher_input takes each agent's points as (N, 4) = (x, y, z, intensity) in the ego frame")
     merged = torch.cat(agent_points) if agent_points else torch.zeros(0, 4)
-    on_car = points_in_boxes(merged, boxes, margin) >= 0
+    on_car = points_in_boxes(merged, boxes, margin) >= 0  # once for every point; split back per agent below
     objects = torch.cat([merged[on_car], torch.ones(int(on_car.sum()), 1, device=merged.device)], 1)
     clouds = []
-    for p in agent_points:
-        background = p[points_in_boxes(p, boxes, margin) < 0]
+    for p, car in zip(agent_points, on_car.split([len(p) for p in agent_points])):
+        background = p[~car]
         clouds.append(torch.cat([torch.cat([background, torch.zeros(len(background), 1, device=p.device)], 1), objects]))
     return clouds, objects
 

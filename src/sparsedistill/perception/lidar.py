@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .geometry import rotate_z
 from .scene import SURFACES, Scene
 
 __all__ = ["LidarConfig", "ray_directions", "cast_rays", "scan", "POINT_FIELDS"]
@@ -74,15 +75,14 @@ def cast_rays(origin: Tensor, dirs: Tensor, boxes: Tensor, max_range: float,
     dist, hit = torch.where(t_ground < dist, t_ground, dist), torch.where(t_ground < dist, -1, hit)
     normal[hit == -1] = torch.tensor([0.0, 0.0, 1.0], device=dev)
     if len(boxes):
-        c, s = boxes[:, 6].cos(), boxes[:, 6].sin()
+        yaw = boxes[:, 6]
         half = boxes[:, 3:6] / 2  # (P, 3)
         rel = origin[None] - boxes[:, :3]  # the origin in each box's frame: rotate by -yaw
-        o = torch.stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1], rel[:, 2]], -1)  # (P, 3)
+        o = torch.cat([rotate_z(rel[:, :2], -yaw), rel[:, 2:]], -1)  # (P, 3)
         inside = (o.abs() < half).all(-1)
         for a in range(0, r, chunk):
             d = dirs[a : a + chunk]
-            dl = torch.stack([c[None] * d[:, :1] + s[None] * d[:, 1:2], -s[None] * d[:, :1] + c[None] * d[:, 1:2],
-                              d[:, 2:3].expand(-1, len(boxes))], -1)  # (n, P, 3)
+            dl = torch.cat([rotate_z(d[:, None, :2], -yaw[None]), d[:, None, 2:].expand(-1, len(boxes), 1)], -1)  # (n, P, 3)
             inv = 1.0 / torch.where(dl.abs() < 1e-12, torch.full_like(dl, 1e-12), dl)
             t1, t2 = (-half[None] - o[None]) * inv, (half[None] - o[None]) * inv
             t_near, axis = torch.minimum(t1, t2).max(-1)  # entering: the last slab crossed
@@ -98,9 +98,7 @@ def cast_rays(origin: Tensor, dirs: Tensor, boxes: Tensor, max_range: float,
             dsel = dl[torch.arange(len(d), device=dev), which]
             n_local = torch.zeros(len(d), 3, device=dev)
             n_local.scatter_(1, ax[:, None], -torch.sign(dsel.gather(1, ax[:, None])))
-            cw, sw = c[which], s[which]
-            n_world = torch.stack([cw * n_local[:, 0] - sw * n_local[:, 1], sw * n_local[:, 0] + cw * n_local[:, 1],
-                                   n_local[:, 2]], -1)
+            n_world = torch.cat([rotate_z(n_local[:, :2], yaw[which]), n_local[:, 2:]], -1)
             normal[a : a + chunk] = torch.where(closer[:, None], n_world, normal[a : a + chunk])
     far = dist > max_range
     hit[far] = -2
@@ -118,8 +116,7 @@ def scan(scene: Scene, agent: int, cfg: LidarConfig = LidarConfig(), seed: int =
         raise ValueError(f"agent {agent} does not exist: this scene has {scene.num_agents} agents (0 = ego)")
     dirs_s, ring = ray_directions(cfg, device)
     pose = scene.poses[agent].to(device)
-    c, s = pose[3].cos(), pose[3].sin()
-    dirs = torch.stack([c * dirs_s[:, 0] - s * dirs_s[:, 1], s * dirs_s[:, 0] + c * dirs_s[:, 1], dirs_s[:, 2]], -1)
+    dirs = torch.cat([rotate_z(dirs_s[:, :2], pose[3]), dirs_s[:, 2:]], -1)
     others = (scene.owner != scene.agents[agent]).to(device)
     prims = scene.primitives.to(device)[others]
     dist, hit, normal = cast_rays(pose[:3], dirs, prims, cfg.max_range, cfg.chunk)

@@ -213,6 +213,7 @@ class VideoBlade:
                                      f"{done.get('sha256')}, now {sha}); start a new run")
             dist.barrier()
             return model.eval()
+        state = None
         if self.run.result(job) is None:
             ema = copy.deepcopy(model)
 
@@ -223,10 +224,12 @@ class VideoBlade:
             train(model, loss, lambda rows: self.train_clips.clips(rows, seed=seed), c.steps * c.batch_size, c, job=job,
                   run=self.run, seed=seed, ema=ema, ema_decay=c.ema_decay, progress=self.progress)
             last = [r for r in self.run.metrics(job) if r["step"] == c.steps]
-            self.run.save_result(job, {"steps": c.steps, "seconds": self._checkpoint(job).get("seconds"),
+            state = self._checkpoint(job)
+            self.run.save_result(job, {"steps": c.steps, "seconds": state.get("seconds"),
                                        "final_loss": last[0]["loss"] if last else None,
                                        "parameters": sum(p.numel() for p in model.parameters())})
-        model.load_state_dict(self._checkpoint(job)["ema"])
+        state = state if state is not None else self._checkpoint(job)  # read once: it holds optimizer state too
+        model.load_state_dict(state["ema"])
         export = self.run.artifact("exports") / f"{job}-ema.safetensors"
         if dist.is_main() and not export.exists():
             _save_weights(model, export)
