@@ -8,7 +8,7 @@ works in pixel space (no VAE): noise to pixels is the whole sampler.
 
 Rows per shape and batch:
   teacher-50-cfg   50 Euler steps, classifier-free guidance (a doubled batch: 100 forward passes' work)
-  dense-k{K}       a K-step student with dense attention
+  dense-k{K}       a K-step student with dense attention (its steps mix fresh noise in, eta 0.9, as the recipe samples)
   asa-k{K}         the same with ASA (blocks of the model's tile, tau 0.95, keep 5-17 %, 16 sampled queries)
 and, beside each, a profiler split of one forward (attention / ASA mask / rest, by kernel names). Every
 row runs eagerly and under torch.compile (``--modes``); speedups compare rows of one mode.
@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig  # n
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
 from sparsedistill.video.flow import time_grid  # noqa: E402
+from sparsedistill.video.tdm import TDMConfig, student_step  # noqa: E402
 
+STUDENT_ETA = TDMConfig().eta  # the students' steps mix fresh noise in, as the recipe trains and samples them
 ASA = dict(tau=0.95, min_keep=0.05, max_keep=0.17, samples=16)
 
 
@@ -62,8 +65,9 @@ class GraphedForward:
 
 
 def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps: int, cfg: float, null: int,
-               reps: int) -> float:
-    """Median ms of the whole sampler (Euler steps; guidance as one doubled batch)."""
+               reps: int, eta: float = 1.0) -> float:
+    """Median ms of the whole sampler: Euler steps (guidance as one doubled batch), or with ``eta`` < 1 the
+    students' steps as the recipe samples them (a share eta of the predicted noise, the rest fresh)."""
     times = time_grid(steps, device=noise.device)
     yy = torch.cat([y, torch.full_like(y, null)]) if cfg != 1.0 else y
 
@@ -75,7 +79,10 @@ def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps:
             if cfg != 1.0:
                 vc, vn = v.chunk(2)
                 v = vn + cfg * (vc - vn)
-            x = x + (b - a) * v
+            if eta < 1.0:
+                x = student_step(x, v, a.expand(len(x)), b.expand(len(x)), eta, torch.randn_like(x))[1]
+            else:
+                x = x + (b - a) * v
         return x
 
     return time_ms(run, graph=False, calls=1, reps=reps, warmup=0)  # time_ms runs it once untimed first
@@ -122,6 +129,14 @@ def random_model(name: str) -> torch.nn.Module:
     return model.to("cuda", torch.bfloat16).eval()
 
 
+def _error(e: Exception) -> str:
+    """A failed row's message: its head and its tail (where Inductor's subprocess errors name the cause); the
+    whole traceback goes to stderr."""
+    traceback.print_exc()
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 1200 else text[:300] + " ... " + text[-900:]
+
+
 def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, compiled: bool = False) -> list[dict]:
     model = random_model(name)
     c = model.cfg
@@ -140,7 +155,8 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
         run = torch.compile(m, dynamic=False) if compiled else m  # Inductor's kernels, then the same CUDA graph around them
         fwd = GraphedForward(run, x, t, yy)
         r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "mode": mode, "steps": steps,
-             "cfg": cfg, "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps), **profile_split(run, x, t, yy)}
+             "cfg": cfg, "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps, eta=1.0 if cfg != 1.0 else STUDENT_ETA),
+             **profile_split(run, x, t, yy)}
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         del fwd
         torch.cuda.empty_cache()
@@ -150,7 +166,7 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
         try:
             rows.append(row(variant, steps, cfg, model))
         except Exception as e:  # noqa: BLE001  (report the row's failure and go on)
-            rows.append({"shape": name, "batch": batch, "variant": variant, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append({"shape": name, "batch": batch, "variant": variant, "mode": mode, "error": _error(e)})
             print(rows[-1], flush=True)
 
     attempt("teacher-50-cfg", 50, 5.0)
@@ -219,13 +235,13 @@ def main() -> int:
             try:
                 rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps, compiled=mode == "compiled"))
             except Exception as e:  # noqa: BLE001  (report and go on)
-                rows.append({"shape": args.model, "batch": batch, "mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"shape": args.model, "batch": batch, "mode": mode, "error": _error(e)})
             save()
     if not args.no_wan:
         try:
             rows.extend(bench_forward("video_dit_wan_1_3b_shape", 1, args.reps))
         except Exception as e:  # noqa: BLE001
-            rows.append({"shape": "video_dit_wan_1_3b_shape", "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append({"shape": "video_dit_wan_1_3b_shape", "error": _error(e)})
         save()
     return 0
 

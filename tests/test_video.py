@@ -338,6 +338,15 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
         assert (tmp_path / "run" / "samples" / f"{name}-s0.gif").exists()
     assert res["models"]["tdm-asa-k2"]["attention_kept"] < 0.5  # max_keep 0.17 of the blocks, plus diagonals
     assert res["models"]["teacher-k2"]["nfe"] == 4 and res["models"]["tdm-k2"]["nfe"] == 2
+    # students sample with the eta they were trained with; the teacher by Euler steps
+    assert res["models"]["tdm-k2"]["eta"] == cfg.students.tdm.eta and res["models"]["teacher-k2"]["eta"] == 1.0
+    # every student is exported in bf16 and loads into a fresh model (what `video sample` and a GPU run hand back)
+    from safetensors.torch import load_file
+
+    for job in ("tdm-k2-s0", "tdm-asa-k2-s0"):
+        state = load_file(str(tmp_path / "run" / "exports" / f"{job}.safetensors"))
+        assert all(v.dtype == torch.bfloat16 for v in state.values())
+        create_model(cfg.model.name).load_state_dict({k: v.float() for k, v in state.items()})
     text = report.read_text()
     assert "| `tdm-asa-k2` | TDM + ASA (b) |" in text and "![quality](quality-s0.png)" in text
     # resuming a finished run retrains nothing; the report command rewrites the report from the results
@@ -456,3 +465,46 @@ def test_video_recipe_under_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads((tmp_path / "run-init" / "results" / "teacher-s0.json").read_text())["init"].endswith("init-s0.safetensors")
+
+
+def test_video_dit_with_asa_compiles_around_the_attention():
+    """torch.compile of a DiT with ASA runs (ASA stays eager) and gives the eager output; the kernels on a GPU."""
+    from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    m = create_model("video_dit_fmnist_tiny")
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    m = m.to(dev).eval().set_attention(lambda i: AdaptiveBlockSparseAttention(
+        ASAConfig(block=64, tau=0.9, max_keep=0.5, samples=16), reference=dev == "cpu"))
+    x, t, y = torch.randn(2, 1, 8, 32, 32, device=dev), torch.rand(2, device=dev), torch.tensor([3, 7], device=dev)
+    with torch.no_grad():
+        eager = m(x, t, y)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(m, dynamic=False)(x, t, y)
+        except Exception as e:  # noqa: BLE001
+            if dev == "cpu" and "compiler" in str(e).lower():  # no C++ toolchain for Inductor here
+                pytest.skip(f"Inductor cannot build CPU kernels here: {e}")
+            raise
+    assert torch.allclose(compiled, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_train_tdm_updates_the_fake_score_as_often_as_asked(tmp_path):
+    import copy
+
+    from sparsedistill.runs import Run
+    from sparsedistill.video.tdm import TDMTrainConfig, train_tdm
+
+    torch.manual_seed(0)
+    teacher = create_model("video_dit_fmnist_tiny", depth=1, dim=64, heads=1)
+    cfg = TDMTrainConfig(steps=2, iterations=2, batch_size=2, checkpoint_every=2, fake_updates=3)
+    run = Run(tmp_path / "r", cfg)
+    train_tdm(copy.deepcopy(teacher), copy.deepcopy(teacher), teacher, 10, cfg, job="tdm", run=run, progress=False)
+    state = run.load_checkpoint("tdm")
+    steps = lambda opt: {float(s["step"]) for s in opt["state"].values()}  # noqa: E731
+    assert steps(state["opt_f"]) == {6.0} and steps(state["opt_g"]) == {2.0}
+    with pytest.raises(ValueError, match="at least one update"):
+        cfg.fake_updates = 0
+        train_tdm(copy.deepcopy(teacher), copy.deepcopy(teacher), teacher, 10, cfg, job="x", progress=False)

@@ -403,6 +403,10 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self.last_mask: BlockMask | None = None
         self._uses = 0
 
+    # Left out of torch.compile's graphs: Inductor fails to rebuild the mask kernel (a subprocess error on the
+    # H100, torch 2.11), and the reuse counter is Python state a graph would guard on. The model around it still
+    # compiles; under CUDA graphs the break costs nothing at replay.
+    @torch.compiler.disable
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = self.cfg
         stale = (self.training or self.last_mask is None or self._uses >= self.reuse

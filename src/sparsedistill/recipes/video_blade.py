@@ -37,7 +37,7 @@ from ..runs import Run
 from ..video import euler_sample, flow_matching_loss
 from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
                              frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
-from ..video.tdm import TDMTrainConfig, student_times, train_tdm
+from ..video.tdm import TDMTrainConfig, rollout, train_tdm
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
 
@@ -74,6 +74,8 @@ class SamplingConfig:
     steps: int = 50  # the teacher's Euler steps
     cfg: float = 5.0  # guidance scale (BLADE's Wan setting)
     shift: float = 1.0  # time shift of the teacher's grid
+    # (students sample as TDM trained them: K steps on its uniform grid, each mixing students.tdm.eta of the
+    # predicted noise with fresh noise)
 
 
 @dataclass
@@ -138,6 +140,9 @@ def validate(cfg: VideoBladeConfig) -> VideoDiT:
     if cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:  # (b) trains with ASA, (c) samples with it
         raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of the "
                          f"kernel's block sizes {SUPPORTED_BLOCKS}")
+    if not 0.0 <= cfg.students.tdm.eta <= 1.0:
+        raise ValueError(f"students.tdm.eta = {cfg.students.tdm.eta}: the share of predicted noise in a student step "
+                         "must be in [0, 1] (1: deterministic Euler steps)")
     if cfg.eval.videos % cfg.eval.batch:
         raise ValueError(f"eval.videos {cfg.eval.videos} must be a multiple of eval.batch {cfg.eval.batch}")
     if cfg.teacher.init:
@@ -250,6 +255,9 @@ class VideoBlade:
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
         student.load_state_dict(self._checkpoint(job)["student"])
+        export = self.run.artifact("exports") / f"{job}.safetensors"
+        if dist.is_main() and not export.exists():  # bf16, ~20 MB: what travels back from a GPU machine
+            _save_weights(student, export)
         return student.eval()
 
     def _checkpoint(self, job: str) -> dict:
@@ -269,12 +277,14 @@ class VideoBlade:
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model: VideoDiT, steps: int, cfg: float, times: Tensor | None,
+    def generate(self, model: VideoDiT, steps: int, cfg: float, student: bool,
                  seed: int) -> tuple[Tensor, float, float | None]:
         """Eval videos: (videos, wall seconds per video, mean kept share of ASA's blocks or None).
 
         Video i starts from noise drawn on the CPU from (seed, i), with class i % classes, so every model,
-        batch size and device sees the same inputs. One untimed warm-up batch first (kernel compilation
+        batch size and device sees the same inputs. The teacher samples by guided Euler steps; a
+        ``student`` by its K training steps (``rollout``), whose fresh noise comes from a generator seeded
+        by (seed, batch): the same for every student. One untimed warm-up batch first (kernel compilation
         and tuning, CUDA set-up); the kept share is gathered on the device and read after the timing.
         """
         e, dev = self.cfg.eval, self.device
@@ -294,8 +304,13 @@ class VideoBlade:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with _autocast(dev):
-                x0 = euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg, shift=self.cfg.sampling.shift,
-                                  times=times).float().clamp(-1, 1)
+                if student:
+                    g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
+                    x0 = rollout(model, noise, y, steps, self.cfg.students.tdm.eta, generator=g)[1]
+                else:
+                    x0 = euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg,
+                                      shift=self.cfg.sampling.shift)
+                x0 = x0.float().clamp(-1, 1)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             for h in hooks:
@@ -316,18 +331,17 @@ class VideoBlade:
         labels = torch.arange(e.videos, device=self.device) % self.num_classes
         # the reference: as many real test clips, with the same balanced classes as the generated ones
         real, real_y = self.test_clips.clips(range(e.videos), seed=seed, labels=labels.cpu())
-        # (name, what, model, steps, guidance, time grid): students on the grid they were distilled for
-        models: list[tuple[str, str, VideoDiT, int, float, Tensor | None]] = [
-            (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, None)]
+        # (name, what, model, steps, guidance, is a student): students sample as they were distilled
+        models: list[tuple[str, str, VideoDiT, int, float, bool]] = [
+            (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, False)]
         for k in self.cfg.students.steps:
-            grid = student_times(k, self.device)
-            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, None))
+            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, False))
             if ("tdm", k) in students:
-                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0, grid))
+                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0, True))
                 untrained = self.attach_asa(copy.deepcopy(students["tdm", k]))
-                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0, grid))
+                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0, True))
             if ("tdm-asa", k) in students:
-                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0, grid))
+                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0, True))
         rows, reference, reference_in = {}, None, None
         real_features = frame_features(clf, real)
         imagenet = create_model("efficientnet_lite0", pretrained=True).to(self.device)
@@ -335,8 +349,8 @@ class VideoBlade:
         samples_dir = self.run.artifact("samples")
         samples_dir.mkdir(exist_ok=True)
         rounds = max(e.bootstrap // 10, 2)
-        for name, what, model, steps, guidance, grid in models:
-            videos, sec, density = self.generate(model, steps, guidance, grid, seed)
+        for name, what, model, steps, guidance, student in models:
+            videos, sec, density = self.generate(model, steps, guidance, student, seed)
             feats, feats_in = frame_features(clf, videos), imagenet_features(imagenet, videos)
             if reference is None:
                 reference, reference_in = feats, feats_in  # the 50-step teacher's samples
@@ -344,6 +358,7 @@ class VideoBlade:
             mot, cons = motion(videos), label_consistency(clf, videos)
             rows[name] = {
                 "what": what, "steps": steps, "cfg": guidance, "nfe": steps * (2 if guidance != 1.0 else 1),
+                "eta": self.cfg.students.tdm.eta if student else 1.0,
                 "class_accuracy": float(acc.mean()), "class_accuracy_ci": bootstrap_interval(acc, e.bootstrap, seed=seed),
                 "fd_real": frechet_distance(feats, real_features),
                 "fd_real_ci": frechet_interval(feats, real_features, rounds, seed=seed),

@@ -40,7 +40,10 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
              "FD-EffNet: the same on ImageNet EfficientNet-Lite0 features of the frames (resized to 224); "
              "intervals: 95 % bootstrap over videos (for FD shifted by the bootstrap's bias, as resampling inflates it). "
              "Wall seconds per video: this run's sampler in batches of `eval.batch`, after one untimed warm-up "
-             "batch; not a benchmark (`benchmarks/video_speed.py` times the samplers).", ""]
+             "batch; not a benchmark (`benchmarks/video_speed.py` times the samplers). The teacher samples by "
+             "guided Euler steps; students by their K training steps, each mixing a share eta of the predicted noise "
+             "with fresh noise (eta in the results JSON; runs before it was recorded sampled students by "
+             "deterministic Euler steps on the same grid).", ""]
     clf = run.result("classifier") or {}
     if clf:
         lines += [f"Frame classifier: {100 * clf['real_test_frame_accuracy']:.1f} % of real test-clip frames classified as "

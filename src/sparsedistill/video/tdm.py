@@ -138,6 +138,7 @@ class TDMTrainConfig(TDMConfig):
     batch_size: int = 8  # global, across ranks
     lr: float = 1e-4  # the student (BLADE: 1e-4)
     fake_lr: float = 5e-4  # the fake score (BLADE: 5e-4)
+    fake_updates: int = 1  # fake-score updates per student update (BLADE and TDM: 1; DMD2's two time-scale rule: 5)
     beta2: float = 0.95  # AdamW betas (0, beta2), as TDM and BLADE
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -163,6 +164,8 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
 
     from .. import distributed as dist
 
+    if cfg.fake_updates < 1:
+        raise ValueError(f"fake_updates = {cfg.fake_updates}: the fake score needs at least one update per iteration")
     if cfg.batch_size % dist.world_size():
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
     dev = next(student.parameters()).device
@@ -224,13 +227,14 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
         noise = torch.randn((local, *_sample_shape(student)), device=dev, generator=g)
         with amp:
             inputs, _ = rollout(student, noise, y, cfg.steps, cfg.eta, generator=g)
-            # the fake score learns the student's current outputs
-            step = torch.randint(cfg.steps, (local,), device=dev, generator=g)
-            with torch.no_grad():
-                x0, eps, t_low = student_x0(inputs, step, y, g)
-            x_t, t = renoise(x0, eps, t_low, cfg.eta, cfg.t_max, generator=g)
-            loss_f = fake_score_loss(fake, x_t, t, y, x0)
-        update(fake, opt_f, loss_f)
+        for _ in range(cfg.fake_updates):  # the fake score learns the student's current outputs
+            with amp:
+                step = torch.randint(cfg.steps, (local,), device=dev, generator=g)
+                with torch.no_grad():
+                    x0, eps, t_low = student_x0(inputs, step, y, g)
+                x_t, t = renoise(x0, eps, t_low, cfg.eta, cfg.t_max, generator=g)
+                loss_f = fake_score_loss(fake, x_t, t, y, x0)
+            update(fake, opt_f, loss_f)
         with amp:  # then the student, against the updated fake score
             step = torch.randint(cfg.steps, (local,), device=dev, generator=g)
             x0, eps, t_low = student_x0(inputs, step, y, g)
