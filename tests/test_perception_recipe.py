@@ -26,7 +26,10 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
         assert 0 <= rows["clean"]["ap50"] <= 1 and 0 <= rows["fog-2"]["ap70"] <= 1
         assert ("delta_ap50_vs_b0" in rows["clean"]) == (name != "b0")
     done = sorted(p.stem for p in (tmp_path / "run" / "results").glob("*.json"))
-    assert done == ["b0-s0", "dsrc-s0", "dsrc_no_paint-s0", "eval-s0", "teacher-s0", "teacher_unpainted-s0"]
+    assert done == ["b0-s0", "detect-b0-s0", "detect-dsrc-s0", "detect-dsrc_no_paint-s0", "dsrc-s0", "dsrc_no_paint-s0",
+                    "eval-s0", "teacher-s0", "teacher_unpainted-s0"]
+    detect = json.loads((tmp_path / "run" / "results" / "detect-dsrc-s0.json").read_text())
+    assert detect["ap"]["fog-2"] == {k: v for k, v in res["models"]["dsrc"]["fog-2"].items() if k.startswith("ap")}
     logged = {json.loads(line)["job"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
     assert {"teacher-s0", "dsrc-s0"} <= logged
     dsrc_terms = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -63,3 +66,32 @@ def test_perception_simulate_draws_frames(tmp_path, capsys):
                  "--speed-frames", "1"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["frame-2000000-clean.png", "frame-2000000-snow-2.png"]
     assert "frames/s on cpu" in capsys.readouterr().out
+
+
+def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
+    """--jobs: processes sharing a run directory each train their jobs; a last run evaluates without retraining."""
+    from sparsedistill.cli import main
+
+    cfg, run = _cfg(), tmp_path / "run"
+    with pytest.raises(RuntimeError, match="train it first"):
+        run_dsrc(cfg, run, resume=True, progress=False, jobs=["dsrc"])
+    with pytest.raises(ValueError, match="unknown jobs"):
+        run_dsrc(cfg, run, resume=True, progress=False, jobs=["early"])  # not among this config's variants
+    sets = [a for s in ["sim.train_frames=4", "sim.test_frames=2", "sim.azimuths=256", "train.steps=3",
+                        "train.checkpoint_every=2", "train.log_every=1", 'variants=["b0", "dsrc", "dsrc_no_paint"]',
+                        'eval.corruptions=["fog"]', "eval.levels=[2]", "eval.bootstrap=20"] for a in ("--set", s)]
+    assert main(["perception", "run", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
+                 *sets, "--jobs", "teacher", "b0"]) == 0
+    assert "run again without --jobs" in capsys.readouterr().out
+    done = sorted(p.stem for p in (run / "results").glob("*.json"))
+    assert done == ["b0-s0", "detect-b0-s0", "teacher-s0"] and not (run / "report.md").exists()  # b0 detected too
+    assert run_dsrc(cfg, run, resume=True, progress=False, jobs=["dsrc"]) is None
+    trained = (run / "metrics.jsonl").read_text()
+    detected = (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns
+    report = run_dsrc(cfg, run, resume=True, progress=False)
+    assert (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns == detected  # its detections were reused
+    assert report.exists() and (run / "results" / "eval-s0.json").exists()
+    after = (run / "metrics.jsonl").read_text()
+    assert after.startswith(trained)  # the trained jobs were loaded, not trained again
+    assert {json.loads(line)["job"] for line in after[len(trained):].splitlines()} == {"teacher_unpainted-s0",
+                                                                                       "dsrc_no_paint-s0"}

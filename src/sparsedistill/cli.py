@@ -166,7 +166,11 @@ def _video_run(args: argparse.Namespace) -> int:
 
 
 def _perception_run(args: argparse.Namespace) -> int:
-    return _print_report(_run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc"))
+    report = _run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", jobs=args.jobs)
+    if report is None:
+        print(f"trained {', '.join(args.jobs)}; run again without --jobs (same --run-dir, --resume) to evaluate")
+        return 0
+    return _print_report(report)
 
 
 def _perception_simulate(args: argparse.Namespace) -> int:
@@ -365,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fusion, early fusion, DSRC's painted teacher and its distilled + reconstructing student, "
                                          "ablations) and evaluate them under eight corruptions at three levels.")
     _add_run_options(pr, "'full' (default, for a GPU) or 'short' (a tiny detector, minutes on 2 CPU cores; no claims)")
+    pr.add_argument("--jobs", nargs="+", metavar="JOB",
+                    help="train only these jobs (teacher, teacher_unpainted or variants) and stop before the evaluation: "
+                         "several processes with --resume can share one run directory, e.g. to train variants side by "
+                         "side on one GPU; a variant's teacher must be finished first")
     pr.set_defaults(func=_perception_run)
     ps = per_cmds.add_parser("simulate", help="BEV pictures of simulated frames, clean and corrupted, and frames/s")
     ps.add_argument("--out", type=Path, default=Path("runs/perception-simulate"), help="folder for the PNGs")

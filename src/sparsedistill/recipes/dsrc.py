@@ -6,19 +6,23 @@ Jobs, per seed (each resumable; a finished job is skipped on --resume):
   {variant}-s{seed}           b0 (detection loss only), no_fusion (the ego alone), early (points merged before
                               pillars), dsrc (distillation + reconstruction) and its ablations dsrc_no_paint,
                               dsrc_no_recon, dsrc_no_distill
-  eval-s{seed}                every model on the test frames, clean and under each corruption at each level:
-                              AP@0.5 / 0.7, Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0
+  detect-{model}-s{seed}      a model's detections on the test frames, clean and under each corruption at each
+                              level, and their AP@0.5 / 0.7 (a cut evaluation resumes at the next model)
+  eval-s{seed}                Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0, BEV pictures
+``perception run --jobs`` trains (and detects with) chosen jobs only, so processes can share a run directory.
 Frames are simulated at the start (``perception.frames``) from disjoint seed ranges per split; nothing is
 downloaded. The report (``dsrc_report``) merges seeds.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..distill import TrainConfig, train
@@ -128,13 +132,13 @@ class DSRCRecipe:
         return create_model(self.cfg.model, **kw).to(self.device)
 
     def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int) -> nn.Module:
-        frames = self.frames("train")
+        if self.run.result(job) is None:  # the training frames are simulated only when a job needs them
+            frames = self.frames("train")
 
-        def get_batch(rows: torch.Tensor):
-            return collate([frames[int(r)] for r in rows], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
-                           teacher=teacher_input)
+            def get_batch(rows: torch.Tensor):
+                return collate([frames[int(r)] for r in rows], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
+                               teacher=teacher_input)
 
-        if self.run.result(job) is None:
             torch.manual_seed(seed)
             train(model, loss_fn, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
                   progress=self.progress)
@@ -178,35 +182,56 @@ class DSRCRecipe:
 
         return self._train(f"{name}-s{seed}", model, loss, inputs, teacher is not None, seed).eval()
 
+    def _conditions(self) -> list[tuple[str, int]]:
+        e = self.cfg.eval
+        return [("clean", 0)] + [(c, lv) for c in e.corruptions for lv in e.levels]
+
+    @functools.cached_property
+    def _test_truth(self) -> list[Tensor]:
+        """BEV boxes (x, y, l, w, yaw) of each test frame's labels, from the clean frame: a corruption hides points, not cars."""
+        test, n = self.frames("test"), self.cfg.eval.batch
+        return [gt[:, [0, 1, 3, 4, 6]].cpu() for i in range(0, len(test), n) for gt in collate(test[i : i + n], self.grid).boxes]
+
+    @torch.no_grad()
+    def detect(self, seed: int, name: str, model: CoopDetector) -> dict:
+        """A model's detections on the test frames in every condition, and their AP: its own job
+        (``detect-<name>-s<seed>``, detections kept as a checkpoint), so a cut evaluation resumes at the next
+        model and ``--jobs`` processes detect with the models they train."""
+        job, e = f"detect-{name}-s{seed}", self.cfg.eval
+        done, state = self.run.result(job), self.run.load_checkpoint(job)
+        if done is not None and state is not None:
+            return {"ap": done["ap"], "detections": state["detections"]}
+        test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
+        ap, detections, t0 = {}, {}, time.perf_counter()
+        for cname, lv in self._conditions():
+            key = "clean" if cname == "clean" else f"{cname}-{lv}"
+            frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
+            boxes, scores = [], []
+            for i in range(0, len(frames), e.batch):
+                for b, sc in predict(model, collate(frames[i : i + e.batch], self.grid, inputs=inputs), self.anchors,
+                                     self.anchor_cfg):
+                    boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
+                    scores.append(sc.cpu())
+            detections[key] = (boxes, scores)
+            ap[key] = {f"ap{int(t * 100)}": average_precision(boxes, scores, truth, t) for t in (0.5, 0.7)}
+        self.run.save_checkpoint(job, {"detections": detections})
+        self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
+                                   "conditions": len(ap)})
+        return {"ap": ap, "detections": detections}
+
     @torch.no_grad()
     def evaluate(self, seed: int, models: dict[str, CoopDetector]) -> dict:
         job, e = f"eval-s{seed}", self.cfg.eval
         if self.run.result(job) is not None:
             return self.run.result(job)
-        rings = self.cfg.sim.rings
-        conditions = [("clean", 0)] + [(c, lv) for c in e.corruptions for lv in e.levels]
-        test = self.frames("test")
-        results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in conditions], "models": {}}
+        results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in self._conditions()],
+                         "models": {}}
         detections: dict[tuple[str, str], tuple[list, list]] = {}
-        gts: dict[str, list] = {}
-        for cname, lv in conditions:
-            key = "clean" if cname == "clean" else f"{cname}-{lv}"
-            frames = [corrupt_frame(f, cname, lv, rings) for f in test]
-            for name, model in models.items():
-                inputs = VARIANTS[name][0]
-                boxes, scores, truth = [], [], []
-                for i in range(0, len(frames), e.batch):
-                    batch = collate(frames[i : i + e.batch], self.grid, inputs=inputs)
-                    # the labels come from the clean frames: a corruption hides points, not cars
-                    clean = collate(test[i : i + e.batch], self.grid)
-                    for (b, s), gt in zip(predict(model, batch, self.anchors, self.anchor_cfg), clean.boxes):
-                        boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
-                        scores.append(s.cpu())
-                        truth.append(gt[:, [0, 1, 3, 4, 6]].cpu())
-                detections[name, key] = (boxes, scores)
-                gts[key] = truth
-                row = results["models"].setdefault(name, {})
-                row[key] = {f"ap{int(t * 100)}": average_precision(boxes, scores, truth, t) for t in (0.5, 0.7)}
+        for name, model in models.items():
+            found = self.detect(seed, name, model)
+            results["models"][name] = {key: dict(row) for key, row in found["ap"].items()}
+            detections.update({(name, key): d for key, d in found["detections"].items()})
+        gts = {key: self._test_truth for key in results["conditions"]}
         # Robo3D's robustness against b0, and paired bootstrap of delta-AP against b0, per condition
         for name, rows in results["models"].items():
             b0 = results["models"]["b0"]
@@ -224,7 +249,7 @@ class DSRCRecipe:
                     for thr, t in ((0.5, "ap50"), (0.7, "ap70")):
                         rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_ap(
                             detections[name, key], detections["b0", key], gts[key], thr, rounds=e.bootstrap, seed=seed)
-        self._pictures(seed, models, test[:2], e.corruptions[0] if e.corruptions else None)
+        self._pictures(seed, models, self.frames("test")[:2], e.corruptions[0] if e.corruptions else None)
         self.run.save_result(job, results)
         return results
 
@@ -245,6 +270,29 @@ class DSRCRecipe:
                     save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
                              title=f"{name}, {label}, test frame {i}, seed {seed}")
 
+    def train_only(self, jobs: list[str]) -> None:
+        """Train the named jobs of every seed (``teacher``, ``teacher_unpainted`` or a variant; a variant also detects
+        on the test conditions) and stop: several
+        processes, each with its own jobs, can share one run directory (e.g. variants side by side on one GPU);
+        a last run without ``jobs`` evaluates. A variant's teacher must be finished first."""
+        known = {"teacher", "teacher_unpainted", *self.cfg.variants}
+        unknown = [j for j in jobs if j not in known]
+        if unknown:
+            raise ValueError(f"unknown jobs {unknown}; this config's jobs are {sorted(known)}")
+        for seed in self.cfg.seeds:
+            for job in ("teacher", "teacher_unpainted"):
+                if job in jobs:
+                    self.teacher(seed, painted=job == "teacher")
+            for name in (j for j in jobs if j in self.cfg.variants):
+                teacher_job = VARIANTS[name][2]
+                teachers = {}
+                if teacher_job:
+                    if self.run.result(f"{teacher_job}-s{seed}") is None:
+                        raise RuntimeError(f"{name} distils from {teacher_job}-s{seed}, which is not finished in "
+                                           f"{self.run.path}: train it first (--jobs {teacher_job})")
+                    teachers[teacher_job] = self.teacher(seed, painted=teacher_job == "teacher")
+                self.detect(seed, name, self.variant(name, seed, teachers))
+
     def run_all(self) -> dict:
         out = {}
         for seed in self.cfg.seeds:
@@ -260,14 +308,19 @@ class DSRCRecipe:
         return out
 
 
-def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "") -> Path:
-    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path."""
+def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
+             jobs: list[str] | None = None) -> Path | None:
+    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path. With ``jobs``, train
+    only those (see ``DSRCRecipe.train_only``) and return None: no evaluation, no report."""
     from .dsrc_report import write_report
 
     validate(cfg)
     dist.init()
     run = Run(run_dir, cfg, resume=resume, command=command)
     recipe = DSRCRecipe(cfg, run, progress)
+    if jobs:
+        recipe.train_only(jobs)
+        return None
     results = recipe.run_all()
     report = run.artifact("report.md")
     if dist.is_main():

@@ -1,0 +1,155 @@
+"""Cooperative detectors' speed on one GPU: inference latency from the fleet's points to boxes, and training frames/s.
+
+Models (DSRC's detector shape, random weights: speed does not depend on them, except NMS's box count, which
+the score threshold keeps small): B0 (attention fusion; DSRC's students share its network, plus the
+reconstruction head, timed as ``dsrc``), no fusion (the ego alone), early fusion (points merged before pillars).
+Frames of the full preset are simulated here first (2-5 agents, 32 x 1024 rays each).
+
+Inference, batch 1 (a car sees one frame at a time), fp32 with TF32 and bf16 autocast, eager (point counts
+change every frame, so neither CUDA graphs nor static-shape compilation apply): the median over the frames of
+the whole path, and beside it a split timed with a synchronisation between stages (collate: the points into
+one batch; forward; post: decoding + NMS), so the remaining time is visible. Training: frames/s of whole
+AdamW steps at the preset's batch (collate with targets, forward, loss, backward), B0 and DSRC (teacher
+forward + distillation + reconstruction).
+
+    python benchmarks/dsrc_speed.py --out benchmarks/results/dsrc_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsedistill.models import create_model  # noqa: E402
+from sparsedistill.perception import LidarConfig, SceneConfig, SimConfig  # noqa: E402
+from sparsedistill.perception.anchors import make_anchors, postprocess  # noqa: E402
+from sparsedistill.perception.batching import collate  # noqa: E402
+from sparsedistill.perception.frames import simulate_frame, split_seeds  # noqa: E402
+from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss, flat_outputs, freeze  # noqa: E402
+from sparsedistill.runs import environment  # noqa: E402
+
+# name: (input mode, fusion, reconstruction head)
+MODELS = {"b0": ("intermediate", "attention", False), "dsrc": ("intermediate", "attention", True),
+          "no_fusion": ("intermediate", "none", False), "early": ("early", "attention", False)}
+
+
+def _sync_ms(fn) -> tuple[object, float]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, 1e3 * (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def inference_row(name: str, frames: list, precision: str, reps: int) -> dict:
+    inputs, fusion, recon = MODELS[name]
+    model = create_model("coop_detector", fusion=fusion, reconstruction=recon).cuda().eval()
+    grid, acfg = model.cfg.grid, model.cfg.anchors
+    anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def whole(frame) -> None:
+        batch = collate([frame], grid, inputs=inputs)
+        with amp:
+            out = model(batch.points, batch.cloud, batch.agents)
+        cls, reg = flat_outputs(out)
+        postprocess(cls.float(), reg.float(), anchors, acfg)
+
+    for f in frames[:3]:  # cuDNN's algorithm choice and lazy set-up
+        whole(f)
+    totals = []
+    for _ in range(reps):
+        for f in frames:
+            totals.append(_sync_ms(lambda: whole(f))[1])
+    split = {"collate_ms": [], "forward_ms": [], "post_ms": []}
+    for f in frames:
+        batch, ms = _sync_ms(lambda: collate([f], grid, inputs=inputs))
+        split["collate_ms"].append(ms)
+        with amp:
+            out, ms = _sync_ms(lambda: model(batch.points, batch.cloud, batch.agents))
+        split["forward_ms"].append(ms)
+        cls, reg = flat_outputs(out)
+        _, ms = _sync_ms(lambda: postprocess(cls.float(), reg.float(), anchors, acfg))
+        split["post_ms"].append(ms)
+    return {"model": name, "kind": "inference", "batch": 1, "precision": precision, "ms": statistics.median(totals),
+            "timed_frames": len(totals), **{k: round(statistics.median(v), 3) for k, v in split.items()},
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def training_row(name: str, frames: list, batch_size: int, steps: int) -> dict:
+    inputs, fusion, recon = MODELS[name]
+    torch.manual_seed(0)
+    model = create_model("coop_detector", fusion=fusion, reconstruction=recon).cuda().train()
+    grid, acfg = model.cfg.grid, model.cfg.anchors
+    anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
+    teacher = freeze(create_model("coop_detector", in_features=5).cuda()) if name == "dsrc" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i: int) -> None:
+        rows = [frames[(i * batch_size + j) % len(frames)] for j in range(batch_size)]
+        batch = collate(rows, grid, anchors, acfg, inputs=inputs, teacher=teacher is not None)
+        out = model(batch.points, batch.cloud, batch.agents)
+        if teacher is None:
+            loss, _ = detector_loss(out, batch)
+        else:
+            with torch.no_grad():
+                t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
+            loss, _ = dsrc_loss(out, t_out, batch, grid, DSRCWeights())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    times = [_sync_ms(lambda: step(i))[1] for i in range(steps)]
+    ms = statistics.median(times)
+    return {"model": name, "kind": "training", "batch": batch_size, "precision": "tf32", "ms_per_step": ms,
+            "frames_per_s": 1e3 * batch_size / ms, "steps": steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=24, help="simulated test frames the latency cycles over")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--train-batch", type=int, default=4, help="the full preset's batch")
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dsrc_speed.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("dsrc_speed.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the recipe
+    torch.backends.cudnn.allow_tf32 = True
+    env = {**environment(), "command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
+    sim = SimConfig(SceneConfig(agents=(2, 5)), LidarConfig(rings=32, azimuths=1024))
+    frames = [simulate_frame(s, sim, "cuda") for s in split_seeds("test", args.frames)]
+    rows: list[dict] = []
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+
+    for name in MODELS:
+        for precision in ("tf32", "bf16"):
+            rows.append(inference_row(name, frames, precision, args.reps))
+            print(rows[-1], flush=True)
+        save()
+    for name in ("b0", "dsrc"):
+        rows.append(training_row(name, frames, args.train_batch, args.train_steps))
+        print(rows[-1], flush=True)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
