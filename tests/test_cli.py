@@ -74,6 +74,14 @@ def test_experiment_writes_report_and_resumes(tmp_path):
     assert main(["kd", "experiment", "--run-dir", str(run_dir), *TINY]) == 2
     assert main(["kd", "experiment", "--run-dir", str(run_dir), "--resume", *TINY]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "results").iterdir()} == results
+    # every job is a function of its config alone: seed 1's students redone after its teacher was loaded (not
+    # trained) in this process come out the same to the last digit
+    from _helpers import redo_jobs
+
+    students = sorted(p.stem for p in (run_dir / "results").glob("*-s1.json") if p.stem != "teacher-s1")
+    assert students
+    before, after = redo_jobs(run_dir, students, lambda: main(["kd", "experiment", "--run-dir", str(run_dir), "--resume", *TINY]))
+    assert after == before
 
 
 def test_console_script_is_installed():

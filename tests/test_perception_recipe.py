@@ -44,6 +44,13 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     report.unlink()
     assert main(["perception", "report", str(tmp_path / "run")]) == 0 and report.exists()
+    # every job is a function of its config alone: DSRC's student, its detections and the evaluation redone after the
+    # jobs before them were loaded (not trained) in this process come out the same to the last digit
+    from _helpers import redo_jobs
+
+    before, after = redo_jobs(tmp_path / "run", ["dsrc-s0", "detect-dsrc-s0", "eval-s0"],
+                              lambda: run_dsrc(cfg, tmp_path / "run", resume=True, progress=False))
+    assert after == before
 
 
 def test_dsrc_recipe_rejects_bad_configs():

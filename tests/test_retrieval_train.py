@@ -202,6 +202,15 @@ def test_tiny_training_run_end_to_end(tiny_collection, tmp_path):
     run_retrieval_train(cfg, run_dir, resume=True, progress=False)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == n_lines
     assert len(list((tmp_path / "cache").glob("scores-splade-*.npz"))) == 2  # pretrain + finetune lists
+    # every job is a function of its config alone: fine-tuning and evaluation redone after pre-training was loaded
+    # (not trained) in this process give the same model and scores to the last digit
+    from _helpers import redo_jobs
+
+    before, after = redo_jobs(run_dir, ["train-main-s0", "eval-main-s0-tiny"],
+                              lambda: run_retrieval_train(cfg, run_dir, resume=True, progress=False),
+                              checkpoints=["finetune-main-s0"])
+    assert after["train-main-s0"]["finetune"] == before["train-main-s0"]["finetune"]
+    assert after["eval-main-s0-tiny"] == before["eval-main-s0-tiny"]
 
 
 def test_positive_margin_puts_the_labelled_positive_first():

@@ -355,6 +355,13 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
     report.unlink()
     assert main(["video", "report", str(tmp_path / "run")]) == 0 and report.exists()
+    # every job is a function of its config alone: the ASA student and the evaluation redone after the jobs
+    # before them were loaded (not trained) in this process come out the same to the last digit
+    from _helpers import redo_jobs
+
+    before, after = redo_jobs(tmp_path / "run", ["tdm-asa-k2-s0", "eval-s0"],
+                              lambda: run_video_blade(cfg, tmp_path / "run", resume=True, progress=False))
+    assert after == before
     # the exported teacher starts another run; a checkpoint of another architecture is refused by name
     export = tmp_path / "run" / "exports" / "teacher-s0-ema.safetensors"
     assert export.exists()
