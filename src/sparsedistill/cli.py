@@ -289,6 +289,20 @@ def _retrieval_export(args: argparse.Namespace) -> int:
     from .retrieval.exports import opensearch_mapping, token_strings, write_anserini_vectors, write_opensearch_bulk, write_opensearch_idf
 
     index, query_encoder, corpus = open_collection_index(args.index_dir)
+    if args.format == "sentence-transformers":
+        from .retrieval.encoders import splade_tiny_path
+        from .retrieval.exports import save_sentence_transformers
+
+        # the encoder and truncation the index's documents were encoded with, and the index's query-side table
+        encoder = index.metadata.get("encoder") or splade_tiny_path()
+        max_length = int(index.metadata.get("max_length", 256))
+        try:
+            out = save_sentence_transformers(encoder, query_encoder.idf, args.out, max_length=max_length)
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+        print(f"{out}: sentence-transformers SparseEncoder (documents: {encoder}, max {max_length} tokens; "
+              f"queries: IDF from {args.index_dir / INDEX_IDF_FILE}); load it with SparseEncoder({str(out)!r})")
+        return 0
     tokens = token_strings(query_encoder.tokenizer)
     texts = corpus.corpus if (corpus and args.with_text) else None
     if args.format == "anserini":
@@ -444,12 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     rtv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     rtv.add_argument("--no-access-log", action="store_true", help="do not log every request")
     rtv.set_defaults(func=_retrieval_serve)
-    rtx = rt_cmds.add_parser("export", help="export an index's document vectors for OpenSearch or Anserini",
+    rtx = rt_cmds.add_parser("export", help="export an index's document vectors for OpenSearch or Anserini, or its model "
+                                            "for sentence-transformers",
                              description="opensearch: _bulk NDJSON with a rank_features field, plus <out>.mapping.json and "
-                                         "<out>.idf.json; anserini: JsonVectorCollection JSON lines.")
+                                         "<out>.idf.json; anserini: JsonVectorCollection JSON lines; sentence-transformers: "
+                                         "a folder that SparseEncoder(<out>) loads (documents: the index's SPLADE encoder, "
+                                         "queries: its IDF table).")
     rtx.add_argument("--index-dir", type=Path, required=True)
-    rtx.add_argument("--format", choices=["opensearch", "anserini"], required=True)
-    rtx.add_argument("--out", type=Path, required=True)
+    rtx.add_argument("--format", choices=["opensearch", "anserini", "sentence-transformers"], required=True)
+    rtx.add_argument("--out", type=Path, required=True, help="a file (opensearch, anserini) or a folder (sentence-transformers)")
     rtx.add_argument("--field", default="passage_embedding", help="the rank_features field (opensearch)")
     rtx.add_argument("--index-name", help="the _index of the bulk actions (opensearch; default: the collection's name)")
     rtx.add_argument("--quantize", type=float, default=100.0, help="anserini weights become round(QUANTIZE * w); 0 keeps floats")

@@ -1,10 +1,13 @@
-"""Document vectors out to the engines that serve learned sparse retrieval elsewhere.
+"""Document vectors, and the retrieval model itself, out to the engines and libraries that serve learned sparse retrieval.
 
 - OpenSearch neural sparse search: ``_bulk`` NDJSON (an action line, then a source line with a
   ``rank_features`` field ``{token: weight}``), the index mapping, and the IDF file that its
   inference-free query side reads (``IDFTable.to_opensearch``).
 - Anserini's ``JsonVectorCollection``: JSON lines ``{"id", "contents", "vector": {token: weight}}``,
   weights usually quantized to integers (``round(100 * w)``), indexed with ``-impact -pretokenized``.
+- sentence-transformers' ``SparseEncoder``: the model, not its vectors (``save_sentence_transformers``),
+  a folder whose document route is the SPLADE encoder and whose query route is the IDF table, so
+  users of that library encode both sides with no code of ours.
 
 Tokens are the document encoder's vocabulary strings. Writers stream: one document in memory at a
 time, into a temporary file that is fsynced and renamed over the target only when complete.
@@ -14,15 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..runs import atomic_open, atomic_write_bytes
 
+if TYPE_CHECKING:
+    from .encoders import SparseDocEncoder
+    from .idf import IDFTable
+
 __all__ = ["token_strings", "documents_from_matrix", "opensearch_mapping", "write_opensearch_bulk",
-           "write_opensearch_idf", "write_anserini_vectors"]
+           "write_opensearch_idf", "write_anserini_vectors", "save_sentence_transformers"]
 
 Document = tuple[str, np.ndarray, np.ndarray]  # (doc id, term ids, weights)
 
@@ -116,3 +125,118 @@ def write_anserini_vectors(documents: Iterable[Document], out: str | os.PathLike
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A Hugging Face model folder with a config and weights, or a clear error naming what is missing."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the document encoder folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{folder} has no model weights (*.safetensors or *.bin)")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an empty folder or an earlier sentence-transformers export may be replaced: never a user's other files."""
+    if out.is_file():
+        raise FileExistsError(f"{out} is a file; the sentence-transformers export is a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "modules.json").is_file():
+        raise FileExistsError(f"{out} is a non-empty folder that is not a sentence-transformers model; "
+                              "choose another output folder or empty it")
+
+
+def save_sentence_transformers(encoder: SparseDocEncoder | str | os.PathLike, idf: IDFTable, out_dir: str | os.PathLike,
+                               max_length: int | None = None, query_max_length: int = 512) -> Path:
+    """Write the retrieval model as a folder that ``sentence_transformers.SparseEncoder(out_dir)`` loads as is.
+
+    ``encoder``: a ``SparseDocEncoder`` or its Hugging Face masked-LM folder; ``idf``: the query side's
+    ``IDFTable`` (an index's ``idf.json``), built with that encoder's tokenizer. The folder holds a
+    ``Router``: ``encode_document`` runs the masked LM (``Transformer``, fill-mask) and ``SpladePooling``
+    (max over tokens of ``log(1 + ReLU(logits))``, padding masked), truncating at ``max_length`` tokens
+    (default: the encoder's ``max_length``, else 256 like ``retrieval index``); ``encode_query`` is a
+    ``SparseStaticEmbedding`` holding the IDF weight of every vocabulary token (special tokens 0), fed
+    the query's tokens without special tokens, truncated at ``query_max_length`` (``QueryEncoder``'s 512).
+    Similarity is the dot product, the index's score. Returns ``out_dir``.
+
+    Differences from our encoders that the sentence-transformers modules cannot express:
+
+    - a query token that occurs twice counts twice in ``QueryEncoder`` (count x IDF) but once in
+      ``SparseStaticEmbedding`` (presence x IDF): queries without repeated tokens get identical vectors;
+    - ``SparseDocEncoder.prune_below`` has no counterpart, so such an encoder is refused; its
+      ``max_terms`` becomes the model's ``max_active_dims``, which sentence-transformers also applies to
+      query vectors (only a query with more than ``max_terms`` distinct tokens is affected);
+    - sentence-transformers batches documents by length, so document weights differ from ours by float
+      rounding (~1e-6), which can move a weight that is all but 0 between 0 and a tiny positive value.
+
+    Written into a temporary folder beside ``out_dir`` and renamed over it when complete; an existing
+    ``out_dir`` is replaced only if it is empty or an earlier sentence-transformers model. Needs
+    ``sentence-transformers>=6`` (a model saved by it loads with 6.x).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .encoders import SparseDocEncoder
+
+    out = Path(out_dir)
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be > 0, got {max_length}")
+    if query_max_length <= 0:
+        raise ValueError(f"query_max_length must be > 0, got {query_max_length}")
+    max_terms = 0
+    if isinstance(encoder, SparseDocEncoder):
+        if encoder.prune_below > 0:
+            raise ValueError(f"this encoder prunes weights below {encoder.prune_below}, which sentence-transformers "
+                             "cannot express; export it with prune_below=0 (prune the index instead)")
+        max_terms, max_length = encoder.max_terms, max_length or encoder.max_length
+    else:
+        _check_model_folder(Path(encoder))
+        max_length = max_length or 256  # SparseDocEncoder's and `retrieval index`'s default
+    _check_replaceable(out)
+    try:
+        from sentence_transformers import SparseEncoder
+        from sentence_transformers.sparse_encoder.modules import Router, SparseStaticEmbedding, SpladePooling, Transformer
+    except ImportError as e:
+        raise ImportError(f"the sentence-transformers export needs that library ({e}): pip install 'sentence-transformers>=6'") from e
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # beside out_dir: the rename stays on one file system
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier export's leftovers
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            if isinstance(encoder, SparseDocEncoder):  # sentence-transformers loads modules from folders only
+                src = Path(scratch)
+                encoder.mlm.save_pretrained(str(src))
+                encoder.tokenizer.save_pretrained(str(src))
+            else:
+                src = Path(encoder)
+            tokenizer = AutoTokenizer.from_pretrained(str(src))
+            vocab = len(tokenizer.get_vocab())
+            model_vocab = AutoConfig.from_pretrained(str(src)).vocab_size
+            if idf.weights.numel() != vocab:
+                raise ValueError(f"the IDF table has {idf.weights.numel()} weights but the tokenizer {vocab} tokens: "
+                                 "it was built with another vocabulary")
+            if model_vocab != vocab:  # the query route's width is the tokenizer's, the document route's the model's
+                raise ValueError(f"the model's vocab_size is {model_vocab} but its tokenizer has {vocab} tokens; "
+                                 "query and document vectors would not share dimensions")
+            idf.check(tokenizer)
+
+            document = Transformer(str(src), transformer_task="fill-mask", max_seq_length=max_length)
+            # its own tokenizer copy: the query side truncates at another length than the document side
+            query_tokenizer = AutoTokenizer.from_pretrained(str(src), model_max_length=query_max_length)
+            query = SparseStaticEmbedding(query_tokenizer, weight=idf.weights.detach().clone().float(), frozen=True)
+            router = Router.for_query_document(
+                query_modules=[query],
+                document_modules=[document, SpladePooling("max", activation_function="relu", embedding_dimension=vocab)])
+            model = SparseEncoder(modules=[router], similarity_fn_name="dot", max_active_dims=max_terms or None, device="cpu")
+            model.save(str(staging))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
