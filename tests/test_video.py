@@ -380,7 +380,8 @@ def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
     import json
 
     from sparsedistill.data.moving_fmnist import MovingFashionMNIST
-    from sparsedistill.recipes.video_blade import VideoBlade, _save_weights, run_video_blade
+    from sparsedistill.models.safetensors_io import save_bf16
+    from sparsedistill.recipes.video_blade import VideoBlade, run_video_blade
     from sparsedistill.runs import Run
 
     torch.manual_seed(0)
@@ -389,7 +390,7 @@ def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
         for p in teacher.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.05)
-    _save_weights(teacher, tmp_path / "teacher-s0.safetensors")
+    save_bf16(teacher, tmp_path / "teacher-s0.safetensors")
     cfg = _tiny_recipe_config(**{"teacher.init": f'"{tmp_path}/teacher-s{{seed}}.safetensors"', "students.tdm.iterations": 1})
     # from an exported teacher the students' distillation is data-free: it runs where the data is not (a GPU
     # machine that got the teacher but not Fashion-MNIST yet)
@@ -451,9 +452,9 @@ def test_video_recipe_under_torchrun_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from sparsedistill.recipes.video_blade import _save_weights
+    from sparsedistill.models.safetensors_io import save_bf16
 
-    _save_weights(create_model("video_dit_fmnist_tiny"), tmp_path / "init-s0.safetensors")
+    save_bf16(create_model("video_dit_fmnist_tiny"), tmp_path / "init-s0.safetensors")
     sets = ["teacher.steps=4", "classifier.steps=2", "students.tdm.iterations=2", "eval.videos=4", "eval.batch=4",
             "eval.bootstrap=20", "sampling.steps=4", "students.variants=[\"tdm\"]"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedistill",

@@ -34,10 +34,12 @@ from ..files import sha256_file
 from ..models import create_model
 from ..models.video_dit import VideoDiT
 from ..runs import Run
-from ..video import euler_sample, flow_matching_loss
+from ..models.safetensors_io import load_weights, save_bf16
+from ..video import flow_matching_loss
 from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
                              frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
-from ..video.tdm import TDMTrainConfig, rollout, train_tdm
+from ..video.samples import sample_videos, save_video_samples, seeded_noise
+from ..video.tdm import TDMTrainConfig, train_tdm
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
 
@@ -208,7 +210,7 @@ class VideoBlade:
         model = create_model(self.cfg.model.name).to(self.device)
         if c.init:
             path = Path(c.init.format(seed=seed))
-            _load_weights(model, path)
+            load_weights(model, path)
             if dist.is_main():  # rank 0 alone decides and writes: no rank may skip a barrier another waits in
                 sha, done = sha256_file(path), self.run.result(job)
                 if done is None:
@@ -237,7 +239,7 @@ class VideoBlade:
         model.load_state_dict(state["ema"])
         export = self.run.artifact("exports") / f"{job}-ema.safetensors"
         if dist.is_main() and not export.exists():
-            _save_weights(model, export)
+            save_bf16(model, export)
         return model.eval()
 
     def student(self, seed: int, variant: str, k: int, teacher: VideoDiT) -> VideoDiT:
@@ -257,7 +259,7 @@ class VideoBlade:
         student.load_state_dict(self._checkpoint(job)["student"])
         export = self.run.artifact("exports") / f"{job}.safetensors"
         if dist.is_main() and not export.exists():  # bf16, ~20 MB: what travels back from a GPU machine
-            _save_weights(student, export)
+            save_bf16(student, export)
         return student.eval()
 
     def _checkpoint(self, job: str) -> dict:
@@ -294,8 +296,7 @@ class VideoBlade:
         out, elapsed = [], 0.0
         for n, start in enumerate([0, *range(0, e.videos, e.batch)]):  # the first batch twice: a warm-up, then timed
             warm_up = n == 0
-            noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                                 for i in range(start, start + e.batch)]).to(dev)
+            noise = seeded_noise(self.shape, seed, range(start, start + e.batch)).to(dev)
             y = torch.arange(start, start + e.batch, device=dev) % self.num_classes
             for m in asa:  # reused masks never carry over from another batch's videos
                 m.last_mask = None
@@ -304,13 +305,9 @@ class VideoBlade:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with _autocast(dev):
-                if student:
-                    g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
-                    x0 = rollout(model, noise, y, steps, self.cfg.students.tdm.eta, generator=g)[1]
-                else:
-                    x0 = euler_sample(model, noise, y, self.num_classes, steps=steps, cfg=cfg,
-                                      shift=self.cfg.sampling.shift)
-                x0 = x0.float().clamp(-1, 1)
+                x0 = sample_videos(model, noise, y, self.num_classes, steps, cfg, self.cfg.sampling.shift,
+                                   student_eta=self.cfg.students.tdm.eta if student else None,
+                                   generator=torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             for h in hooks:
@@ -371,8 +368,8 @@ class VideoBlade:
                 "motion": float(mot.mean()), "label_consistency": float(cons.mean()),
                 "attention_kept": density, "seconds_per_video": sec,
             }
-            _save_samples(videos[: e.show], samples_dir / f"{name}-s{seed}")
-        _save_samples(real[: e.show], samples_dir / f"real-s{seed}")
+            save_video_samples(videos[: e.show], samples_dir / f"{name}-s{seed}")
+        save_video_samples(real[: e.show], samples_dir / f"real-s{seed}")
         # the noise floor: another set of real clips (another seed) against the reference
         other, _ = self.test_clips.clips(range(e.videos), seed=seed + 1_000, labels=labels.cpu())
         floor = {"fd_real": frechet_distance(frame_features(clf, other), real_features),
@@ -395,44 +392,6 @@ class VideoBlade:
             out[seed] = self.evaluate(seed, teacher, students, clf)
             del students
         return out
-
-
-def _save_weights(model: nn.Module, path: Path) -> None:
-    """The model's weights in bf16 safetensors, written atomically (what travels between machines)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-
-
-def _load_weights(model: nn.Module, path: Path) -> nn.Module:
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise FileNotFoundError(f"teacher.init: {path} does not exist (an exports/teacher-s<seed>-ema.safetensors of an earlier run)")
-    state = load_file(str(path))
-    mine = model.state_dict()
-    wrong = sorted(set(state) ^ set(mine)) or [k for k in state if state[k].shape != mine[k].shape]
-    if wrong:
-        raise ValueError(f"teacher.init: {path} holds another architecture than {type(model).__name__} "
-                         f"{getattr(model, 'cfg', '')} (first mismatching keys: {wrong[:4]})")
-    model.load_state_dict({k: v.to(mine[k].dtype) for k, v in state.items()})
-    return model
-
-
-def _save_samples(videos: Tensor, stem: Path) -> None:
-    """A PNG strip (one row per video, every frame) and an animated GIF (the videos side by side)."""
-    import numpy as np
-    from PIL import Image
-
-    v = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()[:, 0]  # (N, F, H, W)
-    n, f, h, w = v.shape
-    strip = v.permute(0, 2, 1, 3).reshape(n * h, f * w).numpy()
-    Image.fromarray(strip).save(stem.with_suffix(".png"))
-    frames = [Image.fromarray(np.concatenate(list(v[:, i].numpy()), 1)) for i in range(f)]
-    frames[0].save(stem.with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=120, loop=0)
 
 
 def run_video_blade(cfg: VideoBladeConfig, run_dir: Path, resume: bool = False, progress: bool = True,
