@@ -516,3 +516,27 @@ def test_train_tdm_updates_the_fake_score_as_often_as_asked(tmp_path):
     with pytest.raises(ValueError, match="at least one update"):
         cfg.fake_updates = 0
         train_tdm(copy.deepcopy(teacher), copy.deepcopy(teacher), teacher, 10, cfg, job="x", progress=False)
+
+
+def test_video_sample_draws_a_strip_and_a_gif_from_an_export(tmp_path, capsys):
+    from PIL import Image
+
+    from sparsedistill.cli import main
+    from sparsedistill.models.safetensors_io import save_bf16
+
+    torch.manual_seed(0)
+    save_bf16(create_model("video_dit_fmnist_tiny"), tmp_path / "m.safetensors")
+    args = ["video", "sample", str(tmp_path / "m.safetensors"), "--model", "video_dit_fmnist_tiny", "--steps", "2",
+            "--classes", "1", "4", "7"]
+    assert main([*args, "--student", "--asa", "--out", str(tmp_path / "s")]) == 0
+    assert "3 videos of classes [1, 4, 7] by a 2-step student (eta 0.9) with ASA" in capsys.readouterr().out
+    strip = Image.open(tmp_path / "s.png")
+    assert strip.size == (8 * 32, 3 * 32)  # frames across, videos down
+    assert Image.open(tmp_path / "s.gif").n_frames == 8
+    # the same seed gives the same teacher samples; bad class ids and another architecture are refused by name
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0 and main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert main([*args[:-3], "11", "--out", str(tmp_path / "c")]) == 2
+    assert "class ids must be integers in 0..9" in capsys.readouterr().err
+    assert main([*args[:3], "--model", "video_dit_fmnist", "--out", str(tmp_path / "d")]) == 2
+    assert "another architecture" in capsys.readouterr().err

@@ -204,6 +204,41 @@ def _perception_report(args: argparse.Namespace) -> int:
     return _report_from_evaluations(args, "dsrc_report")
 
 
+def _video_sample(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .attention import AdaptiveBlockSparseAttention, ASAConfig
+    from .models import create_model
+    from .models.safetensors_io import load_weights
+    from .recipes.video_blade import ASASettings
+    from .video.samples import sample_videos, save_video_samples, seeded_noise
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_weights(create_model(args.model), args.weights).to(device).eval()
+    if args.asa:
+        a = ASASettings()
+        cfg = ASAConfig(block=model.cfg.block, tau=a.tau, min_keep=a.min_keep, max_keep=a.max_keep, samples=a.samples)
+        model.set_attention(lambda i: AdaptiveBlockSparseAttention(cfg, reference=device.type == "cpu"))
+    c = model.cfg
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    classes = torch.tensor(args.classes, device=device)
+    noise = seeded_noise((c.channels, c.frames, c.height, c.width), args.seed, range(len(args.classes))).to(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        videos = sample_videos(model, noise, classes, c.num_classes, args.steps, cfg=args.cfg,
+                               student_eta=args.eta if args.student else None,
+                               generator=torch.Generator(device=device).manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+    png, gif = save_video_samples(videos, args.out)
+    how = f"a {args.steps}-step student (eta {args.eta})" if args.student else f"{args.steps} Euler steps, CFG {args.cfg:g}"
+    print(f"{len(args.classes)} videos of classes {args.classes} by {how}{' with ASA' if args.asa else ''} on {device} "
+          f"in {seconds:.1f} s: {png}, {gif}")
+    return 0
+
+
 def _video_report(args: argparse.Namespace) -> int:
     return _report_from_evaluations(args, "video_report")
 
@@ -372,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(dense and with ASA), and evaluate every model against real clips and the teacher.")
     _add_run_options(vr, "'full' (default, a GPU) or 'short' (a tiny model, minutes on 2 CPU cores; no claims)")
     vr.set_defaults(func=_video_run)
+    vs = vid_cmds.add_parser("sample", help="videos from an exported teacher or student (.safetensors), as a PNG strip and a GIF",
+                             description="Load a video DiT's bf16 export (a run's exports/teacher-s<seed>-ema.safetensors or "
+                                         "exports/<student>-k<K>-s<seed>.safetensors) and draw one video per class id from "
+                                         "seeded noise: a teacher by guided Euler steps, a student (--student) by its K TDM steps.")
+    vs.add_argument("weights", type=Path, help="the model's .safetensors export")
+    vs.add_argument("--model", default="video_dit_fmnist", help="the registry name it was trained as")
+    vs.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="one video per class id")
+    vs.add_argument("--steps", type=int, default=50, help="sampling steps (a student: its K)")
+    vs.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance of a teacher (1 = none)")
+    vs.add_argument("--student", action="store_true", help="sample as a TDM student (K steps mixing fresh noise)")
+    vs.add_argument("--eta", type=float, default=0.9, help="a student's share of predicted noise per step (its training eta)")
+    vs.add_argument("--asa", action="store_true", help="ASA block-sparse attention (BLADE's settings) instead of dense")
+    vs.add_argument("--seed", type=int, default=0)
+    vs.add_argument("--out", type=Path, default=Path("runs/video-samples/samples"), help="path stem of the .png and .gif")
+    vs.set_defaults(func=_video_sample)
     vrep = vid_cmds.add_parser("report", help="(re)write a video run's report.md from its finished evaluations")
     vrep.add_argument("run", type=Path, help="run directory")
     vrep.set_defaults(func=_video_report)

@@ -27,6 +27,8 @@ def sample_videos(model: nn.Module, noise: Tensor, classes: Tensor, num_classes:
     if student_eta is None:
         x0 = euler_sample(model, noise, classes, num_classes, steps=steps, cfg=cfg, shift=shift)
     else:
+        if hasattr(model, "check_inputs"):  # class ids, shapes (the teacher's sampler checks its own)
+            model.check_inputs(noise, torch.ones(len(noise), device=noise.device), classes)
         x0 = rollout(model, noise, classes, steps, student_eta, generator=generator)[1]
     return x0.float().clamp(-1, 1)
 
