@@ -5,7 +5,12 @@ random but 2:4-pruned in every qkv/proj/fc1/fc2 (speed does not depend on the va
 variant's logits are checked against the dense fp16 model with the same pruned weights.
 
   dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of the three
-  torch_24                                   to_sparse_semi_structured weights, eager (PyTorch's path)
+  dense_fp8_tensor / dense_fp8_row           dense FP8 E4M3 Linears (weights/dense8.py): per-tensor scales (input
+                                             calibrated as ours) or row-wise (dynamic input), torch._scaled_mm
+  dense_int8                                 dense W8A8 INT8 (per-row weights, calibrated input), torch._int_mm with
+                                             Inductor's int_mm-with-mul fusion; every 8-bit row compiled + graphed:
+                                             the best of them is the 8-bit baseline
+  torch_24 / torch_24_compiled               to_sparse_semi_structured weights, eager / compiled + graphed (PyTorch's path)
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
 
@@ -29,11 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights import sparse24  # noqa: E402
+from sparsedistill.weights.dense8 import Dense8Linear  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
 from sparsedistill.timing import time_ms  # noqa: E402
 
@@ -67,6 +74,14 @@ def ours(model: torch.nn.Module, fmt: str, scales: dict[str, float]) -> torch.nn
     m = copy.deepcopy(model)
     qmax = {"fp16": 1.0, "int8": 127.0, "fp8": 448.0}[fmt]
     swap_linears(m, lambda n, lin: Sparse24Linear.from_dense(lin.weight, lin.bias, fmt, None if fmt == "fp16" else scales[n] / qmax)
+                 if n.rsplit(".", 1)[-1] in PRUNED else None)
+    return m
+
+
+def dense8(model: torch.nn.Module, fmt: str, granularity: str, scales: dict[str, float] | None) -> torch.nn.Module:
+    """The dense 8-bit model a user would deploy instead: the same layers as ours, dense, in FP8 or INT8."""
+    m = copy.deepcopy(model)
+    swap_linears(m, lambda n, lin: Dense8Linear.from_linear(lin, fmt, scales[n] if scales else None, granularity)
                  if n.rsplit(".", 1)[-1] in PRUNED else None)
     return m
 
@@ -113,16 +128,24 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     if compile_dense:
         add("dense_compile", lambda: torch.compile(model))
     add("torch_24", lambda: torch_24(model))
+    add("torch_24_compiled", lambda: CUDAGraphed(torch_24(model), x, compile=True))
     scales = input_scales(model, x)
+    inductor_config.force_fuse_int_mm_with_mul = True  # int32 GEMM output dequantised in its epilogue
+    add("dense_fp8_tensor", lambda: CUDAGraphed(dense8(model, "fp8", "tensor", scales), x, compile=True))
+    add("dense_fp8_row", lambda: CUDAGraphed(dense8(model, "fp8", "row", None), x, compile=True))
+    add("dense_int8", lambda: CUDAGraphed(dense8(model, "int8", "row", scales), x, compile=True))
     for fmt in ("fp16", "int8", "fp8"):
         add(f"ours_24_{fmt}", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x))
     for fmt in ("fp16", "int8", "fp8"):  # Inductor fuses (de)quantisation into LayerNorm / GELU / residual
         add(f"ours_24_{fmt}_compiled", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x, compile=True))
-    dense = [r["ms"] for k, r in rows.items() if k.startswith("dense") and "ms" in r]
+    dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile") and "ms" in r]
     best = min(dense)
+    dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]
     for r in rows.values():
         if "ms" in r:
             r["speedup_vs_best_dense"] = best / r["ms"]
+            if dense8_ms:
+                r["speedup_vs_best_dense_8bit"] = min(dense8_ms) / r["ms"]
             r["images_per_s"] = batch / r["ms"] * 1000
     del model
     torch.cuda.empty_cache()
