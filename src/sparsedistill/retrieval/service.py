@@ -16,7 +16,8 @@ Why it is shaped this way:
 
 Endpoints: ``GET /health``, ``POST /search``, ``POST /search/batch``, ``POST /documents``,
 ``DELETE /documents`` (ids in the body), ``DELETE /documents/{id}``, ``GET /documents/{id}``. Every
-error is JSON with a human-readable ``"detail"`` string.
+error is JSON with a human-readable ``"detail"`` string. Text fields (queries, document texts, ids) take
+any well-formed Unicode; a lone UTF-16 surrogate gets 422, and a body or URL id that is not UTF-8 gets 400.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .index import IndexLockedError, SparseIndex
 
@@ -44,6 +49,25 @@ MAX_K = 1000
 MAX_ID_CHARS = 512
 
 Encoder = Callable[[list[str]], Any]  # texts -> (len(texts), vocab) matrix (torch, numpy or scipy)
+
+
+class _DocIdConvertor(Convertor[str]):
+    """The rest of the URL path, newlines included, for ``/documents/{doc_id:doc_id}``.
+
+    Starlette's ``path`` convertor is ``.*``, which stops at a newline, and its pattern ends in ``$``, which
+    also matches just before a final newline: ``/documents/d1%0A`` would name (and delete) ``d1``.
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("doc_id", _DocIdConvertor())  # a named entry in Starlette's registry; no existing one changes
 
 
 @dataclass(frozen=True)
@@ -65,19 +89,53 @@ class ServiceLimits:
 # request and response bodies
 
 
+def _unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode, or None if it is.
+
+    JSON may spell a lone UTF-16 surrogate (``"\\ud800"``), and Python's JSON decoder also lets one
+    through from surrogate-encoded bytes (``ED A0 80``), but it is no character: the tokenizer raises
+    on it (a 500) and so does anything that writes it as UTF-8. So validation refuses it, with a message.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains an unpaired UTF-16 surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not "
+                "valid Unicode: send well-formed UTF-8 text (in a JSON \\u escape, a high surrogate \\uD800-\\uDBFF "
+                "must be followed by a low one \\uDC00-\\uDFFF)")
+    return None
+
+
+def _well_formed(value: Any) -> Any:
+    # runs before the str schema: its length check would fail on a surrogate with a message naming no cause
+    if isinstance(value, str) and (problem := _unicode_problem(value)):
+        raise ValueError(problem)
+    return value  # a non-string is left to the strict str check ("Input should be a valid string")
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty or only whitespace")
     return text
 
 
-Text = Annotated[str, Field(strict=True), AfterValidator(_non_empty)]
-DocId = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_non_empty)]
+Text = Annotated[str, Field(strict=True), BeforeValidator(_well_formed), AfterValidator(_non_empty)]
+DocId = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ID_CHARS), BeforeValidator(_well_formed),
+                  AfterValidator(_non_empty)]
 K = Annotated[int, Field(strict=True, ge=1, le=MAX_K, description=f"number of results, 1..{MAX_K}")]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field ("top_k") is an error, not silently ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _well_formed_keys(cls, data: Any) -> Any:
+        # a surrogate in a field name would otherwise fail inside pydantic as "body: unable to parse raw data"
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and (problem := _unicode_problem(key)):
+                    raise ValueError(f"field name {key!r} {problem}")
+        return data
 
 
 class SearchRequest(_Body):
@@ -343,10 +401,15 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+def _printable(x: Any) -> str:
+    """``str(x)`` with any lone surrogate escaped, so that echoing client input can never fail the UTF-8 response."""
+    return str(x).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _validation_detail(errors: list[dict]) -> tuple[str, list[dict]]:
     parts, clean = [], []
     for e in errors:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        loc = ".".join(_printable(x) for x in e.get("loc", ()) if x != "body") or "body"
         if e.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})"
             loc = "body"
@@ -355,10 +418,23 @@ def _validation_detail(errors: list[dict]) -> tuple[str, list[dict]]:
         elif e.get("type") == "model_attributes_type" and loc == "body":
             msg = "the request body must be a JSON object, sent with Content-Type: application/json"
         else:
-            msg = f"{loc}: {str(e.get('msg')).removeprefix('Value error, ')}"
+            msg = f"{loc}: {_printable(e.get('msg')).removeprefix('Value error, ')}"
         parts.append(msg)
-        clean.append({"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))})
+        clean.append({"loc": [_printable(x) for x in e.get("loc", ())], "msg": _printable(e.get("msg")),
+                      "type": str(e.get("type"))})
     return "; ".join(dict.fromkeys(parts)), clean
+
+
+def _unreadable_body_detail(cause: BaseException) -> str:
+    """What is wrong with a JSON body that could not even be decoded (FastAPI only says "error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02X} at offset {cause.start}: "
+                f"{cause.reason}); send the JSON encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to parse; send a JSON object shaped as documented"
+    # e.g. an integer over Python's 4300-digit limit; its advice to call sys.set_int_max_str_digits is for the server
+    reason = _printable(cause).split("; use sys.")[0]
+    return f"the request body could not be parsed as JSON ({reason}); send a JSON object encoded as UTF-8"
 
 
 def _install_handlers(app: FastAPI) -> None:
@@ -366,6 +442,14 @@ def _install_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail, errors = _validation_detail(list(exc.errors()))
         return _json_response(422, detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers 400 "There was an error parsing the body" for a body json.loads raised on other than
+        # JSONDecodeError (invalid UTF-8, nesting past the recursion limit, an over-long integer): say which
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            return _json_response(400, _unreadable_body_detail(exc.__cause__))
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -414,6 +498,19 @@ def create_app(index_dir: str | Path, encoder: Encoder | str | Path | None = Non
             raise ServiceError(413, f"{where} is {len(q)} characters; this service takes at most {lim.max_query_chars} "
                                     "(max_query_chars)")
 
+    def path_id(request: Request, doc_id: str) -> str:
+        # Starlette percent-decodes the path with errors="replace": "%FF" would silently become U+FFFD and could
+        # name a different document (one whose id has a real U+FFFD), so refuse an id that is not UTF-8
+        raw = request.scope.get("raw_path")
+        if raw is not None:
+            try:
+                unquote_to_bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ServiceError(400, "the document id in the URL is not valid UTF-8 once percent-decoded "
+                                        f"(byte 0x{e.object[e.start]:02X}: {e.reason}); percent-encode the UTF-8 bytes "
+                                        "of the id") from e
+        return doc_id
+
     def hits(pairs: list[tuple[str, float]]) -> list[dict[str, Any]]:
         return [{"id": d, "score": s} for d, s in pairs]
 
@@ -451,13 +548,14 @@ def create_app(index_dir: str | Path, encoder: Encoder | str | Path | None = Non
     def delete_documents(req: DeleteRequest) -> dict[str, Any]:
         return service.delete(req.ids)
 
-    # `:path` so that ids containing "/" work (URL-encode other reserved characters)
-    @app.delete("/documents/{doc_id:path}")
-    def delete_document(doc_id: str) -> dict[str, Any]:
-        return service.delete([doc_id])
+    # `:doc_id` (the rest of the path) so that ids containing "/" or a newline work (URL-encode reserved characters)
+    @app.delete("/documents/{doc_id:doc_id}")
+    def delete_document(doc_id: str, request: Request) -> dict[str, Any]:
+        return service.delete([path_id(request, doc_id)])
 
-    @app.get("/documents/{doc_id:path}")
-    def get_document(doc_id: str) -> dict[str, Any]:
+    @app.get("/documents/{doc_id:doc_id}")
+    def get_document(doc_id: str, request: Request) -> dict[str, Any]:
+        doc_id = path_id(request, doc_id)
         if doc_id not in service.index:
             raise ServiceError(404, f"document id {doc_id!r} is not in the index")
         return {"id": doc_id, "exists": True}
