@@ -8,6 +8,11 @@ PYDOCS  := /usr/share/doc/python3.11/html/_sources/contents.rst.txt
 OCVDATA := /usr/share/doc/opencv-doc/examples/data/baboon.jpg
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := dataset-fashion-mnist python3.11-doc opencv-doc
+# test only (tests/test_retrieval_anserini.py checks the Anserini export with Anserini itself): the fat jar inside
+# pyserini 0.22.1 (Java 11 bytecode, runs on Debian 12's Java 17; current Anserini needs Java 21, which Debian 12 lacks)
+JAVA    := /usr/bin/java
+JRE_PKG := openjdk-17-jre-headless
+ANSERINI := $(VENV)/.anserini-0.22.1
 
 .PHONY: setup demo test clean
 
@@ -27,10 +32,20 @@ $(FMNIST) $(PYDOCS) $(OCVDATA):
 	$(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) || \
 	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(APT_PKGS) )
 
+# an existing /usr/bin/java (any JRE or JDK) satisfies this; the test skips itself below Java 11
+$(JAVA):
+	$(SUDO) apt-get install -y --no-install-recommends $(JRE_PKG) || \
+	  ( $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(JRE_PKG) )
+
+# --no-deps: only its jar is used (java -cp), not pyserini's Python side (pyjnius, faiss, ...)
+$(ANSERINI): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps pyserini==0.22.1
+	touch $@
+
 demo: setup
 	$(VENV)/bin/sparsedistill vit compress --config short
 
-test: setup
+test: setup $(JAVA) $(ANSERINI)
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 clean:

@@ -341,8 +341,13 @@ def _retrieval_export(args: argparse.Namespace) -> int:
     tokens = token_strings(query_encoder.tokenizer)
     texts = corpus.corpus if (corpus and args.with_text) else None
     if args.format == "anserini":
-        n = write_anserini_vectors(index.iter_documents(), args.out, tokens, quantize=args.quantize or None, texts=texts)
-        print(f"{args.out}: {n} documents (Anserini JsonVectorCollection, weights x{args.quantize:g})")
+        if args.quantize is not None and args.quantize <= 0:
+            raise ValueError("Anserini reads impact weights as integers (it truncates floats: weights below 1 vanish); "
+                             "give --quantize > 0, or leave it out to export the index's own integer impacts")
+        # default: the index's step, so each exported integer is the index's stored impact and rankings match
+        quantize = args.quantize if args.quantize is not None else 1.0 / index.scale if index.scale else 100.0
+        n = write_anserini_vectors(index.iter_documents(), args.out, tokens, quantize=quantize, texts=texts)
+        print(f"{args.out}: {n} documents (Anserini JsonVectorCollection, integer weights round({quantize:g} x w))")
         return 0
     name = args.index_name or (Path(index.metadata.get("collection", "")).name or "sparse").lower()
     n = write_opensearch_bulk(index.iter_documents(), args.out, tokens, name, field=args.field, texts=texts)
@@ -519,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     rtx.add_argument("--out", type=Path, required=True, help="a file (opensearch, anserini) or a folder (sentence-transformers)")
     rtx.add_argument("--field", default="passage_embedding", help="the rank_features field (opensearch)")
     rtx.add_argument("--index-name", help="the _index of the bulk actions (opensearch; default: the collection's name)")
-    rtx.add_argument("--quantize", type=float, default=100.0, help="anserini weights become round(QUANTIZE * w); 0 keeps floats")
+    rtx.add_argument("--quantize", type=float, default=None,
+                     help="anserini weights become round(QUANTIZE * w) (default: 1 / the index's quantisation step, i.e. "
+                          "its own uint8 impacts, which rank as the index does)")
     rtx.add_argument("--with-text", action="store_true", help="include each document's text when the corpus is found")
     rtx.set_defaults(func=_retrieval_export)
     return parser
