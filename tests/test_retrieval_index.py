@@ -436,6 +436,10 @@ def test_index_search_export_cli_and_resume(tmp_path, capsys):
     assert main(args) == 0
     assert [c.stat().st_mtime_ns for c in chunks[:2]] == mtimes[:2] and chunks[-1].exists()
     assert len(SparseIndex.open(ix)) == 7
+    writer = SparseIndex.open(ix)  # the command left no writer lock behind in this process
+    with pytest.raises(KeyError, match="nothing was deleted"):  # raised after the lock was taken
+        writer.delete(["no-such-document"])
+    writer.close()
     capsys.readouterr()
 
     assert main(["retrieval", "search", "--index-dir", str(ix), "glacier ice", "-k", "3"]) == 0

@@ -280,7 +280,10 @@ def _retrieval_index(args: argparse.Namespace) -> int:
 
     index = build_collection_index(args.collection, args.index_dir, encoder=args.encoder or "", max_length=args.max_length,
                                    batch_size=args.batch_size, chunk_docs=args.chunk_docs, progress=not args.no_progress)
-    st = index.stats()
+    try:
+        st = index.stats()
+    finally:
+        index.close()  # its writer lock goes with it (a later write in this process would otherwise be refused)
     print(f"{args.index_dir}: {st['docs']} documents, {st['postings']} postings, {st['bytes_on_disk'] / 1e6:.1f} MB on disk "
           f"(encoded chunks in {args.index_dir / 'chunks'}, query IDF in {args.index_dir / 'idf.json'})")
     return 0
