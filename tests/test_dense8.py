@@ -39,3 +39,12 @@ def test_dense8_swaps_into_a_model_and_refuses_bad_settings():
         Dense8Linear.from_linear(torch.nn.Linear(4, 4), "fp8", granularity="tensor")
     with pytest.raises(ValueError, match="> 0"):
         Dense8Linear.from_linear(torch.nn.Linear(4, 4), "fp8", input_scale=0.0)
+
+
+def test_dense8_buffers_live_on_the_weights_device_and_the_weight_is_column_major():
+    """Built from a model already on a GPU, every buffer must be there too (the meta device stands in for CUDA)."""
+    for fmt, scale in (("fp8", 2.0), ("int8", 2.0), ("int8", None)):
+        lin = torch.nn.Linear(32, 24, device="meta")
+        layer = Dense8Linear.from_linear(lin, fmt, scale, "tensor" if scale else "row")
+        assert {b.device.type for b in layer.buffers()} == {"meta"}, fmt
+        assert layer.weight_q.stride() == (1, 32)  # (K, N) column-major, as torch._scaled_mm / _int_mm take it

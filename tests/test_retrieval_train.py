@@ -266,6 +266,11 @@ def test_training_query_vectors_equal_evaluation_ones(tiny_collection, tmp_path)
     present = tok(["lava lava glacier"], add_special_tokens=False)["input_ids"][0]
     assert binary.sum() == len(set(present)) and set(binary.nonzero()[:, 1].tolist()) == set(present)
     assert set(binary.unique().tolist()) == {0.0, 1.0}
+    # a token the corpus lacks (IDF 0: documents may still expand to it) counts too; a spelled special token does not
+    absent = recipe.query_encoders(tok, ["tiny"], binary=True)["tiny"](["saxophone [SEP]"])
+    sax = tok(["saxophone"], add_special_tokens=False)["input_ids"][0]
+    assert absent.sum() == len(set(sax)) and float(absent[0, tok.sep_token_id]) == 0.0
+    assert float(recipe.query_encoders(tok, ["tiny"])["tiny"](["saxophone"]).sum()) == 0.0  # IDF queries drop it
 
 
 def test_baseline_variant_trains_and_evaluates_with_binary_queries_and_refuses_learned_query_weights():

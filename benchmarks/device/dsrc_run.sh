@@ -2,27 +2,30 @@
 # `perception run --config full` on the one GPU as processes sharing runs/dsrc-full (--jobs), in waves: the
 # teachers and the variants that need none side by side, then the distilled variants, then the evaluation. A call
 # cut by the device's limit is continued by sending the same command again while the machine is warm (runs/ stays).
-# Each job's log and the run directory (no checkpoints) come back in $OUT.
+# The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
+# evaluation's log (the device returns at most 8 files).
 #   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
 set -u
 limit=$1; shift
 end=$((SECONDS + limit))
 run=runs/dsrc-full
+mkdir -p "$run/logs"
 job() {  # job LOG [--jobs ...]
   local log=$1; shift
   SPARSEDISTILL_LOG=info timeout $((end - SECONDS > 1 ? end - SECONDS : 1)) python3 -m sparsedistill perception run \
-    --run-dir "$run" --resume --no-progress "${sets[@]}" "$@" >> "$OUT/dsrc-$log.log" 2>&1
+    --run-dir "$run" --resume --no-progress "${sets[@]}" "$@" >> "$run/logs/$log.log" 2>&1
 }
 wave() {
-  local pids=() j
-  for j in "$@"; do job "$j" --jobs "$j" & pids+=($!); done
-  for j in "${pids[@]}"; do wait "$j"; done
-  echo "wave $* done after $SECONDS s: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
+  local pids=() names=() i
+  for i in "$@"; do job "$i" --jobs "$i" & pids+=($!); names+=("$i"); done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "${names[$i]}: exit $?"; done
+  echo "wave done after $SECONDS s: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 }
 sets=("$@")
 wave teacher teacher_unpainted b0 no_fusion early dsrc_no_distill
 wave dsrc dsrc_no_paint dsrc_no_recon
 job eval; rc=$?
+cp "$run/logs/eval.log" "$OUT/dsrc-eval.log"
 echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/dsrc-eval.log"
-tar -czf "$OUT/dsrc-full.tgz" --exclude='*.pt' "$run"
+tar -czf "$OUT/dsrc-full.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' "$run"
 exit $rc

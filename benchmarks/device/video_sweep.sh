@@ -9,8 +9,8 @@ set -u
 limit=$1; shift
 names=(); pids=()
 for arm in "$@"; do
-  name=${arm%%=*}
-  read -ra extra <<< "${arm#*=}"
+  name=${arm%%=*}; extra=()
+  [[ $arm == *=* ]] && read -ra extra <<< "${arm#*=}"  # KEY=VALUE overrides without spaces inside a value
   SPARSEDISTILL_LOG=info timeout "$limit" python3 -m sparsedistill video run --config full --run-dir "runs/vb-$name" \
     --resume --no-progress --set 'teacher.init="/root/video-teacher/teacher-s{seed}-ema.safetensors"' \
     --set 'students.steps=[4]' --set 'students.variants=["tdm"]' "${extra[@]}" >> "$OUT/vb-$name.log" 2>&1 &
@@ -22,5 +22,5 @@ for i in "${!pids[@]}"; do
   echo "vb-${names[$i]}: exit $rc after $SECONDS s; $(ls runs/vb-${names[$i]}/results 2>/dev/null | tr '\n' ' ')"
   tail -n 1 "runs/vb-${names[$i]}/metrics.jsonl" 2>/dev/null
 done
-tar -czf "$OUT/vb-sweep.tgz" --exclude='*.pt' --exclude='*.safetensors' $(printf 'runs/vb-%s ' "${names[@]}")
+tar -czf "$OUT/vb-sweep.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' $(printf 'runs/vb-%s ' "${names[@]}")
 exit $status

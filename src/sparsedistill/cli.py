@@ -213,7 +213,7 @@ def _video_sample(args: argparse.Namespace) -> int:
     from .models import create_model
     from .models.safetensors_io import load_weights
     from .recipes.video_blade import ASASettings
-    from .video.samples import sample_videos, save_video_samples, seeded_noise
+    from .video.samples import sample_videos, save_video_samples, seeded_noise, student_step_noise
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_weights(create_model(args.model), args.weights).to(device).eval()
@@ -225,12 +225,13 @@ def _video_sample(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     classes = torch.tensor(args.classes, device=device)
-    noise = seeded_noise((c.channels, c.frames, c.height, c.width), args.seed, range(len(args.classes))).to(device)
+    shape, videos = (c.channels, c.frames, c.height, c.width), range(len(args.classes))
+    noise = seeded_noise(shape, args.seed, videos).to(device)  # video i as a run's evaluation draws its video i
+    fresh = student_step_noise(shape, args.seed, videos, args.steps) if args.student else None
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         videos = sample_videos(model, noise, classes, c.num_classes, args.steps, cfg=args.cfg,
-                               student_eta=args.eta if args.student else None,
-                               generator=torch.Generator(device=device).manual_seed(args.seed))
+                               student_eta=args.eta if args.student else None, fresh_noise=fresh)
     seconds = time.perf_counter() - start
     png, gif = save_video_samples(videos, args.out)
     how = f"a {args.steps}-step student (eta {args.eta})" if args.student else f"{args.steps} Euler steps, CFG {args.cfg:g}"

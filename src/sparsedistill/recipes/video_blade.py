@@ -38,7 +38,7 @@ from ..models.safetensors_io import load_weights, save_bf16
 from ..video import flow_matching_loss
 from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
                              frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
-from ..video.samples import sample_videos, save_video_samples, seeded_noise
+from ..video.samples import sample_videos, save_video_samples, seeded_noise, student_step_noise
 from ..video.tdm import TDMTrainConfig, train_tdm
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
@@ -285,8 +285,8 @@ class VideoBlade:
 
         Video i starts from noise drawn on the CPU from (seed, i), with class i % classes, so every model,
         batch size and device sees the same inputs. The teacher samples by guided Euler steps; a
-        ``student`` by its K training steps (``rollout``), whose fresh noise comes from a generator seeded
-        by (seed, batch): the same for every student. One untimed warm-up batch first (kernel compilation
+        ``student`` by its K training steps (``rollout``), whose fresh noise is drawn per video and step
+        (``student_step_noise``): the same for every student. One untimed warm-up batch first (kernel compilation
         and tuning, CUDA set-up); the kept share is gathered on the device and read after the timing.
         """
         e, dev = self.cfg.eval, self.device
@@ -304,10 +304,10 @@ class VideoBlade:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            fresh = student_step_noise(self.shape, seed, range(start, start + e.batch), steps) if student else None
             with _autocast(dev):
                 x0 = sample_videos(model, noise, y, self.num_classes, steps, cfg, self.cfg.sampling.shift,
-                                   student_eta=self.cfg.students.tdm.eta if student else None,
-                                   generator=torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start))
+                                   student_eta=self.cfg.students.tdm.eta if student else None, fresh_noise=fresh)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             for h in hooks:

@@ -75,10 +75,13 @@ class QueryEncoder:
         if not texts:
             raise ValueError("no queries given")
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        if self.binary:  # special tokens weigh 0 here too (a query may spell one, e.g. "[SEP]")
+            special = set(self.tokenizer.all_special_ids)
+            ids = [[t for t in toks if t not in special] for toks in ids]
         out = torch.zeros(len(texts), self.idf.weights.numel())
         for row, toks in enumerate(ids):
-            if toks and self.binary:
-                out[row, torch.tensor(toks)] = (self.idf.weights[toks] > 0).float()  # special tokens stay 0
+            if toks and self.binary:  # every token present, also ones the corpus lacks (documents may expand to them)
+                out[row, torch.tensor(toks)] = 1.0
             elif toks:
                 out[row].index_add_(0, torch.tensor(toks), self.idf.weights[toks])
         return out

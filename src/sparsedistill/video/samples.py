@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .flow import euler_sample
 from .tdm import rollout
 
-__all__ = ["seeded_noise", "sample_videos", "save_video_samples"]
+__all__ = ["seeded_noise", "student_step_noise", "sample_videos", "save_video_samples"]
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, indices: range | list[int]) -> Tensor:
@@ -19,17 +19,27 @@ def seeded_noise(shape: tuple[int, ...], seed: int, indices: range | list[int]) 
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices])
 
 
+def student_step_noise(shape: tuple[int, ...], seed: int, indices: range | list[int], steps: int) -> list[Tensor]:
+    """The fresh noise a K-step student mixes in at each step, per video i from (seed, i, step) on the CPU, in a seed
+    range of its own (above 2^40) so it never repeats a video's starting noise: the same on any device and batch."""
+    return [torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(2**40 + (seed * 1_000_003 + i) * 64 + j))
+                         for i in indices]) for j in range(steps)]
+
+
 @torch.no_grad()
 def sample_videos(model: nn.Module, noise: Tensor, classes: Tensor, num_classes: int, steps: int, cfg: float = 1.0,
-                  shift: float = 1.0, student_eta: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+                  shift: float = 1.0, student_eta: float | None = None, fresh_noise: list[Tensor] | None = None) -> Tensor:
     """Videos in [-1, 1] (float32) from ``noise``. A teacher (``student_eta`` None) takes guided Euler steps; a TDM
-    student its K training steps, each mixing ``student_eta`` of the predicted noise with fresh noise from ``generator``."""
+    student its K training steps, each mixing ``student_eta`` of the predicted noise with ``fresh_noise[step]``
+    (``student_step_noise``; required when ``student_eta`` < 1)."""
     if student_eta is None:
         x0 = euler_sample(model, noise, classes, num_classes, steps=steps, cfg=cfg, shift=shift)
     else:
         if hasattr(model, "check_inputs"):  # class ids, shapes (the teacher's sampler checks its own)
             model.check_inputs(noise, torch.ones(len(noise), device=noise.device), classes)
-        x0 = rollout(model, noise, classes, steps, student_eta, generator=generator)[1]
+        if student_eta < 1 and fresh_noise is None:
+            raise ValueError("a student step with eta < 1 mixes in fresh noise: pass fresh_noise (student_step_noise)")
+        x0 = rollout(model, noise, classes, steps, student_eta, fresh_noise=fresh_noise)[1]
     return x0.float().clamp(-1, 1)
 
 

@@ -72,14 +72,20 @@ def student_step(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eta: float, no
 
 @torch.no_grad()
 def rollout(student: nn.Module, noise: Tensor, y: Tensor, steps: int, eta: float,
-            generator: torch.Generator | None = None) -> tuple[list[Tensor], Tensor]:
-    """The student's K steps from ``noise``: each step's input (K tensors) and the final x0."""
+            generator: torch.Generator | None = None, fresh_noise: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+    """The student's K steps from ``noise``: each step's input (K tensors) and the final x0. Each step's fresh noise
+    is ``fresh_noise[j]`` when given (evaluation: drawn per video), else drawn from ``generator``."""
+    if fresh_noise is not None and len(fresh_noise) < steps:
+        raise ValueError(f"{len(fresh_noise)} fresh-noise tensors for {steps} steps")
     times = student_times(steps, noise.device)
     x, inputs = noise, []
     for j in range(steps):
         inputs.append(x)
         t = times[j].expand(x.shape[0])
-        fresh = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta < 1 else None
+        fresh = None
+        if eta < 1:
+            fresh = (fresh_noise[j].to(x.device, x.dtype) if fresh_noise is not None
+                     else torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator))
         x0, x = student_step(x, student(x, t, y), t, times[j + 1].expand(x.shape[0]), eta, fresh)
     return inputs, x0
 
@@ -138,7 +144,9 @@ class TDMTrainConfig(TDMConfig):
     batch_size: int = 8  # global, across ranks
     lr: float = 1e-4  # the student (BLADE: 1e-4)
     fake_lr: float = 5e-4  # the fake score (BLADE: 5e-4)
-    fake_updates: int = 1  # fake-score updates per student update (BLADE and TDM: 1; DMD2's two time-scale rule: 5)
+    # fake-score updates per student update (BLADE and TDM: 1; DMD2's two time-scale rule: 5). Ours reuse the
+    # iteration's one rollout with fresh steps and re-noising (DMD2 draws new generator samples for each): cheaper
+    fake_updates: int = 1
     beta2: float = 0.95  # AdamW betas (0, beta2), as TDM and BLADE
     weight_decay: float = 1e-4
     grad_clip: float = 1.0

@@ -5,7 +5,8 @@
 scale per row (each call's absmax; torchao's float8 "rowwise" recipe); "tensor": one scale each, the input's
 calibrated (FP8's fastest kernel: per-tensor scales, fp16 out, bias in the epilogue). The GEMM is PyTorch's own:
 ``torch._scaled_mm`` for FP8, ``torch._int_mm`` (int32 out, then dequantised) for INT8. Under ``torch.compile``
-Inductor fuses the (de)quantisation with the neighbouring LayerNorm / GELU / residual kernels.
+Inductor fuses the quantisation with the neighbouring LayerNorm / GELU / residual kernels; whether it also folds
+INT8's dequantisation into the GEMM depends on the mm template autotuning picks (check with TORCH_LOGS=output_code).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Dense8Linear(nn.Module):
         self.register_buffer("weight_scale", w_scale.t().contiguous())  # (1, N)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # the input's step size, kept on the layer's device (no tensor built per call)
-        self.register_buffer("input_step", None if input_scale is None else torch.tensor([[input_scale / qmax]]))
+        self.register_buffer("input_step", None if input_scale is None
+                             else torch.tensor([[input_scale / qmax]], device=weight.device))
         self.fmt, self.granularity, self.input_scale, self.out_features = fmt, granularity, input_scale, weight.shape[0]
 
     @classmethod
@@ -59,16 +61,28 @@ class Dense8Linear(nn.Module):
             sx = self.input_step
         xq = x2.float() / sx
         xq = (xq.round().clamp(-qmax, qmax) if self.fmt == "int8" else xq.clamp(-qmax, qmax)).to(dtype)
-        if self.fmt == "fp8" and self.granularity == "tensor":  # one kernel: scales, bias and the fp16 output
+        if self.fmt == "fp8" and self.granularity == "tensor" and x.dtype != torch.float32:
+            # one kernel: scales, bias and the 16-bit output (CUDA takes no bias with an fp32 output)
             y = torch._scaled_mm(xq, self.weight_q, scale_a=sx.reshape(()), scale_b=self.weight_scale.reshape(()),
                                  bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+            return y.reshape(*lead, self.out_features)
+        if self.fmt == "fp8" and self.granularity == "tensor":
+            y = torch._scaled_mm(xq, self.weight_q, scale_a=sx.reshape(()), scale_b=self.weight_scale.reshape(()),
+                                 out_dtype=torch.float32)
+            y = y if self.bias is None else y + self.bias.float()
             return y.reshape(*lead, self.out_features)
         if self.fmt == "fp8":
             # row-wise scales need a bf16 output in PyTorch's kernel; the cast back fuses under compile
             y = torch._scaled_mm(xq, self.weight_q, scale_a=sx.expand(len(x2), 1).contiguous(), scale_b=self.weight_scale,
                                  out_dtype=torch.bfloat16)
         else:
-            y = torch._int_mm(xq, self.weight_q).float() * (sx * self.weight_scale)
+            rows = len(xq)
+            if xq.is_cuda and rows <= 16:  # CUDA's int8 GEMM wants more than 16 rows: pad with zeros, drop them after
+                acc = torch._int_mm(torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])]), self.weight_q)[:rows]
+            else:
+                acc = torch._int_mm(xq, self.weight_q)
+            # int32 times the fp32 scales (no cast between: the pattern Inductor can fold into the GEMM's epilogue)
+            y = acc * (sx * self.weight_scale)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
