@@ -7,8 +7,9 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of the three
   dense_fp8_tensor / dense_fp8_row           dense FP8 E4M3 Linears (weights/dense8.py): per-tensor scales (input
                                              calibrated as ours) or row-wise (dynamic input), torch._scaled_mm
-  dense_int8                                 dense W8A8 INT8 (per-row weights, calibrated input), torch._int_mm with
-                                             Inductor's int_mm-with-mul fusion; every 8-bit row compiled + graphed:
+  dense_int8                                 dense W8A8 INT8 (per-row weights, calibrated input), torch._int_mm (its
+                                             int32-times-scale left unbroken, Inductor's int_mm-with-mul fusion asked
+                                             for where its version has it); every 8-bit row compiled + graphed:
                                              the best of them is the 8-bit baseline
   torch_24 / torch_24_compiled               to_sparse_semi_structured weights, eager / compiled + graphed (PyTorch's path)
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
