@@ -11,7 +11,7 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs resume 
                             Frechet distances (frame classifier's and EfficientNet-Lite0's features) to real test
                             clips and to the teacher's samples, motion, label
                             consistency, achieved attention sparsity, bootstrap intervals; sample strips and GIFs
-Students are fully fine-tuned (no LoRA: the model is small). Everything is drawn on the fly on the
+Students are fully fine-tuned by default, or LoRA-adapted (``students.lora_rank``, as BLADE). Everything is drawn on the fly on the
 run's device: clip i of a seed is the same clip on any machine (``data/moving_fmnist.py``).
 """
 
@@ -40,6 +40,7 @@ from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy
                              frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
 from ..video.samples import sample_videos, save_video_samples, seeded_noise, student_step_noise
 from ..video.tdm import TDMTrainConfig, train_tdm
+from ..weights.lora import add_lora, merge_lora
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
 
@@ -97,6 +98,10 @@ class StudentsConfig:
     steps: list[int] = field(default_factory=lambda: [4, 8])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     tdm: TDMTrainConfig = field(default_factory=TDMTrainConfig)
+    # 0: full fine-tuning; > 0: LoRA of this rank (alpha = rank) on the layers named in lora_targets, in the student
+    # and its fake score (BLADE: rank 64 on Wan's q, k, v, o; ours are the fused qkv and the output projection)
+    lora_rank: int = 0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
 
 
 @dataclass
@@ -142,6 +147,9 @@ def validate(cfg: VideoBladeConfig) -> VideoDiT:
     if cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:  # (b) trains with ASA, (c) samples with it
         raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of the "
                          f"kernel's block sizes {SUPPORTED_BLOCKS}")
+    if cfg.students.lora_rank < 0:
+        raise ValueError(f"students.lora_rank = {cfg.students.lora_rank}: 0 fine-tunes every weight, > 0 trains LoRA "
+                         "adapters of that rank")
     if not 0.0 <= cfg.students.tdm.eta <= 1.0:
         raise ValueError(f"students.tdm.eta = {cfg.students.tdm.eta}: the share of predicted noise in a student step "
                          "must be in [0, 1] (1: deterministic Euler steps)")
@@ -247,6 +255,8 @@ class VideoBlade:
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if variant == "tdm-asa":
             self.attach_asa(student)
+        if self.cfg.students.lora_rank:  # after ASA, before the fake score's copy, as BLADE
+            add_lora(student, self.cfg.students.lora_rank, self.cfg.students.lora_targets)
         if self.run.result(job) is None:
             fake = copy.deepcopy(student)  # made after ASA is attached: the fake score runs ASA too (as BLADE's)
             tdm = copy.deepcopy(self.cfg.students.tdm)
@@ -257,6 +267,7 @@ class VideoBlade:
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
         student.load_state_dict(self._checkpoint(job)["student"])
+        merge_lora(student)  # the adapters folded in: the teacher's architecture, no extra cost when sampling
         export = self.run.artifact("exports") / f"{job}.safetensors"
         if dist.is_main() and not export.exists():  # bf16, ~20 MB: what travels back from a GPU machine
             save_bf16(student, export)
