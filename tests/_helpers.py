@@ -49,3 +49,46 @@ def _without_timings(value):
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
+
+
+TOPICS = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
+          "glacier ice melting", "bitcoin blockchain ledger"]
+
+
+def topic_collection(root):
+    """A BEIR-layout collection of six one-topic documents (d0..d5) and one query ("volcano" -> d0) under ``root``."""
+    import json
+    from pathlib import Path
+
+    col = Path(root)
+    (col / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": t, "text": f"A document about {t}."} for i, t in enumerate(TOPICS)]
+    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (col / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "volcano"}))
+    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    return col
+
+
+def cranfield_subset(root, docs: int):
+    """Cranfield's first ``docs`` documents and all its queries, as a BEIR-layout collection under ``root``
+    (the test is skipped where the offline collections are missing)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from sparsedistill.data import DatasetNotFound
+    from sparsedistill.data.beir import ir_data_root
+
+    try:
+        src = ir_data_root() / "cranfield"
+    except DatasetNotFound as e:
+        pytest.skip(str(e))  # the collections live beside the checkout (shared/data/ir), not in it
+    col = Path(root)
+    (col / "qrels").mkdir(parents=True)
+    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:docs]
+    (col / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copy(src / "queries.jsonl", col / "queries.jsonl")
+    (col / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\n1\t{json.loads(lines[0])['_id']}\t1\n")
+    return col

@@ -118,22 +118,13 @@ def engines(tmp_path_factory):
         pytest.skip("Anserini's jar not found: pip install --no-deps pyserini==0.22.1 (or set ANSERINI_JAR)")
 
     from sparsedistill.cli import main
-    from sparsedistill.data import DatasetNotFound
-    from sparsedistill.data.beir import ir_data_root
     from sparsedistill.retrieval.collection import build_collection_index, open_collection_index
     from sparsedistill.retrieval.exports import token_strings
 
-    try:
-        src = ir_data_root() / "cranfield"
-    except DatasetNotFound as e:
-        pytest.skip(str(e))
+    from _helpers import cranfield_subset
+
     tmp = tmp_path_factory.mktemp("anserini")
-    col = tmp / "cranfield-small"
-    (col / "qrels").mkdir(parents=True)
-    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:DOCS]
-    (col / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    shutil.copy(src / "queries.jsonl", col / "queries.jsonl")
-    (col / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\n1\t{json.loads(lines[0])['_id']}\t1\n")
+    col = cranfield_subset(tmp / "cranfield-small", DOCS)
     ix = tmp / "ix"
     t0 = time.perf_counter()
     # what `sparsedistill retrieval index` runs; called here so the index it returns can be closed (its writer lock)

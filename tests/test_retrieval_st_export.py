@@ -40,21 +40,12 @@ def has_repeated_token(tokenizer, text: str) -> bool:
 def exported(tmp_path_factory):
     """A small Cranfield index built and exported through the CLI, the loaded export, and our encoders' vectors."""
     from sparsedistill.cli import main
-    from sparsedistill.data import DatasetNotFound
-    from sparsedistill.data.beir import ir_data_root
     from sparsedistill.retrieval.collection import open_collection_index
 
-    try:
-        src = ir_data_root() / "cranfield"
-    except DatasetNotFound as e:
-        pytest.skip(str(e))  # the collections live beside the checkout (shared/data/ir), not in it
+    from _helpers import cranfield_subset
+
     tmp = tmp_path_factory.mktemp("st-export")
-    col = tmp / "cranfield-small"
-    (col / "qrels").mkdir(parents=True)
-    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:DOCS]
-    (col / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    shutil.copy(src / "queries.jsonl", col / "queries.jsonl")
-    (col / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\n1\t{json.loads(lines[0])['_id']}\t1\n")
+    col = cranfield_subset(tmp / "cranfield-small", DOCS)
     ix, out = tmp / "ix", tmp / "st-model"
     assert main(["retrieval", "index", "--collection", str(col), "--index-dir", str(ix), "--max-length", str(MAX_LENGTH),
                  "--no-progress"]) == 0
