@@ -499,3 +499,35 @@ def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collecti
     binary = evaluate_collection(str(tiny_collection), cfg, enc, progress=False, binary_queries=True)
     assert binary["ours_idf_queries"] == idf["ours"] and "ours_idf_queries" not in idf
     assert 0 <= binary["ours"]["ndcg@10"] <= 1 and binary["ours_index"]["ndcg@10"] == pytest.approx(binary["ours"]["ndcg@10"], abs=0.05)
+
+
+def test_quality_sparsity_plane_over_a_flops_weight_sweep(tmp_path, capsys):
+    """Runs that differ in their FLOPS weight: one point per trained model, a curve per variant, the base and BM25."""
+    from sparsedistill.cli import main
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig
+    from sparsedistill.runs import Run
+
+    def fake_run(name: str, sets: list[str], models: dict[str, tuple[float, float]], collections=("a", "b")):
+        cfg = load_config(RetrievalTrainConfig, None, ['variants=["plain-flops", "baseline"]', *sets])
+        run = Run(tmp_path / name, cfg)
+        for label, (ndcg, nnz) in models.items():
+            for c in collections:
+                run.save_result(f"eval-{label}-{c}", {"label": label, "collection": c, "ours": {"ndcg@10": ndcg},
+                                                      "bm25": {"ndcg@10": 0.5}, "nnz_per_doc": nnz})
+        return tmp_path / name
+
+    runs = [fake_run("w1", ["loss.plain_flops_weight=0.001"], {"base": (0.45, 200.0), "plain-flops-s0": (0.56, 150.0),
+                                                               "baseline-s0": (0.52, 140.0)}),
+            fake_run("w2", ["loss.plain_flops_weight=0.004"], {"plain-flops-s0": (0.53, 80.0), "baseline-s0": (0.49, 70.0)}),
+            fake_run("w3", ["loss.plain_flops_weight=0.01"], {"plain-flops-s0": (0.50, 40.0)}, collections=("a",))]
+    assert main(["retrieval", "plane", *map(str, runs), "--out", str(tmp_path / "plane")]) == 0
+    data = json.loads((tmp_path / "plane" / "plane.json").read_text())
+    by = {(p["variant"], p["flops_weight"]): p for p in data["points"]}
+    assert by["plain-flops", 0.004]["nnz_per_doc"] == 80.0 and by["baseline", 0.001]["ndcg@10"] == 0.52
+    assert data["base"]["nnz_per_doc"] == 200.0
+    text = (tmp_path / "plane" / "plane.md").read_text()
+    assert "| plain-flops | 0 | 0.004 | 80.0 | 53.00 | +3.00 |" in text
+    assert "Not plotted (evaluated on fewer collections): plain-flops-s0 (a)" in text  # w3 saw one collection
+    assert (tmp_path / "plane" / "plane.png").stat().st_size > 1000
+    assert main(["retrieval", "plane", str(tmp_path / "nothing"), "--out", str(tmp_path / "p2")]) == 2

@@ -261,6 +261,12 @@ def _retrieval_report(args: argparse.Namespace) -> int:
     return _print_report(out)
 
 
+def _retrieval_plane(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_report import write_plane
+
+    return _print_report(write_plane(args.runs, args.out))
+
+
 def _retrieval_train(args: argparse.Namespace) -> int:
     out = _run_recipe(args, "retrieval_train", "RetrievalTrainConfig", "run_retrieval_train", "retrieval_train",
                       "retrieval-train", prepare_only=args.prepare_only)
@@ -478,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                      help="run directories (--run-dir of `retrieval train`); the report is written into the first")
     rtr.set_defaults(func=_retrieval_report)
+    rtp = rt_cmds.add_parser("plane", help="NDCG@10 against document nonzeros over runs of a FLOPS-weight sweep (plane.md, plane.png)",
+                             description="Plot every trained model of the given `retrieval train` runs (each may use its own "
+                                         "FLOPS weight) on the quality-sparsity plane, one curve per variant, with the base "
+                                         "model and BM25 as references: variants compared at equal sparsity.")
+    rtp.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories of `retrieval train`")
+    rtp.add_argument("--out", type=Path, required=True, help="folder for plane.md, plane.png and plane.json")
+    rtp.set_defaults(func=_retrieval_plane)
     rte = rt_cmds.add_parser("evaluate", help="BM25 vs inference-free sparse retrieval on BEIR-layout collections, with report.md",
                              description="Evaluate BM25 (bm25s) and inference-free sparse retrieval (SPLADE documents, IDF queries) "
                                          "on SciFact / Cranfield / Vaswani or any BEIR-layout folder: NDCG@10, Recall@100, "

@@ -249,3 +249,72 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
     report = out.path / "report.md"
     atomic_write_bytes(report, "\n".join(md).encode())
     return report
+
+
+def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
+    """The quality-sparsity plane of a FLOPS-weight sweep: for every trained model of the runs (each run may use its
+    own ``loss.flops_weight`` / ``loss.plain_flops_weight``), mean NDCG@10 over the evaluated collections against the
+    mean document nonzeros, one curve per variant, the base model and BM25 as references. Writes ``plane.md``,
+    ``plane.png`` and ``plane.json`` into ``out_dir``; returns plane.md. Variants are compared on equal collections:
+    a model missing one of the collections the others have is listed, not plotted."""
+    from .retrieval_train import RetrievalTrainConfig, _variant
+    from ..config import load_config
+
+    points: list[dict[str, Any]] = []
+    base: dict[str, Any] | None = None
+    for d in map(Path, run_dirs):
+        if not (d / "config.toml").exists():
+            raise FileNotFoundError(f"{d} is not a retrieval train run directory (no config.toml)")
+        cfg = load_config(RetrievalTrainConfig, str(d / "config.toml"), [])
+        by_label: dict[str, list[dict[str, Any]]] = {}
+        for f in sorted((d / "results").glob("eval-*.json")):
+            r = json.loads(f.read_text())
+            by_label.setdefault(r["label"], []).append(r)
+        for label, rows in by_label.items():
+            point = {"run": str(d), "label": label, "collections": sorted(r["collection"] for r in rows),
+                     "ndcg@10": sum(r["ours"]["ndcg@10"] for r in rows) / len(rows),
+                     "bm25_ndcg@10": sum(r["bm25"]["ndcg@10"] for r in rows) / len(rows),
+                     "nnz_per_doc": sum(r["nnz_per_doc"] for r in rows) / len(rows)}
+            if label == "base":
+                base = base or point
+                continue
+            variant, seed = _label_parts(label)
+            point.update(variant=variant, seed=seed, flops_weight=_variant(cfg, variant)["flops_weight"])
+            points.append(point)
+    if not points:
+        raise FileNotFoundError(f"{', '.join(map(str, run_dirs))}: no evaluated trained model (results/eval-*.json)")
+    full = max((p["collections"] for p in points), key=len)
+    plotted = [p for p in points if p["collections"] == full]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for variant in dict.fromkeys(p["variant"] for p in plotted):
+        pts = sorted((p for p in plotted if p["variant"] == variant), key=lambda p: p["nnz_per_doc"])
+        ax.plot([p["nnz_per_doc"] for p in pts], [100 * p["ndcg@10"] for p in pts], "o-", label=variant)
+        for p in pts:
+            ax.annotate(f"{p['flops_weight']:g}", (p["nnz_per_doc"], 100 * p["ndcg@10"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    if base and base["collections"] == full:
+        ax.plot([base["nnz_per_doc"]], [100 * base["ndcg@10"]], "k*", ms=10, label="SPLADE-tiny as shipped")
+    ax.axhline(100 * plotted[0]["bm25_ndcg@10"], color="grey", ls="--", lw=1, label="BM25")
+    ax.set_xlabel("document nonzeros (mean over collections)")
+    ax.set_ylabel("NDCG@10 % (mean over collections)")
+    ax.set_title(f"quality-sparsity plane ({', '.join(full)})", fontsize=9)
+    ax.legend(fontsize=8)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = save_figure(fig, out_dir / "plane.png")
+    rows = [[p["variant"], p["seed"], f"{p['flops_weight']:g}", f"{p['nnz_per_doc']:.1f}", f"{100 * p['ndcg@10']:.2f}",
+             f"{100 * (p['ndcg@10'] - p['bm25_ndcg@10']):+.2f}", p["run"]]
+            for p in sorted(points, key=lambda p: (p["variant"], p["nnz_per_doc"]))]
+    left = [p["label"] + " (" + ", ".join(p["collections"]) + ")" for p in points if p not in plotted]
+    text = ["# Quality-sparsity plane", "",
+            f"Mean over {', '.join(full)}; the number beside each point is its FLOPS weight. "
+            + (f"SPLADE-tiny as shipped: {base['nnz_per_doc']:.1f} nonzeros, NDCG@10 {100 * base['ndcg@10']:.2f} %. "
+               if base else "") + f"BM25: {100 * plotted[0]['bm25_ndcg@10']:.2f} %.", "",
+            markdown_table(["variant", "seed", "FLOPS weight", "nonzeros / doc", "NDCG@10 %", "vs BM25", "run"], rows), "",
+            f"![plane]({png})", ""]
+    if left:
+        text += ["Not plotted (evaluated on fewer collections): " + "; ".join(left), ""]
+    atomic_write_bytes(out_dir / "plane.json", json.dumps({"base": base, "points": points}, indent=1).encode())
+    report = out_dir / "plane.md"
+    atomic_write_bytes(report, "\n".join(text).encode())
+    return report
