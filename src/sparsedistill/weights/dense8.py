@@ -20,7 +20,8 @@ FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
 
 
 class Dense8Linear(nn.Module):
-    """``y = x W^T + b`` with W in 8 bits (per-row scales) and x quantised per call (static per-tensor or dynamic per-row)."""
+    """``y = x W^T + b`` with W in 8 bits (per-row or per-tensor scales) and x quantised per call (a calibrated
+    per-tensor scale, or each row's absmax)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str, input_scale: float | None = None,
                  granularity: str = "row") -> None:
@@ -41,7 +42,7 @@ class Dense8Linear(nn.Module):
         q = q.round().clamp(-qmax, qmax) if fmt == "int8" else q
         # (K, N) column-major, as both GEMMs want their second operand
         self.register_buffer("weight_q", q.to(dtype).t())
-        self.register_buffer("weight_scale", w_scale.t().contiguous())  # (1, N)
+        self.register_buffer("weight_scale", w_scale.t().contiguous())  # (1, N) or (1, 1)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # the input's step size, kept on the layer's device (no tensor built per call)
         self.register_buffer("input_step", None if input_scale is None
