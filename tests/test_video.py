@@ -410,6 +410,41 @@ def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
     assert init["init"].endswith("teacher-s0.safetensors") and len(init["sha256"]) == 64
 
 
+def test_video_recipe_compares_arms_trained_by_separate_processes(tmp_path, capsys):
+    """Arms of students.arms train as separate ``--jobs`` calls on one run directory, then one evaluation covers
+    them all: each arm's settings reach its trainer (lr = 0 leaves the student the teacher)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sparsedistill.cli import main
+    from sparsedistill.models.safetensors_io import save_bf16
+
+    torch.manual_seed(0)
+    save_bf16(create_model("video_dit_fmnist_tiny"), tmp_path / "teacher-s0.safetensors")
+    run = tmp_path / "run"
+    sets = ["teacher.steps=6", "classifier.steps=4", "students.tdm.iterations=1", "eval.videos=4", "eval.batch=4",
+            "eval.bootstrap=20", "sampling.steps=4", 'students.variants=["tdm"]',
+            f'teacher.init="{tmp_path}/teacher-s{{seed}}.safetensors"', "students.arms.base={}",
+            "students.arms.frozen.tdm.lr=0.0", "students.arms.frozen.tdm.fake_lr=0.0"]
+    cli = ["video", "run", "--config", "short", "--run-dir", str(run), "--no-progress"]
+    for s in sets:
+        cli += ["--set", s]
+    assert main([*cli, "--jobs", "tdm-k2"]) != 0
+    assert "unknown jobs ['tdm-k2']; this config's jobs are ['teacher', 'classifier', 'tdm-k2-base'" in capsys.readouterr().err
+    assert main([*cli, "--jobs", "tdm-k2-frozen"]) == 0
+    assert sorted(p.name for p in (run / "results").iterdir()) == ["tdm-k2-frozen-s0.json", "teacher-s0.json"]
+    teacher = load_file(str(tmp_path / "teacher-s0.safetensors"))
+    frozen = load_file(str(run / "exports" / "tdm-k2-frozen-s0.safetensors"))
+    assert all(torch.equal(frozen[k], teacher[k]) for k in teacher)
+    assert main([*cli, "--resume"]) == 0  # trains the other arm and the classifier, then evaluates every arm
+    base = load_file(str(run / "exports" / "tdm-k2-base-s0.safetensors"))
+    assert any(not torch.equal(base[k], teacher[k]) for k in teacher)
+    res = json.loads((run / "results" / "eval-s0.json").read_text())["models"]
+    assert list(res) == ["teacher-4", "teacher-k2", "tdm-k2-base", "tdm+asa-k2-base", "tdm-k2-frozen", "tdm+asa-k2-frozen"]
+    assert res["tdm-k2-frozen"]["what"] == "TDM dense (a), arm frozen"
+
+
 def test_video_recipe_rejects_bad_configs(tmp_path):
     from sparsedistill.recipes.video_blade import validate
 
@@ -426,6 +461,12 @@ def test_video_recipe_rejects_bad_configs(tmp_path):
         validate(_tiny_recipe_config(**{"seeds": "[0, 1]", "teacher.init": f'"{tmp_path}/t.safetensors"'}))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         validate(_tiny_recipe_config(**{"teacher.init": f'"{tmp_path}/missing.safetensors"'}))
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['lrr'\] in \[students.arms.x.tdm\]"):
+        validate(_tiny_recipe_config(**{"students.arms.x.tdm.lrr": "1.0"}))
+    with pytest.raises(ValueError, match="arm name 'X-1'"):
+        validate(_tiny_recipe_config(**{"students.arms.X-1": "{}"}))
+    with pytest.raises(ValueError, match=r"K=9 \(students.arms.long\)"):
+        validate(_tiny_recipe_config(**{"students.arms.long.steps": "[9]"}))
 
 
 def test_efficientnet_lite0_recognises_real_photos():

@@ -11,7 +11,12 @@ fi
 [ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
 [ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
 # The video teacher's export (carried once; it waits in /root/video-teacher for the calls that carry the data)
+# (.safetensors.xz: the bf16 export xz-compressed to 70 %, so that it travels in one call with Fashion-MNIST and the wheels)
 mkdir -p /root/video-teacher && cp .gpu/video-teacher/*.safetensors /root/video-teacher/ 2>/dev/null || true
+for f in .gpu/video-teacher*/*.safetensors.xz; do
+  [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$f" "/root/video-teacher/$(basename "${f%.xz}")"
+done
 [ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
 # The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.
 mkdir -p /root/gguf-parts

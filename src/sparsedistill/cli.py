@@ -162,7 +162,11 @@ def _indexcache_run(args: argparse.Namespace) -> int:
 
 
 def _video_run(args: argparse.Namespace) -> int:
-    return _print_report(_run_recipe(args, "video_blade", "VideoBladeConfig", "run_video_blade", "video", "video-blade"))
+    report = _run_recipe(args, "video_blade", "VideoBladeConfig", "run_video_blade", "video", "video-blade", jobs=args.jobs)
+    if report is None:
+        print(f"trained {', '.join(args.jobs)}; run again without --jobs (same --run-dir, --resume) to evaluate")
+        return 0
+    return _print_report(report)
 
 
 def _perception_run(args: argparse.Namespace) -> int:
@@ -421,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train a class-conditional video DiT by rectified flow, distil few-step students by TDM "
                                          "(dense and with ASA), and evaluate every model against real clips and the teacher.")
     _add_run_options(vr, "'full' (default, a GPU) or 'short' (a tiny model, minutes on 2 CPU cores; no claims)")
+    vr.add_argument("--jobs", nargs="+", metavar="JOB",
+                    help="train only these jobs (teacher, classifier, or students as tdm-k4, tdm-asa-k8-ARM) and stop "
+                         "before the evaluation: several processes with --resume can share one run directory, e.g. "
+                         "the arms of students.arms side by side on one GPU")
     vr.set_defaults(func=_video_run)
     vs = vid_cmds.add_parser("sample", help="videos from an exported teacher or student (.safetensors), as a PNG strip and a GIF",
                              description="Load a video DiT's bf16 export (a run's exports/teacher-s<seed>-ema.safetensors or "

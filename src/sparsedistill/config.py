@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["load_config", "config_to_dict", "dump_toml", "preset_path"]
+__all__ = ["load_config", "update_config", "config_to_dict", "dump_toml", "preset_path"]
 
 C = TypeVar("C")
 
@@ -50,6 +50,12 @@ def _build(base: Any, data: dict[str, Any], where: str) -> Any:
         else:
             kwargs[name] = _coerce(value, hints[name], sub)
     return dataclasses.replace(base, **kwargs)
+
+
+def update_config(base: C, table: dict[str, Any], where: str = "") -> C:
+    """A copy of the config ``base`` with the nested ``table`` applied (as a TOML file would); ``where`` names the
+    table in errors. For configs that carry variations of their own sections (e.g. a recipe's named arms)."""
+    return _build(base, table, where)
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -3,14 +3,18 @@
 Jobs (each skipped on ``--resume`` once its result exists; training jobs resume from checkpoints):
   classifier                frame classifier on real train clips (the metrics' judge; shared by seeds)
   teacher-s{seed}           the video DiT trained by rectified flow, with an EMA copy (what is sampled)
-  {variant}-k{K}-s{seed}    TDM students from the teacher's EMA, data-free:
+  {variant}-k{K}[-{arm}]-s{seed}
+                            TDM students from the teacher's EMA, data-free:
                               tdm      dense attention                              (a)
                               tdm-asa  ASA in the student and the fake score        (b)
+                            one per named arm of ``students.arms`` (settings compared in one run), if any
   eval-s{seed}              samples of the 50-step CFG teacher, the teacher at K steps (d), (a), (a) with ASA
                             switched on untrained (c) and (b), from the same noise and classes; class accuracy,
                             Frechet distances (frame classifier's and EfficientNet-Lite0's features) to real test
                             clips and to the teacher's samples, motion, label
                             consistency, achieved attention sparsity, bootstrap intervals; sample strips and GIFs
+``video run --jobs`` trains chosen jobs only, so processes can share a run directory (arms side by side on one GPU)
+and a last run evaluates them all against one set of teacher samples and one classifier.
 Students are fully fine-tuned by default, or LoRA-adapted (``students.lora_rank``, as BLADE). Everything is drawn on the fly on the
 run's device: clip i of a seed is the same clip on any machine (``data/moving_fmnist.py``).
 """
@@ -18,7 +22,9 @@ run's device: clip i of a seed is the same clip on any machine (``data/moving_fm
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..config import update_config
 from ..attention import SUPPORTED_BLOCKS, AdaptiveBlockSparseAttention, ASAConfig
 from ..data.moving_fmnist import MovingFashionMNIST
 from ..distill import TrainConfig, train
@@ -102,6 +109,10 @@ class StudentsConfig:
     # and its fake score (BLADE: rank 64 on Wan's q, k, v, o; ours are the fused qkv and the output projection)
     lora_rank: int = 0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    # Named variations of these settings, trained and evaluated side by side in one run (one teacher, one classifier,
+    # one set of teacher samples): e.g. arms.lr3 = {tdm = {lr = 3e-5}}, arms.b16 = {tdm = {batch_size = 16},
+    # variants = ["tdm"]}. Empty: one unnamed arm, these settings. Job and model names end in -{arm}.
+    arms: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,26 +144,51 @@ class VideoBladeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def student_arms(students: StudentsConfig) -> dict[str, StudentsConfig]:
+    """The student settings of each arm: ``students`` with the arm's table applied (one unnamed arm without arms)."""
+    if not students.arms:
+        return {"": students}
+    base = dataclasses.replace(students, arms={})
+    out = {}
+    for name, table in students.arms.items():
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"students.arms: arm name {name!r} must be lower-case letters, digits or _ (it ends job "
+                             "and model names)")
+        if not isinstance(table, dict) or "arms" in table:
+            raise ValueError(f"students.arms.{name} must be a table of student settings (not arms), e.g. "
+                             f"arms.{name} = {{tdm = {{lr = 3e-5}}}}")
+        out[name] = update_config(base, table, f"students.arms.{name}")
+    return out
+
+
+def student_job(variant: str, k: int, arm: str) -> str:
+    """A student's name in job and model names, without the seed: tdm-k4, tdm-asa-k8-lr3."""
+    return f"{variant}-k{k}" + (f"-{arm}" if arm else "")
+
+
 def validate(cfg: VideoBladeConfig) -> VideoDiT:
     """Check the config against the model it names (returned, on the CPU); errors say what is allowed."""
     model = create_model(cfg.model.name)
     if not isinstance(model, VideoDiT):
         raise ValueError(f"model {cfg.model.name!r} is not a video DiT; use e.g. video_dit_fmnist or video_dit_fmnist_tiny")
-    unknown = set(cfg.students.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown student variants {sorted(unknown)}; use any of {list(VARIANTS)}")
-    for k in cfg.students.steps:
-        if not 1 <= k <= cfg.sampling.steps:
-            raise ValueError(f"a student's steps K={k} must be between 1 and the teacher's {cfg.sampling.steps} sampling steps")
-    if cfg.students.variants and model.cfg.block not in SUPPORTED_BLOCKS:  # (b) trains with ASA, (c) samples with it
-        raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of the "
-                         f"kernel's block sizes {SUPPORTED_BLOCKS}")
-    if cfg.students.lora_rank < 0:
-        raise ValueError(f"students.lora_rank = {cfg.students.lora_rank}: 0 fine-tunes every weight, > 0 trains LoRA "
-                         "adapters of that rank")
-    if not 0.0 <= cfg.students.tdm.eta <= 1.0:
-        raise ValueError(f"students.tdm.eta = {cfg.students.tdm.eta}: the share of predicted noise in a student step "
-                         "must be in [0, 1] (1: deterministic Euler steps)")
+    for arm, s in student_arms(cfg.students).items():
+        where = f"students.arms.{arm}" if arm else "students"
+        unknown = set(s.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown student variants {sorted(unknown)} in {where}; use any of {list(VARIANTS)}")
+        for k in s.steps:
+            if not 1 <= k <= cfg.sampling.steps:
+                raise ValueError(f"a student's steps K={k} ({where}) must be between 1 and the teacher's "
+                                 f"{cfg.sampling.steps} sampling steps")
+        if s.variants and model.cfg.block not in SUPPORTED_BLOCKS:  # (b) trains with ASA, (c) samples with it
+            raise ValueError(f"ASA needs the model's tile ({model.cfg.tile} = {model.cfg.block} tokens) to be one of "
+                             f"the kernel's block sizes {SUPPORTED_BLOCKS}")
+        if s.lora_rank < 0:
+            raise ValueError(f"{where}.lora_rank = {s.lora_rank}: 0 fine-tunes every weight, > 0 trains LoRA "
+                             "adapters of that rank")
+        if not 0.0 <= s.tdm.eta <= 1.0:
+            raise ValueError(f"{where}.tdm.eta = {s.tdm.eta}: the share of predicted noise in a student step "
+                             "must be in [0, 1] (1: deterministic Euler steps)")
     if cfg.eval.videos % cfg.eval.batch:
         raise ValueError(f"eval.videos {cfg.eval.videos} must be a multiple of eval.batch {cfg.eval.batch}")
     if cfg.teacher.init:
@@ -175,6 +211,7 @@ class VideoBlade:
         self.cfg, self.run, self.progress = cfg, run, progress
         self.device = dist.init()  # cuda:LOCAL_RANK under torchrun, else the one GPU or the CPU
         m = validate(cfg).cfg
+        self.arms = student_arms(cfg.students)
         self.shape = (m.channels, m.frames, m.height, m.width)
         self.num_classes = m.num_classes
         if m.height != m.width or m.channels != 1:
@@ -250,16 +287,16 @@ class VideoBlade:
             save_bf16(model, export)
         return model.eval()
 
-    def student(self, seed: int, variant: str, k: int, teacher: VideoDiT) -> VideoDiT:
-        job = f"{variant}-k{k}-s{seed}"
+    def student(self, seed: int, variant: str, k: int, teacher: VideoDiT, arm: str = "") -> VideoDiT:
+        job, s = f"{student_job(variant, k, arm)}-s{seed}", self.arms[arm]
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if variant == "tdm-asa":
             self.attach_asa(student)
-        if self.cfg.students.lora_rank:  # after ASA, before the fake score's copy, as BLADE
-            add_lora(student, self.cfg.students.lora_rank, self.cfg.students.lora_targets)
+        if s.lora_rank:  # after ASA, before the fake score's copy, as BLADE
+            add_lora(student, s.lora_rank, s.lora_targets)
         if self.run.result(job) is None:
             fake = copy.deepcopy(student)  # made after ASA is attached: the fake score runs ASA too (as BLADE's)
-            tdm = copy.deepcopy(self.cfg.students.tdm)
+            tdm = copy.deepcopy(s.tdm)
             tdm.steps, tdm.cfg = k, self.cfg.sampling.cfg
             train_tdm(student, fake, teacher, self.num_classes, tdm, job=job, run=self.run, seed=seed, progress=self.progress)
             last = [r for r in self.run.metrics(job) if r["step"] == tdm.iterations]
@@ -290,13 +327,13 @@ class VideoBlade:
 
     # evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model: VideoDiT, steps: int, cfg: float, student: bool,
+    def generate(self, model: VideoDiT, steps: int, cfg: float, student_eta: float | None,
                  seed: int) -> tuple[Tensor, float, float | None]:
         """Eval videos: (videos, wall seconds per video, mean kept share of ASA's blocks or None).
 
         Video i starts from noise drawn on the CPU from (seed, i), with class i % classes, so every model,
         batch size and device sees the same inputs. The teacher samples by guided Euler steps; a
-        ``student`` by its K training steps (``rollout``), whose fresh noise is drawn per video and step
+        student (``student_eta`` given) by its K training steps (``rollout``), whose fresh noise is drawn per video and step
         (``student_step_noise``): the same for every student. One untimed warm-up batch first (kernel compilation
         and tuning, CUDA set-up); the kept share is gathered on the device and read after the timing.
         """
@@ -315,10 +352,11 @@ class VideoBlade:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            student = student_eta is not None
             fresh = student_step_noise(self.shape, seed, range(start, start + e.batch), steps) if student else None
             with _autocast(dev):
                 x0 = sample_videos(model, noise, y, self.num_classes, steps, cfg, self.cfg.sampling.shift,
-                                   student_eta=self.cfg.students.tdm.eta if student else None, fresh_noise=fresh)
+                                   student_eta=student_eta, fresh_noise=fresh)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             for h in hooks:
@@ -329,7 +367,9 @@ class VideoBlade:
         density = float(torch.stack(kept).mean()) if kept else None
         return torch.cat(out), elapsed / e.videos, density
 
-    def evaluate(self, seed: int, teacher: VideoDiT, students: dict[tuple[str, int], VideoDiT], clf: FrameClassifier) -> dict:
+    def evaluate(self, seed: int, teacher: VideoDiT, students: dict[tuple[str, str, int], VideoDiT],
+                 clf: FrameClassifier) -> dict:
+        """Every model's samples against real clips and the teacher's; ``students`` keyed (arm, variant, K)."""
         job, e, s = f"eval-s{seed}", self.cfg.eval, self.cfg.sampling
         if dist.broadcast_object(self.run.result(job) is not None):  # decided once, by rank 0, for every rank
             return self.run.result(job)
@@ -339,17 +379,21 @@ class VideoBlade:
         labels = torch.arange(e.videos, device=self.device) % self.num_classes
         # the reference: as many real test clips, with the same balanced classes as the generated ones
         real, real_y = self.test_clips.clips(range(e.videos), seed=seed, labels=labels.cpu())
-        # (name, what, model, steps, guidance, is a student): students sample as they were distilled
-        models: list[tuple[str, str, VideoDiT, int, float, bool]] = [
-            (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, False)]
-        for k in self.cfg.students.steps:
-            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, False))
-            if ("tdm", k) in students:
-                models.append((f"tdm-k{k}", "TDM dense (a)", students["tdm", k], k, 1.0, True))
-                untrained = self.attach_asa(copy.deepcopy(students["tdm", k]))
-                models.append((f"tdm+asa-k{k}", "TDM dense + ASA untrained (c)", untrained, k, 1.0, True))
-            if ("tdm-asa", k) in students:
-                models.append((f"tdm-asa-k{k}", "TDM + ASA (b)", students["tdm-asa", k], k, 1.0, True))
+        # (name, what, model, steps, guidance, student eta or None): students sample as they were distilled
+        models: list[tuple[str, str, VideoDiT, int, float, float | None]] = [
+            (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, None)]
+        for k in sorted({k for _, _, k in students}):
+            models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, None))
+            for arm, arm_cfg in self.arms.items():
+                eta, of_arm = arm_cfg.tdm.eta, f", arm {arm}" if arm else ""
+                if (arm, "tdm", k) in students:
+                    dense = students[arm, "tdm", k]
+                    models.append((student_job("tdm", k, arm), f"TDM dense (a){of_arm}", dense, k, 1.0, eta))
+                    models.append((student_job("tdm+asa", k, arm), f"TDM dense + ASA untrained (c){of_arm}",
+                                   self.attach_asa(copy.deepcopy(dense)), k, 1.0, eta))
+                if (arm, "tdm-asa", k) in students:
+                    models.append((student_job("tdm-asa", k, arm), f"TDM + ASA (b){of_arm}", students[arm, "tdm-asa", k],
+                                   k, 1.0, eta))
         rows, reference, reference_in = {}, None, None
         real_features = frame_features(clf, real)
         imagenet = create_model("efficientnet_lite0", pretrained=True).to(self.device)
@@ -357,8 +401,8 @@ class VideoBlade:
         samples_dir = self.run.artifact("samples")
         samples_dir.mkdir(exist_ok=True)
         rounds = max(e.bootstrap // 10, 2)
-        for name, what, model, steps, guidance, student in models:
-            videos, sec, density = self.generate(model, steps, guidance, student, seed)
+        for name, what, model, steps, guidance, eta in models:
+            videos, sec, density = self.generate(model, steps, guidance, eta, seed)
             feats, feats_in = frame_features(clf, videos), imagenet_features(imagenet, videos)
             if reference is None:
                 reference, reference_in = feats, feats_in  # the 50-step teacher's samples
@@ -366,7 +410,7 @@ class VideoBlade:
             mot, cons = motion(videos), label_consistency(clf, videos)
             rows[name] = {
                 "what": what, "steps": steps, "cfg": guidance, "nfe": steps * (2 if guidance != 1.0 else 1),
-                "eta": self.cfg.students.tdm.eta if student else 1.0,
+                "eta": 1.0 if eta is None else eta,
                 "class_accuracy": float(acc.mean()), "class_accuracy_ci": bootstrap_interval(acc, e.bootstrap, seed=seed),
                 "fd_real": frechet_distance(feats, real_features),
                 "fd_real_ci": frechet_interval(feats, real_features, rounds, seed=seed),
@@ -393,11 +437,38 @@ class VideoBlade:
         dist.barrier()
         return result
 
+    def student_jobs(self) -> list[tuple[str, str, int]]:
+        """(arm, variant, K) of every student, in the evaluation's order."""
+        return [(arm, v, k) for arm, s in self.arms.items() for k in s.steps for v in s.variants]
+
+    def train_only(self, jobs: list[str]) -> None:
+        """Train the named jobs of every seed (``teacher``, ``classifier`` or a student without its seed, e.g.
+        ``tdm-asa-k4-lr3``) and stop: several processes, each with its own jobs, can share one run directory; a last
+        run without ``jobs`` evaluates. A student's teacher must be finished first (or come from ``teacher.init``)."""
+        students = {student_job(v, k, arm): (arm, v, k) for arm, v, k in self.student_jobs()}
+        known = ["teacher", "classifier", *students]
+        unknown = [j for j in jobs if j not in known]
+        if unknown:
+            raise ValueError(f"unknown jobs {unknown}; this config's jobs are {known}")
+        if "classifier" in jobs:
+            self.classifier()
+        if not {"teacher", *students} & set(jobs):
+            return
+        for seed in self.cfg.seeds:
+            if not self.cfg.teacher.init and self.run.result(f"teacher-s{seed}") is None and "teacher" not in jobs:
+                raise RuntimeError(f"the students distil teacher-s{seed}, which is not finished in {self.run.path}: "
+                                   "train it first (--jobs teacher) or start from an export (teacher.init)")
+            teacher = self.teacher(seed)
+            for job in jobs:
+                if job in students:
+                    arm, variant, k = students[job]
+                    self.student(seed, variant, k, teacher, arm)
+
     def run_all(self) -> dict:
         clf, out = None, {}
         for seed in self.cfg.seeds:
             teacher = self.teacher(seed)
-            students = {(v, k): self.student(seed, v, k, teacher) for k in self.cfg.students.steps for v in self.cfg.students.variants}
+            students = {(arm, v, k): self.student(seed, v, k, teacher, arm) for arm, v, k in self.student_jobs()}
             if clf is None:  # first needed here: a run from teacher.init trains its students without the data
                 clf = self.classifier()
             out[seed] = self.evaluate(seed, teacher, students, clf)
@@ -406,14 +477,19 @@ class VideoBlade:
 
 
 def run_video_blade(cfg: VideoBladeConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-                    command: str = "") -> Path:
-    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path."""
+                    command: str = "", jobs: list[str] | None = None) -> Path | None:
+    """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path. With ``jobs``, train
+    only those (see ``VideoBlade.train_only``) and return None: no evaluation, no report."""
     from .video_report import write_report
 
     validate(cfg)
     dist.init()
     run = Run(run_dir, cfg, resume=resume, command=command)
-    results = VideoBlade(cfg, run, progress).run_all()
+    recipe = VideoBlade(cfg, run, progress)
+    if jobs:
+        recipe.train_only(jobs)
+        return None
+    results = recipe.run_all()
     report = run.artifact("report.md")
     if dist.is_main():
         write_report(run, results)
