@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention import AdaptiveBlockSparseAttention, ASAConfig  # noqa: E402
 from sparsedistill.models import create_model  # noqa: E402
-from sparsedistill.timing import time_ms  # noqa: E402
+from sparsedistill.timing import kernel_times, time_ms  # noqa: E402
 from sparsedistill.video.flow import time_grid  # noqa: E402
 from sparsedistill.video.tdm import TDMConfig, student_step  # noqa: E402
 
@@ -90,20 +90,11 @@ def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps:
 
 def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Share of GPU kernel time in one eager forward: attention, ASA mask, the rest (by kernel names)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with torch.no_grad():
-        model(x, t, y)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(x, t, y)
-            torch.cuda.synchronize()
+        kernels = kernel_times(lambda: model(x, t, y))
     split = {"attention_ms": 0.0, "mask_ms": 0.0, "rest_ms": 0.0}
-    for ev in prof.events():  # kernels only (operator events would count their kernels twice)
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        ms = ev.self_device_time_total / 1e3
-        name = ev.name.lower()
+    for name, ms in kernels.items():
+        name = name.lower()
         if "asa_mask" in name or "pool_kernel" in name:
             split["mask_ms"] += ms
         elif "flash" in name or "fmha" in name or "attention" in name or "_fwd_kernel" in name:

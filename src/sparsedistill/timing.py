@@ -6,7 +6,7 @@ import statistics
 
 import torch
 
-__all__ = ["time_ms"]
+__all__ = ["time_ms", "kernel_times"]
 
 
 def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
@@ -44,3 +44,19 @@ def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -
         b.synchronize()
         times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
+
+
+def kernel_times(fn) -> dict[str, float]:
+    """GPU milliseconds per kernel name in one call of ``fn`` (after one untimed call): a profiler split."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.events():  # kernels only (operator events would count their kernels twice)
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name] = out.get(ev.name, 0.0) + ev.self_device_time_total / 1e3
+    return out

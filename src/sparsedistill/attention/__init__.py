@@ -19,6 +19,8 @@ _LAZY = {
     **dict.fromkeys(("SUPPORTED_HEAD_DIMS", "attention_reference", "block_sparse_attention"), "block_sparse"),
     **dict.fromkeys(("indexer_scores", "indexer_scores_reference", "indexer_topk", "topk_attention",
                      "topk_attention_reference"), "topk"),
+    **dict.fromkeys(("indexer_topk_prefilter", "indexer_topk_sorted_reference"), "indexer_select"),
+    **dict.fromkeys(("GroupUnion", "group_union", "topk_attention_union", "union_ratio"), "topk_union"),
 }
 
 
@@ -35,4 +37,6 @@ __all__ = [
     "pool_reference", "pooled_kv_attention", "tile_order", "to_tile_order", "from_tile_order", "SUPPORTED_BLOCKS", "BlockMask",
     "SUPPORTED_HEAD_DIMS", "attention_reference", "block_sparse_attention",
     "indexer_scores", "indexer_scores_reference", "indexer_topk", "topk_attention", "topk_attention_reference",
+    "indexer_topk_prefilter", "indexer_topk_sorted_reference",
+    "GroupUnion", "group_union", "topk_attention_union", "union_ratio",
 ]

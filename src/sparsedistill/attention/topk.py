@@ -43,11 +43,12 @@ def indexer_scores_reference(q: Tensor, w: Tensor, k: Tensor, causal: bool = Tru
 
 
 @triton.jit
-def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
-                    seq_q, seq_k, HI, BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, CAUSAL: tl.constexpr):
-    mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: offsets pass 2^31 at long context
-    rows = mt * BM + tl.arange(0, BM)
-    cols = nt * BN + tl.arange(0, BN)
+def _indexer_score_tile(Q, W, K, b, rows, cols, sqb, sqt, sqh, swb, swt, skb, sks, seq_q, seq_k, HI,
+                        BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr):
+    """fp32 scores of query ``rows`` x key ``cols``, before masking: sum_j w[row, j] * ReLU(q[row, j] . k[col]).
+
+    Shared by every kernel that scores (here and in ``indexer_select``), so they all see the same fp32 bits.
+    """
     dims = tl.arange(0, DI)
     k = tl.load(K + b * skb + cols[:, None] * sks + dims[None, :], mask=cols[:, None] < seq_k, other=0.0)
     acc = tl.zeros([BM, BN], tl.float32)
@@ -55,10 +56,26 @@ def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
         q = tl.load(Q + b * sqb + rows[:, None] * sqt + j * sqh + dims[None, :], mask=rows[:, None] < seq_q, other=0.0)
         wj = tl.load(W + b * swb + rows * swt + j, mask=rows < seq_q, other=0.0).to(tl.float32)
         acc += wj[:, None] * tl.maximum(tl.dot(q, tl.trans(k)), 0.0)
+    return acc
+
+
+@triton.jit
+def _indexer_visible(rows, cols, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """Which (row, col) pairs a query sees: keys < seq_k, and causally the queries are the last seq_q positions."""
     ok = cols[None, :] < seq_k
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None] + (seq_k - seq_q))
-    acc = tl.where(ok, acc, float("-inf"))
+    return ok
+
+
+@triton.jit
+def _indexer_kernel(Q, W, K, S, sqb, sqt, sqh, swb, swt, skb, sks, ssb, sst,
+                    seq_q, seq_k, HI, BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, CAUSAL: tl.constexpr):
+    mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: offsets pass 2^31 at long context
+    rows = mt * BM + tl.arange(0, BM)
+    cols = nt * BN + tl.arange(0, BN)
+    acc = _indexer_score_tile(Q, W, K, b, rows, cols, sqb, sqt, sqh, swb, swt, skb, sks, seq_q, seq_k, HI, BM, BN, DI)
+    acc = tl.where(_indexer_visible(rows, cols, seq_q, seq_k, CAUSAL), acc, float("-inf"))
     tl.store(S + b * ssb + rows[:, None] * sst + cols[None, :], acc.to(S.dtype.element_ty), mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))
 
 
@@ -85,17 +102,33 @@ def indexer_scores(q: Tensor, w: Tensor, k: Tensor, causal: bool = True, kv_len:
 
 
 def indexer_topk(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: bool = True, kv_len: int | None = None,
-                 chunk: int = 1024, use_kernel: bool | None = None, score_dtype: torch.dtype = torch.float32) -> Tensor:
+                 chunk: int | None = None, use_kernel: bool | None = None, score_dtype: torch.dtype = torch.float32,
+                 method: str = "topk") -> Tensor:
     """Indices (B, Sq, topk) int32 of each query's ``topk`` highest-scoring visible keys, -1 where fewer are visible.
 
-    Queries are scored ``chunk`` at a time, so memory is chunk x Sk floats, not Sq x Sk.
-    ``score_dtype`` is the kernel's score precision (bf16: half the bytes for the top-k to read).
+    ``method`` "topk": queries are scored ``chunk`` (default 1024) at a time and ``torch.topk`` picks, so memory
+    is chunk x Sk floats, not Sq x Sk; indices come in descending score order. ``score_dtype`` is the kernel's
+    score precision (bf16: half the bytes for the top-k to read).
+    ``method`` "prefilter": ``indexer_select.indexer_topk_prefilter`` (exact, fp32, no chunk x Sk score matrix;
+    indices ascending, ties to the lower key index); without a kernel, its PyTorch reference.
     """
+    if method not in ("topk", "prefilter"):
+        raise ValueError(f"method must be 'topk' (chunked torch.topk) or 'prefilter' (exact group-max prefilter "
+                         f"kernels), got {method!r}")
     sk = kv_len if kv_len is not None else k.shape[1]
     if not 0 < topk <= sk:
         raise ValueError(f"k = {topk} must be between 1 and the context length ({sk} tokens); "
                          "for contexts shorter than k use dense attention")
     use_kernel = triton_can_run(q) if use_kernel is None else use_kernel
+    if method == "prefilter":
+        from .indexer_select import indexer_topk_prefilter, indexer_topk_sorted_reference  # lazy: it imports this module
+
+        if score_dtype != torch.float32:
+            raise ValueError(f"method 'prefilter' scores in float32 only, got score_dtype {score_dtype}")
+        if not use_kernel:
+            return indexer_topk_sorted_reference(q, w, k, topk, causal, kv_len)
+        return indexer_topk_prefilter(q, w, k, topk, causal, kv_len, **({} if chunk is None else {"chunk": chunk}))
+    chunk = 1024 if chunk is None else chunk
     if use_kernel:
         score = lambda *a: indexer_scores(*a, out_dtype=score_dtype)  # noqa: E731
     else:
