@@ -148,3 +148,37 @@ def test_frames_round_trip_and_points_in_boxes():
     # the same points seen from another pose, with the boxes moved alike: the same answer
     assert torch.equal(points_in_boxes(points_between(q, torch.zeros(4), b), in_b), points_in_boxes(q, boxes))
     assert points_in_boxes(q[:0], boxes).shape == (0,) and (points_in_boxes(q, boxes[:0]) == -1).all()
+
+
+def test_simulated_frames_are_cached_once_and_shared(tmp_path, monkeypatch):
+    """A second process (here: a second call) asking for the same frames loads the first one's file, bit for bit;
+    another config gets its own file; two processes asking at once simulate once (the flock)."""
+    import subprocess
+    import sys
+
+    from sparsedistill.perception import frames as frames_mod
+    from sparsedistill.perception.frames import SimConfig, simulate_frames
+
+    sim = SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=128))
+    first = simulate_frames(range(2), sim, cache_dir=tmp_path)
+    monkeypatch.setattr(frames_mod, "simulate_frame", lambda *a, **k: pytest.fail("simulated again"))
+    again = simulate_frames(range(2), sim, cache_dir=tmp_path)
+    for a, b in zip(first, again):
+        assert a.seed == b.seed and all(torch.equal(p, q) for p, q in zip(a.points, b.points))
+        assert torch.equal(a.poses, b.poses) and torch.equal(a.boxes, b.boxes) and torch.equal(a.agent_boxes, b.agent_boxes)
+    assert len(list(tmp_path.glob("frames-*.pt"))) == 1
+    monkeypatch.undo()
+    simulate_frames(range(2), SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=32, azimuths=128)),
+                    cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("frames-*.pt"))) == 2
+    # two processes at once: each logs whether it simulated; exactly one did
+    code = ("import sys; from sparsedistill.perception import frames as f; from sparsedistill.perception.lidar import "
+            "LidarConfig; from sparsedistill.perception.scene import SceneConfig; n = [0]; sim0 = f.simulate_frame\n"
+            "def counted(*a, **k):\n    n[0] += 1; return sim0(*a, **k)\n"
+            "f.simulate_frame = counted\n"
+            "f.simulate_frames(range(3), f.SimConfig(SceneConfig(agents=(2, 2)), LidarConfig(rings=16, azimuths=128)), "
+            "cache_dir=sys.argv[1]); print(n[0])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    counts = sorted(int(p.communicate(timeout=300)[0].strip()) for p in procs)
+    assert counts == [0, 3]

@@ -2,10 +2,13 @@
 # `perception run --config full` on the one GPU as processes sharing runs/dsrc-full (--jobs), in waves: the
 # teachers and the variants that need none side by side, then the distilled variants, then the evaluation. A call
 # cut by the device's limit is continued by sending the same command again while the machine is warm (runs/ stays).
+# The frames are simulated once per run directory (runs/dsrc-full/frames, a file lock): the other processes load them.
 # The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
 # evaluation's log (the device returns at most 8 files).
 #   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
 set -u
+# several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 limit=$1; shift
 end=$((SECONDS + limit))
 run=runs/dsrc-full

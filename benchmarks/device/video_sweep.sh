@@ -6,6 +6,8 @@
 # same command again while the machine is warm. The run (no checkpoints, no exports) and the logs come back in $OUT.
 #   benchmarks/device/video_sweep.sh LIMIT_S CONFIG JOB... [-- --set KEY=VALUE ...]
 set -u
+# several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 limit=$1; config=$2; shift 2
 jobs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do jobs+=("$1"); shift; done
 [ $# -gt 0 ] && shift

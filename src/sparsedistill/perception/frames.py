@@ -8,18 +8,24 @@ machine makes its own at the start of a run: datasets do not travel there).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..runs import atomic_torch_save
 from .corruptions import ScanContext, corrupt
 from .geometry import boxes_between, points_between
 from .lidar import LidarConfig, scan
 from .scene import SceneConfig, simulate_scene
 
-__all__ = ["Frame", "SimConfig", "simulate_frame", "corrupt_frame", "split_seeds", "SPLITS", "frames_per_second"]
+__all__ = ["Frame", "SimConfig", "simulate_frame", "simulate_frames", "corrupt_frame", "split_seeds", "SPLITS",
+           "frames_per_second"]
 
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first seed of each split
 
@@ -65,6 +71,50 @@ def simulate_frame(seed: int, cfg: SimConfig = SimConfig(), device: torch.device
     scene = simulate_scene(seed, cfg.scene)
     points = [scan(scene, a, cfg.lidar, seed=seed * 7 + a, device=device) for a in range(scene.num_agents)]
     return Frame(points, scene.poses.to(device), scene.boxes.to(device), scene.agents.to(device), seed)
+
+
+def simulate_frames(seeds: Sequence[int], cfg: SimConfig, device: torch.device | str = "cpu",
+                    cache_dir: Path | None = None) -> list[Frame]:
+    """The frames of ``seeds``. With ``cache_dir`` they are simulated once per (simulator code, config, seeds, device
+    type) and kept there as one file: processes that ask at the same time (jobs side by side on one GPU, a run cut
+    and resumed) wait on a file lock for the first one, then load its file instead of simulating again."""
+    if cache_dir is None:
+        return [simulate_frame(s, cfg, device) for s in seeds]
+    device = torch.device(device)
+    path = Path(cache_dir) / f"frames-{_frames_key(seeds, cfg, device)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            frames = [simulate_frame(s, cfg, device) for s in seeds]
+            atomic_torch_save([(f.to("cpu").points, f.poses.cpu(), f.boxes.cpu(), f.agent_boxes.cpu(), f.seed)
+                               for f in frames], path)
+            return frames
+    return [Frame(*row).to(device) for row in torch.load(path, map_location="cpu", weights_only=True)]
+
+
+def _frames_key(seeds: Sequence[int], cfg: SimConfig, device: torch.device) -> str:
+    """What a cached set of frames depends on, hashed: the simulator's source, its config, the seeds, the device type."""
+    h = hashlib.sha256(repr((cfg, list(seeds), device.type)).encode())
+    for name in ("frames.py", "scene.py", "lidar.py", "geometry.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class _file_lock:
+    """An exclusive flock on ``path`` (released by the kernel if the holder dies, so a cut process never blocks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "_file_lock":
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the flock
 
 
 def corrupt_frame(frame: Frame, name: str, level: int, rings: int, seed: int | None = None) -> Frame:

@@ -31,7 +31,7 @@ from ..models.coop_detector import CoopDetector
 from ..perception.anchors import make_anchors
 from ..perception.batching import collate
 from ..perception.corruptions import LEVELS, corruption_names
-from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frame, split_seeds
+from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
 from ..perception.plots import save_bev
 from ..perception.metrics import (average_precision, corruption_error, mean_ce, mean_rr, paired_bootstrap_delta_ap,
@@ -125,7 +125,9 @@ class DSRCRecipe:
     def frames(self, split: str) -> list[Frame]:
         if split not in self._frames:
             n = self.cfg.sim.train_frames if split == "train" else self.cfg.sim.test_frames
-            self._frames[split] = [simulate_frame(s, self.sim, self.device) for s in split_seeds(split, n)]
+            # simulated once per run directory: --jobs processes side by side and resumed calls load the first's file
+            self._frames[split] = simulate_frames(split_seeds(split, n), self.sim, self.device,
+                                                  cache_dir=self.run.path / "frames")
         return self._frames[split]
 
     def _model(self, **kw) -> CoopDetector:
