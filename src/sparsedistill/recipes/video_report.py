@@ -81,16 +81,29 @@ def _plot_quality(run: Run, seed: int, res: dict) -> None:
 
 
 def _plot_losses(run: Run) -> str | None:
+    """Teacher: flow-matching loss; students: generator (solid) and fake-score (dashed) losses, each a moving
+    average over 5 logged points (TDM's losses are noisy from one iteration to the next)."""
     rows = run.metrics()
     jobs = sorted({r["job"] for r in rows if r["job"] != "classifier"})
     if not jobs:
         return None
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for job in jobs:
-        pts = sorted((r["step"], r.get("loss", r.get("generator_loss"))) for r in rows if r["job"] == job)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=job)
+        mine = sorted((r for r in rows if r["job"] == job), key=lambda r: r["step"])
+        color = None  # a job's fake-score curve takes its generator's colour
+        for key, style in (("loss", "-"), ("generator_loss", "-"), ("fake_loss", "--")):
+            pts = [(r["step"], r[key]) for r in mine if r.get(key) is not None]
+            if pts:
+                steps, vals = zip(*pts)
+                (line,) = ax.plot(steps, _moving_average(list(vals), 5), style, color=color,
+                                  label=f"{job} (fake)" if key == "fake_loss" else job)
+                color = line.get_color()
     ax.set_xlabel("step / iteration")
-    ax.set_ylabel("loss (teacher: flow MSE; students: generator)")
+    ax.set_ylabel("loss (moving average of 5 logs)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     return save_figure(fig, run.artifact("losses.png"))
+
+
+def _moving_average(values: list[float], width: int) -> list[float]:
+    return [sum(values[max(0, i - width + 1): i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]
