@@ -75,6 +75,16 @@ def test_run_refuses_to_overwrite_without_resume(tmp_path):
         run.result("../escape")
     with pytest.raises(ValueError, match="config differs"):
         Run(tmp_path / "r", Outer(name="changed"), resume=True)
+    # a run started before a key was added resumes while the new key keeps its default, not once it is changed
+    saved = tmp_path / "r" / "config.toml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("name")) + "\n")
+    assert Run(tmp_path / "r", Outer(), resume=True).result("job") == {"acc": 1.0}
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("name")) + "\n")
+    with pytest.raises(ValueError, match="config differs"):
+        Run(tmp_path / "r", Outer(name="changed"), resume=True)
+    saved.write_text(saved.read_text() + "gone = 1\n")  # a key the code no longer has: not the same config
+    with pytest.raises(ValueError, match="config differs"):
+        Run(tmp_path / "r", Outer(), resume=True)
 
 
 def test_metrics_keep_the_latest_row_per_step(tmp_path):

@@ -29,7 +29,7 @@ from typing import IO, Any, Iterator
 import torch
 
 from . import distributed as dist
-from .config import dump_toml
+from .config import dump_toml, load_config
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run"]
 
@@ -54,6 +54,18 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _same_config(saved: Path, config: Any) -> bool:
+    """Whether ``config`` is the one a run was started with: the same text, or the same once the saved file is read
+    with today's defaults (a key added to the code since, left at its default, does not stop a resume)."""
+    text = dump_toml(config)
+    if saved.read_text() == text:
+        return True
+    try:
+        return dump_toml(load_config(type(config), saved)) == text
+    except (ValueError, TypeError):  # a key removed or retyped since: not the same config
+        return False
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -122,7 +134,7 @@ class Run:
         if not resume and any(any((self.path / sub).glob("*")) for sub in ("results", "checkpoints") if (self.path / sub).is_dir()):
             raise FileExistsError(f"{self.path} already holds results or checkpoints; pass --resume to continue it or choose another --run-dir")
         saved = self.path / "config.toml"
-        if resume and saved.exists() and saved.read_text() != dump_toml(config):
+        if resume and saved.exists() and not _same_config(saved, config):
             raise ValueError(
                 f"the config differs from the one {self.path} was started with ({saved}); "
                 "resume with the same config, or start a new run"
