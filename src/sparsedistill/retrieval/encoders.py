@@ -28,17 +28,32 @@ def splade_tiny_path() -> Path:
 
 class SparseDocEncoder(nn.Module):
     def __init__(self, name_or_path: str | Path | None = None, max_length: int = 256, prune_below: float = 0.0,
-                 max_terms: int = 0) -> None:
-        """``prune_below`` drops weights under it; ``max_terms`` > 0 keeps each document's largest that many."""
+                 max_terms: int = 0, *, mlm: nn.Module | None = None, tokenizer=None) -> None:
+        """``prune_below`` drops weights under it; ``max_terms`` > 0 keeps each document's largest that many.
+        ``mlm`` and ``tokenizer`` (both, no path): a masked LM built in memory, e.g. ``retrieval.mlm.minilm_masked_lm``."""
         super().__init__()
         if prune_below < 0 or max_terms < 0:
             raise ValueError(f"prune_below and max_terms must be >= 0, got {prune_below} and {max_terms}")
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        if mlm is not None or tokenizer is not None:
+            if mlm is None or tokenizer is None or name_or_path is not None:
+                raise ValueError("give either a model folder (name_or_path) or both mlm and tokenizer")
+            self.tokenizer, self.mlm = tokenizer, mlm
+        else:
+            from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-        path = str(name_or_path or splade_tiny_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.mlm = AutoModelForMaskedLM.from_pretrained(path)
+            path = str(name_or_path or splade_tiny_path())
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.mlm = AutoModelForMaskedLM.from_pretrained(path)
         self.max_length, self.prune_below, self.max_terms = max_length, prune_below, max_terms
+
+    @classmethod
+    def minilm(cls, path: str | Path | None = None, max_length: int = 256, head_bias: float = -5.0) -> "SparseDocEncoder":
+        """all-MiniLM-L6-v2's BERT encoder with a fresh MLM head (``retrieval.mlm.minilm_masked_lm``): untrained as a
+        SPLADE encoder; the ``minilm-mlm`` student of ``retrieval train`` starts here."""
+        from .mlm import minilm_masked_lm
+
+        mlm, tok = minilm_masked_lm(path, head_bias)
+        return cls(max_length=max_length, mlm=mlm, tokenizer=tok)
 
     @property
     def vocab_size(self) -> int:
