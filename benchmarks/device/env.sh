@@ -18,6 +18,9 @@ for f in .gpu/video-teacher*/*.safetensors.xz; do
     "$f" "/root/video-teacher/$(basename "${f%.xz}")"
 done
 [ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
+# all-MiniLM-L6-v2 in fp16 (45 MB, its own call): the minilm-mlm retrieval student is built from it
+# (--set student.encoder=/root/minilm); it waits in /root/minilm for the calls that carry the retrieval data
+[ -f .gpu/minilm/model.safetensors ] && mkdir -p /root/minilm && cp .gpu/minilm/* /root/minilm/
 # The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.
 mkdir -p /root/gguf-parts
 cp .gpu/gguf-part-* .gpu/gguf-manifest /root/gguf-parts/ 2>/dev/null || true
