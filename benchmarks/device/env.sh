@@ -10,6 +10,7 @@ if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
 fi
 [ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
 [ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
+[ -d .gpu/real-clips ] && export SPARSEDISTILL_REAL_CLIPS="$PWD/.gpu/real-clips"  # decoded here (23 MB of uint8)
 # The video teacher's export (carried once; it waits in /root/video-teacher for the calls that carry the data)
 # (.safetensors.xz: the bf16 export xz-compressed to 70 %, so that it travels in one call with Fashion-MNIST and the wheels)
 mkdir -p /root/video-teacher && cp .gpu/video-teacher/*.safetensors /root/video-teacher/ 2>/dev/null || true

@@ -220,6 +220,18 @@ def video_dit_fmnist_tiny(**kw) -> VideoDiT:
 
 
 @register_model
+def video_dit_real(**kw) -> VideoDiT:
+    """The real-clip check (``data/real_clips.py``): ``video_dit_fmnist``'s shape, six classes (the source videos)."""
+    return _video_dit(**{"num_classes": 6, **kw})
+
+
+@register_model
+def video_dit_real_tiny(**kw) -> VideoDiT:
+    """The real-clip check's CPU model: ``video_dit_fmnist_tiny``'s shape, six classes."""
+    return video_dit_fmnist_tiny(**{"num_classes": 6, **kw})
+
+
+@register_model
 def video_dit_wan_1_3b_shape(**kw) -> VideoDiT:
     """Wan2.1-1.3B's transformer shape (random weights; for timing): 21 x 30 x 52 = 32,760 latent tokens of 16
     channels, width 1536, 30 blocks of 12 heads of 128, MLP 8960 (ratio 35/6); raster token order."""

@@ -36,6 +36,8 @@ from .. import distributed as dist
 from ..config import update_config
 from ..attention import SUPPORTED_BLOCKS, AdaptiveBlockSparseAttention, ASAConfig
 from ..data.moving_fmnist import MovingFashionMNIST
+from ..data.real_clips import SOURCES as REAL_SOURCES
+from ..data.real_clips import RealClips
 from ..distill import TrainConfig, train
 from ..files import sha256_file
 from ..models import create_model
@@ -52,6 +54,7 @@ from ..weights.lora import add_lora, merge_lora
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
 
 VARIANTS = ("tdm", "tdm-asa")
+DATA_CLASSES = {"moving_fmnist": 10, "real_clips": len(REAL_SOURCES)}  # what each data source labels
 
 
 @dataclass
@@ -61,7 +64,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # "moving_fmnist": class-conditional Moving Fashion-MNIST (10 classes); "real_clips": windows of six real videos,
+    # labelled by source (the second check; models video_dit_real*, 6 classes)
+    source: str = "moving_fmnist"
     items: int = 2  # Fashion-MNIST pictures per clip, all of the clip's class
+    short_side: int = 96  # real clips: frames resized to this short side before the random crops
 
 
 @dataclass
@@ -171,6 +178,16 @@ def validate(cfg: VideoBladeConfig) -> VideoDiT:
     model = create_model(cfg.model.name)
     if not isinstance(model, VideoDiT):
         raise ValueError(f"model {cfg.model.name!r} is not a video DiT; use e.g. video_dit_fmnist or video_dit_fmnist_tiny")
+    if cfg.data.source not in DATA_CLASSES:
+        raise ValueError(f"data.source {cfg.data.source!r} is not known; use one of {list(DATA_CLASSES)}")
+    classes = DATA_CLASSES[cfg.data.source]
+    if model.cfg.num_classes != classes:
+        suggest = "video_dit_real or video_dit_real_tiny" if cfg.data.source == "real_clips" else "video_dit_fmnist"
+        raise ValueError(f"data.source {cfg.data.source!r} has {classes} classes but model {cfg.model.name!r} takes "
+                         f"{model.cfg.num_classes}; use e.g. {suggest}")
+    if model.cfg.height != model.cfg.width or model.cfg.channels != 1:
+        raise ValueError(f"the clips are square and grey; {cfg.model.name} wants {model.cfg.channels} channels of "
+                         f"{model.cfg.height} x {model.cfg.width}")
     for arm, s in student_arms(cfg.students).items():
         where = f"students.arms.{arm}" if arm else "students"
         unknown = set(s.variants) - set(VARIANTS)
@@ -214,19 +231,24 @@ class VideoBlade:
         self.arms = student_arms(cfg.students)
         self.shape = (m.channels, m.frames, m.height, m.width)
         self.num_classes = m.num_classes
-        if m.height != m.width or m.channels != 1:
-            raise ValueError(f"Moving Fashion-MNIST makes square grey clips; {cfg.model.name} wants {self.shape}")
-        self._clips_kw = dict(frames=m.frames, size=m.height, items=cfg.data.items, num_classes=m.num_classes,
-                              device=self.device)
+        self._clips_kw = dict(frames=m.frames, size=m.height, device=self.device)
+        if cfg.data.source == "real_clips":
+            self._clips_kw["short_side"] = cfg.data.short_side
+        else:
+            self._clips_kw.update(items=cfg.data.items, num_classes=m.num_classes)
+
+    def _clips(self, split: str) -> MovingFashionMNIST | RealClips:
+        source = RealClips if self.cfg.data.source == "real_clips" else MovingFashionMNIST
+        return source.from_split(split, **self._clips_kw)
 
     # the data is read only by the jobs that use it: the students' distillation is data-free
     @functools.cached_property
-    def train_clips(self) -> MovingFashionMNIST:
-        return MovingFashionMNIST.from_split("train", **self._clips_kw)
+    def train_clips(self) -> MovingFashionMNIST | RealClips:
+        return self._clips("train")
 
     @functools.cached_property
-    def test_clips(self) -> MovingFashionMNIST:
-        return MovingFashionMNIST.from_split("test", **self._clips_kw)
+    def test_clips(self) -> MovingFashionMNIST | RealClips:
+        return self._clips("test")
 
     # jobs ------------------------------------------------------------------------------------
     def classifier(self) -> FrameClassifier:
@@ -432,6 +454,7 @@ class VideoBlade:
         result = {"models": rows, "real": {"class_accuracy": float(class_accuracy(clf, real, real_y).mean()), **floor,
                                            "motion": float(motion(real).mean()),
                                            "label_consistency": float(label_consistency(clf, real).mean())},
+                  "data": self.cfg.data.source,
                   "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"}
         self.run.save_result(job, result, sync=False)
         dist.barrier()

