@@ -40,9 +40,13 @@ def timed(fn, reps: int) -> float:
     return time_ms(fn, graph=False, calls=1, reps=reps)
 
 
-def split(fn) -> dict[str, float]:
-    """Kernel name -> ms of one call, largest first (names shortened)."""
-    times = kernel_times(fn)
+def split(fn) -> dict:
+    """Kernel name -> ms of one call, largest first (names shortened); a profiler failure is recorded, not raised,
+    so the row's timings stay."""
+    try:
+        times = kernel_times(fn)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
     return {name[:60]: round(ms, 3) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:8]}
 
 
@@ -92,13 +96,13 @@ def selections(kind: str, s: int, topk: int) -> torch.Tensor:
     return torch.where(idx == s, -1, idx).to(torch.int32)[None]
 
 
-def bench_attention(s: int, topk: int, reps: int, kinds: list[str], groups: list[int]) -> list[dict]:
+def bench_attention(s: int, topk: int, reps: int, kinds: list[str], groups: list[int], done) -> None:
+    """One row per selection kind, each handed to ``done`` (saved) as soon as it is finished."""
     h, hkv, d = 16, 4, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps)
-    rows = []
     for kind in kinds:
         idx = selections(kind, s, topk)
         row: dict = {"context": s, "topk": topk, "H": h, "Hkv": hkv, "D": d, "selection": kind, "sdpa_causal_ms": sdpa_ms}
@@ -116,11 +120,10 @@ def bench_attention(s: int, topk: int, reps: int, kinds: list[str], groups: list
             row[f"g{group}"]["speedup_vs_per_token"] = row["per_token_ms"] / row[f"g{group}"]["union_ms"]
             row[f"g{group}"]["split"] = split(run)
         row["split_per_token"] = split(per_token)
-        rows.append(row)
+        done(row)
         print("attention", json.dumps({k_: v_ for k_, v_ in row.items() if not k_.startswith("split")}), flush=True)
         del idx
         torch.cuda.empty_cache()
-    return rows
 
 
 def main() -> int:
@@ -163,11 +166,14 @@ def main() -> int:
             results["indexer"].append(row)
             save()
             torch.cuda.empty_cache()
+        def done(row: dict) -> None:
+            results["attention"].append(row)
+            save()
+
         try:
-            results["attention"] += bench_attention(s, args.topk, args.reps, args.selections, args.groups)
-        except Exception as e:  # noqa: BLE001
-            results["attention"].append({"context": s, "error": f"{type(e).__name__}: {e}"[:300]})
-        save()
+            bench_attention(s, args.topk, args.reps, args.selections, args.groups, done)
+        except Exception as e:  # noqa: BLE001  (the rows finished before it are saved)
+            done({"context": s, "error": f"{type(e).__name__}: {e}"[:300]})
         torch.cuda.empty_cache()
     print(f"\n{'context':>8} {'indexer':>8} {'topk fp32':>10} {'topk bf16':>10} {'prefilter':>10} {'fallback':>9}")
     for r in results["indexer"]:

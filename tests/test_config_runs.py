@@ -93,6 +93,10 @@ def test_metrics_keep_the_latest_row_per_step(tmp_path):
     run.log("j", 20, loss=1.0)
     run.log("j", 20, loss=0.5)  # replayed after a resume
     assert [(r["step"], r["loss"]) for r in run.metrics("j")] == [(10, 2.0), (20, 0.5)]
+    # another process's append caught halfway (processes side by side share metrics.jsonl): the torn line is skipped
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"job": "j", "step": 30, "lo')
+    assert [r["step"] for r in run.metrics("j")] == [10, 20]
 
 
 def test_batch_rows_is_a_shuffle_per_epoch():

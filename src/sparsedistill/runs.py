@@ -178,7 +178,13 @@ class Run:
         f = self.path / "metrics.jsonl"
         if not f.exists():
             return []
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        lines = [line for line in f.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines[:-1]]
+        if lines:  # the last line may be another process's append caught halfway (--jobs side by side): skip it
+            try:
+                rows.append(json.loads(lines[-1]))
+            except json.JSONDecodeError:
+                pass
         # A resumed job logs again the steps after its last checkpoint; the later row wins.
         latest = {(r["job"], r["step"]): r for r in rows if job is None or r["job"] == job}
         return list(latest.values())

@@ -83,7 +83,7 @@ def _group_keys_kernel(Q, W, K, GK, sqb, sqt, sqh, swb, swt, skb, sks, sgb, sgr,
     mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     last_key = (row0 + mt * BM + BM - 1 + seq_k - seq_q) if CAUSAL else seq_k  # tiles past the diagonal do nothing
     if nt * BN <= last_key:
-        local = mt * BM + tl.arange(0, BM)
+        local = (mt * BM + tl.arange(0, BM)).to(tl.int64)  # int64: local * row stride passes 2^31 at large chunks
         rows = row0 + local
         cols = nt * BN + tl.arange(0, BN)
         s = _indexer_score_tile(Q, W, K, b, rows, cols, sqb, sqt, sqh, swb, swt, skb, sks, seq_q, seq_k, HI, BM, BN, DI)
@@ -102,7 +102,7 @@ def _threshold_kernel(GK, TAU, sgb, sgr, stb, row0, seq_q, seq_k, topk,
 
     Bisection keeps count(keys >= lo) >= k > count(keys >= hi); 16 halvings of [-2^15, 2^15) end at hi = lo + 1.
     """
-    r, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    r, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_visible = (row0 + r + seq_k - seq_q + 1) if CAUSAL else seq_k
     n_groups = tl.cdiv(n_visible, G)
     row = GK + b * sgb + r * sgr
@@ -134,7 +134,7 @@ def _candidates_kernel(Q, W, K, TAU, COUNT, CV, CI, sqb, sqt, sqh, swb, swt, skb
     mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     last_key = (row0 + mt * BM + BM - 1 + seq_k - seq_q) if CAUSAL else seq_k  # tiles past the diagonal do nothing
     if nt * BN <= last_key:
-        local = mt * BM + tl.arange(0, BM)
+        local = (mt * BM + tl.arange(0, BM)).to(tl.int64)
         rows = row0 + local
         cols = nt * BN + tl.arange(0, BN)
         row_ok = local < n_rows
@@ -158,7 +158,7 @@ def _exact_select_kernel(CV, CI, COUNT, OUT, scb, scr, stb, sob, sot, row0, topk
 
     Rows that overflowed CAP are garbage here; the host redoes them.
     """
-    r, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    r, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_cand = tl.minimum(tl.load(COUNT + b * stb + r), CAP)
     slot = tl.arange(0, CAP)
     live = slot < n_cand
@@ -247,7 +247,7 @@ def indexer_topk_prefilter(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: b
     ``kv_len`` valid keys. Exact under the module's rule (ties to the lower key index). ``chunk`` queries are
     done at a time; ``candidates`` (a power of two >= topk, default next_pow2(4 topk)) is each query's buffer.
     ``stats``, if given, gets "rows", "fallback_rows" (queries redone on the host), "candidates_max" and
-    "candidates_total" added to it (costs a device sync per chunk).
+    "candidates_total" added to it. The overflow check syncs with the device once per chunk (not graph-capturable).
     """
     b, sq, hi, di = q.shape
     sk = kv_len if kv_len is not None else k.shape[1]

@@ -236,6 +236,29 @@ def _decode_splits(n_idx: int, programs: int, device: torch.device) -> int:
     return max(1, min(-(-n_idx // 128), -(-2 * sms // programs)))
 
 
+def check_topk_inputs(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, kv_len: int | None,
+                      check_indices: bool) -> int:
+    """The checks every top-k attention kernel's wrapper makes (errors say what is allowed); returns kv_len."""
+    b, h, sq, d = q.shape if q.ndim == 4 else (0, 0, 0, 0)
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(f"expected q (B, H, Sq, D), k and v (B, Hkv, Sk, D) with H a multiple of Hkv; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if indices.ndim != 3 or indices.shape[:2] != (b, sq):
+        raise ValueError(f"indices must be (B, Sq, n) = ({b}, {sq}, n), got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    sk = kv_len if kv_len is not None else k.shape[2]
+    if not sq <= sk <= k.shape[2]:
+        raise ValueError(f"kv_len {sk} must be between the query count {sq} and the cache size {k.shape[2]}")
+    if d not in (64, 128):
+        raise ValueError(f"head dim {d} is not supported by the kernel; use 64 or 128 (or topk_attention_reference)")
+    if check_indices and indices.numel():
+        lo, hi = torch.stack([indices.min(), indices.max()]).tolist()  # one device sync
+        if lo < -1 or hi >= sk:
+            raise ValueError(f"indices must lie in [-1, {sk}) (-1 = padding), got values from {lo} to {hi}")
+    return sk
+
+
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float | None = None,
                    kv_len: int | None = None, allow_reference: bool = False, check_indices: bool = True,
                    splits: int | None = None) -> Tensor:
@@ -249,22 +272,7 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
     fill the GPU when there are few tokens, as in decode).
     """
     b, h, sq, d = q.shape
-    if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(f"expected q (B, H, Sq, D), k and v (B, Hkv, Sk, D) with H a multiple of Hkv; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if indices.shape[:2] != (b, sq) or indices.ndim != 3:
-        raise ValueError(f"indices must be (B, Sq, n) = ({b}, {sq}, n), got {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
-    sk = kv_len if kv_len is not None else k.shape[2]
-    if not sq <= sk <= k.shape[2]:
-        raise ValueError(f"kv_len {sk} must be between the query count {sq} and the cache size {k.shape[2]}")
-    if d not in (64, 128):
-        raise ValueError(f"head dim {d} is not supported by the kernel; use 64 or 128 (or topk_attention_reference)")
-    if check_indices and indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < -1 or hi >= sk:
-            raise ValueError(f"indices must lie in [-1, {sk}) (-1 = padding), got values from {lo} to {hi}")
+    sk = check_topk_inputs(q, k, v, indices, kv_len, check_indices)
     scale = 1 / math.sqrt(d) if scale is None else scale
     if not triton_can_run(q):
         if allow_reference:

@@ -30,13 +30,12 @@ from torch import Tensor
 
 from ._online_softmax import online_softmax_step
 from ._runtime import triton_can_run
-from .topk import topk_attention, topk_attention_reference
+from .topk import check_topk_inputs, topk_attention, topk_attention_reference
 
 __all__ = ["GroupUnion", "group_union", "topk_attention_union", "union_ratio"]
 
 BN = 64  # keys per union tile; the union is padded to a multiple of it
 MAX_GROUP = 32  # membership is one int32 word per union entry
-SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 class GroupUnion(NamedTuple):
@@ -165,7 +164,7 @@ def _union_attn_kernel(Q, K, V, O, UNION, MEMB, ULEN, sqb, sqh, sqt, skb, skh, s
         safe = tl.where(col_ok, idx, 0)
         k = tl.load(kv + safe[:, None] * sks + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(vv + safe[:, None] * sks + dims[None, :], mask=col_ok[:, None], other=0.0)
-        chosen = ((bits[None, :] >> qi[:, None]) & 1) != 0
+        chosen = (((bits[None, :] >> tl.minimum(qi, G - 1)[:, None]) & 1) != 0) & row_ok[:, None]  # padding rows: no shift past 31
         ok = chosen & col_ok[None, :] & (idx[None, :] <= pos[:, None])
         s = tl.where(ok, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m, l, acc = online_softmax_step(s, v, m, l, acc)
@@ -196,28 +195,13 @@ def topk_attention_union(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, group
     one. ``max_rows`` caps the rows per program (group x query heads): above it the query heads of a
     KV head are split over programs, which gather the same K/V tile (from L2).
     """
-    b, h, sq, d = q.shape
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(f"expected q (B, H, Sq, D), k and v (B, Hkv, Sk, D) with H a multiple of Hkv; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if indices.ndim != 3 or indices.shape[:2] != (b, sq):
-        raise ValueError(f"indices must be (B, Sq, n) = ({b}, {sq}, n), got {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported by the kernel; use 64 or 128 (or topk_attention_reference)")
+    b, h, sq, d = q.shape if q.ndim == 4 else (0, 0, 0, 0)
+    sk = check_topk_inputs(q, k, v, indices, kv_len, check_indices)
     _check_group(group, MAX_GROUP)
     if dispatch not in ("auto", "union", "per_token"):
         raise ValueError(f"dispatch must be 'auto', 'union' or 'per_token', got {dispatch!r}")
     if max_rows < 16 or max_rows & (max_rows - 1):
         raise ValueError(f"max_rows must be a power of two >= 16, got {max_rows}")
-    sk = kv_len if kv_len is not None else k.shape[2]
-    if not sq <= sk <= k.shape[2]:
-        raise ValueError(f"kv_len {sk} must be between the query count {sq} and the cache size {k.shape[2]}")
-    if check_indices and indices.numel():
-        lo, hi = torch.stack([indices.min(), indices.max()]).tolist()
-        if lo < -1 or hi >= sk:
-            raise ValueError(f"indices must lie in [-1, {sk}) (-1 = padding), got values from {lo} to {hi}")
     scale = 1 / math.sqrt(d) if scale is None else scale
     if not triton_can_run(q):
         if allow_reference:

@@ -404,7 +404,7 @@ class VideoBlade:
         # (name, what, model, steps, guidance, student eta or None): students sample as they were distilled
         models: list[tuple[str, str, VideoDiT, int, float, float | None]] = [
             (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, None)]
-        for k in sorted({k for _, _, k in students}):
+        for k in sorted({k for s_ in self.arms.values() for k in s_.steps}):  # (d) even where no student has this K
             models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, None))
             for arm, arm_cfg in self.arms.items():
                 eta, of_arm = arm_cfg.tdm.eta, f", arm {arm}" if arm else ""
