@@ -58,6 +58,49 @@ def test_bad_checkpoint_and_bad_input_are_clear_errors():
         ViTConfig(embed_dim=100, num_heads=3)
 
 
+def test_matches_transformers_vit_on_the_same_weights():
+    """CI's independent reference (timm needs torchvision, whose offline wheels here are CUDA builds that cannot load
+    beside the CPU torch): Hugging Face's ViT, fed our timm-named weights through the public key mapping."""
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(0)
+    ours = create_model("vit_base_patch16_224", img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3,
+                        num_classes=7).eval()
+    with torch.no_grad():  # no zero-initialised parts: every weight must land in the right place
+        for p in ours.parameters():
+            p.normal_(0, 0.2)
+    hf = ViTForImageClassification(HFConfig(image_size=32, patch_size=8, hidden_size=96, num_hidden_layers=2,
+                                            num_attention_heads=3, intermediate_size=384, num_labels=7,
+                                            layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)).eval()
+    # transformers' names for one block's parts: 5.x (first) or 4.x (second)
+    names = {"q": ("attention.q_proj", "attention.attention.query"), "k": ("attention.k_proj", "attention.attention.key"),
+             "v": ("attention.v_proj", "attention.attention.value"), "proj": ("attention.o_proj", "attention.output.dense"),
+             "norm1": ("layernorm_before",) * 2, "norm2": ("layernorm_after",) * 2,
+             "mlp.fc1": ("mlp.fc1", "intermediate.dense"), "mlp.fc2": ("mlp.fc2", "output.dense")}
+    new = "vit.layers.0.attention.q_proj.weight" in hf.state_dict()
+    layer = "vit.layers." if new else "vit.encoder.layer."
+    sd, mapped = ours.state_dict(), {}
+    mapped["vit.embeddings.cls_token"] = sd["cls_token"]
+    mapped["vit.embeddings.position_embeddings"] = sd["pos_embed"]
+    for kind in ("weight", "bias"):
+        mapped[f"vit.embeddings.patch_embeddings.projection.{kind}"] = sd[f"patch_embed.proj.{kind}"]
+        mapped[f"vit.layernorm.{kind}"] = sd[f"norm.{kind}"]
+        mapped[f"classifier.{kind}"] = sd[f"head.{kind}"]
+        for i in range(2):
+            part = dict(zip("qkv", sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)))
+            part |= {"proj": sd[f"blocks.{i}.attn.proj.{kind}"], "norm1": sd[f"blocks.{i}.norm1.{kind}"],
+                     "norm2": sd[f"blocks.{i}.norm2.{kind}"], "mlp.fc1": sd[f"blocks.{i}.mlp.fc1.{kind}"],
+                     "mlp.fc2": sd[f"blocks.{i}.mlp.fc2.{kind}"]}
+            for ours_name, tensor in part.items():
+                mapped[f"{layer}{i}.{names[ours_name][0 if new else 1]}.{kind}"] = tensor
+    missing, unexpected = hf.load_state_dict(mapped, strict=False)
+    assert not unexpected and all("pooler" in m for m in missing)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(pixel_values=x).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_matches_timm_on_the_same_weights():
     timm = pytest.importorskip("timm")  # installed on the GPU machine, not on the CPU CI
     ref = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
