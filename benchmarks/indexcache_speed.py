@@ -13,8 +13,9 @@ layer and the model is their sum:
   IndexCache  = L x layer(top-k attention) + F x indexer, F = Full layers (1/2, 1/4, 1/8 of L)
 
 Decode is one new token over a cache of S tokens, every piece captured in a CUDA graph. For the
-SmolLM2 shape the whole model also runs end to end (prefill at the shorter contexts) to check
-that the sum matches what the real model does.
+SmolLM2 shape the whole model also runs end to end (prefill at the ``--e2e-contexts``) to check
+that the sum matches what the real model does, with today's DSA kernels and with issue 27's (exact
+prefilter top-k, group-union attention), each beside a profiler split (attention / indexer / rest).
 
     python benchmarks/indexcache_speed.py --out benchmarks/results/indexcache_speed.json
 """
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention.indexcache import DSA, IndexPattern, LightningIndexer  # noqa: E402
 from sparsedistill.attention.topk import indexer_topk  # noqa: E402
 from sparsedistill.models.llama import KVCache, Layer, Llama, LlamaConfig, rope_tables  # noqa: E402
-from sparsedistill.timing import time_ms  # noqa: E402
+from sparsedistill.timing import kernel_times, time_ms  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(model=LlamaConfig(), indexer_heads=4, indexer_dim=32),
@@ -116,20 +117,54 @@ def _compose(n_layers: int, p: dict, prefix: str) -> dict:
     return rows
 
 
-def end_to_end(s: int, topk: int, score_dtype: torch.dtype) -> dict:
-    """The whole SmolLM2-shaped model: prefill of ``s`` tokens, dense vs DSA vs IndexCache (1/4 of the indexers)."""
+def split(fn) -> dict[str, float]:
+    """GPU ms of one call by kind: attention (SDPA / top-k / union kernels), indexer (scores and top-k), the rest."""
+    try:
+        kernels = kernel_times(fn)
+    except Exception as e:  # noqa: BLE001  (a profiler failure costs the split, not the row)
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    out = {"attention_ms": 0.0, "indexer_ms": 0.0, "rest_ms": 0.0}
+    for name, ms in kernels.items():
+        n = name.lower()
+        if any(a in n for a in ("flash", "fmha", "attn_kernel", "attention")):
+            out["attention_ms"] += ms
+        elif any(a in n for a in ("indexer", "group_keys", "threshold", "candidates", "exact_select", "topk", "sort",
+                                   "radix")):
+            out["indexer_ms"] += ms
+        else:
+            out["rest_ms"] += ms
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def end_to_end(s: int, topk: int, score_dtype: torch.dtype, kernels: list[str]) -> dict:
+    """The whole SmolLM2-shaped model: prefill of ``s`` tokens, dense vs DSA vs IndexCache (1/4 of the indexers),
+    with today's kernels (``today``: chunked torch.topk, per-token attention) and issue 27's (``new``: the exact
+    prefilter top-k in fp32, the group-union attention over 16 queries, unions built once per Full layer)."""
     cfg = dataclasses.replace(LlamaConfig(), max_seq_len=s)
     torch.manual_seed(0)
     model = Llama(cfg).cuda().to(torch.bfloat16).eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, s), device="cuda")
     out = {}
     with torch.no_grad():
-        out["dense_ms"] = time_ms(lambda: model(tokens, last_only=True), graph=False, calls=1, reps=3)
+        dense = lambda: model(tokens, last_only=True)  # noqa: E731
+        out["dense_ms"] = time_ms(dense, graph=False, calls=1, reps=3)
+        out["dense_split"] = split(dense)
         for name, pattern in (("dsa", IndexPattern.full(cfg.n_layers)), ("indexcache_8of30", IndexPattern.every(4, cfg.n_layers))):
             spec = SHAPES["smollm2-135m"]
-            dsa = DSA(cfg.n_layers, cfg.dim, topk, spec["indexer_heads"], spec["indexer_dim"], pattern).cuda().to(torch.bfloat16).eval()
-            dsa.score_dtype = score_dtype
-            out[f"{name}_ms"] = time_ms(lambda: model(tokens, select=dsa, last_only=True), graph=False, calls=1, reps=3)
+            for kind in kernels:
+                key = name if kind == "today" else f"{name}_{kind}"
+                try:
+                    dsa = DSA(cfg.n_layers, cfg.dim, topk, spec["indexer_heads"], spec["indexer_dim"], pattern).cuda().to(torch.bfloat16).eval()
+                    dsa.score_dtype = score_dtype
+                    if kind == "new":
+                        dsa.score_dtype, dsa.indexer_method, dsa.union_group = torch.float32, "prefilter", 16
+                    run = lambda: model(tokens, select=dsa, last_only=True)  # noqa: E731
+                    out[f"{key}_ms"] = time_ms(run, graph=False, calls=1, reps=3)
+                    out[f"{key}_vs_dense"] = out["dense_ms"] / out[f"{key}_ms"]
+                    out[f"{key}_split"] = split(run)
+                except Exception as e:  # noqa: BLE001  (record, go on with the next variant)
+                    out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    torch.cuda.empty_cache()
     del model
     torch.cuda.empty_cache()
     return out
@@ -145,6 +180,9 @@ def main() -> int:
                     help="precision of the indexer scores the top-k reads")
     ap.add_argument("--e2e-contexts", nargs="*", type=int, default=[8192, 32768],
                     help="contexts at which the whole SmolLM2-shaped model also runs end to end")
+    ap.add_argument("--e2e-kernels", nargs="+", default=["today", "new"], choices=["today", "new"],
+                    help="DSA's kernels in the end-to-end rows: today's (torch.topk, per-token attention) and/or "
+                         "issue 27's (prefilter top-k, group-union attention)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("indexcache_speed.py needs a CUDA GPU; none was found.", file=sys.stderr)
@@ -184,7 +222,7 @@ def main() -> int:
     if "smollm2-135m" in args.shapes:
         for s in args.e2e_contexts:
             try:
-                r = {"context": s, **end_to_end(s, args.topk, score_dtype)}
+                r = {"context": s, **end_to_end(s, args.topk, score_dtype, args.e2e_kernels)}
             except Exception as e:  # noqa: BLE001
                 r = {"context": s, "error": f"{type(e).__name__}: {e}"[:300]}
             print("end to end", json.dumps(r), flush=True)
@@ -203,6 +241,11 @@ def main() -> int:
             print(f"{name:<14}{row['context']:>8}  {p['dense_ms']:>10.1f} / {p['dsa_ms']:>8.1f} / {p[ic + '_ms']:>8.1f}  "
                   f"{p[ic + '_vs_dsa']:>11.2f}x  {d['dense_tokens_per_s']:>10.0f} / {d['dsa_tokens_per_s']:>8.0f} / "
                   f"{d[ic + '_tokens_per_s']:>8.0f}  {d[ic + '_vs_dsa']:>11.2f}x")
+    for r in results["end_to_end"]:  # whole-model prefill, ms (x dense)
+        rows = [f"{k[:-3]} {v:.1f}" + (f" ({r[k[:-3] + '_vs_dense']:.2f}x)" if k[:-3] + "_vs_dense" in r else "")
+                for k, v in r.items() if k.endswith("_ms")]
+        print(f"end to end, {r['context']} tokens: " + "; ".join(rows) +
+              "".join(f"; {k}: {v[:60]}" for k, v in r.items() if k.endswith("error")))
     return 0
 
 

@@ -195,3 +195,43 @@ def test_sink_and_local_keys_are_always_selected_once_and_the_rest_are_the_index
     assert (dsa.selected[0] == 0).any(-1).all() and (dsa.selected[0] == torch.arange(40)[:, None]).any(-1).all()
     with pytest.raises(ValueError, match="fit in topk"):
         DSA(4, 64, topk=4, sink=2, local=3)
+
+
+def test_dsa_switches_to_the_prefilter_top_k_and_to_group_unions_built_once_per_full_layer():
+    """A union selection is built once per Full layer and handed as it is to the Shared layers that reuse it (same
+    output); the prefilter picks the keys torch.topk picks up to ties, which it breaks toward the lower index (an
+    untrained indexer's ReLUs tie at zero), in ascending order."""
+    from sparsedistill.attention import TopkSelection
+
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        plain = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"))
+        want = model(tokens, select=plain)
+        plain.union_group, handed = 8, {}
+        got = model(tokens, select=lambda i, h: handed.setdefault(i, plain(i, h)))
+        assert torch.equal(got, want)
+        assert isinstance(handed[0], TopkSelection) and handed[1] is handed[0] and handed[3] is handed[2]
+        assert handed[0].union.union.shape[:2] == (2, 5)  # 40 queries in groups of 8
+        first = plain.selected[0].clone()
+        plain.union_group, plain.indexer_method = 0, "prefilter"
+        model(tokens, select=plain)
+    picked = plain.selected[0]
+    tail_padded = torch.where(picked < 0, 10**6, picked)
+    assert torch.equal(tail_padded, tail_padded.sort(-1).values)  # ascending, -1 only after the keys
+    assert topk_overlap(picked, first) > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dsa_union_attention_matches_per_token_attention_on_the_gpu():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=1024)
+    model = Llama(cfg).cuda().to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 97, (1, 1024), device="cuda")
+    dsa = DSA(4, 256, topk=128, pattern=IndexPattern("FSFS")).cuda().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        want = model(tokens, select=dsa)
+        dsa.union_group = 16
+        got = model(tokens, select=dsa)
+    assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ._runtime import triton_can_run
 from .topk import indexer_scores, indexer_scores_reference, indexer_topk
+from .topk_union import TopkSelection, group_union
 
 __all__ = ["IndexPattern", "LightningIndexer", "DSA", "indexer_kl", "indexer_loss", "layer_inputs", "dense_attention_probs",
            "greedy_pattern", "topk_overlap", "topk_from_scores", "keep_sink_and_local"]
@@ -238,6 +239,10 @@ class DSA(nn.Module):
         self.record_inputs = False
         self.inputs: dict[int, Tensor] = {}
         self.score_dtype = torch.float32  # bf16 halves the bytes the top-k reads (speed runs)
+        self.indexer_method = "topk"  # or "prefilter": the exact top-k without a score matrix (indexer_topk)
+        # > 0: prefill selections carry their union over groups of this many queries (TopkSelection), built once per
+        # Full layer and reused by its Shared layers, so attention can run the group-union kernel
+        self.union_group = 0
         self._current: Tensor | None = None
         self._keys: dict[int, Tensor] = {}  # Full layer -> (B, max_len, head_dim) indexer keys while generating
         self._lengths: dict[int, int] = {}
@@ -264,23 +269,27 @@ class DSA(nn.Module):
             self._lengths[layer] = kv_len = start + h.shape[1]
             k = cache
         visible = kv_len if kv_len is not None else k.shape[1]
-        idx = indexer_topk(q, w, k, min(self.topk, visible), kv_len=kv_len, score_dtype=self.score_dtype)
+        idx = indexer_topk(q, w, k, min(self.topk, visible), kv_len=kv_len, score_dtype=self.score_dtype,
+                           method=self.indexer_method)
         if self.sink or self.local:
             if idx.shape[-1] < self.topk:
                 idx = F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1)
             idx = keep_sink_and_local(idx, visible, self.sink, self.local)
         return F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1) if idx.shape[-1] < self.topk else idx
 
-    def forward(self, layer: int, h: Tensor) -> Tensor:
+    def forward(self, layer: int, h: Tensor) -> Tensor | TopkSelection:
         if self.record_inputs:
             self.inputs[layer] = h.detach()
         if self.pattern.layers[layer] == "F":
             with torch.no_grad():
                 self._current = self._select(layer, h)
+                if self.union_group and h.shape[1] > 1:  # prefill: the union once, for every layer reusing it
+                    self._current = TopkSelection(self._current, group_union(self._current, self.union_group))
         if self._current is None:
             raise RuntimeError("a Shared layer ran before any Full layer: layer 0 must be Full")
-        self.selected[layer] = self._current
-        return self._current
+        current = self._current
+        self.selected[layer] = current.indices if isinstance(current, TopkSelection) else current
+        return current
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from ._online_softmax import online_softmax_step
 from ._runtime import triton_can_run
 from .topk import check_topk_inputs, topk_attention, topk_attention_reference
 
-__all__ = ["GroupUnion", "group_union", "topk_attention_union", "union_ratio"]
+__all__ = ["GroupUnion", "TopkSelection", "group_union", "topk_attention_union", "union_ratio"]
 
 BN = 64  # keys per union tile; the union is padded to a multiple of it
 MAX_GROUP = 32  # membership is one int32 word per union entry
@@ -50,6 +50,14 @@ class GroupUnion(NamedTuple):
     union_len: Tensor
     membership: Tensor
     group: int
+
+
+class TopkSelection(NamedTuple):
+    """A selection with its group union built once: what a selector hands to every layer that reuses it (IndexCache),
+    so the union is merged once per Full layer, not once per layer."""
+
+    indices: Tensor
+    union: GroupUnion
 
 
 def _check_group(group: int, limit: int | None = None) -> None:

@@ -117,8 +117,18 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> Tensor:
-    """Causal attention restricted to ``indices``: the Triton top-k kernel on a GPU (inference), else masked SDPA."""
+def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices) -> Tensor:
+    """Causal attention restricted to ``indices`` (a tensor, or a ``TopkSelection`` carrying its group union): the
+    Triton top-k kernels on a GPU (inference), else masked SDPA."""
+    from ..attention import TopkSelection
+
+    if isinstance(indices, TopkSelection):
+        if q.is_cuda and not torch.is_grad_enabled():
+            from ..attention import topk_attention_union
+
+            return topk_attention_union(q, k, v, indices.indices, indices.union.group, union=indices.union,
+                                        check_indices=False)
+        indices = indices.indices
     if q.is_cuda and not torch.is_grad_enabled():
         from ..attention import topk_attention
 
