@@ -192,8 +192,9 @@ class Llama(nn.Module):
         ``last_only`` returns (B, 1, vocab), the next-token logits, as a long prefill needs (all of
         them at 128K tokens would take 12 GB).
 
-        ``select(layer, normed_hidden)`` may return (B, S, k) key indices for that layer's attention
-        (sparse attention; ``sparsedistill.attention.indexcache.DSA`` is one such selector).
+        ``select(layer, normed_hidden)`` may return (B, S, k) key indices for that layer's attention, or a
+        ``TopkSelection`` (indices with their group union, for the union kernel) (sparse attention;
+        ``sparsedistill.attention.indexcache.DSA`` is one such selector).
         """
         b, s = tokens.shape
         start = cache.length if cache is not None else 0
