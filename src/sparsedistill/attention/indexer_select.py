@@ -76,16 +76,28 @@ def _order_key(s):
 
 
 @triton.jit
+def _tile_is_visible(mt, nt, row0, seq_q, seq_k, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """Whether key tile ``nt`` holds any key that query tile ``mt`` of the chunk sees (tiles past the diagonal: none)."""
+    last_key = (row0 + mt * BM + BM - 1 + seq_k - seq_q) if CAUSAL else seq_k
+    return nt * BN <= last_key
+
+
+@triton.jit
+def _tile_rows_cols(mt, nt, row0, BM: tl.constexpr, BN: tl.constexpr):
+    """(chunk-local query rows, their global positions, key columns) of tile (mt, nt); int64 rows: local x row
+    stride passes 2^31 at large chunks."""
+    local = (mt * BM + tl.arange(0, BM)).to(tl.int64)
+    return local, row0 + local, nt * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def _group_keys_kernel(Q, W, K, GK, sqb, sqt, sqh, swb, swt, skb, sks, sgb, sgr,
                        row0, n_rows, n_groups, seq_q, seq_k, HI,
                        BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, G: tl.constexpr, CAUSAL: tl.constexpr):
     """K1. GK[b, r, g] = key16(max of row0 + r's visible scores in keys [g G, (g + 1) G)); groups it cannot see are junk."""
     mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    last_key = (row0 + mt * BM + BM - 1 + seq_k - seq_q) if CAUSAL else seq_k  # tiles past the diagonal do nothing
-    if nt * BN <= last_key:
-        local = (mt * BM + tl.arange(0, BM)).to(tl.int64)  # int64: local * row stride passes 2^31 at large chunks
-        rows = row0 + local
-        cols = nt * BN + tl.arange(0, BN)
+    if _tile_is_visible(mt, nt, row0, seq_q, seq_k, BM, BN, CAUSAL):
+        local, rows, cols = _tile_rows_cols(mt, nt, row0, BM, BN)
         s = _indexer_score_tile(Q, W, K, b, rows, cols, sqb, sqt, sqh, swb, swt, skb, sks, seq_q, seq_k, HI, BM, BN, DI)
         s = tl.where(_indexer_visible(rows, cols, seq_q, seq_k, CAUSAL), s, float("-inf"))
         group_max = tl.max(tl.reshape(s, [BM, BN // G, G]), 2)  # the key is monotone, so max first
@@ -132,11 +144,8 @@ def _candidates_kernel(Q, W, K, TAU, COUNT, CV, CI, sqb, sqt, sqh, swb, swt, skb
                        BM: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, CAP: tl.constexpr, CAUSAL: tl.constexpr):
     """K3. Append each visible (score, key) with key16 >= TAU to its row's buffer; COUNT keeps counting past CAP."""
     mt, nt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    last_key = (row0 + mt * BM + BM - 1 + seq_k - seq_q) if CAUSAL else seq_k  # tiles past the diagonal do nothing
-    if nt * BN <= last_key:
-        local = (mt * BM + tl.arange(0, BM)).to(tl.int64)
-        rows = row0 + local
-        cols = nt * BN + tl.arange(0, BN)
+    if _tile_is_visible(mt, nt, row0, seq_q, seq_k, BM, BN, CAUSAL):
+        local, rows, cols = _tile_rows_cols(mt, nt, row0, BM, BN)
         row_ok = local < n_rows
         s = _indexer_score_tile(Q, W, K, b, rows, cols, sqb, sqt, sqh, swb, swt, skb, sks, seq_q, seq_k, HI, BM, BN, DI)
         tau = tl.load(TAU + b * stb + local, mask=row_ok, other=INT32_MAX)
