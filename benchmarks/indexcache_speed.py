@@ -118,7 +118,8 @@ def _compose(n_layers: int, p: dict, prefix: str) -> dict:
 
 
 def split(fn) -> dict[str, float]:
-    """GPU ms of one call by kind: attention (SDPA / top-k / union kernels), indexer (scores and top-k), the rest."""
+    """GPU ms of one call by kind: attention (SDPA / top-k / union kernels), indexer (scores and top-k kernels), the
+    rest (also the indexer's projections and the union's build, which run as generic kernels)."""
     try:
         kernels = kernel_times(fn)
     except Exception as e:  # noqa: BLE001  (a profiler failure costs the split, not the row)
@@ -126,7 +127,7 @@ def split(fn) -> dict[str, float]:
     out = {"attention_ms": 0.0, "indexer_ms": 0.0, "rest_ms": 0.0}
     for name, ms in kernels.items():
         n = name.lower()
-        if any(a in n for a in ("flash", "fmha", "attn_kernel", "attention")):
+        if any(a in n for a in ("flash", "fmha", "attn_kernel", "attention", "sdpa", "cudnn")):
             out["attention_ms"] += ms
         elif any(a in n for a in ("indexer", "group_keys", "threshold", "candidates", "exact_select", "topk", "sort",
                                    "radix")):
@@ -162,6 +163,10 @@ def end_to_end(s: int, topk: int, score_dtype: torch.dtype, kernels: list[str]) 
                     out[f"{key}_ms"] = time_ms(run, graph=False, calls=1, reps=3)
                     out[f"{key}_vs_dense"] = out["dense_ms"] / out[f"{key}_ms"]
                     out[f"{key}_split"] = split(run)
+                    if kind == "new":  # the union kernel runs only while u <= 8 (dispatch "auto"), else per token
+                        from sparsedistill.attention import union_ratio
+
+                        out[f"{key}_union_ratio"] = union_ratio(dsa.selected[0], dsa.union_group)
                 except Exception as e:  # noqa: BLE001  (record, go on with the next variant)
                     out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
                     torch.cuda.empty_cache()

@@ -235,3 +235,19 @@ def test_dsa_union_attention_matches_per_token_attention_on_the_gpu():
         dsa.union_group = 16
         got = model(tokens, select=dsa)
     assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_prefilter_selections_are_ranked_by_score_before_sink_and_local_keys_are_forced():
+    """The prefilter returns keys in ascending order; with sink / local keys forced in, the rest must still be the
+    indexer's best, as with torch.topk's best-first order (the same sets up to ties)."""
+    model = _model()
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        plain = DSA(4, 64, topk=12, sink=2, local=3)
+        for p in plain.parameters():  # scores without ReLU ties at zero
+            p.add_(0.3 * torch.randn_like(p))
+        model(tokens, select=plain)
+        want = {i: s.sort(-1).values for i, s in plain.selected.items()}
+        plain.indexer_method = "prefilter"
+        model(tokens, select=plain)
+    assert topk_overlap(plain.selected[0], want[0]) > 0.97

@@ -130,6 +130,20 @@ def topk_from_scores(scores: Tensor, topk: int) -> Tensor:
     return idx
 
 
+@torch.no_grad()
+def rank_by_score(q: Tensor, w: Tensor, k: Tensor, idx: Tensor, chunk: int = 1024) -> Tensor:
+    """``idx`` (B, Sq, n) reordered best first by the indexer's score (ties: the order given), -1 last; queries are
+    done ``chunk`` at a time, so the gathered keys take chunk x n x Di, not Sq x n x Di."""
+    out = torch.empty_like(idx)
+    for s0 in range(0, idx.shape[1], chunk):
+        part = idx[:, s0 : s0 + chunk]
+        keys = k[torch.arange(k.shape[0], device=k.device)[:, None, None], part.clamp(min=0).long()]  # (B, c, n, Di)
+        s = torch.einsum("bchd,bcnd->bchn", q[:, s0 : s0 + chunk].float(), keys.float()).relu()
+        s = (s * w[:, s0 : s0 + chunk].float()[..., None]).sum(2).masked_fill(part < 0, float("-inf"))
+        out[:, s0 : s0 + chunk] = part.gather(-1, torch.sort(s, dim=-1, descending=True, stable=True).indices)
+    return out
+
+
 def keep_sink_and_local(idx: Tensor, kv_len: int, sink: int, local: int) -> Tensor:
     """``idx`` (B, Sq, k), best first, with the first ``sink`` keys and each query's ``local`` nearest (itself
     included) always in it; the rest of the k slots keep the best other indices. Queries are the last Sq of
@@ -272,6 +286,8 @@ class DSA(nn.Module):
         idx = indexer_topk(q, w, k, min(self.topk, visible), kv_len=kv_len, score_dtype=self.score_dtype,
                            method=self.indexer_method)
         if self.sink or self.local:
+            if self.indexer_method == "prefilter":  # ascending key order: keep_sink_and_local wants best first
+                idx = rank_by_score(q, w, k, idx)
             if idx.shape[-1] < self.topk:
                 idx = F.pad(idx, (0, self.topk - idx.shape[-1]), value=-1)
             idx = keep_sink_and_local(idx, visible, self.sink, self.local)
@@ -281,9 +297,11 @@ class DSA(nn.Module):
         if self.record_inputs:
             self.inputs[layer] = h.detach()
         if self.pattern.layers[layer] == "F":
+            inference = not torch.is_grad_enabled()  # (training attends through masked SDPA: no union needed)
             with torch.no_grad():
                 self._current = self._select(layer, h)
-                if self.union_group and h.shape[1] > 1:  # prefill: the union once, for every layer reusing it
+                # a prefill: the union once, for every layer reusing this selection
+                if self.union_group and h.shape[1] > 1 and inference:
                     self._current = TopkSelection(self._current, group_union(self._current, self.union_group))
         if self._current is None:
             raise RuntimeError("a Shared layer ran before any Full layer: layer 0 must be Full")

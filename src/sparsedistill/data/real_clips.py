@@ -87,7 +87,8 @@ def load_real_frames(short_side: int = 96) -> dict[str, Tensor]:
                              f"expected {short_side} for {sorted(SOURCES)}: prepare it again")
         return data["videos"]
     if override:
-        raise DatasetNotFound(f"$SPARSEDISTILL_REAL_CLIPS={override} does not exist")
+        raise DatasetNotFound(f"$SPARSEDISTILL_REAL_CLIPS={override}: {path} does not exist (frames of short side "
+                              f"{short_side} are prepared by load_real_frames({short_side}) where the videos are)")
     videos = decode_sources(short_side)
     atomic_torch_save({"short_side": short_side, "videos": videos}, path)
     return videos
