@@ -9,7 +9,10 @@ if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/rwheels/*.whl
 fi
 [ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
-[ -d .gpu/fmnist ] && export SPARSEDISTILL_FASHION_MNIST="$PWD/.gpu/fmnist"
+# Fashion-MNIST (30 MB) waits in /root/fmnist for later warm calls: with the tree, the wheels and the video teacher it
+# no longer fits one 64 MiB carry, so it travels in its own call first
+[ -d .gpu/fmnist ] && mkdir -p /root/fmnist && cp .gpu/fmnist/* /root/fmnist/
+[ -d /root/fmnist ] && export SPARSEDISTILL_FASHION_MNIST=/root/fmnist
 [ -d .gpu/real-clips ] && export SPARSEDISTILL_REAL_CLIPS="$PWD/.gpu/real-clips"  # decoded here (23 MB of uint8)
 # The video teacher's export (carried once; it waits in /root/video-teacher for the calls that carry the data)
 # (.safetensors.xz: the bf16 export xz-compressed to 70 %, so that it travels in one call with Fashion-MNIST and the wheels)
