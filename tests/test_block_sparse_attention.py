@@ -349,14 +349,15 @@ def test_tuner_drops_a_fast_candidate_whose_output_disagrees_with_the_default(mo
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("sq,block,samples", [(640, 64, 16), (300, 64, 16), (512, 128, 32), (256, 64, 0)])
-def test_asa_mask_kernel_selects_exactly_what_the_reference_does(causal, sq, block, samples):
+@pytest.mark.parametrize("sq,block,samples,passes", [(640, 64, 16, 1), (640, 64, 16, 2), (300, 64, 16, 1),
+                                                     (300, 64, 16, 2), (512, 128, 32, 1), (256, 64, 0, 2)])
+def test_asa_mask_kernel_selects_exactly_what_the_reference_does(causal, sq, block, samples, passes):
     from sparsedistill.attention import asa_mask, asa_mask_reference
 
     g = torch.Generator().manual_seed(sq + block)
     q, k, _ = _inputs(2, 4, 2, sq, sq, 64, torch.float32, g)
     args = dict(tau=0.6, max_keep=0.5, causal=causal, samples=samples, global_blocks=1)
-    mask = asa_mask(q * 3, k, block, **args)
+    mask = asa_mask(q * 3, k, block, passes=passes, **args)
     ref = asa_mask_reference(q * 3, k, block, **args)
     assert torch.equal(mask.to_block_bool(), ref)
     assert mask.q_indices is None  # the transposed lists wait for a backward
@@ -371,6 +372,31 @@ def test_asa_mask_kernel_selects_exactly_what_the_reference_does(causal, sq, blo
         allowed = causal_blocks(nq, nk, block, sq, sq, DEV)
     assert (counts <= torch.floor(0.5 * allowed.sum(-1)).clamp(min=1) + 2).all()
     assert not (ref & ~allowed).any() and ref.any(-1).all()
+
+
+def test_asa_kernels_read_heads_split_off_a_projection_in_place():
+    """A model's q, k, v are (B, S, H, D) projections viewed as (B, H, S, D): same results as contiguous copies."""
+    from sparsedistill.attention import asa_attention, asa_mask, pool_blocks, pool_reference
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 256, 3, 2, 64, generator=g).to(DEV)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, head dim contiguous
+    assert not q.is_contiguous()
+    assert torch.allclose(pool_blocks(k, 64), pool_reference(k, 64), atol=1e-5)
+    mask = asa_mask(q * 3, k, 64, tau=0.6, max_keep=0.5)
+    same = asa_mask((q * 3).contiguous(), k.contiguous(), 64, tau=0.6, max_keep=0.5)
+    assert torch.equal(mask.to_block_bool(), same.to_block_bool())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    qc, kc, vc = (t.contiguous().requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(qs, ks, vs, mask)
+    want = block_sparse_attention(qc, kc, vc, mask)
+    assert torch.allclose(out, want, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for a, b in ((qs, qc), (ks, kc), (vs, vc)):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    ref = asa_attention(q, k, v, mask, pooled_kv=True, reference=True)
+    assert torch.allclose(asa_attention(q, k, v, mask, pooled_kv=True), ref, atol=1e-4)
 
 
 def test_asa_block_scores_follow_the_token_softmax_max_pool_definition():

@@ -40,18 +40,20 @@ __all__ = ["pool_blocks", "pool_reference", "asa_mask", "asa_mask_reference", "a
            "pooled_kv_attention", "merge_by_lse", "asa_attention", "ASAConfig", "AdaptiveBlockSparseAttention"]
 
 _MAX_KEY_BLOCKS = 4096  # the selection sorts one row of key blocks in registers
+_ONE_PASS_MAX = 32768  # pooled-key elements (key blocks x head dim) scored at once in one program's registers
 
 
 @triton.jit
-def _pool_kernel(X, OUT, sxb, sxs, sob, sos, seq, stride_tokens,
+def _pool_kernel(X, OUT, sxb, sxh, sxs, sob, soh, sos, H, seq, stride_tokens,
                  BLOCK: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    blk, bh = tl.program_id(0), tl.program_id(1)
+    blk, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     rows = blk * BLOCK + tl.arange(0, N) * stride_tokens
     dims = tl.arange(0, D)
     ok = rows < seq
-    x = tl.load(X + bh * sxb + rows[:, None] * sxs + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxs + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     n = tl.maximum(tl.sum(ok.to(tl.float32), 0), 1.0)
-    tl.store(OUT + bh * sob + blk * sos + dims, tl.sum(x, 0) / n)
+    tl.store(OUT + b * sob + h * soh + blk * sos + dims, (tl.sum(x, 0) / n).to(OUT.dtype.element_ty))
 
 
 def pool_reference(x: Tensor, block: int, samples: int = 0) -> Tensor:
@@ -66,17 +68,20 @@ def pool_reference(x: Tensor, block: int, samples: int = 0) -> Tensor:
     return g.sum(3) / ok.sum(1).clamp(min=1)[:, None].float()
 
 
-def pool_blocks(x: Tensor, block: int, samples: int = 0) -> Tensor:
-    """Triton version of ``pool_reference`` (CUDA tensors, or the interpreter)."""
+def pool_blocks(x: Tensor, block: int, samples: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Triton version of ``pool_reference`` (CUDA tensors, or the interpreter), summed in fp32 and stored as
+    ``dtype``. ``x`` may be a strided view (e.g. heads split off a (B, S, H, D) projection): no copy is made."""
     b, h, s, d = x.shape
     if d < 16 or d & (d - 1):
         raise ValueError(f"the pooling kernel needs a power-of-two head dim >= 16, got {d} (use pool_reference)")
     if samples and (block % samples or samples & (samples - 1)):
         raise ValueError(f"samples must be a power of two dividing the block size {block}, got {samples}")
     n = samples or block
-    x = x.contiguous()
-    out = torch.empty(b, h, -(-s // block), d, device=x.device, dtype=torch.float32)
-    _pool_kernel[(out.shape[2], b * h)](x, out, s * d, d, out.shape[2] * d, d, s, block // n, BLOCK=block, N=n, D=d)
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    out = torch.empty(b, h, -(-s // block), d, device=x.device, dtype=dtype)
+    _pool_kernel[(out.shape[2], b * h)](x, out, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                                        out.stride(2), h, s, block // n, BLOCK=block, N=n, D=d)
     return out
 
 
@@ -90,47 +95,61 @@ def _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK: tl.constexpr, CAUSAL: tl.co
 
 
 @triton.jit
+def _token_scores(qs, kp_base, sks, c0, qb, nk, seq_q, seq_k, qk_scale,
+                  KC: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Logits (log2 units) of the sampled queries against pooled key blocks c0 .. c0 + KC, -inf where not allowed."""
+    cols = c0 + tl.arange(0, KC)
+    ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
+    kp = tl.load(kp_base + cols[:, None] * sks + tl.arange(0, D)[None, :], mask=(cols < nk)[:, None], other=0.0)
+    s = tl.dot(qs, tl.trans(kp.to(qs.dtype)), input_precision=PRECISION).to(tl.float32) * qk_scale
+    return tl.where(ok[None, :], s, float("-inf")), ok
+
+
+@triton.jit
 def _asa_mask_kernel(Q, KP, SCORE, KV_IDX, KV_CNT,
                      sqb, sqh, sqs, skb, skh, sks,
                      H, GROUP, seq_q, seq_k, nq, nk, width, global_blocks, qk_scale, tau, min_keep, max_keep,
                      BLOCK: tl.constexpr, NS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, KC: tl.constexpr,
-                     NK_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block: score its sampled queries against every pooled key block, select, write the kept list."""
+                     NK_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One query block: score its sampled queries against every pooled key block, select, write the kept list.
+
+    ``ONE_PASS`` (every pooled key block fits the registers at once, KC = NK_PAD): the token softmax and the
+    block scores stay in registers. Otherwise two passes over KC-block chunks (softmax statistics, then the
+    scores, through a scratch row in global memory)."""
     qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // GROUP
     rows = qb * BLOCK + (tl.arange(0, NS) * SPREAD) % BLOCK  # see _sample_offsets
     row_ok = rows < seq_q
-    dims = tl.arange(0, D)
-    qs = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + dims[None, :], mask=row_ok[:, None], other=0.0)
+    qs = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
     kp_base = KP + b * skb + hk * skh
-    # pass 1: each sampled token's softmax statistics over the allowed key blocks (log2 units)
-    m = tl.full([NS], float("-inf"), tl.float32)
-    l = tl.zeros([NS], tl.float32)
-    for c0 in range(0, nk, KC):
-        cols = c0 + tl.arange(0, KC)
-        ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
-        kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
-        s = tl.dot(qs, tl.trans(kp.to(qs.dtype)), input_precision=PRECISION).to(tl.float32) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-        m = m_new
-    # pass 2: the block score is the largest of its tokens' probabilities
-    row_base = SCORE + (bh * nq + qb) * NK_PAD
-    for c0 in range(0, nk, KC):
-        cols = c0 + tl.arange(0, KC)
-        ok = _allowed_cols(cols, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
-        kp = tl.load(kp_base + cols[:, None] * sks + dims[None, :], mask=(cols < nk)[:, None], other=0.0)
-        s = tl.dot(qs, tl.trans(kp.to(qs.dtype)), input_precision=PRECISION).to(tl.float32) * qk_scale
-        p = tl.math.exp2(s - m[:, None]) / l[:, None]
-        p = tl.where(row_ok[:, None] & ok[None, :], p, 0.0)
-        tl.store(row_base + cols, tl.max(p, 0), mask=cols < nk)
-    tl.debug_barrier()  # the row written above is read back by other threads of this program
-    # selection: keep the largest blocks until their mass reaches tau, within [lo, hi] blocks
     ranks = tl.arange(0, NK_PAD)
     allowed = _allowed_cols(ranks, qb, nk, seq_q, seq_k, BLOCK, CAUSAL)
-    p = tl.load(row_base + ranks, mask=allowed, other=0.0)
+    if ONE_PASS:
+        s, ok = _token_scores(qs, kp_base, sks, 0, qb, nk, seq_q, seq_k, qk_scale, NK_PAD, D, BLOCK, CAUSAL, PRECISION)
+        m = tl.max(s, 1)
+        e = tl.math.exp2(s - m[:, None])
+        p = tl.where(row_ok[:, None] & ok[None, :], e / tl.sum(e, 1)[:, None], 0.0)
+        p = tl.max(p, 0)  # the block score is the largest of its tokens' probabilities
+    else:
+        # pass 1: each sampled token's softmax statistics over the allowed key blocks (log2 units)
+        m = tl.full([NS], float("-inf"), tl.float32)
+        l = tl.zeros([NS], tl.float32)
+        for c0 in range(0, nk, KC):
+            s, ok = _token_scores(qs, kp_base, sks, c0, qb, nk, seq_q, seq_k, qk_scale, KC, D, BLOCK, CAUSAL, PRECISION)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        # pass 2: the block score is the largest of its tokens' probabilities
+        row_base = SCORE + (bh * nq + qb) * NK_PAD
+        for c0 in range(0, nk, KC):
+            s, ok = _token_scores(qs, kp_base, sks, c0, qb, nk, seq_q, seq_k, qk_scale, KC, D, BLOCK, CAUSAL, PRECISION)
+            p = tl.where(row_ok[:, None] & ok[None, :], tl.math.exp2(s - m[:, None]) / l[:, None], 0.0)
+            cols = c0 + tl.arange(0, KC)
+            tl.store(row_base + cols, tl.max(p, 0), mask=cols < nk)
+        tl.debug_barrier()  # the row written above is read back by other threads of this program
+        p = tl.load(row_base + ranks, mask=allowed, other=0.0)
+    # selection: keep the largest blocks until their mass reaches tau, within [lo, hi] blocks
     p = p / tl.sum(p, 0)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     desc = tl.sort(p, descending=True)
@@ -228,11 +247,15 @@ def asa_mask_reference(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, 
 
 
 def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: float = 0.0, max_keep: float = 1.0,
-             global_blocks: int = 0, causal: bool = False, samples: int = 16, use_kernel: bool | None = None) -> BlockMask:
+             global_blocks: int = 0, causal: bool = False, samples: int = 16, use_kernel: bool | None = None,
+             passes: int | None = None) -> BlockMask:
     """The ASA block mask for q (B, H, Sq, D) and k (B, Hkv, Sk, D); GQA keys are shared by their query heads.
 
     ``samples`` query tokens per block are scored (0: all of them). Built without gradients:
-    training recomputes it every step and back-propagates through the kept blocks only.
+    training recomputes it every step and back-propagates through the kept blocks only. q and k may be
+    strided views (heads split off a projection) as long as the head dim is contiguous. ``passes``: 1 scores
+    every key block at once in registers, 2 in chunks through a scratch row (same mask); by default 1 where
+    the pooled keys fit (``_ONE_PASS_MAX`` elements).
     """
     _check_asa_args(q, k, block, tau, min_keep, max_keep, samples)
     if use_kernel is None:
@@ -246,21 +269,29 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
     if nk > _MAX_KEY_BLOCKS:
         raise ValueError(f"{nk} key blocks exceed the selection kernel's {_MAX_KEY_BLOCKS}; use a larger block")
     nk_pad = max(16, triton.next_power_of_2(nk))
+    if passes is None:
+        passes = 1 if nk_pad * d <= _ONE_PASS_MAX else 2
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2 (or None to choose), got {passes}")
     # the most a row can keep: the cap, the diagonal, the global blocks, and one spare place because the
     # kernel rounds max_keep * n in fp32 (e.g. 0.29 * 100 -> 29, not 28)
     width = min(nk, max(1, math.floor(max_keep * nk)) + 2 + global_blocks)
     with torch.no_grad():
-        q = q.contiguous()
-        pk = pool_blocks(k, block)  # (B, Hkv, nk, D) fp32, contiguous
-        scratch = torch.empty(b * h * nq * nk_pad, device=q.device, dtype=torch.float32)
+        if q.stride(3) != 1:
+            q = q.contiguous()
+        # the kernel rounds the pooled keys to q's dtype before its dot product: store them so (half the reads)
+        pk = pool_blocks(k, block, dtype=q.dtype)  # (B, Hkv, nk, D), contiguous
+        scratch = torch.empty(b * h * nq * nk_pad if passes == 2 else 1, device=q.device, dtype=torch.float32)
         kv_indices = torch.empty(b, h, nq, width, device=q.device, dtype=torch.int32)
         kv_counts = torch.empty(b, h, nq, device=q.device, dtype=torch.int32)
         _asa_mask_kernel[(nq, b * h)](
             q, pk, scratch, kv_indices, kv_counts,
             q.stride(0), q.stride(1), q.stride(2), pk.stride(0), pk.stride(1), pk.stride(2),
             h, h // hkv, sq, sk, nq, nk, width, global_blocks, 1.4426950408889634 / math.sqrt(d), tau, min_keep, max_keep,
-            BLOCK=block, NS=samples or block, SPREAD=_spread(block, samples or block), D=d, KC=64, NK_PAD=nk_pad,
-            CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+            BLOCK=block, NS=samples or block, SPREAD=_spread(block, samples or block), D=d,
+            KC=nk_pad if passes == 1 else 64, NK_PAD=nk_pad, CAUSAL=causal,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ONE_PASS=passes == 1,
+            num_warps=8 if passes == 1 and nk_pad * d > 8192 else 4,
         )
     return BlockMask.from_kv_lists(kv_indices, kv_counts, block, sq, sk)
 
@@ -301,7 +332,7 @@ def _pooled_kv_kernel(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: f
     b, h, sq, d = q.shape
     nq, nk = sq // mask.block, k.shape[2] // mask.block
     q = q.contiguous()
-    pk, pv = pool_blocks(k, mask.block).to(q.dtype), pool_blocks(v, mask.block).to(q.dtype)  # (B, Hkv, nk, D)
+    pk, pv = pool_blocks(k, mask.block, dtype=q.dtype), pool_blocks(v, mask.block, dtype=q.dtype)  # (B, Hkv, nk, D)
     dropped = (~mask.to_block_bool()).to(torch.uint8).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)

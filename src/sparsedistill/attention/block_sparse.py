@@ -65,7 +65,7 @@ def _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
-                sqb, sqh, sqs, skb, skh, sks, sob, soh, sos,
+                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                 sib, sih, siq, scb, sch,
                 H, GROUP, seq_q, seq_k, qk_scale,
                 BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
@@ -85,14 +85,14 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_IDX, KV_CNT,
     count = tl.load(KV_CNT + b * scb + h * sch + qb)
     idx_base = KV_IDX + b * sib + h * sih + qb * siq
     k_base = K + b * skb + hk * skh
-    v_base = V + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     for j in range(0, count):
         kb = tl.load(idx_base + j)
         for c in range(0, BLOCK, BN):
             cols = kb * BLOCK + c + tl.arange(0, BN)
             kv_mask = cols[:, None] < seq_k
             k = tl.load(k_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * sks + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * svs + dims[None, :], mask=kv_mask, other=0.0)
             s = _scores(q, k, rows, cols, seq_q, seq_k, qk_scale, CAUSAL)
             m, l, acc = online_softmax_step(s, v, m, l, acc)
     has = l > 0
@@ -254,8 +254,8 @@ def _launch_fwd(cfg, q, k, v, o, lse, mask: BlockMask, causal: bool, scale: floa
     ki, kc = mask.kv_indices, mask.kv_counts
     _fwd_kernel[(ki.shape[2] * (mask.block // bm), b * h)](
         q, k, v, o, lse, ki, kc,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), ki.stride(0), ki.stride(1), ki.stride(2), kc.stride(0), kc.stride(1),
         h, h // k.shape[1], sq, k.shape[2], scale * _LOG2E,
         BLOCK=mask.block, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=warps, num_stages=stages,
     )
@@ -315,8 +315,10 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask: BlockMask, causal: bool, scale: float):
         b, h, sq, d = q.shape
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = torch.empty_like(q)
+        # the forward reads strided views (heads split off a (B, S, H, D) projection) in place; the backward
+        # kernels share one stride set for q / o / dO and one for k / v, so it makes them contiguous
+        q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
+        o = torch.empty_like(q)  # q's memory layout where it is dense: the caller's merge of heads then copies nothing
         lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
         _run_tuned("fwd", q, mask.block, causal, _FWD_CANDIDATES[d], _FWD_DEFAULT[d],
                    lambda cfg: _launch_fwd(cfg, q, k, v, o, lse, mask, causal, scale), (o,))
@@ -329,6 +331,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()
         mask, causal, scale = ctx.mask, ctx.causal, ctx.scale
         d = q.shape[-1]
         do = do.contiguous()
