@@ -391,7 +391,8 @@ def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
             if p.ndim >= 2:
                 p.normal_(0, 0.05)
     save_bf16(teacher, tmp_path / "teacher-s0.safetensors")
-    cfg = _tiny_recipe_config(**{"teacher.init": f'"{tmp_path}/teacher-s{{seed}}.safetensors"', "students.tdm.iterations": 1})
+    cfg = _tiny_recipe_config(**{"teacher.init": f'"{tmp_path}/teacher-s{{seed}}.safetensors"', "students.tdm.iterations": 1,
+                                 "eval.asa_reuse": "[2]"})
     # from an exported teacher the students' distillation is data-free: it runs where the data is not (a GPU
     # machine that got the teacher but not Fashion-MNIST yet)
     def no_data(*a, **k):
@@ -406,6 +407,11 @@ def test_video_recipe_tells_the_students_apart(tmp_path, monkeypatch):
     a, c = res["tdm-k2"], res["tdm+asa-k2"]
     assert a["fd_teacher"] != c["fd_teacher"] and c["attention_kept"] < 0.5
     assert res["teacher-4"]["fd_teacher"] is None  # no distance of the teacher to itself
+    # the joint student sampled again with each mask serving two steps: a row of its own, right after (b)
+    names = list(res)
+    assert names[names.index("tdm-asa-k2") + 1] == "tdm-asa-k2-reuse2"
+    reused = res["tdm-asa-k2-reuse2"]
+    assert reused["what"].startswith("TDM + ASA (b), each mask serving 2 steps") and reused["attention_kept"] < 0.5
     init = json.loads((tmp_path / "run" / "results" / "teacher-s0.json").read_text())
     assert init["init"].endswith("teacher-s0.safetensors") and len(init["sha256"]) == 64
 

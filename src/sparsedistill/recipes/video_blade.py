@@ -136,6 +136,9 @@ class EvalConfig:
     batch: int = 20
     bootstrap: int = 1000
     show: int = 4  # videos per model in the sample strips and GIFs
+    # extra rows: each TDM + ASA (b) student sampled again with every layer's mask serving r consecutive denoising
+    # steps (built at the first, reused after: 1 / r of the mask cost), for each r here; [] = none
+    asa_reuse: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +152,17 @@ class VideoBladeConfig:
     students: StudentsConfig = field(default_factory=StudentsConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _with_mask_reuse(model: VideoDiT, reuse: int) -> VideoDiT:
+    """A copy of an ASA model whose layers keep each mask for ``reuse`` consecutive calls (denoising steps)."""
+    if reuse < 1:
+        raise ValueError(f"eval.asa_reuse values are steps per mask, at least 1; got {reuse}")
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, AdaptiveBlockSparseAttention):
+            m.reuse = reuse
+    return model
 
 
 def student_arms(students: StudentsConfig) -> dict[str, StudentsConfig]:
@@ -415,8 +429,12 @@ class VideoBlade:
                     models.append((student_job("tdm+asa", k, arm), f"TDM dense + ASA untrained (c){of_arm}",
                                    self.attach_asa(copy.deepcopy(dense)), k, 1.0, eta))
                 if (arm, "tdm-asa", k) in students:
-                    models.append((student_job("tdm-asa", k, arm), f"TDM + ASA (b){of_arm}", students[arm, "tdm-asa", k],
-                                   k, 1.0, eta))
+                    joint = students[arm, "tdm-asa", k]
+                    models.append((student_job("tdm-asa", k, arm), f"TDM + ASA (b){of_arm}", joint, k, 1.0, eta))
+                    for r in e.asa_reuse:
+                        models.append((f"{student_job('tdm-asa', k, arm)}-reuse{r}",
+                                       f"TDM + ASA (b), each mask serving {r} steps{of_arm}", _with_mask_reuse(joint, r),
+                                       k, 1.0, eta))
         rows, reference, reference_in = {}, None, None
         real_features = frame_features(clf, real)
         imagenet = create_model("efficientnet_lite0", pretrained=True).to(self.device)
