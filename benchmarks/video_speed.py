@@ -10,6 +10,9 @@ Rows per shape and batch:
   teacher-50-cfg   50 Euler steps, classifier-free guidance (a doubled batch: 100 forward passes' work)
   dense-k{K}       a K-step student with dense attention (its steps mix fresh noise in, eta 0.9, as the recipe samples)
   asa-k{K}         the same with ASA (blocks of the model's tile, tau 0.95, keep 5-17 %, 16 sampled queries)
+  asa-k{K}-reuse{r} ASA with each layer's mask built at every r-th step and reused in between (``--asa-reuse``;
+                   two CUDA graphs, one building and one reading the masks, replayed in turn; its split is the
+                   mean over r forwards)
 and, beside each, a profiler split of one forward (attention / ASA mask / rest, by kernel names). Every
 row runs eagerly and under torch.compile (``--modes``); speedups compare rows of one mode.
 Wan2.1-1.3B's shape (21 x 30 x 52 tokens, 30 blocks of width 1536, head dim 128) is timed per forward
@@ -64,18 +67,20 @@ class GraphedForward:
         return self.out
 
 
-def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps: int, cfg: float, null: int,
-               reps: int, eta: float = 1.0) -> float:
+def sampler_ms(fwd: GraphedForward | list[GraphedForward], noise: torch.Tensor, y: torch.Tensor, steps: int,
+               cfg: float, null: int, reps: int, eta: float = 1.0) -> float:
     """Median ms of the whole sampler: Euler steps (guidance as one doubled batch), or with ``eta`` < 1 the
-    students' steps as the recipe samples them (a share eta of the predicted noise, the rest fresh)."""
+    students' steps as the recipe samples them (a share eta of the predicted noise, the rest fresh). A list of
+    forwards is cycled, one per step (a mask-building forward, then mask-reusing ones)."""
     times = time_grid(steps, device=noise.device)
     yy = torch.cat([y, torch.full_like(y, null)]) if cfg != 1.0 else y
+    fwds = fwd if isinstance(fwd, list) else [fwd]
 
     def run() -> torch.Tensor:
         x = noise
-        for a, b in zip(times[:-1], times[1:]):
+        for i, (a, b) in enumerate(zip(times[:-1], times[1:])):
             xin = torch.cat([x, x]) if cfg != 1.0 else x
-            v = fwd(xin, a.expand(len(xin)), yy)
+            v = fwds[i % len(fwds)](xin, a.expand(len(xin)), yy)
             if cfg != 1.0:
                 vc, vn = v.chunk(2)
                 v = vn + cfg * (vc - vn)
@@ -88,12 +93,23 @@ def sampler_ms(fwd: GraphedForward, noise: torch.Tensor, y: torch.Tensor, steps:
     return time_ms(run, graph=False, calls=1, reps=reps, warmup=0)  # time_ms runs it once untimed first
 
 
-def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Share of GPU kernel time in one eager forward: attention, ASA mask, the rest (by kernel names)."""
+def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                  forwards: int = 1) -> dict[str, float]:
+    """Share of GPU kernel time in one eager forward: attention, ASA mask, the rest (by kernel names); with
+    ``forwards`` > 1 the mean over that many consecutive forwards (ASA masks reused across them)."""
+    asa = [m for m in model.modules() if isinstance(m, AdaptiveBlockSparseAttention)]
+
+    def run() -> None:
+        for m in asa:
+            m.last_mask = None  # the first forward builds the masks
+        for _ in range(forwards):
+            model(x, t, y)
+
     with torch.no_grad():
-        kernels = kernel_times(lambda: model(x, t, y))
+        kernels = kernel_times(run)
     split = {"attention_ms": 0.0, "mask_ms": 0.0, "rest_ms": 0.0}
     for name, ms in kernels.items():
+        ms /= forwards
         name = name.lower()
         if "asa_mask" in name or "pool_kernel" in name:
             split["mask_ms"] += ms
@@ -105,9 +121,27 @@ def profile_split(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: t
     return {**{k: round(v, 3) for k, v in split.items()}, **{k.replace("_ms", "_share"): round(v / total, 3) for k, v in split.items()}}
 
 
-def with_asa(model: torch.nn.Module) -> torch.nn.Module:
+def with_asa(model: torch.nn.Module, reuse: int = 1) -> torch.nn.Module:
     block = model.cfg.block or 128  # raster-ordered models (Wan's shape): blocks of 128, as BLADE
-    return model.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=block, **ASA)))
+    return model.set_attention(lambda i: AdaptiveBlockSparseAttention(ASAConfig(block=block, **ASA), reuse=reuse))
+
+
+def graphed_forwards(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                     reuse: int = 1) -> list[GraphedForward]:
+    """The forwards a sampler cycles through, each its own CUDA graph: one that builds every layer's ASA mask (if
+    any), then ``reuse`` - 1 that read the mask tensors the first rewrites at each replay."""
+    asa = [m for m in model.modules() if isinstance(m, AdaptiveBlockSparseAttention)]
+    for m in asa:
+        m.reuse, m.last_mask = 1, None
+    build = GraphedForward(model, x, t, y)  # its masks now live in its graph's memory, rewritten per replay
+    if reuse == 1:
+        return [build]
+    for m in asa:
+        m.reuse, m._uses = 2**31, 0  # from here on every call reads them
+    read = GraphedForward(model, x, t, y)
+    for m in asa:
+        m.reuse = reuse
+    return [build] + [read] * (reuse - 1)
 
 
 def random_model(name: str) -> torch.nn.Module:
@@ -128,7 +162,8 @@ def _error(e: Exception) -> str:
     return text if len(text) <= 1200 else text[:300] + " ... " + text[-900:]
 
 
-def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, compiled: bool = False) -> list[dict]:
+def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, compiled: bool = False,
+                        asa_reuse: tuple[int, ...] = ()) -> list[dict]:
     model = random_model(name)
     c = model.cfg
     noise = torch.randn(batch, c.channels, c.frames, c.height, c.width, device="cuda", dtype=torch.bfloat16)
@@ -136,7 +171,7 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
     rows = []
     mode = "compiled" if compiled else "eager"
 
-    def row(variant: str, steps: int, cfg: float, m: torch.nn.Module) -> dict:
+    def row(variant: str, steps: int, cfg: float, m: torch.nn.Module, reuse: int = 1) -> dict:
         b2 = batch * (2 if cfg != 1.0 else 1)
         x = torch.randn(b2, *noise.shape[1:], device="cuda", dtype=torch.bfloat16)
         t = torch.full((b2,), 0.5, device="cuda")
@@ -144,18 +179,18 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
         if compiled:  # every row compiled alike: static shapes, nothing carried over from the previous row's compile
             torch._dynamo.reset()
         run = torch.compile(m, dynamic=False) if compiled else m  # Inductor's kernels, then the same CUDA graph around them
-        fwd = GraphedForward(run, x, t, yy)
+        fwd = graphed_forwards(run, x, t, yy, reuse)
         r = {"shape": name, "tokens": c.tokens, "batch": batch, "variant": variant, "mode": mode, "steps": steps,
              "cfg": cfg, "ms": sampler_ms(fwd, noise, y, steps, cfg, c.num_classes, reps, eta=1.0 if cfg != 1.0 else STUDENT_ETA),
-             **profile_split(run, x, t, yy)}
+             **profile_split(run, x, t, yy, forwards=reuse)}
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         del fwd
         torch.cuda.empty_cache()
         return r
 
-    def attempt(variant: str, steps: int, cfg: float) -> None:
+    def attempt(variant: str, steps: int, cfg: float, reuse: int = 1) -> None:
         try:
-            rows.append(row(variant, steps, cfg, model))
+            rows.append(row(variant, steps, cfg, model, reuse))
         except Exception as e:  # noqa: BLE001  (report the row's failure and go on)
             rows.append({"shape": name, "batch": batch, "variant": variant, "mode": mode, "error": _error(e)})
             print(rows[-1], flush=True)
@@ -166,13 +201,16 @@ def bench_trained_shape(name: str, batch: int, students: list[int], reps: int, c
     with_asa(model)
     for k in students:
         attempt(f"asa-k{k}", k, 1.0)
+        for r in asa_reuse:
+            attempt(f"asa-k{k}-reuse{r}", k, 1.0, reuse=r)
     ms = {r["variant"]: r["ms"] for r in rows if "ms" in r}
     for r in rows:
         if "ms" in r and "teacher-50-cfg" in ms:
             r["speedup_vs_teacher"] = ms["teacher-50-cfg"] / r["ms"]
-    for k in students:
-        if f"dense-k{k}" in ms and f"asa-k{k}" in ms:
-            next(r for r in rows if r["variant"] == f"asa-k{k}")["speedup_vs_dense_same_steps"] = ms[f"dense-k{k}"] / ms[f"asa-k{k}"]
+    for r in rows:
+        k = r.get("steps")
+        if r["variant"].startswith("asa-") and "ms" in r and f"dense-k{k}" in ms:
+            r["speedup_vs_dense_same_steps"] = ms[f"dense-k{k}"] / r["ms"]
     return rows
 
 
@@ -205,6 +243,8 @@ def main() -> int:
     ap.add_argument("--students", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-wan", action="store_true", help="skip Wan2.1-1.3B's shape")
+    ap.add_argument("--asa-reuse", nargs="*", type=int, default=[2],
+                    help="extra ASA rows with each mask serving r steps (none: no such rows)")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                     help="eager: PyTorch's kernels; compiled: torch.compile's fused kernels (both in CUDA graphs)")
     args = ap.parse_args()
@@ -224,7 +264,8 @@ def main() -> int:
     for mode in args.modes:
         for batch in args.batches:
             try:
-                rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps, compiled=mode == "compiled"))
+                rows.extend(bench_trained_shape(args.model, batch, args.students, args.reps, compiled=mode == "compiled",
+                                                asa_reuse=tuple(args.asa_reuse)))
             except Exception as e:  # noqa: BLE001  (report and go on)
                 rows.append({"shape": args.model, "batch": batch, "mode": mode, "error": _error(e)})
             save()
