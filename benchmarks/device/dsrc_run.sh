@@ -2,7 +2,8 @@
 # `perception run --config full` on the one GPU as processes sharing runs/dsrc-full (--jobs), in waves: the
 # teachers and the variants that need none side by side, then the distilled variants, then the evaluation. A call
 # cut by the device's limit is continued by sending the same command again while the machine is warm (runs/ stays).
-# The frames are simulated once per run directory (runs/dsrc-full/frames, a file lock): the other processes load them.
+# The frames are simulated once per run directory (runs/dsrc-full/frames), in shards the processes share out
+# (a file lock each): every process simulates some, then loads the others'.
 # The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
 # evaluation's log (the device returns at most 8 files).
 #   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]

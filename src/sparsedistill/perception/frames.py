@@ -74,22 +74,41 @@ def simulate_frame(seed: int, cfg: SimConfig = SimConfig(), device: torch.device
 
 
 def simulate_frames(seeds: Sequence[int], cfg: SimConfig, device: torch.device | str = "cpu",
-                    cache_dir: Path | None = None) -> list[Frame]:
+                    cache_dir: Path | None = None, shard: int = 50) -> list[Frame]:
     """The frames of ``seeds``. With ``cache_dir`` they are simulated once per (simulator code, config, seeds, device
-    type) and kept there as one file: processes that ask at the same time (jobs side by side on one GPU, a run cut
-    and resumed) wait on a file lock for the first one, then load its file instead of simulating again."""
+    type) and kept there in files of ``shard`` frames. Processes that ask at the same time (jobs side by side on one
+    GPU) share the work: each simulates the shards no other process has taken (a file lock per shard), then loads
+    the rest, waiting for the shards still being simulated; a run cut and resumed keeps the finished shards."""
     if cache_dir is None:
         return [simulate_frame(s, cfg, device) for s in seeds]
+    if shard < 1:
+        raise ValueError(f"shard must be at least 1 frame, got {shard}")
     device = torch.device(device)
-    path = Path(cache_dir) / f"frames-{_frames_key(seeds, cfg, device)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path.with_suffix(".lock")):
+    key = _frames_key(seeds, cfg, device)
+    parts = [list(seeds[i:i + shard]) for i in range(0, len(seeds), shard)]
+    paths = [Path(cache_dir) / f"frames-{key}-{i:04d}.pt" for i in range(len(parts))]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+
+    def simulate_into(path: Path, part: list[int]) -> list[Frame]:
+        frames = [simulate_frame(s, cfg, device) for s in part]
+        atomic_torch_save([(f.to("cpu").points, f.poses.cpu(), f.boxes.cpu(), f.agent_boxes.cpu(), f.seed)
+                           for f in frames], path)
+        return frames
+
+    done: dict[Path, list[Frame]] = {}
+    for path, part in zip(paths, parts):  # first the shards nobody holds
         if not path.exists():
-            frames = [simulate_frame(s, cfg, device) for s in seeds]
-            atomic_torch_save([(f.to("cpu").points, f.poses.cpu(), f.boxes.cpu(), f.agent_boxes.cpu(), f.seed)
-                               for f in frames], path)
-            return frames
-    return [Frame(*row).to(device) for row in torch.load(path, map_location="cpu", weights_only=True)]
+            with _file_lock(path.with_suffix(".lock"), wait=False) as lock:
+                if lock.held and not path.exists():
+                    done[path] = simulate_into(path, part)
+    frames: list[Frame] = []
+    for path, part in zip(paths, parts):  # then every shard, waiting for those another process is simulating
+        if path not in done:
+            with _file_lock(path.with_suffix(".lock")):
+                if not path.exists():  # its holder died
+                    done[path] = simulate_into(path, part)
+        frames += done.get(path) or [Frame(*row).to(device) for row in torch.load(path, map_location="cpu", weights_only=True)]
+    return frames
 
 
 def _frames_key(seeds: Sequence[int], cfg: SimConfig, device: torch.device) -> str:
@@ -101,16 +120,21 @@ def _frames_key(seeds: Sequence[int], cfg: SimConfig, device: torch.device) -> s
 
 
 class _file_lock:
-    """An exclusive flock on ``path`` (released by the kernel if the holder dies, so a cut process never blocks)."""
+    """An exclusive flock on ``path`` (released by the kernel if the holder dies, so a cut process never blocks).
+    ``wait=False``: take it only if free; ``held`` says whether it was."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, wait: bool = True) -> None:
+        self.path, self.wait, self.held = path, wait, False
 
     def __enter__(self) -> "_file_lock":
         import fcntl
 
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.held = True
+        except BlockingIOError:
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
