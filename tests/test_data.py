@@ -20,6 +20,24 @@ def test_subsets_are_class_balanced_and_deterministic():
     assert len(a.test_y) == 500 and torch.equal(a.train_x, b.train_x)
 
 
+def test_one_split_loads_from_a_folder_holding_only_its_files(tmp_path, monkeypatch):
+    import shutil
+
+    from sparsedistill.data import load_fashion_mnist_split
+    from sparsedistill.data.fashion_mnist import FILES
+
+    full = load_fashion_mnist(download=False)
+    for name in (FILES["test_images"], FILES["test_labels"]):  # an evaluation machine's copy: no training set
+        shutil.copy(full.source / name, tmp_path / name)
+    monkeypatch.setenv("SPARSEDISTILL_FASHION_MNIST", str(tmp_path))
+    x, y = load_fashion_mnist_split("test", download=False)
+    assert torch.equal(x, full.test_x) and torch.equal(y, full.test_y)
+    with pytest.raises(DatasetNotFound, match="train-images"):
+        load_fashion_mnist_split("train", download=False)
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        load_fashion_mnist_split("val")
+
+
 def test_missing_dataset_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEDISTILL_FASHION_MNIST", str(tmp_path))
     with pytest.raises(DatasetNotFound, match="missing"):

@@ -10,8 +10,10 @@ if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
 fi
 [ -d .gpu/ir ] && export SPARSEDISTILL_IR_DATA="$PWD/.gpu/ir"
 # Fashion-MNIST (30 MB) waits in /root/fmnist for later warm calls: with the tree, the wheels and the video teacher it
-# no longer fits one 64 MiB carry, so it travels in its own call first
+# no longer fits one 64 MiB carry, so it travels in its own call first. An evaluation whose frame classifier was
+# trained here (its run directory carried) needs only the test split: .gpu/fmnist-test (4.4 MB) travels with the rest.
 [ -d .gpu/fmnist ] && mkdir -p /root/fmnist && cp .gpu/fmnist/* /root/fmnist/
+[ -d .gpu/fmnist-test ] && mkdir -p /root/fmnist && cp .gpu/fmnist-test/* /root/fmnist/
 [ -d /root/fmnist ] && export SPARSEDISTILL_FASHION_MNIST=/root/fmnist
 [ -d .gpu/real-clips ] && export SPARSEDISTILL_REAL_CLIPS="$PWD/.gpu/real-clips"  # decoded here (23 MB of uint8)
 # The video teacher's export (carried once; it waits in /root/video-teacher for the calls that carry the data)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._locate import DatasetNotFound, cache_dir, locate
 
-__all__ = ["FashionMNIST", "load_fashion_mnist", "CLASSES"]
+__all__ = ["FashionMNIST", "load_fashion_mnist", "load_fashion_mnist_split", "CLASSES"]
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {
@@ -75,13 +75,8 @@ def _download(dest: Path) -> Path:
     return dest
 
 
-def load_fashion_mnist(
-    train_subset: int = 0,
-    test_subset: int = 0,
-    download: bool = True,
-) -> FashionMNIST:
-    """Load Fashion-MNIST; ``*_subset > 0`` keeps a class-balanced prefix of that many rows."""
-    required = list(FILES.values())
+def _root(required: list[str], download: bool) -> Path:
+    """The folder holding ``required`` (see the module's lookup order)."""
     root = locate(ENV, [DEBIAN_DIR, cache_dir("fashion-mnist")], required)
     if root is None:
         if not download:
@@ -90,11 +85,24 @@ def load_fashion_mnist(
                 f"(apt-get install dataset-fashion-mnist) or set ${ENV} to a folder with {required}"
             )
         root = _download(cache_dir("fashion-mnist"))
+    return root
+
+
+def _images(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def load_fashion_mnist(
+    train_subset: int = 0,
+    test_subset: int = 0,
+    download: bool = True,
+) -> FashionMNIST:
+    """Load Fashion-MNIST; ``*_subset > 0`` keeps a class-balanced prefix of that many rows."""
+    root = _root(list(FILES.values()), download)
     arrays = {k: _read_idx(root / f) for k, f in FILES.items()}
-    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
     data = FashionMNIST(
-        to_x(arrays["train_images"]), torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-        to_x(arrays["test_images"]), torch.from_numpy(arrays["test_labels"].astype(np.int64)), root,
+        _images(arrays["train_images"]), torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        _images(arrays["test_images"]), torch.from_numpy(arrays["test_labels"].astype(np.int64)), root,
     )
     if train_subset:
         keep = _balanced(data.train_y, train_subset)
@@ -103,6 +111,16 @@ def load_fashion_mnist(
         keep = _balanced(data.test_y, test_subset)
         data.test_x, data.test_y = data.test_x[keep], data.test_y[keep]
     return data
+
+
+def load_fashion_mnist_split(split: str, download: bool = True) -> tuple[Tensor, Tensor]:
+    """Images (N, 1, 28, 28) in [0, 1] and labels of one split, ``train`` or ``test``: only that split's two files
+    need be there (a machine that only evaluates gets the 4 MB test split, not the 26 MB training set)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = [FILES[f"{split}_images"], FILES[f"{split}_labels"]]
+    root = _root(names, download)
+    return _images(_read_idx(root / names[0])), torch.from_numpy(_read_idx(root / names[1]).astype(np.int64))
 
 
 def _balanced(labels: Tensor, n: int) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fashion_mnist import load_fashion_mnist
+from .fashion_mnist import load_fashion_mnist_split
 
 __all__ = ["MovingFashionMNIST"]
 
@@ -43,8 +43,7 @@ class MovingFashionMNIST:
         """Pictures of Fashion-MNIST's ``train`` or ``test`` split (found offline as ``load_fashion_mnist`` finds them)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        data = load_fashion_mnist()
-        return cls(*(data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y), **kw)
+        return cls(*load_fashion_mnist_split(split), **kw)
 
     def _params(self, index: int, seed: int, label: int | None = None) -> tuple[int, Tensor, Tensor, Tensor]:
         """Class, picture rows, start positions and velocities of clip ``index``: from a CPU generator, so every device agrees."""
