@@ -192,3 +192,7 @@ def test_simulated_frames_are_cached_once_and_shared(tmp_path, monkeypatch):
     again = simulate_frames(range(3), SimConfig(SceneConfig(agents=(2, 2)), LidarConfig(rings=16, azimuths=128)),
                             cache_dir=tmp_path / "shared", shard=1)
     assert calls == [1] and [f.seed for f in again] == [0, 1, 2]
+    # another shard size keeps files of its own (never another size's shard under the same name)
+    other = simulate_frames(range(3), SimConfig(SceneConfig(agents=(2, 2)), LidarConfig(rings=16, azimuths=128)),
+                            cache_dir=tmp_path / "shared", shard=2)
+    assert [f.seed for f in other] == [0, 1, 2]

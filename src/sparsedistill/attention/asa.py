@@ -254,8 +254,8 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
     ``samples`` query tokens per block are scored (0: all of them). Built without gradients:
     training recomputes it every step and back-propagates through the kept blocks only. q and k may be
     strided views (heads split off a projection) as long as the head dim is contiguous. ``passes``: 1 scores
-    every key block at once in registers, 2 in chunks through a scratch row (same mask); by default 1 where
-    the pooled keys fit (``_ONE_PASS_MAX`` elements).
+    every key block at once in registers, 2 in chunks through a scratch row (the same mask, up to the last bit of
+    a normalisation in bf16); by default 1 where the pooled keys and the token scores fit (``_ONE_PASS_MAX``).
     """
     _check_asa_args(q, k, block, tau, min_keep, max_keep, samples)
     if use_kernel is None:
@@ -269,8 +269,8 @@ def asa_mask(q: Tensor, k: Tensor, block: int = 64, tau: float = 0.9, min_keep: 
     if nk > _MAX_KEY_BLOCKS:
         raise ValueError(f"{nk} key blocks exceed the selection kernel's {_MAX_KEY_BLOCKS}; use a larger block")
     nk_pad = max(16, triton.next_power_of_2(nk))
-    if passes is None:
-        passes = 1 if nk_pad * d <= _ONE_PASS_MAX else 2
+    if passes is None:  # one pass holds the pooled keys and two (samples x key blocks) fp32 tiles in registers
+        passes = 1 if nk_pad * d <= _ONE_PASS_MAX and (samples or block) * nk_pad <= _ONE_PASS_MAX // 4 else 2
     if passes not in (1, 2):
         raise ValueError(f"passes must be 1 or 2 (or None to choose), got {passes}")
     # the most a row can keep: the cap, the diagonal, the global blocks, and one spare place because the

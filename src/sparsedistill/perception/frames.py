@@ -86,7 +86,7 @@ def simulate_frames(seeds: Sequence[int], cfg: SimConfig, device: torch.device |
     device = torch.device(device)
     key = _frames_key(seeds, cfg, device)
     parts = [list(seeds[i:i + shard]) for i in range(0, len(seeds), shard)]
-    paths = [Path(cache_dir) / f"frames-{key}-{i:04d}.pt" for i in range(len(parts))]
+    paths = [Path(cache_dir) / f"frames-{key}-n{shard}-{i:04d}.pt" for i in range(len(parts))]
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
 
     def simulate_into(path: Path, part: list[int]) -> list[Frame]:
