@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -176,3 +178,33 @@ def test_tiny_run_with_the_minilm_student_end_to_end(tmp_path):
         assert r["queries"] == 4 and 0 <= r["ours"]["ndcg@10"] <= 1
     enc = SparseDocEncoder(tmp_path / "run" / "models" / "main-s0", max_length=24)
     assert enc.mlm.config.num_hidden_layers == 6 and enc.mlm.config.hidden_size == 384
+
+
+def test_a_teacher_encoding_cut_short_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
+    """A long CPU scoring killed midway (mpnet over the training candidates takes an hour here) keeps its finished
+    chunks: the rerun encodes only the rest and gives the same embeddings as one uninterrupted pass."""
+    from sparsedistill.retrieval import teachers
+    from sparsedistill.retrieval.teachers import DenseTeacher, minilm_path
+
+    monkeypatch.setattr(teachers, "_RESUME_BATCHES", 2)
+    texts = [f"document {i} about {'proteins ' * (i % 7)}and cells" for i in range(40)]
+    teacher = DenseTeacher("minilm", minilm_path(), max_length=32, batch_size=4)
+    whole = teacher.encode(texts)
+    teacher.resume_dir = tmp_path / "parts"
+    real, calls = teacher._encode_batch, []
+
+    def cut_after_five(batch):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the job killed in its sixth batch
+        calls.append(len(batch))
+        return real(batch)
+
+    monkeypatch.setattr(teacher, "_encode_batch", cut_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.encode(texts)
+    assert len(list((tmp_path / "parts").glob("*.npy"))) == 2  # two chunks of 2 batches finished
+    calls.clear()
+    monkeypatch.setattr(teacher, "_encode_batch", lambda batch: calls.append(len(batch)) or real(batch))
+    resumed = teacher.encode(texts)
+    assert len(calls) == 10 - 4  # the two finished chunks were loaded, not encoded again
+    assert np.allclose(resumed, whole, atol=1e-6)

@@ -103,6 +103,9 @@ def _weights_id(path: Path) -> str:
     return f"{f.stat().st_size}-{hashlib.sha256(head).hexdigest()[:16]}"
 
 
+_RESUME_BATCHES = 16  # batches in one resumable chunk of an encoding (2,048 texts at batch 128)
+
+
 def _length_order(texts: Sequence[str]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
 
@@ -125,6 +128,9 @@ class DenseTeacher:
         self.normalize = not modules.exists() or "Normalize" in modules.read_text()
         self.max_length, self.batch_size, self.device = max_length, batch_size, torch.device(device)
         self._memo: dict[str, np.ndarray] = {}
+        # where finished chunks of an encoding are kept, so that one cut short (a CPU job killed, a device call
+        # ended) resumes where it stopped; None keeps nothing (``teacher_scores`` sets it beside its cache file)
+        self.resume_dir: Path | None = None
 
     def spec(self) -> dict:
         return {"name": self.name, "kind": self.kind, "weights": _weights_id(self.path), "max_length": self.max_length,
@@ -134,19 +140,48 @@ class DenseTeacher:
     def encode(self, texts: Sequence[str], progress: bool = False, desc: str = "") -> np.ndarray:
         order = _length_order(texts)
         out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
-        for s in tqdm(range(0, len(texts), self.batch_size), desc=desc or f"{self.name} encode", disable=not progress, leave=False):
-            idx = order[s : s + self.batch_size]
-            b = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-            h = self.model(**b).last_hidden_state.float()
-            if self.cls:
-                e = h[:, 0]
+        chunk = self.batch_size * _RESUME_BATCHES
+        bar = tqdm(total=len(texts), desc=desc or f"{self.name} encode", disable=not progress, leave=False)
+        for c0 in range(0, len(texts), chunk):
+            rows = order[c0 : c0 + chunk]
+            path = self._chunk_path([texts[i] for i in rows])
+            if path is not None and path.exists():
+                out[rows] = np.load(path)
             else:
-                m = b["attention_mask"][..., None].float()
-                e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            if self.normalize:
-                e = torch.nn.functional.normalize(e, dim=-1)
-            out[idx] = e.cpu().numpy()
+                for s in range(0, len(rows), self.batch_size):
+                    idx = rows[s : s + self.batch_size]
+                    out[idx] = self._encode_batch([texts[i] for i in idx])
+                    bar.update(len(idx))
+                if path is not None:
+                    buf = io.BytesIO()
+                    np.save(buf, out[rows])
+                    atomic_write_bytes(path, buf.getvalue())
+                continue
+            bar.update(len(rows))
+        bar.close()
         return out
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        b = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+        h = self.model(**b).last_hidden_state.float()
+        if self.cls:
+            e = h[:, 0]
+        else:
+            m = b["attention_mask"][..., None].float()
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            e = torch.nn.functional.normalize(e, dim=-1)
+        return e.cpu().numpy()
+
+    def _chunk_path(self, texts: list[str]) -> Path | None:
+        """The file of one chunk's embeddings under ``resume_dir``: keyed by the teacher and the exact texts."""
+        if self.resume_dir is None:
+            return None
+        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode())
+        for t in texts:
+            h.update(t.encode())
+            h.update(b"\0")
+        return Path(self.resume_dir) / f"{h.hexdigest()[:20]}.npy"
 
     def encode_docs(self, keys: Sequence[str], corpus: Mapping[str, str], progress: bool = False) -> np.ndarray:
         todo = [k for k in dict.fromkeys(keys) if k not in self._memo]
@@ -256,6 +291,9 @@ def teacher_scores(spec: dict, examples: Sequence[TrainExample], corpus: Mapping
     if teacher is None:
         raise FileNotFoundError(f"no cached scores for teacher {spec['name']} at {path}, and no teacher to compute them")
     model = teacher()
+    parts = path.with_suffix(".parts")  # finished chunks of the encodings, until the scores are cached
+    if isinstance(model, DenseTeacher):
+        model.resume_dir = parts
     queries = list(dict.fromkeys(ex.query for ex in examples))
     keys = list(dict.fromkeys(k for ex in examples for k in ex.candidates))
     qpos, kpos = {q: i for i, q in enumerate(queries)}, {k: i for i, k in enumerate(keys)}
@@ -268,6 +306,7 @@ def teacher_scores(spec: dict, examples: Sequence[TrainExample], corpus: Mapping
     buf = io.BytesIO()
     np.savez(buf, scores=scores, meta=np.array(json.dumps(meta)))
     atomic_write_bytes(path, buf.getvalue())
+    shutil.rmtree(parts, ignore_errors=True)
     return scores
 
 
