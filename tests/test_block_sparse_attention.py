@@ -396,7 +396,7 @@ def test_asa_kernels_read_heads_split_off_a_projection_in_place():
     for a, b in ((qs, qc), (ks, kc), (vs, vc)):
         assert torch.allclose(a.grad, b.grad, atol=1e-4)
     ref = asa_attention(q, k, v, mask, pooled_kv=True, reference=True)
-    assert torch.allclose(asa_attention(q, k, v, mask, pooled_kv=True), ref, atol=1e-4)
+    assert torch.allclose(asa_attention(q, k, v, mask, pooled_kv=True), ref, atol=FP32_DOT_TOL)  # TF32 dots on CUDA
 
 
 def test_asa_block_scores_follow_the_token_softmax_max_pool_definition():

@@ -40,7 +40,10 @@ __all__ = ["pool_blocks", "pool_reference", "asa_mask", "asa_mask_reference", "a
            "pooled_kv_attention", "merge_by_lse", "asa_attention", "ASAConfig", "AdaptiveBlockSparseAttention"]
 
 _MAX_KEY_BLOCKS = 4096  # the selection sorts one row of key blocks in registers
-_ONE_PASS_MAX = 32768  # pooled-key elements (key blocks x head dim) scored at once in one program's registers
+# pooled-key elements (key blocks x head dim) scored at once in one program's registers. H100, fd827f6: one pass
+# beat two at 64 key blocks x D 64 (0.065 vs 0.070 ms, the recipe's shape at batch 16) and lost from 128 blocks on
+# (0.025 vs 0.023 ms; at 256 blocks 0.090 vs 0.051), where 4 or 8 warps hold too much at once
+_ONE_PASS_MAX = 4096
 
 
 @triton.jit
