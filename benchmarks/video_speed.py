@@ -139,7 +139,7 @@ def graphed_forwards(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y
     build(x, t, y)  # capture ran no kernel: write the masks once before the reading graph's warm-up reads them
     torch.cuda.synchronize()
     for m in asa:
-        m.reuse, m._uses = 2**31, 0  # from here on every call reads them
+        m.reuse = 2**31  # from here on every call reads them
     read = GraphedForward(model, x, t, y)
     for m in asa:
         m.reuse = reuse

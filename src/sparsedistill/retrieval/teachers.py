@@ -141,10 +141,11 @@ class DenseTeacher:
         order = _length_order(texts)
         out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
         chunk = self.batch_size * _RESUME_BATCHES
+        spec = json.dumps(self.spec(), sort_keys=True) if self.resume_dir is not None else ""  # read once, not per chunk
         bar = tqdm(total=len(texts), desc=desc or f"{self.name} encode", disable=not progress, leave=False)
         for c0 in range(0, len(texts), chunk):
             rows = order[c0 : c0 + chunk]
-            path = self._chunk_path([texts[i] for i in rows])
+            path = self._chunk_path(spec, [texts[i] for i in rows])
             if path is not None and path.exists():
                 out[rows] = np.load(path)
             else:
@@ -173,11 +174,11 @@ class DenseTeacher:
             e = torch.nn.functional.normalize(e, dim=-1)
         return e.cpu().numpy()
 
-    def _chunk_path(self, texts: list[str]) -> Path | None:
-        """The file of one chunk's embeddings under ``resume_dir``: keyed by the teacher and the exact texts."""
+    def _chunk_path(self, spec: str, texts: list[str]) -> Path | None:
+        """The file of one chunk's embeddings under ``resume_dir``: keyed by the teacher's ``spec`` and the exact texts."""
         if self.resume_dir is None:
             return None
-        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode())
+        h = hashlib.sha256(spec.encode())
         for t in texts:
             h.update(t.encode())
             h.update(b"\0")
