@@ -36,6 +36,9 @@ def test_clips_are_windows_of_their_source_split_in_time_and_a_function_of_the_i
         train.clips(range(2), labels=[6, 0])
     with pytest.raises(ValueError, match="too few"):
         RealClips.from_split("test", frames=9, size=16)  # 8 reference frames a source
+    # on the clips' device, labels too (a GPU teacher's loss mixes them with the videos): "meta" stands in for CUDA
+    meta_videos, meta_labels = RealClips(_numbered_videos(), frames=4, size=16, device="meta").clips(range(3))
+    assert meta_videos.device.type == meta_labels.device.type == "meta"
 
 
 def test_real_videos_decode_to_grey_frames_of_every_source():

@@ -142,4 +142,4 @@ class RealClips:
             out.append(clip)
             drawn.append(label)
         videos = torch.stack(out)[:, None].float() / 127.5 - 1.0
-        return videos, torch.tensor(drawn)
+        return videos, torch.tensor(drawn, device=self.device)  # beside the videos: the losses mix them
