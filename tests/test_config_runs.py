@@ -87,6 +87,21 @@ def test_run_refuses_to_overwrite_without_resume(tmp_path):
         Run(tmp_path / "r", Outer(), resume=True)
 
 
+def test_a_resumed_run_records_where_it_finished(tmp_path, monkeypatch):
+    from sparsedistill.report import command_line
+
+    Run(tmp_path / "r", Outer(), command="sparsedistill x --jobs a")
+    monkeypatch.setenv("SPARSEDISTILL_COMMIT", "abc1234")  # resumed elsewhere: another commit (a GPU machine's copy)
+    for i in range(25):
+        Run(tmp_path / "r", Outer(), resume=True, command=f"sparsedistill x --resume {i}")
+    env = Run.open(tmp_path / "r").environment()
+    assert env["command"] == "sparsedistill x --jobs a" and env["commit"] != "abc1234"  # the start is kept
+    assert len(env["resumes"]) == 20 and env["resumes"][-1]["command"] == "sparsedistill x --resume 24"
+    line = command_line(env)
+    assert line.startswith("Command: `sparsedistill x --jobs a`") and "Last resumed by `sparsedistill x --resume 24`" in line
+    assert "commit abc1234" in line and "resumes" not in line
+
+
 def test_metrics_keep_the_latest_row_per_step(tmp_path):
     run = Run(tmp_path / "r", Outer())
     run.log("j", 10, loss=2.0)

@@ -46,9 +46,15 @@ def save_figure(fig: Any, path: Path) -> str:
 
 def environment_line(env: dict[str, Any]) -> str:
     """The run's versions, card and commit as one sentence fragment (``Run.environment()`` minus command and start)."""
-    return ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix"))
+    return ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("command", "started", "started_unix", "resumes"))
 
 
 def command_line(env: dict[str, Any]) -> str:
-    """'Command: `...` (started ...); <environment>.' for the top of a report."""
-    return f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); {environment_line(env)}."
+    """'Command: `...` (started ...); <environment>.' for the top of a report, and the same of the last --resume
+    where it ran elsewhere (another card, commit or version: a run finished on a GPU after starting on a CPU)."""
+    line = f"Command: `{env.get('command', '')}` (started {env.get('started', '?')}); {environment_line(env)}."
+    last = (env.get("resumes") or [None])[-1]
+    if last and environment_line(last) != environment_line(env):
+        line += (f" Last resumed by `{last.get('command', '')}` (started {last.get('started', '?')}); "
+                 f"{environment_line(last)}.")
+    return line

@@ -3,7 +3,7 @@
 Layout::
 
     <run>/config.toml          the resolved config
-    <run>/environment.json     versions and git commit when the run started (kept on --resume)
+    <run>/environment.json     versions and git commit when the run started, and of its last resumes
     <run>/metrics.jsonl        one JSON object per logged step, tagged with its job
     <run>/checkpoints/<job>.pt model/optimizer/step, written atomically; the last one stays (a finished
                                job's weights, which later stages and resumed runs reload)
@@ -110,6 +110,9 @@ def environment() -> dict[str, str]:
     }
 
 
+_KEPT_RESUMES = 20  # environment.json keeps the last ones: a sweep resumed every call stays readable
+
+
 def _job_file(job: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", job):
         raise ValueError(f"job name {job!r} must use letters, digits, '_', '.', '-' only")
@@ -143,9 +146,14 @@ class Run:
             for sub in ("checkpoints", "results"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.path / "config.toml", dump_toml(config).encode())
-            if not (self.path / "environment.json").exists():
-                start = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_unix": time.time()}
-                atomic_write_bytes(self.path / "environment.json", json.dumps({**start, **environment()}, indent=1).encode())
+            start = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_unix": time.time()}
+            env_file = self.path / "environment.json"
+            if not env_file.exists():
+                atomic_write_bytes(env_file, json.dumps({**start, **environment()}, indent=1).encode())
+            else:  # a resumed run may finish on another machine or commit: its report names both
+                first = json.loads(env_file.read_text())
+                resumes = first.get("resumes", [])[-(_KEPT_RESUMES - 1):] + [{**start, **environment()}]
+                atomic_write_bytes(env_file, json.dumps({**first, "resumes": resumes}, indent=1).encode())
         dist.barrier()
 
     @classmethod
@@ -156,7 +164,8 @@ class Run:
         return run
 
     def environment(self) -> dict[str, Any]:
-        """Command, start time, versions and commit recorded when the run started."""
+        """Command, start time, versions and commit recorded when the run started (``resumes``: the same of each
+        later --resume, the last few)."""
         f = self.path / "environment.json"
         return json.loads(f.read_text()) if f.exists() else environment()
 
