@@ -9,8 +9,9 @@ Inference, batch 1 (a car sees one frame at a time), fp32 with TF32 and bf16 aut
 change every frame, so neither CUDA graphs nor static-shape compilation apply): the median over the frames of
 the whole path, and beside it a split timed with a synchronisation between stages (collate: the points into
 one batch; forward; post: decoding + NMS), so the remaining time is visible. Training: frames/s of whole
-AdamW steps at the preset's batch (collate with targets, forward, loss, backward), B0 and DSRC (teacher
-forward + distillation + reconstruction).
+AdamW steps (collate with targets, forward, loss, backward), B0 and DSRC (teacher forward + distillation +
+reconstruction), at the preset's batch and a larger one, in TF32 and bf16 autocast, each with the profiler split of
+one step (GPU-busy share of the wall time, top kernels): where a process leaves the card idle, and what fills it.
 
     python benchmarks/dsrc_speed.py --out benchmarks/results/dsrc_speed.json
 """
@@ -35,6 +36,7 @@ from sparsedistill.perception.batching import collate  # noqa: E402
 from sparsedistill.perception.frames import simulate_frame, split_seeds  # noqa: E402
 from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss, flat_outputs, freeze  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
+from sparsedistill.timing import kernel_times  # noqa: E402
 
 # name: (input mode, fusion, reconstruction head)
 MODELS = {"b0": ("intermediate", "attention", False), "dsrc": ("intermediate", "attention", True),
@@ -85,7 +87,7 @@ def inference_row(name: str, frames: list, precision: str, reps: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def training_row(name: str, frames: list, batch_size: int, steps: int) -> dict:
+def training_row(name: str, frames: list, batch_size: int, steps: int, precision: str = "tf32") -> dict:
     inputs, fusion, recon = MODELS[name]
     torch.manual_seed(0)
     model = create_model("coop_detector", fusion=fusion, reconstruction=recon).cuda().train()
@@ -93,17 +95,22 @@ def training_row(name: str, frames: list, batch_size: int, steps: int) -> dict:
     anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
     teacher = freeze(create_model("coop_detector", in_features=5).cuda()) if name == "dsrc" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def batch_of(i: int):
+        rows = [frames[(i * batch_size + j) % len(frames)] for j in range(batch_size)]
+        return collate(rows, grid, anchors, acfg, inputs=inputs, teacher=teacher is not None)
 
     def step(i: int) -> None:
-        rows = [frames[(i * batch_size + j) % len(frames)] for j in range(batch_size)]
-        batch = collate(rows, grid, anchors, acfg, inputs=inputs, teacher=teacher is not None)
-        out = model(batch.points, batch.cloud, batch.agents)
-        if teacher is None:
-            loss, _ = detector_loss(out, batch)
-        else:
-            with torch.no_grad():
-                t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
-            loss, _ = dsrc_loss(out, t_out, batch, grid, DSRCWeights())
+        batch = batch_of(i)
+        with amp:
+            out = model(batch.points, batch.cloud, batch.agents)
+            if teacher is None:
+                loss, _ = detector_loss(out, batch)
+            else:
+                with torch.no_grad():
+                    t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
+                loss, _ = dsrc_loss(out, t_out, batch, grid, DSRCWeights())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,15 +119,22 @@ def training_row(name: str, frames: list, batch_size: int, steps: int) -> dict:
         step(i)
     times = [_sync_ms(lambda: step(i))[1] for i in range(steps)]
     ms = statistics.median(times)
-    return {"model": name, "kind": "training", "batch": batch_size, "precision": "tf32", "ms_per_step": ms,
-            "frames_per_s": 1e3 * batch_size / ms, "steps": steps}
+    collate_ms = statistics.median(_sync_ms(lambda: batch_of(i))[1] for i in range(min(steps, 10)))
+    # the profiler split of one step: how much of the wall time the GPU is busy, and with what
+    kernels = kernel_times(lambda: step(0))
+    busy = sum(kernels.values())
+    top = dict(sorted(((k[:60], round(v, 3)) for k, v in kernels.items()), key=lambda kv: -kv[1])[:10])
+    return {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,
+            "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "collate_ms": round(collate_ms, 3),
+            "gpu_busy_ms": round(busy, 3), "gpu_busy_share": round(busy / ms, 3), "top_kernels_ms": top}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=24, help="simulated test frames the latency cycles over")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--train-batch", type=int, default=4, help="the full preset's batch")
+    ap.add_argument("--train-batches", nargs="+", type=int, default=[4, 16], help="4: the full preset's batch")
+    ap.add_argument("--train-precisions", nargs="+", default=["tf32", "bf16"], choices=["tf32", "bf16"])
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dsrc_speed.json"))
     args = ap.parse_args()
@@ -145,9 +159,11 @@ def main() -> int:
             print(rows[-1], flush=True)
         save()
     for name in ("b0", "dsrc"):
-        rows.append(training_row(name, frames, args.train_batch, args.train_steps))
-        print(rows[-1], flush=True)
-        save()
+        for batch_size in args.train_batches:
+            for precision in args.train_precisions:
+                rows.append(training_row(name, frames, batch_size, args.train_steps, precision))
+                print(rows[-1], flush=True)
+                save()
     return 0
 
 
