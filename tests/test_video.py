@@ -622,3 +622,26 @@ def test_student_samples_are_a_function_of_the_video_not_of_its_batch():
     assert not any(torch.equal(f[i], noise[i]) for f in fresh for i in range(3))
     with pytest.raises(ValueError, match="fresh noise"):
         sample_videos(m, noise, y, 10, 2, student_eta=0.9)
+
+
+@pytest.mark.parametrize("fake_asa", [True, False])
+def test_joint_students_fake_score_runs_asa_or_dense_as_configured(tmp_path, monkeypatch, fake_asa):
+    from sparsedistill.attention import AdaptiveBlockSparseAttention
+    from sparsedistill.models.video_dit import DenseAttention
+    from sparsedistill.recipes import video_blade
+    from sparsedistill.runs import Run
+
+    seen = {}
+
+    def capture(student, fake, *a, **k):
+        seen["student"] = {type(b.attention) for b in student.blocks}
+        seen["fake"] = {type(b.attention) for b in fake.blocks}
+        raise RuntimeError("captured")  # the models are all this test needs
+
+    monkeypatch.setattr(video_blade, "train_tdm", capture)
+    cfg = _tiny_recipe_config(**{"students.fake_asa": str(fake_asa).lower()})
+    blade = video_blade.VideoBlade(cfg, Run(tmp_path / "run", cfg), progress=False)
+    with pytest.raises(RuntimeError, match="captured"):
+        blade.student(0, "tdm-asa", 2, blade.teacher(0))
+    assert seen["student"] == {AdaptiveBlockSparseAttention}  # the student samples sparse either way
+    assert seen["fake"] == ({AdaptiveBlockSparseAttention} if fake_asa else {DenseAttention})

@@ -116,6 +116,9 @@ class StudentsConfig:
     # and its fake score (BLADE: rank 64 on Wan's q, k, v, o; ours are the fused qkv and the output projection)
     lora_rank: int = 0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    # (b) students: the fake score runs the student's ASA (BLADE's code) or dense attention (a score of the student's
+    # samples that sparse attention does not limit; the student still samples sparse)
+    fake_asa: bool = True
     # Named variations of these settings, trained and evaluated side by side in one run (one teacher, one classifier,
     # one set of teacher samples): e.g. arms.lr3 = {tdm = {lr = 3e-5}}, arms.b16 = {tdm = {batch_size = 16},
     # variants = ["tdm"]}. Empty: one unnamed arm, these settings. Job and model names end in -{arm}.
@@ -333,6 +336,8 @@ class VideoBlade:
             add_lora(student, s.lora_rank, s.lora_targets)
         if self.run.result(job) is None:
             fake = copy.deepcopy(student)  # made after ASA is attached: the fake score runs ASA too (as BLADE's)
+            if variant == "tdm-asa" and not s.fake_asa:
+                fake.set_attention(None)
             tdm = copy.deepcopy(s.tdm)
             tdm.steps, tdm.cfg = k, self.cfg.sampling.cfg
             train_tdm(student, fake, teacher, self.num_classes, tdm, job=job, run=self.run, seed=seed, progress=self.progress)
