@@ -4,14 +4,14 @@
 # export (/root/video-teacher, unpacked by env.sh), then, in the time left, the evaluation of every arm against one
 # set of teacher samples and one classifier (needs .gpu/fmnist). A call cut by the limit is continued by sending the
 # same command again while the machine is warm. The run (no checkpoints, no exports) and the logs come back in $OUT.
-#   benchmarks/device/video_sweep.sh LIMIT_S CONFIG JOB... [-- --set KEY=VALUE ...]
+#   [RUN=runs/vb-x] benchmarks/device/video_sweep.sh LIMIT_S CONFIG JOB... [-- --set KEY=VALUE ...]
 set -u
 # several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 limit=$1; config=$2; shift 2
 jobs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do jobs+=("$1"); shift; done
 [ $# -gt 0 ] && shift
-run=runs/vb-$config; end=$((SECONDS + limit))
+run=${RUN:-runs/vb-$config}; end=$((SECONDS + limit))  # RUN: another run directory of the same config
 mkdir -p "$run/logs"
 vr() {  # vr LOG ARGS...: one resumable `video run` into the shared run directory, within the call's limit
   local log=$1; shift
@@ -25,5 +25,5 @@ for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "${jobs[$i]}: exit $? after 
 vr eval "$@"; rc=$?
 echo "evaluation: exit $rc after $SECONDS s; results: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 tail -n 20 "$run/logs/eval.log"
-tar -czf "$OUT/vb-$config.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' "$run"
+tar -czf "$OUT/$(basename "$run").tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' "$run"
 exit $rc
