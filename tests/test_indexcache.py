@@ -208,11 +208,15 @@ def test_dsa_switches_to_the_prefilter_top_k_and_to_group_unions_built_once_per_
     with torch.no_grad():
         plain = DSA(4, 64, topk=8, pattern=IndexPattern("FSFS"))
         want = model(tokens, select=plain)
-        plain.union_group, handed = 8, {}
+        plain.union_group, plain.max_union_ratio, handed = 8, float("inf"), {}  # a union whatever u is
         got = model(tokens, select=lambda i, h: handed.setdefault(i, plain(i, h)))
         assert torch.equal(got, want)
         assert isinstance(handed[0], TopkSelection) and handed[1] is handed[0] and handed[3] is handed[2]
         assert handed[0].union.union.shape[:2] == (2, 5)  # 40 queries in groups of 8
+        # where a sample of groups says the union kernel would not pay, no union is built: a plain selection
+        plain.max_union_ratio, handed = 0.0, {}
+        assert torch.equal(model(tokens, select=lambda i, h: handed.setdefault(i, plain(i, h))), want)
+        assert isinstance(handed[0], torch.Tensor) and handed[1] is handed[0]
         first = plain.selected[0].clone()
         plain.union_group, plain.indexer_method = 0, "prefilter"
         model(tokens, select=plain)

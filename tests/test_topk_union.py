@@ -78,6 +78,18 @@ def test_union_ratio_is_one_for_shared_selections_and_group_for_disjoint_ones():
     assert union_ratio(padded, 16) == 0.5  # |union| = 4 of k = 8 columns
 
 
+def test_sampled_union_ratio_estimates_from_whole_groups():
+    from sparsedistill.attention.topk_union import sampled_union_ratio
+
+    disjoint = torch.arange(4096 * 8, dtype=torch.int32).view(1, 4096, 8)
+    shared = (torch.arange(4096)[:, None] // 16 * 8 + torch.arange(8)).to(torch.int32)[None]  # one key set a group
+    assert sampled_union_ratio(disjoint, 16, groups=32) == 16.0 and sampled_union_ratio(shared, 16, groups=32) == 1.0
+    # half the groups shared, half disjoint, alternating: the evenly spaced sample sees both kinds
+    mixed = torch.where((torch.arange(4096) // 16 % 2 == 0)[None, :, None], shared, disjoint)
+    assert sampled_union_ratio(mixed, 16, groups=64) == pytest.approx(union_ratio(mixed, 16), rel=0.1)
+    assert sampled_union_ratio(disjoint[:, :40], 16, groups=64) == union_ratio(disjoint[:, :40], 16)  # few: all
+
+
 # (b, h, hkv, sq, sk, cache, d, group, n, max_rows): GQA 1/4/8/3, D 64/128, groups 8/16/32,
 # Sq not a multiple of the group, a KV cache longer than the queries, a preallocated cache past kv_len
 CASES = [

@@ -20,7 +20,8 @@ _LAZY = {
     **dict.fromkeys(("indexer_scores", "indexer_scores_reference", "indexer_topk", "topk_attention",
                      "topk_attention_reference"), "topk"),
     **dict.fromkeys(("indexer_topk_prefilter", "indexer_topk_sorted_reference"), "indexer_select"),
-    **dict.fromkeys(("GroupUnion", "TopkSelection", "group_union", "topk_attention_union", "union_ratio"), "topk_union"),
+    **dict.fromkeys(("GroupUnion", "TopkSelection", "group_union", "topk_attention_union", "union_ratio",
+                     "sampled_union_ratio"), "topk_union"),
 }
 
 
@@ -38,5 +39,5 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS", "attention_reference", "block_sparse_attention",
     "indexer_scores", "indexer_scores_reference", "indexer_topk", "topk_attention", "topk_attention_reference",
     "indexer_topk_prefilter", "indexer_topk_sorted_reference",
-    "GroupUnion", "TopkSelection", "group_union", "topk_attention_union", "union_ratio",
+    "GroupUnion", "TopkSelection", "group_union", "topk_attention_union", "union_ratio", "sampled_union_ratio",
 ]

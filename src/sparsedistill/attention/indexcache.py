@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ._runtime import triton_can_run
 from .topk import indexer_scores, indexer_scores_reference, indexer_topk
-from .topk_union import TopkSelection, group_union
+from .topk_union import MAX_UNION_RATIO, TopkSelection, group_union, sampled_union_ratio
 
 __all__ = ["IndexPattern", "LightningIndexer", "DSA", "indexer_kl", "indexer_loss", "layer_inputs", "dense_attention_probs",
            "greedy_pattern", "topk_overlap", "topk_from_scores", "keep_sink_and_local"]
@@ -257,6 +257,9 @@ class DSA(nn.Module):
         # > 0: prefill selections carry their union over groups of this many queries (TopkSelection), built once per
         # Full layer and reused by its Shared layers, so attention can run the group-union kernel
         self.union_group = 0
+        # ... built only where a sample of groups says the union kernel pays (u <= this x union_group); else the
+        # selection stays a tensor and attention runs per token
+        self.max_union_ratio = MAX_UNION_RATIO
         self._current: Tensor | None = None
         self._keys: dict[int, Tensor] = {}  # Full layer -> (B, max_len, head_dim) indexer keys while generating
         self._lengths: dict[int, int] = {}
@@ -301,7 +304,8 @@ class DSA(nn.Module):
             with torch.no_grad():
                 self._current = self._select(layer, h)
                 # a prefill: the union once, for every layer reusing this selection
-                if self.union_group and h.shape[1] > 1 and inference:
+                if (self.union_group and h.shape[1] > 1 and inference
+                        and sampled_union_ratio(self._current, self.union_group) <= self.max_union_ratio * self.union_group):
                     self._current = TopkSelection(self._current, group_union(self._current, self.union_group))
         if self._current is None:
             raise RuntimeError("a Shared layer ran before any Full layer: layer 0 must be Full")
