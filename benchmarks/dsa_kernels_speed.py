@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.attention.indexer_select import indexer_topk_prefilter, select_topk_sorted  # noqa: E402
 from sparsedistill.attention.topk import indexer_scores, indexer_topk, topk_attention  # noqa: E402
 from sparsedistill.attention.topk_union import group_union, topk_attention_union, union_ratio  # noqa: E402
-from sparsedistill.timing import kernel_times, time_ms  # noqa: E402
+from sparsedistill.timing import kernel_times, top_kernels, time_ms  # noqa: E402
 
 INDEXER_SHAPES = {"smollm2": (4, 32), "stress": (16, 64)}
 
@@ -47,7 +47,7 @@ def split(fn) -> dict:
         times = kernel_times(fn)
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"[:200]}
-    return {name[:60]: round(ms, 3) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:8]}
+    return top_kernels(times)
 
 
 def bench_indexer(s: int, topk: int, hi: int, di: int, reps: int) -> dict:

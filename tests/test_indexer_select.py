@@ -54,6 +54,31 @@ def test_exact_on_a_cache_with_several_chunks_and_batches(causal):
     assert stats["rows"] == 80 and stats["candidates_max"] >= 4
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk,candidates", [(None, 16), (70, 256)])
+def test_query_tiles_past_the_first_and_overflowing_rows_beside_exact_ones(causal, chunk, candidates):
+    """Chunks of more than one query tile (the candidate kernel walks each tile's keys, last tiles first), rows whose
+    candidates overflow (all-zero weights: every score ties) beside rows that do not, and the exact select at a width
+    below the buffer (candidates 256)."""
+    q, w, k = _integer_inputs(2, 140, 170, seed=7)
+    w[0, ::3] = 0  # every third query of the first batch: all scores 0, overflow with 16 candidates
+    stats = {}
+    out = indexer_topk_prefilter(q, w, k, 5, causal=causal, kv_len=160, chunk=chunk, candidates=candidates, stats=stats)
+    assert torch.equal(out, _kernel_oracle(q, w, k, 5, causal, kv_len=160))
+    assert (stats["fallback_rows"] > 0) == (candidates == 16)
+
+
+def test_default_chunks_keep_the_buffers_near_a_gibibyte():
+    from sparsedistill.attention.indexer_select import _default_chunk, _group_size
+
+    for topk in (256, 2048):  # a small k at 128K: one chunk of every query would be an Sq x Sk int16 matrix (32 GiB)
+        cap = 4 * topk
+        chunk = _default_chunk(1, 131072, 131072, topk, cap, causal=True)
+        assert 64 <= chunk <= 16384 and chunk % 64 == 0
+        assert chunk * cap * 8 <= 1 << 30 and chunk * -(-chunk // _group_size(1, topk)) * 2 <= 1 << 30
+    assert _default_chunk(4, 131072, 131072, 2048, 8192, causal=True) <= 4096  # the budget covers the batch
+
+
 def test_rows_with_at_most_k_visible_keys_return_them_all_then_minus_one():
     q, w, k = _integer_inputs(1, 24, 24, seed=2)
     out = indexer_topk_prefilter(q, w, k, 8)

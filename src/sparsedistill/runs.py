@@ -150,7 +150,7 @@ class Run:
             env_file = self.path / "environment.json"
             if not env_file.exists():
                 atomic_write_bytes(env_file, json.dumps({**start, **environment()}, indent=1).encode())
-            else:  # a resumed run may finish on another machine or commit: its report names both
+            elif resume:  # a resumed run may finish on another machine or commit: its report names both
                 first = json.loads(env_file.read_text())
                 resumes = first.get("resumes", [])[-(_KEPT_RESUMES - 1):] + [{**start, **environment()}]
                 atomic_write_bytes(env_file, json.dumps({**first, "resumes": resumes}, indent=1).encode())

@@ -60,3 +60,12 @@ def kernel_times(fn) -> dict[str, float]:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             out[ev.name] = out.get(ev.name, 0.0) + ev.self_device_time_total / 1e3
     return out
+
+
+def top_kernels(times: dict[str, float], n: int = 8, width: int = 60) -> dict[str, float]:
+    """The ``n`` largest entries of a ``kernel_times`` split, names cut to ``width`` characters; kernels whose cut
+    names coincide (templated PyTorch kernels share long prefixes) are summed, not overwritten."""
+    merged: dict[str, float] = {}
+    for name, ms in times.items():
+        merged[name[:width]] = merged.get(name[:width], 0.0) + ms
+    return {name: round(ms, 3) for name, ms in sorted(merged.items(), key=lambda kv: -kv[1])[:n]}

@@ -37,7 +37,8 @@ BM, BN = 64, 64
 KEY16_MIN = tl.constexpr(-32768)  # below every 16-bit key of a non-NaN score
 INT32_MAX = tl.constexpr(2147483647)
 MAX_GROUP_BLOCK = 8192  # group keys K2 holds in registers at once; longer rows are counted block by block
-_CANDIDATE_BYTES = 1 << 30  # the default chunk's candidate buffers
+_CANDIDATE_BYTES = 1 << 30  # the default chunk's candidate buffers, and its first group-key buffer
+_MAX_CHUNK = 16384
 
 
 def select_topk_sorted(scores: Tensor, n_visible: Tensor, topk: int) -> Tensor:
@@ -219,6 +220,20 @@ def _exact_select_kernel(CV, CI, COUNT, OUT, scb, scr, stb, sob, sot, row0, topk
     tl.store(out_row + lane, tl.where(lane < n_take, picked, -1), mask=lane < topk)
 
 
+def _default_chunk(b: int, sq: int, sk: int, topk: int, cap: int, causal: bool) -> int:
+    """Queries a chunk: at most 16,384 (256 candidate-kernel programs), within 1 GiB of candidate buffers (a score and
+    a key index a slot) and 1 GiB of group keys for the first chunk (its group size is the smallest: with a small k
+    at long context, one chunk of every query would hold an Sq x Sk int16 matrix), whole query tiles."""
+    chunk = min(_MAX_CHUNK, max(BM, _CANDIDATE_BYTES // (b * cap * 8)))
+    while chunk > BM:
+        offset = sk - sq
+        first_groups = triton.cdiv(min(chunk, sq) + offset if causal else sk, _group_size(offset + 1 if causal else sk, topk))
+        if b * chunk * first_groups * 2 <= _CANDIDATE_BYTES:
+            break
+        chunk //= 2
+    return max(BM, chunk // BM * BM)
+
+
 def _group_size(min_visible: int, topk: int) -> int:
     """Largest power of two <= BN that leaves every row of the chunk >= 2k groups (1 if none does)."""
     g = 1
@@ -265,7 +280,7 @@ def indexer_topk_prefilter(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: b
 
     q (B, Sq, Hi, Di), w (B, Sq, Hi), k (B, Sk, Di) as in ``indexer_scores``; the queries are the last Sq of the
     ``kv_len`` valid keys. Exact under the module's rule (ties to the lower key index). ``chunk`` queries are
-    done at a time (default: as many as 1 GiB of candidate buffers holds, >= 64: a chunk's query tiles are the
+    done at a time (default ``_default_chunk``: up to 16,384 within 1 GiB of buffers; a chunk's query tiles are the
     candidate kernel's programs, so more fill the GPU better); ``candidates`` (a power of two >= topk, default
     next_pow2(4 topk)) is each query's buffer.
     ``stats``, if given, gets "rows", "fallback_rows" (queries redone on the host), "candidates_max" and
@@ -276,7 +291,7 @@ def indexer_topk_prefilter(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: b
     sk = kv_len if kv_len is not None else k.shape[1]
     cap = candidates if candidates is not None else triton.next_power_of_2(4 * topk)
     if chunk is None:
-        chunk = max(BM, _CANDIDATE_BYTES // (cap * 8) // BM * BM)  # a score (fp32) and a key index (int32) a slot
+        chunk = _default_chunk(b, sq, sk, topk, cap, causal)
     _check_inputs(q, w, k, topk, sk, cap, chunk)
     if not triton_can_run(q):
         raise RuntimeError("indexer_topk_prefilter runs Triton kernels and needs CUDA tensors (or TRITON_INTERPRET=1); "
@@ -308,7 +323,8 @@ def indexer_topk_prefilter(q: Tensor, w: Tensor, k: Tensor, topk: int, causal: b
                                           cand_score.stride(0), cand_score.stride(1), row0, n_rows, tiles[0], sq, sk,
                                           hi, BM=BM, BN=BN, DI=di, CAP=cap, CAUSAL=causal)
         counts = count[:, :n_rows]
-        n_max = int(counts.max())  # the chunk's one host sync: K4 reads no more slots than the fullest row filled
+        n_max = int(counts.max()) if counts.numel() else 0  # the chunk's one host sync: K4 reads no more slots than
+        # the fullest row filled
         width = max(16, min(cap, triton.next_power_of_2(max(n_max, 1))))
         _exact_select_kernel[(n_rows, b)](cand_score, cand_index, count, out, cand_score.stride(0), cand_score.stride(1),
                                           count.stride(0), out.stride(0), out.stride(1), row0, topk,

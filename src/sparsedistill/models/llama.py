@@ -126,8 +126,9 @@ def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices) -> Tensor:
         if q.is_cuda and not torch.is_grad_enabled():
             from ..attention import topk_attention_union
 
+            # whoever built the union decided it pays (DSA: a sample of groups against its max_union_ratio)
             return topk_attention_union(q, k, v, indices.indices, indices.union.group, union=indices.union,
-                                        check_indices=False)
+                                        dispatch="union", check_indices=False)
         indices = indices.indices
     if q.is_cuda and not torch.is_grad_enabled():
         from ..attention import topk_attention
