@@ -102,3 +102,32 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     assert after.startswith(trained)  # the trained jobs were loaded, not trained again
     assert {json.loads(line)["job"] for line in after[len(trained):].splitlines()} == {"teacher_unpainted-s0",
                                                                                        "dsrc_no_paint-s0"}
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_train_precision_bf16_runs_the_forwards_under_autocast(tmp_path, monkeypatch, precision):
+    import torch
+
+    from sparsedistill.recipes import dsrc as recipe
+    from sparsedistill.runs import Run
+
+    seen = []
+
+    class Probe(torch.nn.Module):  # stands in for the detector: records whether autocast is on, then stops
+        def forward(self, *args):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            raise KeyboardInterrupt
+
+    def one_call(model, loss_fn, get_batch, *args, **kwargs):
+        with pytest.raises(KeyboardInterrupt):
+            loss_fn(Probe(), get_batch(torch.tensor([0])))
+        raise RuntimeError("probed")
+
+    monkeypatch.setattr(recipe, "train", one_call)
+    cfg = _cfg(**{"train.precision": f'"{precision}"'})
+    dsrc = recipe.DSRCRecipe(cfg, Run(tmp_path / "run", cfg), progress=False)
+    with pytest.raises(RuntimeError, match="probed"):
+        dsrc.variant("b0", 0, {})
+    assert seen == [precision == "bf16"]
+    with pytest.raises(ValueError, match="train.precision"):
+        validate(_cfg(**{"train.precision": '"fp16"'}))

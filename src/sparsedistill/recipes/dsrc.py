@@ -72,6 +72,9 @@ class DetectorTrainConfig(TrainConfig):
     warmup_frac: float = 0.05
     log_every: int = 50
     checkpoint_every: int = 500
+    # "tf32": fp32 weights and activations, TF32 tensor cores; "bf16": forwards and losses under bf16 autocast
+    # (weights, optimizer and evaluation stay fp32). benchmarks/dsrc_speed.py times both.
+    precision: str = "tf32"
 
 
 @dataclass
@@ -103,6 +106,8 @@ def validate(cfg: DSRCConfig) -> None:
         raise ValueError(f"unknown corruptions {sorted(bad)}; use any of {corruption_names()}")
     if set(cfg.eval.levels) - set(LEVELS) or not cfg.eval.levels:
         raise ValueError(f"eval.levels must be a non-empty subset of {list(LEVELS)}, got {cfg.eval.levels}")
+    if cfg.train.precision not in ("tf32", "bf16"):
+        raise ValueError(f"train.precision must be 'tf32' or 'bf16', got {cfg.train.precision!r}")
     if not isinstance(create_model(cfg.model), CoopDetector):
         raise ValueError(f"model {cfg.model!r} is not a cooperative detector; use coop_detector or coop_detector_tiny")
 
@@ -141,8 +146,14 @@ class DSRCRecipe:
                 return collate([frames[int(r)] for r in rows], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
                                teacher=teacher_input)
 
+            amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+            def amp_loss(net, batch):
+                with amp:
+                    return loss_fn(net, batch)
+
             torch.manual_seed(seed)
-            train(model, loss_fn, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
+            train(model, amp_loss, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
                   progress=self.progress)
             self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": self.run.load_checkpoint(job).get("seconds")})
         state = self.run.load_checkpoint(job)
