@@ -9,7 +9,9 @@ Top-k attention prefill (H = 16, Hkv = 4, D = 128, bf16): dense causal SDPA (fla
 ``topk_attention`` and the group-union kernel (``topk_attention_union``, dispatch forced) at groups of 16
 and 32, for selections of three kinds, each with its union ratio u = |union| / k:
 ``indexer`` (the indexer's own top-k on random inputs: the worst case, u near the group size), ``local``
-(each query's k most recent keys: u near 1) and ``half_local`` (k/2 most recent plus k/2 random).
+(each query's k most recent keys: u near 1), ``half_local`` (k/2 most recent plus k/2 random) and ``pooled``
+(each group of 16 queries picks its k keys from one shared pool of 2.5 k: u near 2.5, what the top-k of real
+attention gave on SmolLM2-135M, ``benchmarks/probes/dsa_selection_overlap.py``).
 A trained student's selections lie somewhere between; the issue's 15 ms needs them measured.
 
     python benchmarks/dsa_kernels_speed.py --contexts 32768 131072 --out benchmarks/results/dsa_kernels_speed.json
@@ -83,12 +85,23 @@ def selections(kind: str, s: int, topk: int) -> torch.Tensor:
         w = torch.rand(1, s, 4, device="cuda", generator=g) / 4
         k = torch.randn(1, s, 32, device="cuda", dtype=torch.bfloat16, generator=g)
         return indexer_topk(q, w, k, topk)  # today's top-k: a cut prefilter run still times the attention
+    if kind == "pooled":  # each group of 16 queries picks its k keys from one pool of 2.5 k keys they all see
+        group, size = 16, round(2.5 * topk)
+        first = torch.arange(0, s, group, device="cuda")[:, None]  # a group's first query sees keys 0..first
+        pool = (torch.rand(len(first), size, device="cuda", generator=g) * (first + 1)).long()
+        pick = torch.rand(s, size, device="cuda", generator=g).topk(topk, 1).indices
+        idx = pool.repeat_interleave(group, 0)[:s].gather(1, pick)
+        return _ascending_distinct(idx, s)
     local = topk if kind == "local" else topk // 2
     recent = pos - torch.arange(local, device="cuda")[None]  # the last `local` positions
     parts = [recent]
     if kind == "half_local":  # plus random earlier keys (duplicates of recent ones are dropped below)
         parts.append((torch.rand(s, topk - local, device="cuda", generator=g) * (pos + 1)).long())
-    idx = torch.cat(parts, 1)
+    return _ascending_distinct(torch.cat(parts, 1), s)
+
+
+def _ascending_distinct(idx: torch.Tensor, s: int) -> torch.Tensor:
+    """(S, n) keys, maybe repeated or negative -> (1, S, n) int32 ascending distinct keys, -1 padded at the end."""
     idx = torch.where(idx >= 0, idx, -1).sort(1).values
     dup = torch.zeros_like(idx, dtype=torch.bool)
     dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
@@ -132,8 +145,8 @@ def main() -> int:
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072])
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--indexer-shapes", nargs="*", default=list(INDEXER_SHAPES), choices=list(INDEXER_SHAPES))
-    ap.add_argument("--selections", nargs="*", default=["indexer", "local", "half_local"],
-                    choices=["indexer", "local", "half_local"])
+    ap.add_argument("--selections", nargs="*", default=["indexer", "pooled", "local", "half_local"],
+                    choices=["indexer", "pooled", "local", "half_local"])
     ap.add_argument("--groups", nargs="+", type=int, default=[16, 32])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
