@@ -78,9 +78,12 @@ def _sorted_groups(indices: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]
     """
     b, sq, n = indices.shape
     ng = -(-sq // group)
-    idx = F.pad(indices.long(), (0, 0, 0, ng * group - sq), value=-1).view(b, ng, group * n)
-    owner = torch.arange(group, device=indices.device).repeat_interleave(n)
-    big = torch.iinfo(torch.int64).max
+    # int32 keys while index * group fits (any context below 2^31 / 32 tokens): a radix sort of half the passes
+    small = int(indices.max()) < (2**31 - 1) // group if indices.numel() else True
+    dtype = torch.int32 if small else torch.int64
+    idx = F.pad(indices.to(dtype), (0, 0, 0, ng * group - sq), value=-1).view(b, ng, group * n)
+    owner = torch.arange(group, device=indices.device, dtype=dtype).repeat_interleave(n)
+    big = torch.iinfo(dtype).max
     key = torch.where(idx >= 0, idx * group + owner, big).sort(-1).values
     valid = key != big
     return torch.where(valid, key // group, -1), key % group, valid
@@ -112,7 +115,7 @@ def group_union(indices: Tensor, group: int = 16) -> GroupUnion:
     union = torch.full((b, ng, width + 1), -1, dtype=torch.int32, device=indices.device)
     union.scatter_(-1, slot, val.to(torch.int32))  # every pair of an index writes the same value
     member = torch.zeros((b, ng, width + 1), dtype=torch.int64, device=indices.device)
-    member.scatter_add_(-1, slot, torch.where(valid, 1 << owner, 0))  # pairs are distinct, so sum == or
+    member.scatter_add_(-1, slot, torch.where(valid, 1 << owner.long(), 0))  # pairs are distinct, so sum == or
     member = torch.where(member >= 2**31, member - 2**32, member).to(torch.int32)  # bit 31 as int32's sign bit
     return GroupUnion(union[..., :width].contiguous(), union_len, member[..., :width].contiguous(), group)
 
