@@ -37,6 +37,7 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
     assert {"before_fusion", "after_fusion", "head", "occupancy", "offset"} <= set(dsrc_terms[-1])  # every DSRC term trained
     text = report.read_text()
     assert "| `dsrc` |" in text and (tmp_path / "run" / "ap-vs-severity.png").exists()
+    assert "Command: `" in text and "commit " in text  # where the numbers came from
     assert list((tmp_path / "run" / "samples").glob("bev-dsrc-fog-2-f0-s0.png"))
     # resuming a finished run trains nothing; the report command rewrites the report
     before = (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..report import command_line
 from ..runs import Run
 
 __all__ = ["write_report"]
@@ -35,6 +36,7 @@ def write_report(run: Run, results: dict, recipe=None) -> None:
         return [results[s]["models"][m][key][t] for s in seeds]
 
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
+             command_line(run.environment()), "",
              "AP in %, BEV rotated IoU, cars seen by at least one agent, inside the ego's grid; mean ± sd over seeds. "
              "Corrupted: every agent's scan in its own frame, mean over the levels. mCE / mRR as Robo3D "
              "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (first seed).", "",
