@@ -208,3 +208,17 @@ def test_a_teacher_encoding_cut_short_resumes_from_its_finished_chunks(tmp_path,
     resumed = teacher.encode(texts)
     assert len(calls) == 10 - 4  # the two finished chunks were loaded, not encoded again
     assert np.allclose(resumed, whole, atol=1e-6)
+
+
+def test_a_collections_mlm_splits_do_not_depend_on_where_it_is_stored(tmp_path):
+    from sparsedistill.data.text import split_documents
+    from sparsedistill.retrieval.mlm import _docs_of
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "deeper").mkdir(parents=True)
+    here, there = _text_collection(tmp_path / "a"), _text_collection(tmp_path / "b" / "deeper")
+
+    def names(col):
+        return {s: [d.name for d in docs] for s, docs in split_documents(_docs_of(str(col))).items()}
+
+    assert names(here) == names(there) and names(here)["calibration"]  # (the hash once took the whole path)
