@@ -55,6 +55,9 @@ def test_fusion_keeps_the_ego_view_and_mixes_agents_per_cell():
     mixed = att[1]
     assert (mixed <= x[1:4].amax(0) + 1e-6).all() and (mixed >= x[1:4].amin(0) - 1e-6).all()  # a convex mix
     assert not torch.allclose(mixed, x[1])
+    v = x[1:4].flatten(2).permute(2, 0, 1)  # (cells, agents, C): at each cell the ego's scaled dot-product attention
+    want = (torch.softmax(v[:, :1] @ v.transpose(1, 2) / 4**0.5, -1) @ v).squeeze(1).T.reshape(4, 3, 3)
+    assert torch.allclose(mixed, want, atol=1e-6)
     assert torch.equal(ego_only(x, agents), x[[0, 1, 4]])
     assert torch.equal(max_fusion(x, agents)[1], x[1:4].amax(0))
 
