@@ -52,11 +52,12 @@ def _naive_union(indices, group):
     return out
 
 
-@pytest.mark.parametrize("group,sq,offset", [(1, 5, 0), (8, 37, 0), (16, 16, 0), (32, 70, 0), (32, 70, 2**26)])
+@pytest.mark.parametrize("group,sq,offset", [(1, 5, 0), (8, 37, 0), (16, 16, 0), (32, 70, 0), (32, 70, 2**26 - 128),
+                                             (32, 70, 2**26)])
 def test_group_union_matches_a_naive_per_group_construction(group, sq, offset):
     g = torch.Generator().manual_seed(group + sq)
     idx = _local_indices(2, sq, 100, 12, g, pad=0.3)
-    idx = torch.where(idx >= 0, idx + offset, idx)  # 2^26 x 32 passes int32: the sort keys go int64
+    idx = torch.where(idx >= 0, idx + offset, idx)  # keys just below 2^31 (int32), and past it (int64)
     u = group_union(idx.to(DEV), group)
     ng = -(-sq // group)
     assert u.union.shape == u.membership.shape and u.union.shape[:2] == (2, ng) and u.union.shape[2] % 64 == 0

@@ -58,12 +58,13 @@ def main() -> int:
     for corpus in args.corpora:
         test = split_documents(load_corpus(corpus))["test"]
         tokens = token_windows(test, lambda t: tok.encode(t).ids, args.context, max_windows=1, eos=2)
+        hidden = ~torch.ones(args.context, args.context, dtype=torch.bool).tril()  # by position, not by a zero probability
         with torch.no_grad():
             inputs = layer_inputs(model, tokens)
             for layer, h in sorted(inputs.items()):
                 probs = dense_attention_probs(model, layer, h).sum(1)  # (1, S, S): one selection shared by the heads
                 for k in args.topk:
-                    oracle = topk_from_scores(probs.masked_fill(probs == 0, float("-inf")), k)
+                    oracle = topk_from_scores(probs.masked_fill(hidden, float("-inf")), k)
                     rows.append({"corpus": corpus, "layer": layer, "topk": k,
                                  "u_oracle": union_ratio(oracle[:, k:], args.group)})
                 del probs

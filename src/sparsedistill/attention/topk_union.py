@@ -81,7 +81,7 @@ def _sorted_groups(indices: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]
     # int32 keys while index * group fits (any context below 2^31 / 32 tokens): a radix sort of half the passes
     small = int(indices.max()) < (2**31 - 1) // group if indices.numel() else True
     dtype = torch.int32 if small else torch.int64
-    idx = F.pad(indices.to(dtype), (0, 0, 0, ng * group - sq), value=-1).view(b, ng, group * n)
+    idx = F.pad(indices.clamp(min=-1).to(dtype), (0, 0, 0, ng * group - sq), value=-1).view(b, ng, group * n)
     owner = torch.arange(group, device=indices.device, dtype=dtype).repeat_interleave(n)
     big = torch.iinfo(dtype).max
     key = torch.where(idx >= 0, idx * group + owner, big).sort(-1).values
@@ -93,8 +93,8 @@ def group_union(indices: Tensor, group: int = 16) -> GroupUnion:
     """Per group of ``group`` consecutive queries, the ascending union of their indices and who selected what.
 
     ``indices`` (B, Sq, n), -1 padded; negative entries are padding wherever they sit, and an index
-    may appear once per query (the reference would count a repeat twice: rejected). One device sync
-    (for the padded width U). See ``GroupUnion`` for the layout.
+    may appear once per query (the reference would count a repeat twice: rejected). Two device syncs (the
+    largest index, which picks 32- or 64-bit sort keys, and the padded width U). See ``GroupUnion`` for the layout.
     """
     _check_group(group, MAX_GROUP)
     if indices.ndim != 3 or indices.dtype not in (torch.int32, torch.int64):

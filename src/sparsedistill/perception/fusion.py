@@ -21,8 +21,8 @@ def attention_fusion(features: Tensor, agents: list[int]) -> Tensor:
         c = x.shape[1]
         # the ego's query against every agent at each cell, as element-wise products summed over channels (a batched
         # matmul of 1 x C by C x A per cell ran one tiny product per cell on the CPU)
-        att = torch.softmax((x[:1] * x).sum(1, keepdim=True) / c**0.5, 0)  # (A, 1, H, W)
-        out.append((att * x).sum(0))
+        att = torch.softmax((x[:1].float() * x.float()).sum(1, keepdim=True) / c**0.5, 0)  # (A, 1, H, W), fp32 sums
+        out.append((att.to(x.dtype) * x).sum(0))
     return torch.stack(out)
 
 

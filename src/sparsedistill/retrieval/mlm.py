@@ -147,8 +147,10 @@ def _docs_of(name: str):
     if not (folder / "corpus.jsonl").exists():
         raise ValueError(f"MLM corpus {name!r} is neither a text corpus ({sorted(CORPORA)}) nor a BEIR collection "
                          f"(no {folder / 'corpus.jsonl'})")
-    # named by the folder, not the path given: a document's split must not change when the collection moves
-    return [TextDocument(folder.name, key, text) for key, text in load_beir_docs(folder).items() if text.strip()]
+    # a folder given by path is named by its folder, not the path: a document's split must not change when the
+    # collection moves (named collections keep their name, e.g. cqadupstack/android)
+    corpus = folder.resolve().name if Path(name).is_dir() else name
+    return [TextDocument(corpus, key, text) for key, text in load_beir_docs(folder).items() if text.strip()]
 
 
 def text_windows(corpora: Sequence[str], tokenizer, length: int, max_windows: int = 0,
