@@ -225,9 +225,10 @@ def _default_chunk(b: int, sq: int, sk: int, topk: int, cap: int, causal: bool) 
     a key index a slot) and 1 GiB of group keys for the first chunk (its group size is the smallest: with a small k
     at long context, one chunk of every query would hold an Sq x Sk int16 matrix), whole query tiles."""
     chunk = min(_MAX_CHUNK, max(BM, _CANDIDATE_BYTES // (b * cap * 8)))
+    offset = sk - sq
+    first_group = _group_size(offset + 1 if causal else sk, topk)
     while chunk > BM:
-        offset = sk - sq
-        first_groups = triton.cdiv(min(chunk, sq) + offset if causal else sk, _group_size(offset + 1 if causal else sk, topk))
+        first_groups = triton.cdiv(min(chunk, sq) + offset if causal else sk, first_group)
         if b * chunk * first_groups * 2 <= _CANDIDATE_BYTES:
             break
         chunk //= 2
