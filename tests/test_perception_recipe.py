@@ -132,3 +132,29 @@ def test_train_precision_bf16_runs_the_forwards_under_autocast(tmp_path, monkeyp
     assert seen == [precision == "bf16"]
     with pytest.raises(ValueError, match="train.precision"):
         validate(_cfg(**{"train.precision": '"fp16"'}))
+
+
+def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
+    """The extra seeds may train b0 and dsrc alone (the ablations under the first seed): each row averages the
+    seeds that have its model and says how many."""
+    from sparsedistill.recipes.dsrc_report import write_report
+    from sparsedistill.runs import Run
+
+    def evaluation(models: dict[str, float]) -> dict:
+        rows = {}
+        for m, ap in models.items():
+            rows[m] = {"clean": {"ap50": ap, "ap70": ap / 2}, "fog-2": {"ap50": ap - 0.1, "ap70": ap / 4},
+                       "mce_ap50": 1.0, "mrr_ap50": 0.9}
+            if m != "b0":
+                rows[m]["clean"]["delta_ap50_vs_b0"] = [0.01, -0.02, 0.04]
+        return {"conditions": ["clean", "fog-2"], "models": rows}
+
+    run = Run(tmp_path / "run", _cfg())
+    write_report(run, {0: evaluation({"b0": 0.5, "dsrc": 0.7, "dsrc_no_paint": 0.6}),
+                       1: evaluation({"b0": 0.6, "dsrc": 0.8})})
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "| `dsrc` | 2 | 75.0 ± 7.1 | 37.5 ± 3.5 |" in text
+    assert "| `dsrc_no_paint` | 1 | 60.0 | 30.0 | 50.0 |" in text
+    assert "| `b0` | 2 | 55.0 ± 7.1 |" in text
+    with pytest.raises(ValueError, match="no evaluation"):
+        write_report(run, {})

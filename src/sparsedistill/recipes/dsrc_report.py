@@ -26,30 +26,40 @@ def write_report(run: Run, results: dict, recipe=None) -> None:
     import matplotlib.pyplot as plt
 
     seeds = [s for s, r in results.items() if r is not None]
+    if not seeds:
+        raise ValueError(f"no evaluation in {run.path}: run `perception run` there first (it writes results/eval-s*.json)")
     first = results[seeds[0]]
-    models = list(first["models"])
+    # a model may run under fewer seeds than b0 and dsrc (e.g. the ablations under the first seed only):
+    # each row is over the seeds that have it, and says how many
+    models = list(dict.fromkeys(m for s in seeds for m in results[s]["models"]))
+    seeds_of = {m: [s for s in seeds if m in results[s]["models"]] for m in models}
     corruptions = sorted({c.rsplit("-", 1)[0] for c in first["conditions"] if c != "clean"},
                          key=[c.rsplit("-", 1)[0] for c in first["conditions"]].index)
     levels = sorted({int(c.rsplit("-", 1)[1]) for c in first["conditions"] if c != "clean"})
 
     def vals(m: str, key: str, t: str = "ap50") -> list[float]:
-        return [results[s]["models"][m][key][t] for s in seeds]
+        return [results[s]["models"][m][key][t] for s in seeds_of[m]]
+
+    def first_delta(m: str, key: str) -> list[float] | None:
+        """delta-AP@0.5 vs b0 [CI] of the first seed that has ``m``."""
+        return results[seeds_of[m][0]]["models"][m].get(key, {}).get("delta_ap50_vs_b0")
 
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
              command_line(run.environment()), "",
              "AP in %, BEV rotated IoU, cars seen by at least one agent, inside the ego's grid; mean ± sd over seeds. "
              "Corrupted: every agent's scan in its own frame, mean over the levels. mCE / mRR as Robo3D "
-             "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (first seed).", "",
-             "| model | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] |",
-             "|---|---|---|---|---|---|---|"]
+             "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (the model's first seed).", "",
+             "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in models:
+        ms = seeds_of[m]
         corrupted = [statistics.mean(results[s]["models"][m][f"{c}-{lv}"]["ap50"] for c in corruptions for lv in levels)
-                     for s in seeds] if corruptions else []
-        mce = [results[s]["models"][m]["mce_ap50"] for s in seeds] if corruptions else []
-        mrr = [results[s]["models"][m]["mrr_ap50"] for s in seeds] if corruptions else []
-        d = results[seeds[0]]["models"][m]["clean"].get("delta_ap50_vs_b0")
+                     for s in ms] if corruptions else []
+        mce = [results[s]["models"][m]["mce_ap50"] for s in ms] if corruptions else []
+        mrr = [results[s]["models"][m]["mrr_ap50"] for s in ms] if corruptions else []
+        d = first_delta(m, "clean")
         delta = f"{d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}]" if d else "—"
-        lines.append(f"| `{m}` | {_mean(vals(m, 'clean'))} | {_mean(vals(m, 'clean', 'ap70'))} | "
+        lines.append(f"| `{m}` | {len(ms)} | {_mean(vals(m, 'clean'))} | {_mean(vals(m, 'clean', 'ap70'))} | "
                      f"{_mean(corrupted)} | {_mean(mce)} | {_mean(mrr)} | {delta} |")
     if corruptions:
         lines += ["", "AP@0.5 per corruption (mean over levels) and its delta vs b0 at level 2 [CI]:", "",
@@ -57,8 +67,9 @@ def write_report(run: Run, results: dict, recipe=None) -> None:
         for m in models:
             cells = []
             for c in corruptions:
-                v = _mean([statistics.mean(results[s]["models"][m][f"{c}-{lv}"]["ap50"] for lv in levels) for s in seeds])
-                d = results[seeds[0]]["models"][m].get(f"{c}-2", {}).get("delta_ap50_vs_b0")
+                v = _mean([statistics.mean(results[s]["models"][m][f"{c}-{lv}"]["ap50"] for lv in levels)
+                           for s in seeds_of[m]])
+                d = first_delta(m, f"{c}-2")
                 cells.append(v + (f" ({d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}])" if d else ""))
             lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
         cols = 4
