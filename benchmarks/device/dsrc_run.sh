@@ -6,13 +6,16 @@
 # (a file lock each): every process simulates some, then loads the others'.
 # The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
 # evaluation's log (the device returns at most 8 files).
-#   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
+# RUN (default runs/dsrc-full), WAVE1 and WAVE2 (the jobs of each wave) choose another run directory and jobs: the
+# later seeds train b0 and dsrc alone (the report averages each model over the seeds that have it), two run
+# directories side by side:
+#   [RUN=runs/dsrc-s1 WAVE1="teacher b0" WAVE2=dsrc] benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
 set -u
 # several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 limit=$1; shift
 end=$((SECONDS + limit))
-run=runs/dsrc-full
+run=${RUN:-runs/dsrc-full}; name=$(basename "$run")
 mkdir -p "$run/logs"
 job() {  # job LOG [--jobs ...]
   local log=$1; shift
@@ -26,10 +29,12 @@ wave() {
   echo "wave done after $SECONDS s: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 }
 sets=("$@")
-wave teacher teacher_unpainted b0 no_fusion early dsrc_no_distill
-wave dsrc dsrc_no_paint dsrc_no_recon
+# shellcheck disable=SC2086  # the waves are word lists
+wave ${WAVE1:-teacher teacher_unpainted b0 no_fusion early dsrc_no_distill}
+# shellcheck disable=SC2086
+wave ${WAVE2:-dsrc dsrc_no_paint dsrc_no_recon}
 job eval; rc=$?
-cp "$run/logs/eval.log" "$OUT/dsrc-eval.log"
-echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/dsrc-eval.log"
-tar -czf "$OUT/dsrc-full.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' "$run"
+cp "$run/logs/eval.log" "$OUT/$name-eval.log"
+echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"
+tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' "$run"
 exit $rc
