@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from sparsedistill.perception.dsrc import (head_distillation, masked_feature_mse, object_mask, paint_teacher_input,
@@ -89,3 +90,42 @@ def test_masked_mse_keeps_a_small_car_at_coarse_scales():
     mask[0, 9, 13] = 1  # one pillar: bilinear resizing to 8 x 8 would skip it at most offsets
     s, t = torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
     assert masked_feature_mse(s, t, mask) == 1.0
+
+
+def test_batches_merge_kept_frame_inputs_in_order():
+    """``merge`` of kept ``frame_inputs`` (what training reuses) is the batch of those frames, field by field."""
+    from sparsedistill.perception.anchors import AnchorConfig, assign_targets, make_anchors
+    from sparsedistill.perception.batching import collate, frame_inputs, frame_labels, merge
+
+    sim = SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=256))
+    frames = [simulate_frame(s, sim) for s in (3, 4)]
+    acfg = AnchorConfig()
+    anchors = make_anchors(GRID, acfg).view(-1, 7)
+    kept = [frame_inputs(f, GRID, anchors, acfg, teacher=True) for f in frames]
+    batch = merge([kept[1], kept[0]])  # frames in the batch's order, not the kept order
+    order = [frames[1], frames[0]]
+    own = [[f.points_in_ego(a)[:, :4] for a in range(f.num_agents)] for f in order]
+    gts = [frame_labels(f, o, GRID) for f, o in zip(order, own)]
+    assert batch.agents == [f.num_agents for f in order] and all(torch.equal(b, g) for b, g in zip(batch.boxes, gts))
+    assert torch.equal(batch.points, torch.cat([p for o in own for p in o]))
+    sizes = torch.tensor([len(p) for o in own for p in o])
+    assert torch.equal(batch.cloud, torch.repeat_interleave(torch.arange(len(sizes)), sizes))
+    assert torch.equal(batch.merged_frame, torch.repeat_interleave(torch.tensor([0] * len(own[0]) + [1] * len(own[1])), sizes))
+    lt = [assign_targets(anchors, g, acfg) for g in gts]
+    assert int((batch.labels == 1).sum()) > 0
+    assert torch.equal(batch.labels, torch.cat([x for x, _ in lt])) and torch.equal(batch.targets, torch.cat([t for _, t in lt]))
+    painted = [paint_teacher_input(o, g) for o, g in zip(own, gts)]
+    assert torch.equal(batch.teacher_points, torch.cat([c for clouds, _ in painted for c in clouds]))
+    tsizes = torch.tensor([len(c) for clouds, _ in painted for c in clouds])
+    assert torch.equal(batch.teacher_cloud, torch.repeat_interleave(torch.arange(len(tsizes)), tsizes))
+    assert torch.equal(batch.objects, torch.cat([o for _, o in painted]))
+    assert torch.equal(batch.object_frame, torch.repeat_interleave(torch.arange(2), torch.tensor([len(o) for _, o in painted])))
+    # collate is the same path; early fusion merges each frame's agents into one cloud
+    again = collate(order, GRID, anchors, acfg, teacher=True)
+    assert torch.equal(again.points, batch.points) and torch.equal(again.targets, batch.targets)
+    early = collate(order, GRID, inputs="early")
+    assert early.agents == [1, 1] and torch.equal(early.cloud, batch.merged_frame) and early.labels is None
+    with pytest.raises(ValueError, match="with and without anchor targets"):
+        merge([kept[0], frame_inputs(frames[1], GRID)])
+    with pytest.raises(ValueError, match="at least one frame"):
+        merge([])
