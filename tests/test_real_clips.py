@@ -41,15 +41,27 @@ def test_clips_are_windows_of_their_source_split_in_time_and_a_function_of_the_i
     assert meta_videos.device.type == meta_labels.device.type == "meta"
 
 
-def test_real_videos_decode_to_grey_frames_of_every_source():
-    videos = real_clips.load_real_frames()  # decoded once, then cached
+@pytest.fixture
+def real_frames() -> dict[str, torch.Tensor]:
+    """The six videos decoded (once, then cached); skipped where neither PyPI av with the videos nor a prepared
+    frames file ($SPARSEDISTILL_REAL_CLIPS) is here, e.g. on a GPU machine the frames were not carried to."""
+    from sparsedistill.data import DatasetNotFound
+
+    try:
+        return real_clips.load_real_frames()
+    except DatasetNotFound as e:
+        pytest.skip(str(e))
+
+
+def test_real_videos_decode_to_grey_frames_of_every_source(real_frames):
+    videos = real_frames
     assert list(videos) == list(SOURCES)
     for name, v in videos.items():
         assert v.dtype == torch.uint8 and min(v.shape[1:]) == 96 and v.shape[0] >= 60, name
         assert v.float().std() > 10, name  # pictures, not a blank decode
 
 
-def test_video_recipe_runs_on_real_clips_and_refuses_a_model_of_other_classes(tmp_path):
+def test_video_recipe_runs_on_real_clips_and_refuses_a_model_of_other_classes(tmp_path, real_frames):
     from sparsedistill.config import load_config
     from sparsedistill.recipes.video_blade import VideoBladeConfig, run_video_blade, validate
 

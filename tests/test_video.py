@@ -645,3 +645,18 @@ def test_joint_students_fake_score_runs_asa_or_dense_as_configured(tmp_path, mon
         blade.student(0, "tdm-asa", 2, blade.teacher(0))
     assert seen["student"] == {AdaptiveBlockSparseAttention}  # the student samples sparse either way
     assert seen["fake"] == ({AdaptiveBlockSparseAttention} if fake_asa else {DenseAttention})
+
+
+def test_report_summarises_each_model_over_the_seeds_that_have_it():
+    from sparsedistill.recipes.video_report import over_seeds_rows
+
+    def row(acc, fd, kept=None, fd_teacher=1.0):
+        return {"class_accuracy": acc, "fd_real": fd, "fd_teacher": fd_teacher, "fd_real_effnet": 2 * fd,
+                "attention_kept": kept}
+
+    results = {0: {"models": {"teacher-50": row(0.9, 10.0, fd_teacher=None), "tdm-asa-k4": row(0.5, 20.0, 0.16)}},
+               1: {"models": {"teacher-50": row(0.8, 14.0, fd_teacher=None), "tdm-asa-k4": row(0.7, 40.0, 0.18)}},
+               2: {"models": {"tdm-asa-k4": row(0.6, 30.0, 0.17)}}}
+    rows = {r[0]: r[1:] for r in over_seeds_rows(results)}
+    assert rows["`teacher-50`"] == [2, "85.0 ± 7.1", "12.0 ± 2.8", "—", "24.0 ± 5.7", "dense"]
+    assert rows["`tdm-asa-k4`"] == [3, "60.0 ± 10.0", "30.0 ± 10.0", "1.0 ± 0.0", "60.0 ± 20.0", "17.0 %"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..report import command_line, markdown_table, plt, save_figure
+from ..report import command_line, fmt_mean_std, markdown_table, plt, save_figure
 from ..runs import Run
 
-__all__ = ["write_report", "format_rows"]
+__all__ = ["write_report", "format_rows", "over_seeds_rows"]
 
 
 def _ci(v: float | None, ci: list[float] | tuple[float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
@@ -32,6 +32,25 @@ HEADERS = ["model", "what", "steps", "NFE", "class acc % [95 % CI]", "FD vs real
            "label consistency %", "attention kept", "wall s / video"]
 
 
+OVER_SEEDS_HEADERS = ["model", "seeds", "class acc %", "FD vs real", "FD vs teacher", "FD-EffNet vs real",
+                      "attention kept"]
+
+
+def over_seeds_rows(results: dict[int, dict]) -> list[list[str]]:
+    """Mean ± sd over the seeds of each model's headline metrics (each model over the seeds that have it)."""
+    names = list(dict.fromkeys(name for res in results.values() for name in res["models"]))
+    rows = []
+    for name in names:
+        runs = [res["models"][name] for res in results.values() if name in res["models"]]
+        kept = [r["attention_kept"] for r in runs if r["attention_kept"] is not None]
+        fd_teacher = [r["fd_teacher"] for r in runs if r["fd_teacher"] is not None]
+        rows.append([f"`{name}`", len(runs), fmt_mean_std([r["class_accuracy"] for r in runs], 100, 1),
+                     fmt_mean_std([r["fd_real"] for r in runs], 1, 1), fmt_mean_std(fd_teacher, 1, 1) if fd_teacher else "—",
+                     fmt_mean_std([r["fd_real_effnet"] for r in runs], 1, 1),
+                     f"{100 * sum(kept) / len(kept):.1f} %" if kept else "dense"])
+    return rows
+
+
 def write_report(run: Run, results: dict[int, dict]) -> None:
     env = run.environment()
     real = any(res.get("data") == "real_clips" for res in results.values())
@@ -55,6 +74,9 @@ def write_report(run: Run, results: dict[int, dict]) -> None:
     if clf:
         lines += [f"Frame classifier: {100 * clf['real_test_frame_accuracy']:.1f} % of real test-clip frames classified as "
                   "their clip's class.", ""]
+    if len(results) > 1:
+        lines += [f"## Over seeds {list(results)} (mean ± sd; the intervals are in each seed's table)", "",
+                  markdown_table(OVER_SEEDS_HEADERS, over_seeds_rows(results)), ""]
     for seed, res in results.items():
         real = res["real"]
         lines += [f"## Seed {seed} ({res['device']})", "", markdown_table(HEADERS, format_rows(res)), "",
