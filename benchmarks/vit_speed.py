@@ -18,7 +18,9 @@ variant's logits are checked against the dense fp16 model with the same pruned w
     python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
     python benchmarks/vit_speed.py ... --guard benchmarks/results/vit_speed_b16_b256_fp16_plan_h200.json
 
-Each of our rows records the cuSPARSELt plan chosen per layer shape. ``--guard REF`` compares every
+Every row carries a profiler split of one forward (GPU milliseconds per kernel group, ``KERNEL_GROUPS``, and the top
+kernels by name), so the time outside the GEMMs is visible. Each of our rows records the cuSPARSELt plan chosen per
+layer shape. ``--guard REF`` compares every
 row also in REF (same model, batch and variant) by its speedup over the best dense model, and exits
 1 if one fell more than ``--tolerance`` below it: the check that would have caught the fp16 plan
 regression of 7a33e7d (0.84x -> 0.48x).
@@ -43,9 +45,31 @@ from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights import sparse24  # noqa: E402
 from sparsedistill.weights.dense8 import Dense8Linear  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
-from sparsedistill.timing import time_ms  # noqa: E402
+from sparsedistill.timing import kernel_groups, kernel_times, time_ms, top_kernels  # noqa: E402
 
 PRUNED = ("qkv", "proj", "fc1", "fc2")
+# kernel name -> group, first match wins (case-insensitive substrings): the split beside every row. The patch
+# embedding's convolution and cuDNN's layout transposes come before the GEMM group (cuDNN's convolutions are
+# "implicit_gemm" kernels); cuSPARSELt's 2:4 kernels before the dense GEMMs.
+KERNEL_GROUPS = {
+    "sparse_gemm": ("sparse", "cusparselt", "spgemm"),
+    "conv": ("conv", "implicit_gemm", "nchwtonhwc", "nhwctonchw"),
+    "attention": ("flash", "fmha", "attention", "sdpa"),
+    "gemm": ("gemm", "cutlass", "xmma", "_mm", "matmul"),
+    "fused_triton": ("triton",),
+    "eager_elementwise_norm": ("elementwise", "layer_norm", "layernorm", "gelu", "reduce", "softmax"),
+    "copies": ("memcpy", "memset", "copy"),
+}
+
+
+def profile_split(fn) -> dict:
+    """GPU ms of one call of ``fn`` per kernel group, their sum, and the top kernels (a failure is recorded)."""
+    try:
+        times = kernel_times(fn)
+    except Exception as e:  # noqa: BLE001  (the timing stays; the split says why it is missing)
+        return {"split_error": f"{type(e).__name__}: {e}"[:200]}
+    return {"gpu_busy_ms": round(sum(times.values()), 3), "split_ms": kernel_groups(times, KERNEL_GROUPS),
+            "top_kernels_ms": top_kernels(times, 12)}
 
 
 def pruned_vit(name: str) -> torch.nn.Module:
@@ -115,7 +139,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
                 fn = build()
                 out = fn(x).float()
                 err = float((out - ref).norm() / ref.norm())
-                rows[key] = {"ms": time_ms(lambda: fn(x), graph=False, calls=5, reps=20), "rel_err_vs_dense": err}
+                rows[key] = {"ms": time_ms(lambda: fn(x), graph=False, calls=5, reps=20), "rel_err_vs_dense": err,
+                             **profile_split(lambda: fn(x))}
         except Exception as e:  # noqa: BLE001  (report and go on)
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         rows[key]["setup_s"] = round(time.time() - t0, 1)

@@ -6,7 +6,7 @@ import statistics
 
 import torch
 
-__all__ = ["time_ms", "kernel_times"]
+__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups"]
 
 
 def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
@@ -69,3 +69,15 @@ def top_kernels(times: dict[str, float], n: int = 8, width: int = 60) -> dict[st
     for name, ms in times.items():
         merged[name[:width]] = merged.get(name[:width], 0.0) + ms
     return {name: round(ms, 3) for name, ms in sorted(merged.items(), key=lambda kv: -kv[1])[:n]}
+
+
+def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """A ``kernel_times`` split summed into named groups (e.g. GEMM / attention / fused elementwise): a kernel joins
+    the first group, in ``groups``' order, one of whose substrings its name contains (case-insensitive); the rest is
+    ``other``. Every group is in the result, 0 where no kernel matched."""
+    out = {name: 0.0 for name in groups} | {"other": 0.0}
+    for kernel, ms in times.items():
+        low = kernel.lower()
+        group = next((g for g, keys in groups.items() if any(k.lower() in low for k in keys)), "other")
+        out[group] += ms
+    return {name: round(ms, 3) for name, ms in out.items()}
