@@ -223,7 +223,8 @@ def test_tdm_generator_loss_guides_the_teacher_and_scales_huber_like_blade():
     assert tt.min() >= 1e-3
 
 
-def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
+@pytest.mark.parametrize("schedule", [{}, {"ema": 0.5, "lr_schedule": "cosine", "warmup": 1}])
+def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path, schedule):
     import copy
 
     from sparsedistill.runs import Run
@@ -236,7 +237,7 @@ def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
     teacher = create_model("video_dit_fmnist_tiny", depth=1, dim=64, heads=1)
     for p in teacher.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    cfg = TDMTrainConfig(steps=2, iterations=4, batch_size=2, checkpoint_every=2, log_every=1, cfg=3.0)
+    cfg = TDMTrainConfig(steps=2, iterations=4, batch_size=2, checkpoint_every=2, log_every=1, cfg=3.0, **schedule)
     fresh = lambda: (copy.deepcopy(teacher), copy.deepcopy(teacher))  # noqa: E731
     s_ref, f_ref = fresh()
     train_tdm(s_ref, f_ref, teacher, 10, cfg, job="tdm", run=Run(tmp_path / "a", cfg), progress=False)
@@ -263,6 +264,45 @@ def test_train_tdm_resumes_exactly_and_moves_the_student(tmp_path):
     train_tdm(s, f, teacher, 10, cfg, job="tdm", run=Run(tmp_path / "b", cfg, resume=True), progress=False)
     for a, b in zip(s.parameters(), s_ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_tdm_student_learning_rate_schedule_and_moving_average(tmp_path):
+    import copy
+
+    from sparsedistill.runs import Run
+    from sparsedistill.video.tdm import TDMTrainConfig, lr_factor, train_tdm, trained_student_state
+
+    cos = TDMTrainConfig(iterations=10, warmup=2, lr_schedule="cosine")
+    assert [round(lr_factor(i, cos), 4) for i in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.0381]
+    assert [lr_factor(i, TDMTrainConfig(iterations=10)) for i in (0, 9)] == [1.0, 1.0]  # the default: constant
+    torch.manual_seed(0)
+    teacher = create_model("video_dit_fmnist_tiny", depth=1, dim=64, heads=1)
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+
+    def trained(name: str, **over) -> tuple[torch.nn.Module, dict]:
+        cfg = TDMTrainConfig(**{"steps": 2, "iterations": 1, "batch_size": 2, "log_every": 1, "cfg": 3.0, "lr": 1e-3,
+                                **over})
+        run = Run(tmp_path / name, cfg)
+        s = train_tdm(copy.deepcopy(teacher), copy.deepcopy(teacher), teacher, 10, cfg, job="tdm", run=run, progress=False)
+        return s, run.load_checkpoint("tdm")
+
+    plain, plain_state = trained("plain")
+    averaged, state = trained("ema", ema=0.9)
+    # one update with the decay warmed up to min(0.9, 1 / 10): the average is 0.1 start + 0.9 trained weights (the
+    # trained weights are the plain run's: the average does not feed back); the checkpoint keeps the raw weights
+    for a, t, w in zip(averaged.state_dict().values(), teacher.state_dict().values(), plain.state_dict().values()):
+        assert torch.allclose(a, 0.1 * t + 0.9 * w, atol=1e-7)
+    assert any(not torch.equal(a, w) for a, w in zip(averaged.parameters(), plain.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(averaged.state_dict().values(), trained_student_state(state).values()))
+    assert all(torch.equal(a, b) for a, b in zip(state["student"].values(), plain_state["student"].values()))
+    assert "ema" in state and "ema" not in plain_state
+    _, cosine = trained("cosine", iterations=3, warmup=1, lr_schedule="cosine")
+    assert cosine["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)  # the last iteration's, halfway down
+    with pytest.raises(ValueError, match="decay is in"):
+        train_tdm(teacher, teacher, teacher, 10, TDMTrainConfig(ema=1.0), job="x", progress=False)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train_tdm(teacher, teacher, teacher, 10, TDMTrainConfig(lr_schedule="linear"), job="x", progress=False)
 
 
 def test_video_metrics_on_real_clips_and_their_corruptions(clips):
@@ -331,13 +371,14 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
     cfg = _tiny_recipe_config()
     report = run_video_blade(cfg, tmp_path / "run", progress=False)
     res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
-    assert list(res["models"]) == ["teacher-4", "teacher-k2", "tdm-k2", "tdm+asa-k2", "tdm-asa-k2"]
+    assert list(res["models"]) == ["teacher-4", "teacher-k2", "teacher-k2-cfg1", "tdm-k2", "tdm+asa-k2", "tdm-asa-k2"]
     for name, row in res["models"].items():
         assert 0 <= row["class_accuracy"] <= 1 and row["fd_real"] >= 0 and row["fd_real_ci"][1] > 0
         assert (row["attention_kept"] is None) == ("asa" not in name)
         assert (tmp_path / "run" / "samples" / f"{name}-s0.gif").exists()
     assert res["models"]["tdm-asa-k2"]["attention_kept"] < 0.5  # max_keep 0.17 of the blocks, plus diagonals
     assert res["models"]["teacher-k2"]["nfe"] == 4 and res["models"]["tdm-k2"]["nfe"] == 2
+    assert res["models"]["teacher-k2-cfg1"]["nfe"] == 2 and res["models"]["teacher-k2-cfg1"]["cfg"] == 1.0
     # students sample with the eta they were trained with; the teacher by Euler steps
     assert res["models"]["tdm-k2"]["eta"] == cfg.students.tdm.eta and res["models"]["teacher-k2"]["eta"] == 1.0
     # every student is exported in bf16 and loads into a fresh model (what `video sample` and a GPU run hand back)
@@ -447,7 +488,8 @@ def test_video_recipe_compares_arms_trained_by_separate_processes(tmp_path, caps
     base = load_file(str(run / "exports" / "tdm-k2-base-s0.safetensors"))
     assert any(not torch.equal(base[k], teacher[k]) for k in teacher)
     res = json.loads((run / "results" / "eval-s0.json").read_text())["models"]
-    assert list(res) == ["teacher-4", "teacher-k2", "tdm-k2-base", "tdm+asa-k2-base", "tdm-k2-frozen", "tdm+asa-k2-frozen"]
+    assert list(res) == ["teacher-4", "teacher-k2", "teacher-k2-cfg1", "tdm-k2-base", "tdm+asa-k2-base",
+                         "tdm-k2-frozen", "tdm+asa-k2-frozen"]
     assert res["tdm-k2-frozen"]["what"] == "TDM dense (a), arm frozen"
 
 
@@ -510,7 +552,7 @@ def test_video_recipe_under_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
-    assert list(res["models"]) == ["teacher-4", "teacher-k2", "tdm-k2", "tdm+asa-k2"]
+    assert list(res["models"]) == ["teacher-4", "teacher-k2", "teacher-k2-cfg1", "tdm-k2", "tdm+asa-k2"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["job"] == "tdm-k2-s0"]
     assert steps == [1, 2]  # logged once (rank 0), reduced over both ranks

@@ -8,7 +8,8 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs resume 
                               tdm      dense attention                              (a)
                               tdm-asa  ASA in the student and the fake score        (b)
                             one per named arm of ``students.arms`` (settings compared in one run), if any
-  eval-s{seed}              samples of the 50-step CFG teacher, the teacher at K steps (d), (a), (a) with ASA
+  eval-s{seed}              samples of the 50-step CFG teacher, the teacher at K steps (d) (guided, and unguided as the
+                            students start), (a), (a) with ASA
                             switched on untrained (c) and (b), from the same noise and classes; class accuracy,
                             Frechet distances (frame classifier's and EfficientNet-Lite0's features) to real test
                             clips and to the teacher's samples, motion, label
@@ -48,7 +49,7 @@ from ..video import flow_matching_loss
 from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy, frame_features, frames_of,
                              frechet_distance, frechet_interval, imagenet_features, label_consistency, motion)
 from ..video.samples import sample_videos, save_video_samples, seeded_noise, student_step_noise
-from ..video.tdm import TDMTrainConfig, train_tdm
+from ..video.tdm import TDMTrainConfig, check_train_config, train_tdm, trained_student_state
 from ..weights.lora import add_lora, merge_lora
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
@@ -224,6 +225,7 @@ def validate(cfg: VideoBladeConfig) -> VideoDiT:
         if not 0.0 <= s.tdm.eta <= 1.0:
             raise ValueError(f"{where}.tdm.eta = {s.tdm.eta}: the share of predicted noise in a student step "
                              "must be in [0, 1] (1: deterministic Euler steps)")
+        check_train_config(s.tdm, f"{where}.tdm.")
     if cfg.eval.videos % cfg.eval.batch:
         raise ValueError(f"eval.videos {cfg.eval.videos} must be a multiple of eval.batch {cfg.eval.batch}")
     if cfg.teacher.init:
@@ -345,7 +347,7 @@ class VideoBlade:
             self.run.save_result(job, {"iterations": tdm.iterations, "seconds": self._checkpoint(job).get("seconds"),
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
-        student.load_state_dict(self._checkpoint(job)["student"])
+        student.load_state_dict(trained_student_state(self._checkpoint(job)))  # its moving average where it kept one
         merge_lora(student)  # the adapters folded in: the teacher's architecture, no extra cost when sampling
         export = self.run.artifact("exports") / f"{job}.safetensors"
         if dist.is_main() and not export.exists():  # bf16, ~20 MB: what travels back from a GPU machine
@@ -426,6 +428,9 @@ class VideoBlade:
             (f"teacher-{s.steps}", "teacher", teacher, s.steps, s.cfg, None)]
         for k in sorted({k for s_ in self.arms.values() for k in s_.steps}):  # (d) even where no student has this K
             models.append((f"teacher-k{k}", "teacher at K steps (d)", teacher, k, s.cfg, None))
+            if s.cfg != 1.0:  # the students start from these weights and sample unguided: what distillation starts from
+                models.append((f"teacher-k{k}-cfg1", "teacher at K steps, unguided (the students' start)", teacher, k,
+                               1.0, None))
             for arm, arm_cfg in self.arms.items():
                 eta, of_arm = arm_cfg.tdm.eta, f", arm {arm}" if arm else ""
                 if (arm, "tdm", k) in students:

@@ -31,8 +31,8 @@ from .flow import guided_velocity
 if TYPE_CHECKING:
     from ..runs import Run
 
-__all__ = ["TDMConfig", "TDMTrainConfig", "train_tdm", "student_times", "student_step", "rollout", "renoise", "fake_score_loss", "generator_loss",
-           "pseudo_huber"]
+__all__ = ["TDMConfig", "TDMTrainConfig", "check_train_config", "lr_factor", "train_tdm", "trained_student_state",
+           "student_times", "student_step", "rollout", "renoise", "fake_score_loss", "generator_loss", "pseudo_huber"]
 
 
 @dataclass
@@ -150,8 +150,41 @@ class TDMTrainConfig(TDMConfig):
     beta2: float = 0.95  # AdamW betas (0, beta2), as TDM and BLADE
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
+    # the student's learning rate over the iterations: "constant", or "cosine" to 0 after ``warmup`` linear iterations
+    # (BLADE's launch script: cosine with 5 warm-up steps); the fake score keeps ``fake_lr`` (it tracks the student)
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    # decay of an exponential moving average of the student's weights (0: none; warmed up as (1 + n) / (10 + n)); with
+    # one, the average is the student that training returns (TDM's code keeps one; a 300-iteration student against a
+    # moving fake score is noisy)
+    ema: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 100
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_train_config(cfg: TDMTrainConfig, where: str = "") -> None:
+    """Clear errors for settings ``train_tdm`` cannot use (``where`` names them in a config, e.g. students.tdm.)."""
+    if cfg.fake_updates < 1:
+        raise ValueError(f"{where}fake_updates = {cfg.fake_updates}: the fake score needs at least one update per "
+                         "iteration")
+    if cfg.lr_schedule not in LR_SCHEDULES or cfg.warmup < 0:
+        raise ValueError(f"{where}lr_schedule {cfg.lr_schedule!r} with warmup {cfg.warmup}: use one of {LR_SCHEDULES} "
+                         "and warmup >= 0")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"{where}ema = {cfg.ema}: an average's decay is in [0, 1) (e.g. 0.99; 0 keeps none)")
+
+
+def lr_factor(it: int, cfg: TDMTrainConfig) -> float:
+    """The student's learning rate at iteration ``it`` (0-based) as a share of ``cfg.lr``."""
+    if it < cfg.warmup:
+        return (it + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.iterations - cfg.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * (it - cfg.warmup) / span))
+    return 1.0
 
 
 def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_classes: int, cfg: TDMTrainConfig, *,
@@ -172,8 +205,7 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
 
     from .. import distributed as dist
 
-    if cfg.fake_updates < 1:
-        raise ValueError(f"fake_updates = {cfg.fake_updates}: the fake score needs at least one update per iteration")
+    check_train_config(cfg)
     if cfg.batch_size % dist.world_size():
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {dist.world_size()} processes")
     dev = next(student.parameters()).device
@@ -187,6 +219,8 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
     opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=cfg.fake_lr, betas=(0.0, cfg.beta2),
                               weight_decay=cfg.weight_decay)
     start = 0
+    # the student's moving average (every parameter, frozen ones too, so that it loads as the student's state)
+    ema = [p.detach().clone() for p in student.parameters()] if cfg.ema else []
     state = run.load_checkpoint(job) if run else None
     if state is not None:
         if state.get("world_size", 1) != dist.world_size():
@@ -197,9 +231,15 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
         opt_g.load_state_dict(state["opt_g"])
         opt_f.load_state_dict(state["opt_f"])
         start = state["iteration"]
+        if cfg.ema:
+            if "ema" not in state:
+                raise ValueError(f"{job}: its checkpoint has no moving average (written with ema = 0); resume with "
+                                 "students.tdm.ema = 0 or start a new run")
+            ema = [state["ema"][name].to(dev) for name, _ in student.named_parameters()]
     elif dist.world_size() > 1:  # every rank starts from rank 0's weights
         for t in [*student.state_dict().values(), *fake.state_dict().values()]:
             torch.distributed.broadcast(t, 0)
+        ema = [p.detach().clone() for p in student.parameters()] if cfg.ema else []
     local = cfg.batch_size // dist.world_size()
     seconds, since = (state or {}).get("seconds", 0.0), time.perf_counter()  # training time over every resume
     times = student_times(cfg.steps, dev)
@@ -248,7 +288,13 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
             x0, eps, t_low = student_x0(inputs, step, y, g)
             x_t, t = renoise(x0, eps, t_low, cfg.eta, cfg.t_max, generator=g)
             loss_g, metrics = generator_loss(x0, x_t, t, y, teacher, fake, num_classes, cfg.cfg, cfg.huber_c)
+        for group in opt_g.param_groups:
+            group["lr"] = cfg.lr * lr_factor(it, cfg)
         update(student, opt_g, loss_g)
+        if ema:  # the decay warms up ((1 + n) / (10 + n)), so the starting weights do not linger in the average
+            decay = min(cfg.ema, (1 + it) / (10 + it))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - decay)
         done = it + 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
             vals = dist.all_reduce_mean(torch.stack([loss_f.detach().float(), loss_g.detach().float(),
@@ -261,10 +307,21 @@ def train_tdm(student: nn.Module, fake: nn.Module, teacher: nn.Module, num_class
             if run is not None:
                 run.log(job, done, fake_loss=lf, generator_loss=lg, real_minus_fake=gap)
         if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+            averaged = {"ema": dict(zip([n for n, _ in student.named_parameters()], ema))} if ema else {}
             run.save_checkpoint(job, {"student": student.state_dict(), "fake": fake.state_dict(),
                                       "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "iteration": done,
-                                      "world_size": dist.world_size(), "seconds": seconds + time.perf_counter() - since})
+                                      "world_size": dist.world_size(), "seconds": seconds + time.perf_counter() - since,
+                                      **averaged})
+    if ema:  # the average is the student
+        with torch.no_grad():
+            for p, e in zip(student.parameters(), ema):
+                p.copy_(e)
     return student
+
+
+def trained_student_state(checkpoint: dict) -> dict[str, Tensor]:
+    """The student's state dict from a ``train_tdm`` checkpoint: its moving average where it kept one."""
+    return {**checkpoint["student"], **checkpoint.get("ema", {})}
 
 
 def _sample_shape(model: nn.Module) -> tuple[int, ...]:
