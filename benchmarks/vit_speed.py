@@ -48,14 +48,15 @@ from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: 
 from sparsedistill.timing import kernel_groups, kernel_times, time_ms, top_kernels  # noqa: E402
 
 PRUNED = ("qkv", "proj", "fc1", "fc2")
-# kernel name -> group, first match wins (case-insensitive substrings): the split beside every row. The patch
-# embedding's convolution and cuDNN's layout transposes come before the GEMM group (cuDNN's convolutions are
-# "implicit_gemm" kernels); cuSPARSELt's 2:4 kernels before the dense GEMMs.
+# kernel name -> group, first match wins (case-insensitive substrings): the split beside every row. cuSPARSELt's 2:4
+# kernels come before the dense GEMMs, the patch embedding's convolution and cuDNN's layout transposes too (cuDNN's
+# convolutions are "implicit_gemm" kernels).
 KERNEL_GROUPS = {
     "sparse_gemm": ("sparse", "cusparselt", "spgemm"),
-    "conv": ("conv", "implicit_gemm", "nchwtonhwc", "nhwctonchw"),
     "attention": ("flash", "fmha", "attention", "sdpa"),
-    "gemm": ("gemm", "cutlass", "xmma", "_mm", "matmul"),
+    # not "conv" alone: Inductor's names say "convert_element_type"
+    "conv": ("convolution", "conv2d", "implicit_gemm", "nchwtonhwc", "nhwctonchw"),
+    "gemm": ("gemm", "cutlass", "xmma", "_mm", "addmm", "matmul"),
     "fused_triton": ("triton",),
     "eager_elementwise_norm": ("elementwise", "layer_norm", "layernorm", "gelu", "reduce", "softmax"),
     "copies": ("memcpy", "memset", "copy"),

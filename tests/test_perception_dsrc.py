@@ -114,6 +114,7 @@ def test_batches_merge_kept_frame_inputs_in_order():
     lt = [assign_targets(anchors, g, acfg) for g in gts]
     assert int((batch.labels == 1).sum()) > 0
     assert torch.equal(batch.labels, torch.cat([x for x, _ in lt])) and torch.equal(batch.targets, torch.cat([t for _, t in lt]))
+    assert batch.labels.dtype == torch.long and batch.targets.dtype == torch.float32  # torch.equal ignores dtypes
     painted = [paint_teacher_input(o, g) for o, g in zip(own, gts)]
     assert torch.equal(batch.teacher_points, torch.cat([c for clouds, _ in painted for c in clouds]))
     tsizes = torch.tensor([len(c) for clouds, _ in painted for c in clouds])

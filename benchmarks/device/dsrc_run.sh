@@ -6,10 +6,14 @@
 # (a file lock each): every process simulates some, then loads the others'.
 # The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
 # evaluation's log (the device returns at most 8 files).
-# RUN (default runs/dsrc-full), WAVE1 and WAVE2 (the jobs of each wave) choose another run directory and jobs: the
-# later seeds train b0 and dsrc alone (the report averages each model over the seeds that have it), two run
-# directories side by side:
-#   [RUN=runs/dsrc-s1 WAVE1="teacher b0" WAVE2=dsrc] benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
+# RUN (default runs/dsrc-full), WAVE1 and WAVE2 (the jobs of each wave; an empty one is skipped) choose another run
+# directory and jobs: the later seeds train b0 and dsrc alone (the report averages each model over the seeds that
+# have it), with the config's variants cut to match (else the evaluation trains the missing ones):
+#   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
+#   RUN=runs/dsrc-s1 WAVE1="teacher b0" WAVE2=dsrc benchmarks/device/dsrc_run.sh LIMIT_S --set 'seeds=[1]' \
+#       --set 'variants=["b0", "dsrc"]'
+# Memory: each process keeps its training frames' inputs on the GPU (~2 GB a 1,000 frames, twice that with the
+# teacher's painted input) beside the frames (~2 GB a 1,000): wave 1's six processes need ~55 GB at 2,000 frames.
 set -u
 # several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -30,9 +34,9 @@ wave() {
 }
 sets=("$@")
 # shellcheck disable=SC2086  # the waves are word lists
-wave ${WAVE1:-teacher teacher_unpainted b0 no_fusion early dsrc_no_distill}
+wave ${WAVE1-teacher teacher_unpainted b0 no_fusion early dsrc_no_distill}
 # shellcheck disable=SC2086
-wave ${WAVE2:-dsrc dsrc_no_paint dsrc_no_recon}
+wave ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}
 job eval; rc=$?
 cp "$run/logs/eval.log" "$OUT/$name-eval.log"
 echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"

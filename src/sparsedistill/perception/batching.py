@@ -76,7 +76,8 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if anchors is not None and anchor_cfg is None:
         raise ValueError("anchor targets need anchor_cfg beside the anchors")
-    own = [frame.points_in_ego(a)[:, :4] for a in range(frame.num_agents)]
+    # contiguous: a kept (N, 4) view would hold the (N, 5) storage it was cut from
+    own = [frame.points_in_ego(a)[:, :4].contiguous() for a in range(frame.num_agents)]
     gt = frame_labels(frame, own, grid, min_points)
     part = FrameInputs(own if inputs == "intermediate" else [torch.cat(own)], gt)
     if anchors is not None:
