@@ -89,10 +89,10 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
     return part
 
 
-def _cloud_index(clouds: list[Tensor], first: int = 0) -> Tensor:
-    """(sum N_c,) the index of each point's cloud, counting from ``first``."""
-    sizes = torch.tensor([len(c) for c in clouds], device=clouds[0].device)
-    return torch.repeat_interleave(torch.arange(first, first + len(clouds), device=sizes.device), sizes)
+def _repeated(values: list[int], counts: list[int], device: torch.device) -> Tensor:
+    """Each of ``values`` ``counts`` times, in order (the output size known on the host: no device sync)."""
+    return torch.repeat_interleave(torch.tensor(values, device=device), torch.tensor(counts, device=device),
+                                   output_size=sum(counts))
 
 
 def merge(parts: list[FrameInputs]) -> Batch:
@@ -100,10 +100,10 @@ def merge(parts: list[FrameInputs]) -> Batch:
     if not parts:
         raise ValueError("a batch needs at least one frame")
     clouds = [c for p in parts for c in p.clouds]
-    frame_of_cloud = [f for f, p in enumerate(parts) for _ in p.clouds]
-    sizes = torch.tensor([len(c) for c in clouds], device=clouds[0].device)
-    batch = Batch(torch.cat(clouds), _cloud_index(clouds), [len(p.clouds) for p in parts], [p.boxes for p in parts],
-                  merged_frame=torch.repeat_interleave(torch.tensor(frame_of_cloud, device=sizes.device), sizes))
+    sizes, dev = [len(c) for c in clouds], clouds[0].device
+    batch = Batch(torch.cat(clouds), _repeated(list(range(len(clouds))), sizes, dev), [len(p.clouds) for p in parts],
+                  [p.boxes for p in parts],
+                  merged_frame=_repeated([f for f, p in enumerate(parts) for _ in p.clouds], sizes, dev))
     if any(p.labels is not None for p in parts):
         if any(p.labels is None for p in parts):
             raise ValueError("merge got frames with and without anchor targets: give every frame_inputs the anchors")
@@ -114,11 +114,10 @@ def merge(parts: list[FrameInputs]) -> Batch:
         if any(p.teacher_clouds is None for p in parts):
             raise ValueError("merge got frames with and without the teacher's input: collate them all with teacher=True")
         tclouds = [c for p in parts for c in p.teacher_clouds]
-        batch.teacher_points, batch.teacher_cloud = torch.cat(tclouds), _cloud_index(tclouds)
+        batch.teacher_points = torch.cat(tclouds)
+        batch.teacher_cloud = _repeated(list(range(len(tclouds))), [len(c) for c in tclouds], dev)
         batch.objects = torch.cat([p.objects for p in parts])
-        batch.object_frame = torch.repeat_interleave(
-            torch.arange(len(parts), device=batch.objects.device),
-            torch.tensor([len(p.objects) for p in parts], device=batch.objects.device))
+        batch.object_frame = _repeated(list(range(len(parts))), [len(p.objects) for p in parts], dev)
     return batch
 
 
