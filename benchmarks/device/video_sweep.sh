@@ -4,7 +4,8 @@
 # export (/root/video-teacher, unpacked by env.sh), then, in the time left, the evaluation of every arm against one
 # set of teacher samples and one classifier (needs .gpu/fmnist). A call cut by the limit is continued by sending the
 # same command again while the machine is warm. The run (no checkpoints, no exports) and the logs come back in $OUT.
-#   [RUN=runs/vb-x] benchmarks/device/video_sweep.sh LIMIT_S CONFIG JOB... [-- --set KEY=VALUE ...]
+# TEACHER_INIT= (empty) uses the config's own teacher instead: it trains first (`--jobs teacher`), then the students.
+#   [RUN=runs/vb-x] [TEACHER_INIT=PATH|''] benchmarks/device/video_sweep.sh LIMIT_S CONFIG JOB... [-- --set KEY=VALUE ...]
 set -u
 # several processes share the 16 cores: torch's default of one CPU thread per core each would oversubscribe them
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -12,13 +13,15 @@ limit=$1; config=$2; shift 2
 jobs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do jobs+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 run=${RUN:-runs/vb-$config}; end=$((SECONDS + limit))  # RUN: another run directory of the same config
+init=${TEACHER_INIT-/root/video-teacher/teacher-s\{seed\}-ema.safetensors}
 mkdir -p "$run/logs"
 vr() {  # vr LOG ARGS...: one resumable `video run` into the shared run directory, within the call's limit
   local log=$1; shift
   SPARSEDISTILL_LOG=info timeout $((end - SECONDS > 1 ? end - SECONDS : 1)) python3 -m sparsedistill video run \
     --config "$config" --run-dir "$run" --resume --no-progress \
-    --set 'teacher.init="/root/video-teacher/teacher-s{seed}-ema.safetensors"' "$@" >> "$run/logs/$log.log" 2>&1
+    ${init:+--set "teacher.init=\"$init\""} "$@" >> "$run/logs/$log.log" 2>&1
 }
+if [ -z "$init" ]; then vr teacher --jobs teacher "$@"; echo "teacher: exit $? after $SECONDS s"; fi
 pids=()
 for j in "${jobs[@]}"; do vr "$j" --jobs "$j" "$@" & pids+=($!); done
 for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "${jobs[$i]}: exit $? after $SECONDS s"; done
