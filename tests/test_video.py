@@ -403,6 +403,20 @@ def test_video_recipe_runs_resumes_and_reports(tmp_path):
     before, after = redo_jobs(tmp_path / "run", ["tdm-asa-k2-s0", "eval-s0"],
                               lambda: run_video_blade(cfg, tmp_path / "run", resume=True, progress=False))
     assert after == before
+    # a run whose models' checkpoints stayed on a GPU machine is evaluated from the bf16 exports that came back (the
+    # frame classifier, trained on the CPU, travelled there with the run)
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "back", ignore=lambda d, names: [
+        n for n in names if d.endswith("checkpoints") and n != "classifier.pt"])
+    (tmp_path / "back" / "results" / "eval-s0.json").unlink()
+    logged = (tmp_path / "back" / "metrics.jsonl").read_text()
+    run_video_blade(cfg, tmp_path / "back", resume=True, progress=False)
+    back = json.loads((tmp_path / "back" / "results" / "eval-s0.json").read_text())
+    assert list(back["models"]) == list(res["models"]) and not (tmp_path / "back" / "checkpoints" / "teacher-s0.pt").exists()
+    assert (tmp_path / "back" / "metrics.jsonl").read_text() == logged  # nothing retrained
+    for name, row in back["models"].items():  # bf16 weights: near the checkpoints' figures, not equal
+        assert abs(row["fd_real"] - after["eval-s0"]["models"][name]["fd_real"]) <= 0.1 * row["fd_real"] + 1.0, name
     # the exported teacher starts another run; a checkpoint of another architecture is refused by name
     export = tmp_path / "run" / "exports" / "teacher-s0-ema.safetensors"
     assert export.exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from ..video.metrics import (FrameClassifier, bootstrap_interval, class_accuracy
 from ..video.samples import sample_videos, save_video_samples, seeded_noise, student_step_noise
 from ..video.tdm import TDMTrainConfig, check_train_config, train_tdm, trained_student_state
 from ..weights.lora import add_lora, merge_lora
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VideoBladeConfig", "run_video_blade", "VARIANTS"]
 
@@ -322,9 +325,11 @@ class VideoBlade:
             self.run.save_result(job, {"steps": c.steps, "seconds": state.get("seconds"),
                                        "final_loss": last[0]["loss"] if last else None,
                                        "parameters": sum(p.numel() for p in model.parameters())})
+        export = self.run.artifact("exports") / f"{job}-ema.safetensors"
+        if state is None and self._export_only(job, export):
+            return load_weights(model, export).eval()
         state = state if state is not None else self._checkpoint(job)  # read once: it holds optimizer state too
         model.load_state_dict(state["ema"])
-        export = self.run.artifact("exports") / f"{job}-ema.safetensors"
         if dist.is_main() and not export.exists():
             save_bf16(model, export)
         return model.eval()
@@ -347,12 +352,22 @@ class VideoBlade:
             self.run.save_result(job, {"iterations": tdm.iterations, "seconds": self._checkpoint(job).get("seconds"),
                                        **({k_: last[0][k_] for k_ in ("fake_loss", "generator_loss")} if last else {})})
             del fake
+        export = self.run.artifact("exports") / f"{job}.safetensors"
+        if self._export_only(job, export):  # merged adapters, as exported (untrained ones change nothing)
+            return load_weights(merge_lora(student), export).eval()
         student.load_state_dict(trained_student_state(self._checkpoint(job)))  # its moving average where it kept one
         merge_lora(student)  # the adapters folded in: the teacher's architecture, no extra cost when sampling
-        export = self.run.artifact("exports") / f"{job}.safetensors"
         if dist.is_main() and not export.exists():  # bf16, ~20 MB: what travels back from a GPU machine
             save_bf16(student, export)
         return student.eval()
+
+    def _export_only(self, job: str, export: Path) -> bool:
+        """Whether a finished job has its bf16 export but no checkpoint: exports alone travel back from a GPU machine
+        (checkpoints stay there), and a later session evaluates the run from them."""
+        if self.run.checkpoint_path(job).exists() or not export.exists():
+            return False
+        log.info("%s: no checkpoint in %s; loading its export %s", job, self.run.path, export)
+        return True
 
     def _checkpoint(self, job: str) -> dict:
         state = self.run.load_checkpoint(job)
