@@ -54,6 +54,45 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
     assert after == before
 
 
+def test_dsrc_run_carries_across_machines_as_results_detections_and_exports(tmp_path):
+    """What comes back from a GPU machine (results, detect files, bf16 exports; no model checkpoints, no frames)
+    evaluates anywhere; a model without detections detects from its export; detections of other frames are refused."""
+    import shutil
+
+    import torch
+
+    cfg = _cfg()
+    run_dsrc(cfg, tmp_path / "run", progress=False)
+    full = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
+    back = tmp_path / "back"
+    shutil.copytree(tmp_path / "run", back, ignore=lambda d, names: [
+        n for n in names if n == "frames" or (d.endswith("checkpoints") and not n.startswith("detect-"))])
+    assert sorted(p.name for p in (back / "exports").iterdir()) == [
+        "b0-s0.safetensors", "dsrc-s0.safetensors", "dsrc_no_paint-s0.safetensors", "teacher-s0.safetensors",
+        "teacher_unpainted-s0.safetensors"]
+    (back / "results" / "eval-s0.json").unlink()
+    run_dsrc(cfg, back, resume=True, progress=False)
+    assert json.loads((back / "results" / "eval-s0.json").read_text()) == full  # from the detect files alone
+    assert not (back / "frames").exists()  # no frame simulated, no model loaded
+    # a model whose detections did not come back detects again from its bf16 export
+    (back / "results" / "eval-s0.json").unlink()
+    (back / "results" / "detect-dsrc-s0.json").unlink()
+    logged = (back / "metrics.jsonl").read_text()
+    run_dsrc(cfg, back, resume=True, progress=False)
+    assert (back / "metrics.jsonl").read_text() == logged  # nothing trained
+    again = json.loads((back / "results" / "eval-s0.json").read_text())
+    assert list(again["models"]) == list(full["models"]) and (back / "frames").exists()
+    # detections made on other frames than b0's cannot be paired: a clear error, not a wrong delta
+    (back / "results" / "eval-s0.json").unlink()
+    state = torch.load(back / "checkpoints" / "detect-dsrc-s0.pt", weights_only=False)
+    res = json.loads((back / "results" / "detect-dsrc-s0.json").read_text())
+    res["truth_sha256"] = "0" * 64
+    (back / "results" / "detect-dsrc-s0.json").write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="different test frames"):
+        run_dsrc(cfg, back, resume=True, progress=False)
+    assert state["truth"][0].shape[1] == 5
+
+
 def test_dsrc_recipe_rejects_bad_configs():
     with pytest.raises(ValueError, match="unknown variants"):
         validate(_cfg(variants='["b0", "dsrc_plus"]'))

@@ -5,7 +5,12 @@
 # The frames are simulated once per run directory (runs/dsrc-full/frames), in shards the processes share out
 # (a file lock each): every process simulates some, then loads the others'.
 # The run directory (each job's log in its logs/, no checkpoints) comes back in $OUT as one tgz, beside the
-# evaluation's log (the device returns at most 8 files).
+# evaluation's log (the device returns at most 8 files). A run the call's limit cut before its evaluation carries into
+# a later session: the detect jobs' files come back too (<name>-detect.tgz.aa, .ab, ...: split at 15 MiB; join
+# them with `cat <name>-detect.tgz.* | tar -xz`), with the teachers' bf16 exports xz-compressed where a distilled
+# variant still lacks its detections; a later session carries the results and those exports (unpacked into
+# exports/) and trains the rest (WAVE1/WAVE2 naming them), and the evaluation runs on any machine once every detect
+# job's files are in one run directory (it needs neither the frames nor the models).
 # RUN (default runs/dsrc-full), WAVE1 and WAVE2 (the jobs of each wave; an empty one is skipped) choose another run
 # directory and jobs: the later seeds train b0 and dsrc alone (the report averages each model over the seeds that
 # have it), with the config's variants cut to match (else the evaluation trains the missing ones):
@@ -33,6 +38,10 @@ wave() {
   echo "wave done after $SECONDS s: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 }
 sets=("$@")
+for f in "$run"/exports/*.safetensors.xz; do  # exports carried from an earlier session, compressed for the trip
+  [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$f" "${f%.xz}" && rm "$f"
+done
 # shellcheck disable=SC2086  # the waves are word lists
 wave ${WAVE1-teacher teacher_unpainted b0 no_fusion early dsrc_no_distill}
 # shellcheck disable=SC2086
@@ -40,5 +49,19 @@ wave ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}
 job eval; rc=$?
 cp "$run/logs/eval.log" "$OUT/$name-eval.log"
 echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"
-tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' "$run"
+tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' --exclude='exports' "$run"
+if [ $rc -ne 0 ]; then  # cut: what a later session needs to go on
+  detected=("$run"/checkpoints/detect-*.pt)
+  [ -e "${detected[0]}" ] && tar -cz "${detected[@]}" | split -b 15m - "$OUT/$name-detect.tgz."
+  need_teachers=0
+  for v in ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}; do
+    compgen -G "$run/results/detect-$v-s*.json" >/dev/null || need_teachers=1
+  done
+  if [ $need_teachers = 1 ]; then
+    for f in "$run"/exports/teacher*-s*.safetensors; do
+      [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
+        "$f" "$OUT/$(basename "$f").xz"
+    done
+  fi
+fi
 exit $rc

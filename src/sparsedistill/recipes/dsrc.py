@@ -7,9 +7,13 @@ Jobs, per seed (each resumable; a finished job is skipped on --resume):
                               pillars), dsrc (distillation + reconstruction) and its ablations dsrc_no_paint,
                               dsrc_no_recon, dsrc_no_distill
   detect-{model}-s{seed}      a model's detections on the test frames, clean and under each corruption at each
-                              level, and their AP@0.5 / 0.7 (a cut evaluation resumes at the next model)
-  eval-s{seed}                Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0, BEV pictures
+                              level, their AP@0.5 / 0.7 and the frames' true boxes (a cut evaluation resumes at the
+                              next model); b0 and dsrc also draw their BEV pictures here
+  eval-s{seed}                Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0, from the detect jobs
+                              alone: no model, no frame (so it runs anywhere the detect jobs' files are)
 ``perception run --jobs`` trains (and detects with) chosen jobs only, so processes can share a run directory.
+Every trained model is also exported in bf16 (``exports/<job>.safetensors``, ~18 MB); a finished job whose
+checkpoint is absent loads its export, so a run carries across machines as its results, detect files and exports.
 Frames are simulated at the start (``perception.frames``) from disjoint seed ranges per split; nothing is
 downloaded. The report (``dsrc_report``) merges seeds.
 """
@@ -17,6 +21,8 @@ downloaded. The report (``dsrc_report``) merges seeds.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ from .. import distributed as dist
 from ..distill import TrainConfig, train
 from ..models import create_model
 from ..models.coop_detector import CoopDetector
+from ..models.safetensors_io import load_weights, save_bf16
 from ..perception.anchors import make_anchors
 from ..perception.batching import FrameInputs, collate, frame_inputs, merge
 from ..perception.corruptions import LEVELS, corruption_names
@@ -41,6 +48,9 @@ from ..perception.training import DSRCWeights, detector_loss, dsrc_loss, freeze,
 from ..runs import Run
 
 __all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
+
+log = logging.getLogger(__name__)
+PICTURED = ("b0", "dsrc")  # the models whose BEV pictures the report shows
 
 # variant: (input mode, fusion, teacher job (None: no distillation), reconstruction head)
 VARIANTS = {
@@ -162,10 +172,17 @@ class DSRCRecipe:
             train(model, amp_loss, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
                   progress=self.progress)
             self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": self.run.load_checkpoint(job).get("seconds")})
+        export = self.run.artifact("exports") / f"{job}.safetensors"
         state = self.run.load_checkpoint(job)
         if state is None:
-            raise FileNotFoundError(f"{self.run.path} has job {job!r} finished but not its weights; start a new run")
+            if not export.exists():
+                raise FileNotFoundError(f"{self.run.path} has job {job!r} finished but neither its checkpoint nor its "
+                                        f"export ({export}): copy one back, or start a new run")
+            log.info("%s: no checkpoint in %s; loading its export %s", job, self.run.path, export)
+            return load_weights(model, export)
         model.load_state_dict(state["model"])
+        if dist.is_main() and not export.exists():  # bf16: what travels back from a GPU machine
+            save_bf16(model, export)
         return model
 
     def teacher(self, seed: int, painted: bool = True) -> CoopDetector:
@@ -212,14 +229,13 @@ class DSRCRecipe:
         return [gt[:, [0, 1, 3, 4, 6]].cpu() for i in range(0, len(test), n) for gt in collate(test[i : i + n], self.grid).boxes]
 
     @torch.no_grad()
-    def detect(self, seed: int, name: str, model: CoopDetector) -> dict:
-        """A model's detections on the test frames in every condition, and their AP: its own job
-        (``detect-<name>-s<seed>``, detections kept as a checkpoint), so a cut evaluation resumes at the next
-        model and ``--jobs`` processes detect with the models they train."""
+    def detect(self, seed: int, name: str, model: CoopDetector) -> None:
+        """A model's detections on the test frames in every condition, their AP and the frames' true boxes: its own job
+        (``detect-<name>-s<seed>``, detections kept as a checkpoint), so a cut evaluation resumes at the next model and
+        ``--jobs`` processes detect with the models they train. b0 and dsrc draw their BEV pictures here too."""
         job, e = f"detect-{name}-s{seed}", self.cfg.eval
-        done, state = self.run.result(job), self.run.load_checkpoint(job)
-        if done is not None and state is not None:
-            return {"ap": done["ap"], "detections": state["detections"]}
+        if self._detected(job):
+            return
         test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
         ap, detections, t0 = {}, {}, time.perf_counter()
         for cname, lv in self._conditions():
@@ -231,26 +247,42 @@ class DSRCRecipe:
                                      self.anchor_cfg):
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
-            detections[key] = (boxes, scores)
+            detections[key] = _pack(boxes, scores)
             ap[key] = {f"ap{int(t * 100)}": average_precision(boxes, scores, truth, t) for t in (0.5, 0.7)}
-        self.run.save_checkpoint(job, {"detections": detections})
+        if name in PICTURED:
+            self._pictures(seed, name, model, test[:2], e.corruptions[0] if e.corruptions else None)
+        packed_truth = _pack(truth)
+        self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth})
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
-                                   "conditions": len(ap)})
-        return {"ap": ap, "detections": detections}
+                                   "conditions": len(ap), "truth_sha256": _sha256(packed_truth)})
+
+    def _detected(self, job: str) -> bool:
+        return self.run.result(job) is not None and self.run.checkpoint_path(job).exists()
 
     @torch.no_grad()
-    def evaluate(self, seed: int, models: dict[str, CoopDetector]) -> dict:
+    def evaluate(self, seed: int) -> dict:
+        """CE / RR and paired delta-AP against b0 from every model's detect job; the frames and models are not needed."""
         job, e = f"eval-s{seed}", self.cfg.eval
         if self.run.result(job) is not None:
             return self.run.result(job)
+        missing = [v for v in self.cfg.variants if not self._detected(f"detect-{v}-s{seed}")]
+        if missing:
+            raise FileNotFoundError(f"{self.run.path} lacks the detections of {missing} (seed {seed}): run "
+                                    f"`perception run --jobs {' '.join(missing)}` there, or copy their results/ and "
+                                    "checkpoints/detect-* files back")
         results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in self._conditions()],
                          "models": {}}
         detections: dict[tuple[str, str], tuple[list, list]] = {}
-        for name, model in models.items():
-            found = self.detect(seed, name, model)
+        truth, truth_sha = None, {}
+        for name in self.cfg.variants:
+            found, state = self.run.result(f"detect-{name}-s{seed}"), self.run.load_checkpoint(f"detect-{name}-s{seed}")
             results["models"][name] = {key: dict(row) for key, row in found["ap"].items()}
-            detections.update({(name, key): d for key, d in found["detections"].items()})
-        gts = {key: self._test_truth for key in results["conditions"]}
+            detections.update({(name, key): _unpack(*d) for key, d in state["detections"].items()})
+            truth_sha[name] = found.get("truth_sha256")
+            truth = truth if truth is not None else _unpack(*state["truth"])[0]
+        if len(set(truth_sha.values())) > 1:  # detect jobs of one run on other machines must have seen the same frames
+            raise ValueError(f"the detect jobs of seed {seed} saw different test frames (true boxes' sha256 per model: "
+                             f"{truth_sha}); detect them again on one machine (delete their results/detect-* files)")
         # Robo3D's robustness against b0, and paired bootstrap of delta-AP against b0, per condition
         for name, rows in results["models"].items():
             b0 = results["models"]["b0"]
@@ -267,27 +299,24 @@ class DSRCRecipe:
                 for key in results["conditions"]:
                     for thr, t in ((0.5, "ap50"), (0.7, "ap70")):
                         rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_ap(
-                            detections[name, key], detections["b0", key], gts[key], thr, rounds=e.bootstrap, seed=seed)
-        self._pictures(seed, models, self.frames("test")[:2], e.corruptions[0] if e.corruptions else None)
+                            detections[name, key], detections["b0", key], truth, thr, rounds=e.bootstrap, seed=seed)
         self.run.save_result(job, results)
         return results
 
-    def _pictures(self, seed: int, models: dict[str, CoopDetector], frames: list[Frame], corruption: str | None) -> None:
-        """BEV pictures of the first test frames, clean and under ``corruption`` at level 2, for b0 and dsrc."""
+    def _pictures(self, seed: int, name: str, model: CoopDetector, frames: list[Frame], corruption: str | None) -> None:
+        """BEV pictures of the first test frames, clean and under ``corruption`` at level 2."""
         out = self.run.artifact("samples")
         out.mkdir(exist_ok=True)
-        shown = [m for m in ("b0", "dsrc") if m in models]
         for cname in ["clean"] + ([corruption] if corruption else []):
             for i, frame in enumerate(frames):
                 f = corrupt_frame(frame, cname, 2, self.cfg.sim.rings)
                 clouds = [f.points_in_ego(a) for a in range(f.num_agents)]
                 truth = collate([frame], self.grid).boxes[0]
-                for name in shown:
-                    batch = collate([f], self.grid, inputs=VARIANTS[name][0])
-                    boxes, scores = predict(models[name], batch, self.anchors, self.anchor_cfg)[0]
-                    label = "clean" if cname == "clean" else f"{cname}-2"
-                    save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
-                             title=f"{name}, {label}, test frame {i}, seed {seed}")
+                batch = collate([f], self.grid, inputs=VARIANTS[name][0])
+                boxes, scores = predict(model, batch, self.anchors, self.anchor_cfg)[0]
+                label = "clean" if cname == "clean" else f"{cname}-2"
+                save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
+                         title=f"{name}, {label}, test frame {i}, seed {seed}")
 
     def train_only(self, jobs: list[str]) -> None:
         """Train the named jobs of every seed (``teacher``, ``teacher_unpainted`` or a variant; a variant also detects
@@ -303,6 +332,8 @@ class DSRCRecipe:
                 if job in jobs:
                     self.teacher(seed, painted=job == "teacher")
             for name in (j for j in jobs if j in self.cfg.variants):
+                if self._detected(f"detect-{name}-s{seed}"):
+                    continue
                 teacher_job = VARIANTS[name][2]
                 teachers = {}
                 if teacher_job:
@@ -315,16 +346,41 @@ class DSRCRecipe:
     def run_all(self) -> dict:
         out = {}
         for seed in self.cfg.seeds:
-            teachers = {}
-            jobs = {VARIANTS[v][2] for v in self.cfg.variants} - {None}
-            if "teacher" in jobs:
-                teachers["teacher"] = self.teacher(seed)
-            if "teacher_unpainted" in jobs:
-                teachers["teacher_unpainted"] = self.teacher(seed, painted=False)
-            models = {v: self.variant(v, seed, teachers) for v in self.cfg.variants}
-            out[seed] = self.evaluate(seed, models) if dist.is_main() else None
+            if self.run.result(f"eval-s{seed}") is None:
+                teachers: dict[str, CoopDetector] = {}
+                for v in self.cfg.variants:  # train (or load) and detect what has no detections yet
+                    if self._detected(f"detect-{v}-s{seed}"):
+                        continue
+                    t = VARIANTS[v][2]
+                    if t and t not in teachers and self.run.result(f"{v}-s{seed}") is None:  # only to train with
+                        teachers[t] = self.teacher(seed, painted=t == "teacher")
+                    model = self.variant(v, seed, teachers)  # every rank: training is data-parallel
+                    if dist.is_main():
+                        self.detect(seed, v, model)
+                    dist.barrier()
+                del teachers
+            out[seed] = self.evaluate(seed) if dist.is_main() else None
             dist.barrier()
         return out
+
+
+def _pack(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-frame tensors as one tensor and the frames' counts: a few tensors a condition, not two a frame."""
+    counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
+    return torch.cat(boxes) if boxes else torch.zeros(0, 5), None if scores is None else torch.cat(scores), counts
+
+
+def _unpack(boxes: Tensor, scores: Tensor | None, counts: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+    sizes = counts.tolist()
+    return list(boxes.split(sizes)), None if scores is None else list(scores.split(sizes))
+
+
+def _sha256(packed: tuple[Tensor, Tensor | None, Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in packed:
+        if t is not None:
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
