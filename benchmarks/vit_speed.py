@@ -14,6 +14,8 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   torch_24 / torch_24_compiled               to_sparse_semi_structured weights, eager / compiled + graphed (PyTorch's path)
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
+  ours_24_int8_fused[_compiled]              int8 with each MLP's fc1 -> GELU -> quantise in cuSPARSELt's epilogue
+                                             (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2
 
     python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
     python benchmarks/vit_speed.py ... --guard benchmarks/results/vit_speed_b16_b256_fp16_plan_h200.json
@@ -44,7 +46,7 @@ from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights import sparse24  # noqa: E402
 from sparsedistill.weights.dense8 import Dense8Linear  # noqa: E402
-from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear  # noqa: E402
+from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear, fuse_sparse24_mlps  # noqa: E402
 from sparsedistill.timing import kernel_groups, kernel_times, time_ms, top_kernels  # noqa: E402
 
 PRUNED = ("qkv", "proj", "fc1", "fc2")
@@ -102,6 +104,12 @@ def ours(model: torch.nn.Module, fmt: str, scales: dict[str, float]) -> torch.nn
     swap_linears(m, lambda n, lin: Sparse24Linear.from_dense(lin.weight, lin.bias, fmt, None if fmt == "fp16" else scales[n] / qmax)
                  if n.rsplit(".", 1)[-1] in PRUNED else None)
     return m
+
+
+def fused_mlps(model: torch.nn.Module) -> torch.nn.Module:
+    if not fuse_sparse24_mlps(model):
+        raise RuntimeError("no MLP block was fused")
+    return model
 
 
 def dense8(model: torch.nn.Module, fmt: str, granularity: str, scales: dict[str, float] | None) -> torch.nn.Module:
@@ -165,6 +173,9 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
         add(f"ours_24_{fmt}", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x))
     for fmt in ("fp16", "int8", "fp8"):  # Inductor fuses (de)quantisation into LayerNorm / GELU / residual
         add(f"ours_24_{fmt}_compiled", lambda fmt=fmt: CUDAGraphed(ours(model, fmt, scales), x, compile=True))
+    # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (Sparse24GeluMlp): fc2 reads fc1's int8 output directly
+    add("ours_24_int8_fused", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x))
+    add("ours_24_int8_fused_compiled", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x, compile=True))
     dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile") and "ms" in r]
     best = min(dense)
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]

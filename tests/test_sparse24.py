@@ -159,3 +159,87 @@ def test_fp16_plan_choice_uses_graphed_timings_only(monkeypatch):
 
     monkeypatch.setattr(sparse24, "time_ms", fake_time_ms)
     assert layer._choose_plan(torch.zeros(64, 64, dtype=torch.float16), None, None) == (True, 0)
+
+
+def _int8_vit(device="cpu"):
+    from sparsedistill.models import create_model
+    from sparsedistill.weights.quant import swap_linears
+
+    torch.manual_seed(0)
+    model = create_model("vit_fmnist_tiny").to(device).eval()
+    inc = lambda n: n.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")  # noqa: E731
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if inc(n) and isinstance(m, torch.nn.Linear):
+                m.weight.mul_(nm_mask(m.weight))
+    swap_linears(model, lambda n, lin: Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", 0.05) if inc(n) else None)
+    return model
+
+
+def test_fused_gelu_mlp_computes_the_int8_chain_it_replaces():
+    """fc1 -> GELU -> fc2 with fc1 writing int8 (the epilogue's function, run densely here) against the two layers
+    run apart: the same quantisation of the same values, up to GELU's tanh form and rounding ties."""
+    from sparsedistill.weights.cusparselt import gelu_int8_reference
+    from sparsedistill.weights.sparse24 import Sparse24GeluMlp, fuse_sparse24_mlps
+
+    model = _int8_vit()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        apart = model(x)
+        names = fuse_sparse24_mlps(model)
+        fused = model(x)
+    assert names == [f"blocks.{i}.mlp" for i in range(len(model.blocks))]
+    assert all(isinstance(b.mlp, Sparse24GeluMlp) for b in model.blocks)
+    assert (fused - apart).norm() / apart.norm() < 2e-2
+    mlp = model.blocks[0].mlp
+    h = torch.randn(5, mlp.fc1.in_features)
+    with torch.no_grad():  # exactly fc2 applied to the int8 tensor the epilogue writes
+        alpha, bias, scale = mlp._epilogue()
+        q = gelu_int8_reference(torch.round(h / mlp.fc1.input_scale).clamp(-127, 127).to(torch.int8), mlp.fc1.weight_q,
+                                alpha, bias, scale)
+        want = (q.float() @ mlp.fc2.weight_q.float().t()) * (mlp.fc2.input_scale * mlp.fc2.weight_scale) + mlp.fc2.bias.float()
+        assert torch.allclose(mlp(h), want, atol=1e-5)
+    assert gelu_int8_reference(torch.full((1, 32), 127, dtype=torch.int8), torch.ones(32, 32, dtype=torch.int8),
+                               torch.ones(32), None, 1.0).eq(127).all()  # saturates, never wraps
+    with pytest.raises(ValueError, match="two int8 layers"):
+        Sparse24GeluMlp(Sparse24Linear.from_linear(_pruned_linear(64, 32)), mlp.fc2)
+
+
+@pytest.mark.gpu
+def test_fused_gelu_gemm_matches_its_reference_and_survives_graph_capture():
+    from sparsedistill.weights.cusparselt import GeluInt8Gemm, gelu_int8_reference
+
+    torch.manual_seed(0)
+    w = torch.randint(-20, 21, (3072, 768), device="cuda", dtype=torch.int8) * nm_mask(torch.randn(3072, 768, device="cuda")).to(torch.int8)
+    x = torch.randint(-60, 61, (256, 768), device="cuda", dtype=torch.int8)
+    alpha = torch.rand(3072, device="cuda") * 4e-4 + 1e-4
+    bias = torch.randn(3072, device="cuda")
+    gemm = GeluInt8Gemm(torch._cslt_compress(w), 3072, 768, 256, alpha, bias, gelu_scale=25.0)
+    gemm.search(x)
+    out, ref = gemm(x), gelu_int8_reference(x, w, alpha, bias, 25.0)
+    diff = (out.int() - ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2, (diff.max(), (diff > 0).float().mean())
+    assert (ref == 127).any() and (ref == 0).any()  # saturation and GELU's flat side are both exercised
+    static = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemm(x, static)
+    x.copy_(torch.randint(-60, 61, x.shape, device="cuda", dtype=torch.int8))
+    graph.replay()
+    assert torch.equal(static, gemm(x))
+
+
+@pytest.mark.gpu
+def test_fused_gelu_mlp_on_the_gpu_matches_its_reference_compiled_and_graphed():
+    from sparsedistill.weights.sparse24 import fuse_sparse24_mlps
+
+    model = _int8_vit("cuda")
+    fuse_sparse24_mlps(model)
+    model.half()
+    x = torch.rand(64, 1, 28, 28, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).cpu().float()(x.cpu().float())
+        eager = model(x).float().cpu()
+        out = CUDAGraphed(model, x, compile=True)(x).float().cpu()
+    err = lambda y: float((y - exact).norm() / exact.norm())  # noqa: E731
+    assert err(eager) < 5e-2 and err(out) < max(1e-2, 1.25 * err(eager)), (err(out), err(eager))

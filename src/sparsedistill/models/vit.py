@@ -97,10 +97,11 @@ class Mlp(nn.Module):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
         self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.act = nn.GELU()  # a module, as timm's: weights.fuse_sparse24_mlps recognises fc1 -> act -> fc2
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):

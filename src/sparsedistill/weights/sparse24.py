@@ -26,7 +26,7 @@ from ..timing import time_ms
 from .pruning import is_nm_sparse
 from .quant import QMAX
 
-__all__ = ["Sparse24Format", "Sparse24Linear", "CUDAGraphed"]
+__all__ = ["Sparse24Format", "Sparse24Linear", "Sparse24GeluMlp", "fuse_sparse24_mlps", "CUDAGraphed"]
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,22 @@ class Sparse24Linear(nn.Module):
             return self._reference(x2).to(x.dtype).reshape(*lead, self.out_features)
         n = x2.shape[0]
         pad = (-n) % _TOKEN_ALIGN
-        if self._compressed is None:
-            self._compressed = torch._cslt_compress(self.weight_q)
         if self.fmt == "fp16":
             xk = F.pad(x2.half(), (0, 0, 0, pad)) if pad else x2.half()
         else:  # pad + scale + round + cast in one fused kernel, not four passes over the activations
             xk = _step("quant")(x2, self.input_scale, pad, self.fmt)
+        return self.forward_padded(xk, n, x.dtype).reshape(*lead, self.out_features)
+
+    @property
+    def compressed(self) -> Tensor:
+        """The weight as cuSPARSELt holds it (compressed on first use, on the weight's device)."""
+        if self._compressed is None:
+            self._compressed = torch._cslt_compress(self.weight_q)
+        return self._compressed
+
+    def forward_padded(self, xk: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+        """The layer from its kernel-ready input: ``xk`` (tokens padded to 16, in features) already in the layer's
+        format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``."""
         out_dtype = None if self.fmt == "fp16" else torch.bfloat16  # int8/fp8 sums overflow fp16
         bias = self.bias if self.fmt == "fp16" else None  # fp16: added in cuSPARSELt's epilogue
         plan = self._plans.get(xk.shape[0])
@@ -167,11 +177,11 @@ class Sparse24Linear(nn.Module):
             plan = self._plans[xk.shape[0]] = _PLANS[key]
         y = self._gemm(xk, bias, out_dtype, *plan)[:n]
         if self.fmt != "fp16":  # dequantise, add the bias and cast back in one fused kernel
-            y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, x.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+            y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, dtype)
+        return y.to(dtype)
 
     def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int) -> Tensor:
-        return _cslt_mm(self._compressed, xk, bias, self.out_features, transposed, alg, out_dtype,
+        return _cslt_mm(self.compressed, xk, bias, self.out_features, transposed, alg, out_dtype,
                         self.column_major_views and not transposed)
 
     def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None) -> tuple[bool, int]:
@@ -189,10 +199,10 @@ class Sparse24Linear(nn.Module):
         t0 = time.perf_counter()
         shape = f"{self.fmt} {self.out_features}x{self.in_features} weight, {xk.shape[0]} tokens"
         if self.fmt != "fp16":
-            plan = True, torch._cslt_sparse_mm_search(self._compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
+            plan = True, torch._cslt_sparse_mm_search(self.compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
             log.info("cuSPARSELt plan for %s: %s (search %.2f s)", shape, plan, time.perf_counter() - t0)
             return plan
-        candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self._compressed, xk.t(), transpose_result=False))]
+        candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self.compressed, xk.t(), transpose_result=False))]
         t_search = time.perf_counter() - t0
         graphed = _pick_by_graphed_time(candidates, lambda c, calls, reps: time_ms(
             lambda: self._gemm(xk, bias, out_dtype, *c), graph=True, calls=calls, reps=reps, warmup=0))
@@ -211,6 +221,103 @@ class Sparse24Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, kernel={'cuSPARSELt' if self.uses_kernel else 'dense reference'}"
+
+
+class Sparse24GeluMlp(nn.Module):
+    """``fc2(gelu(fc1(x)))`` of two int8 2:4 layers, fc1's result never leaving int8 (issue 24).
+
+    cuSPARSELt's epilogue does what a separate kernel did between the GEMMs (dequantise fc1's int32 sums, add its bias,
+    GELU, quantise by fc2's input scale): fc1 writes fc2's int8 input, a quarter of the bf16 round trip's traffic.
+    GELU is the tanh form (the kernel's); the trained model's erf form differs by < 1e-3, far under an int8 step.
+    Without CUDA the same function runs densely (``_reference``). ``fuse_sparse24_mlps`` swaps these in.
+    """
+
+    def __init__(self, fc1: Sparse24Linear, fc2: Sparse24Linear) -> None:
+        super().__init__()
+        if fc1.fmt != "int8" or fc2.fmt != "int8":
+            raise ValueError(f"the fused MLP takes two int8 layers, got {fc1.fmt} and {fc2.fmt}")
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
+        self.fc1, self.fc2 = fc1, fc2
+        self._gemms: dict[int, int] = {}  # padded token count -> id of its GeluInt8Gemm plan
+
+    def _epilogue(self) -> tuple[Tensor, Tensor | None, float]:
+        """fc1's per-channel dequantisation, its fp32 bias and the scale into fc2's int8 input."""
+        alpha = (self.fc1.input_scale * self.fc1.weight_scale).reshape(-1).float().contiguous()
+        bias = None if self.fc1.bias is None else self.fc1.bias.float().contiguous()
+        return alpha, bias, float(1.0 / self.fc2.input_scale)
+
+    def _reference(self, x2: Tensor) -> Tensor:
+        from .cusparselt import gelu_int8_reference
+
+        alpha, bias, scale = self._epilogue()
+        h = gelu_int8_reference(_quantize(x2, self.fc1.input_scale, "int8"), self.fc1.weight_q, alpha, bias, scale)
+        y = (h.float() @ self.fc2.weight_q.float().t()) * (self.fc2.input_scale * self.fc2.weight_scale)
+        return y if self.fc2.bias is None else y + self.fc2.bias.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.fc1.in_features:
+            raise ValueError(f"expected inputs with {self.fc1.in_features} features, got {tuple(x.shape)}")
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.fc1.in_features).contiguous()
+        if not self.fc1.uses_kernel:
+            return self._reference(x2).to(x.dtype).reshape(*lead, self.fc2.out_features)
+        n = x2.shape[0]
+        xk = _step("quant")(x2, self.fc1.input_scale, (-n) % _TOKEN_ALIGN, "int8")
+        gemm = self._gemms.get(xk.shape[0])
+        if gemm is None:  # one plan per token count, built and searched outside graph capture (a warm-up call does it)
+            from .cusparselt import GeluInt8Gemm
+
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"no plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
+            alpha, bias, scale = self._epilogue()
+            plan = GeluInt8Gemm(self.fc1.compressed, self.fc1.out_features, self.fc1.in_features, xk.shape[0], alpha,
+                                bias, scale)
+            log.info("fused GELU plan for %s tokens of %dx%d: algorithm %d", xk.shape[0], self.fc1.out_features,
+                     self.fc1.in_features, plan.search(xk))
+            gemm = self._gemms[xk.shape[0]] = _register_gemm(plan)
+        h = _gelu_int8_mm(xk, self.fc1.out_features, gemm)
+        return self.fc2.forward_padded(h, n, x.dtype).reshape(*lead, self.fc2.out_features)
+
+    def _apply(self, fn, recurse=True):
+        for gemm in self._gemms.values():  # plans hold device pointers: a move needs new ones
+            _GEMM_PLANS.pop(gemm, None)
+        self._gemms = {}
+        return super()._apply(fn, recurse)
+
+
+def fuse_sparse24_mlps(model: nn.Module) -> list[str]:
+    """Swap every MLP block made of int8 ``Sparse24Linear`` ``fc1``, a GELU ``act`` and ``fc2`` (timm's ``Mlp``, with
+    no norm between and dropout off) for a ``Sparse24GeluMlp``; returns the names of the blocks swapped."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        fc1, act, fc2 = (getattr(module, a, None) for a in ("fc1", "act", "fc2"))
+        plain = all(isinstance(getattr(module, a, nn.Identity()), (nn.Identity, nn.Dropout)) and
+                    getattr(getattr(module, a, None), "p", 0.0) == 0.0 for a in ("norm", "drop1", "drop2", "drop"))
+        if (isinstance(fc1, Sparse24Linear) and isinstance(fc2, Sparse24Linear) and isinstance(act, nn.GELU)
+                and fc1.fmt == fc2.fmt == "int8" and plain and name):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, Sparse24GeluMlp(fc1, fc2))
+            swapped.append(name)
+    return swapped
+
+
+_GEMM_PLANS: dict[int, object] = {}  # id -> GeluInt8Gemm: custom ops take no Python objects
+
+
+def _register_gemm(plan) -> int:
+    _GEMM_PLANS[id(plan)] = plan
+    return id(plan)
+
+
+@torch.library.custom_op("sparsedistill::gelu_int8_mm", mutates_args=())
+def _gelu_int8_mm(x: Tensor, out_features: int, gemm: int) -> Tensor:
+    """An op of our own so Inductor compiles around the ctypes call (it fuses the quantisation before it)."""
+    return _GEMM_PLANS[gemm](x)
+
+
+@_gelu_int8_mm.register_fake
+def _(x, out_features, gemm):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.int8)
 
 
 def _pick_by_graphed_time(candidates: list[tuple[bool, int]], graphed_ms, slower: float = 10.0,
