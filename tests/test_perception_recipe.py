@@ -197,3 +197,27 @@ def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
     assert "| `b0` | 2 | 55.0 ± 7.1 |" in text
     with pytest.raises(ValueError, match="no evaluation"):
         write_report(run, {})
+
+
+def test_dsrc_recipe_under_torchrun_two_processes(tmp_path):
+    """Teachers and variants train data-parallel (gloo, CPU); rank 0 alone detects and evaluates while the other
+    waits (a detect job that synchronised inside rank 0's work hung the run)."""
+    import subprocess
+    import sys
+
+    sets = ["sim.train_frames=4", "sim.test_frames=2", "sim.azimuths=256", "train.steps=2", "train.checkpoint_every=2",
+            "train.log_every=1", 'variants=["b0", "dsrc"]', 'eval.corruptions=["fog"]', "eval.levels=[2]",
+            "eval.bootstrap=10"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsedistill",
+           "perception", "run", "--config", "short", "--run-dir", str(tmp_path / "run"), "--no-progress",
+           *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "run" / "results" / "eval-s0.json").read_text())
+    assert list(res["models"]) == ["b0", "dsrc"]
+    # --jobs processes too: a variant detects on rank 0 while rank 1 waits
+    (tmp_path / "run" / "results" / "eval-s0.json").unlink()
+    (tmp_path / "run" / "results" / "detect-dsrc-s0.json").unlink()
+    proc = subprocess.run(cmd + ["--resume", "--jobs", "dsrc"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / "run" / "results" / "detect-dsrc-s0.json").exists()

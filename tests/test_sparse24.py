@@ -191,6 +191,8 @@ def test_fused_gelu_mlp_computes_the_int8_chain_it_replaces():
     assert names == [f"blocks.{i}.mlp" for i in range(len(model.blocks))]
     assert all(isinstance(b.mlp, Sparse24GeluMlp) for b in model.blocks)
     assert (fused - apart).norm() / apart.norm() < 2e-2
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(x), fused)  # a copy holds no plans of the original's
     mlp = model.blocks[0].mlp
     h = torch.randn(5, mlp.fc1.in_features)
     with torch.no_grad():  # exactly fc2 applied to the int8 tensor the epilogue writes

@@ -50,18 +50,24 @@ job eval; rc=$?
 cp "$run/logs/eval.log" "$OUT/$name-eval.log"
 echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"
 tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' --exclude='exports' "$run"
-if [ $rc -ne 0 ]; then  # cut: what a later session needs to go on
+if [ $rc -ne 0 ]; then  # cut: what a later session needs to go on (the device returns <= 8 files, 64 MiB in all)
   detected=("$run"/checkpoints/detect-*.pt)
   [ -e "${detected[0]}" ] && tar -cz "${detected[@]}" | split -b 15m - "$OUT/$name-detect.tgz."
+  xz_out() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
+    "$1" "$OUT/$(basename "$1").xz"; }
   need_teachers=0
+  for f in "$run"/exports/*-s*.safetensors; do  # trained, not detected: its export, or it trains again
+    [ -f "$f" ] || continue
+    job=$(basename "$f" .safetensors)
+    case $job in teacher*) ;; *) [ -f "$run/results/detect-$job.json" ] || xz_out "$f" ;; esac
+  done
+  # shellcheck disable=SC2086  # the teachers travel while a distilled variant of the second wave is untrained
   for v in ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}; do
-    compgen -G "$run/results/detect-$v-s*.json" >/dev/null || need_teachers=1
+    compgen -G "$run/results/$v-s*.json" >/dev/null || need_teachers=1
   done
   if [ $need_teachers = 1 ]; then
-    for f in "$run"/exports/teacher*-s*.safetensors; do
-      [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
-        "$f" "$OUT/$(basename "$f").xz"
-    done
+    for f in "$run"/exports/teacher*-s*.safetensors; do [ -f "$f" ] && xz_out "$f"; done
   fi
+  ls -la "$OUT"
 fi
 exit $rc

@@ -29,4 +29,14 @@ vr eval "$@"; rc=$?
 echo "evaluation: exit $rc after $SECONDS s; results: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 tail -n 20 "$run/logs/eval.log"
 tar -czf "$OUT/$(basename "$run").tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' "$run"
+if [ $rc -ne 0 ]; then  # cut before the evaluation: finished models' bf16 exports travel (~14 MB each compressed;
+  # the device returns 64 MiB at most), and a later session evaluates from them (a job with its export and no
+  # checkpoint loads the export)
+  n=0
+  for f in "$run"/exports/*.safetensors; do
+    [ -f "$f" ] && [ $n -lt 3 ] || continue
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
+      "$f" "$OUT/$(basename "$f").xz" && n=$((n + 1))
+  done
+fi
 exit $rc

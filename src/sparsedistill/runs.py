@@ -202,10 +202,12 @@ class Run:
     def checkpoint_path(self, job: str) -> Path:
         return self.path / "checkpoints" / f"{_job_file(job)}.pt"
 
-    def save_checkpoint(self, job: str, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, job: str, state: dict[str, Any], sync: bool = True) -> None:
+        """Rank 0 writes; ``sync`` as in ``save_result``."""
         if dist.is_main():
             atomic_torch_save(state, self.checkpoint_path(job))
-        dist.barrier()
+        if sync:
+            dist.barrier()
 
     def load_checkpoint(self, job: str) -> dict[str, Any] | None:
         path = self.checkpoint_path(job)

@@ -201,6 +201,8 @@ class DSRCRecipe:
         torch.manual_seed(seed)
         model = self._model(fusion=fusion, reconstruction=recon)
         teacher = teachers.get(teacher_job) if teacher_job else None
+        if teacher_job and teacher is None and self.run.result(f"{name}-s{seed}") is None:
+            raise RuntimeError(f"{name}-s{seed} distils from {teacher_job}-s{seed}: pass it in teachers to train it")
         weights = DSRCWeights() if recon else DSRCWeights(occupancy=0.0, offset=0.0)
         painted = teacher_job != "teacher_unpainted"
         grid = self.grid
@@ -252,9 +254,10 @@ class DSRCRecipe:
         if name in PICTURED:
             self._pictures(seed, name, model, test[:2], e.corruptions[0] if e.corruptions else None)
         packed_truth = _pack(truth)
-        self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth})
+        # rank 0 detects alone (its callers wait for it): no collective here
+        self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
-                                   "conditions": len(ap), "truth_sha256": _sha256(packed_truth)})
+                                   "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
 
     def _detected(self, job: str) -> bool:
         return self.run.result(job) is not None and self.run.checkpoint_path(job).exists()
@@ -276,6 +279,9 @@ class DSRCRecipe:
         truth, truth_sha = None, {}
         for name in self.cfg.variants:
             found, state = self.run.result(f"detect-{name}-s{seed}"), self.run.load_checkpoint(f"detect-{name}-s{seed}")
+            if "truth" not in state:
+                raise ValueError(f"detect-{name}-s{seed} predates packed detections with their true boxes (9fb0abd): "
+                                 f"delete its results/ and checkpoints/ files to detect it again")
             results["models"][name] = {key: dict(row) for key, row in found["ap"].items()}
             detections.update({(name, key): _unpack(*d) for key, d in state["detections"].items()})
             truth_sha[name] = found.get("truth_sha256")
@@ -300,7 +306,7 @@ class DSRCRecipe:
                     for thr, t in ((0.5, "ap50"), (0.7, "ap70")):
                         rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_ap(
                             detections[name, key], detections["b0", key], truth, thr, rounds=e.bootstrap, seed=seed)
-        self.run.save_result(job, results)
+        self.run.save_result(job, results, sync=False)  # rank 0 evaluates alone
         return results
 
     def _pictures(self, seed: int, name: str, model: CoopDetector, frames: list[Frame], corruption: str | None) -> None:
@@ -341,7 +347,10 @@ class DSRCRecipe:
                         raise RuntimeError(f"{name} distils from {teacher_job}-s{seed}, which is not finished in "
                                            f"{self.run.path}: train it first (--jobs {teacher_job})")
                     teachers[teacher_job] = self.teacher(seed, painted=teacher_job == "teacher")
-                self.detect(seed, name, self.variant(name, seed, teachers))
+                model = self.variant(name, seed, teachers)  # every rank: training is data-parallel
+                if dist.is_main():
+                    self.detect(seed, name, model)
+                dist.barrier()
 
     def run_all(self) -> dict:
         out = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes as C
 import functools
+import sys
 import threading
 
 import torch
@@ -151,10 +152,16 @@ class GeluInt8Gemm:
                                                        C.sizeof(alg_id)), f"algorithm {alg}")
             _check(lib.cusparseLtMatmulPlanInit(h, self._plan.ptr, self._matmul.ptr, self._alg_sel.ptr), "plan")
             self._planned = True
-            size = C.c_size_t()
-            _check(lib.cusparseLtMatmulGetWorkspace(h, self._plan.ptr, C.byref(size)), "workspace size")
-        self._workspace = torch.empty(max(size.value, 1), dtype=torch.uint8, device=dev)
+        self._workspace = torch.empty(0, dtype=torch.uint8, device=dev)
+        self._fit_workspace()
         self._beta = C.c_float(0.0)
+
+    def _fit_workspace(self) -> None:
+        """The plan's workspace, grown to what its algorithm needs (the search may pick one that needs more)."""
+        size = C.c_size_t()
+        _check(_lib().cusparseLtMatmulGetWorkspace(self._h.ptr, self._plan.ptr, C.byref(size)), "workspace size")
+        if size.value > self._workspace.numel() or self._workspace.numel() == 0:
+            self._workspace = torch.empty(max(size.value, 1), dtype=torch.uint8, device=self.device)
 
     def _set(self, attribute: int, value) -> None:
         _check(_lib().cusparseLtMatmulDescSetAttribute(self._h.ptr, self._matmul.ptr, attribute, C.byref(value),
@@ -179,7 +186,8 @@ class GeluInt8Gemm:
 
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         out = self._checked(x, out)
-        _check(_lib().cusparseLtMatmul(*self._args(x, out)), "matmul")
+        with torch.cuda.device(self.device):
+            _check(_lib().cusparseLtMatmul(*self._args(x, out)), "matmul")
         return out
 
     def search(self, x: Tensor) -> int:
@@ -187,19 +195,26 @@ class GeluInt8Gemm:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("search times kernels: run it before the CUDA graph capture")
         out = self._checked(x, None)
-        _check(_lib().cusparseLtMatmulSearch(*self._args(x, out)), "algorithm search")
-        alg = C.c_int()
-        _check(_lib().cusparseLtMatmulAlgGetAttribute(self._h.ptr, self._alg_sel.ptr, _ALG_CONFIG_ID, C.byref(alg),
-                                                      C.sizeof(alg)), "reading the algorithm")
+        with torch.cuda.device(self.device):
+            _check(_lib().cusparseLtMatmulSearch(*self._args(x, out)), "algorithm search")
+            alg = C.c_int()
+            _check(_lib().cusparseLtMatmulAlgGetAttribute(self._h.ptr, self._alg_sel.ptr, _ALG_CONFIG_ID, C.byref(alg),
+                                                          C.sizeof(alg)), "reading the algorithm")
+            self._fit_workspace()
         return alg.value
 
-    def __del__(self) -> None:  # the plan holds device resources; descriptors are plain host memory
-        if not getattr(self, "_planned", False):
+    def __deepcopy__(self, memo):
+        raise TypeError("a cuSPARSELt plan holds device pointers and cannot be copied: build another")
+
+    def __del__(self) -> None:
+        if not getattr(self, "_planned", False) or sys.is_finalizing():
             return
         try:
             lib = _lib()
             lib.cusparseLtMatmulPlanDestroy(self._plan.ptr)
             if hasattr(lib, "cusparseLtMatmulAlgSelectionDestroy"):  # 0.8 and later
                 lib.cusparseLtMatmulAlgSelectionDestroy(self._alg_sel.ptr)
-        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            for descriptor in (self._weight, self._input, self._output):
+                lib.cusparseLtMatDescriptorDestroy(descriptor.ptr)
+        except Exception:  # noqa: BLE001  (a destructor must not raise)
             pass
