@@ -39,8 +39,7 @@ wave() {
 }
 sets=("$@")
 for f in "$run"/exports/*.safetensors.xz; do  # exports carried from an earlier session, compressed for the trip
-  [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    "$f" "${f%.xz}" && rm "$f"
+  [ -f "$f" ] && python3 benchmarks/device/xz.py d "$f" "${f%.xz}" && rm "$f"
 done
 # shellcheck disable=SC2086  # the waves are word lists
 wave ${WAVE1-teacher teacher_unpainted b0 no_fusion early dsrc_no_distill}
@@ -53,8 +52,7 @@ tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*'
 if [ $rc -ne 0 ]; then  # cut: what a later session needs to go on (the device returns <= 8 files, 64 MiB in all)
   detected=("$run"/checkpoints/detect-*.pt)
   [ -e "${detected[0]}" ] && tar -cz "${detected[@]}" | split -b 15m - "$OUT/$name-detect.tgz."
-  xz_out() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
-    "$1" "$OUT/$(basename "$1").xz"; }
+  xz_out() { python3 benchmarks/device/xz.py c "$1" "$OUT/$(basename "$1").xz"; }
   need_teachers=0
   for f in "$run"/exports/*-s*.safetensors; do  # trained, not detected: its export, or it trains again
     [ -f "$f" ] || continue

@@ -24,8 +24,7 @@ fi
 # (.safetensors.xz: the bf16 export xz-compressed to 70 %, so that it travels in one call with Fashion-MNIST and the wheels)
 mkdir -p /root/video-teacher && cp .gpu/video-teacher/*.safetensors /root/video-teacher/ 2>/dev/null || true
 for f in .gpu/video-teacher*/*.safetensors.xz; do
-  [ -f "$f" ] && python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    "$f" "/root/video-teacher/$(basename "${f%.xz}")"
+  [ -f "$f" ] && python3 benchmarks/device/xz.py d "$f" "/root/video-teacher/$(basename "${f%.xz}")"
 done
 [ -f .gpu/text.tar.gz ] && tar -xzf .gpu/text.tar.gz -C /
 # all-MiniLM-L6-v2 in fp16 (45 MB, its own call): the minilm-mlm retrieval student is built from it

@@ -35,8 +35,7 @@ if [ $rc -ne 0 ]; then  # cut before the evaluation: finished models' bf16 expor
   n=0
   for f in "$run"/exports/*.safetensors; do
     [ -f "$f" ] && [ $n -lt 3 ] || continue
-    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=3))' \
-      "$f" "$OUT/$(basename "$f").xz" && n=$((n + 1))
+    python3 benchmarks/device/xz.py c "$f" "$OUT/$(basename "$f").xz" && n=$((n + 1))
   done
 fi
 exit $rc
