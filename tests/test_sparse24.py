@@ -192,7 +192,12 @@ def test_fused_gelu_mlp_computes_the_int8_chain_it_replaces():
     assert all(isinstance(b.mlp, Sparse24GeluMlp) for b in model.blocks)
     assert (fused - apart).norm() / apart.norm() < 2e-2
     with torch.no_grad():
-        assert torch.equal(copy.deepcopy(model)(x), fused)  # a copy holds no plans of the original's
+        twin = copy.deepcopy(model)  # a copy holds no plans of the original's, and keeps its mode
+        assert torch.equal(twin(x), fused) and not twin.training and not twin.blocks[0].mlp.training
+        import pickle
+
+        model.load_state_dict(pickle.loads(pickle.dumps(model)).state_dict())  # picklable; loading runs the refresh
+        assert torch.equal(model(x), fused)
     mlp = model.blocks[0].mlp
     h = torch.randn(5, mlp.fc1.in_features)
     with torch.no_grad():  # exactly fc2 applied to the int8 tensor the epilogue writes

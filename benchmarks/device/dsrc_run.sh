@@ -48,24 +48,37 @@ wave ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}
 job eval; rc=$?
 cp "$run/logs/eval.log" "$OUT/$name-eval.log"
 echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"
-tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' --exclude='exports' "$run"
-if [ $rc -ne 0 ]; then  # cut: what a later session needs to go on (the device returns <= 8 files, 64 MiB in all)
+# What comes back (the device returns <= 8 files, 64 MiB in all): the run's tgz and the log always; when cut, what a
+# later session needs, in this order while it fits: the detect files, the exports of variants trained but not
+# detected, the teachers' exports while a second-wave variant is untrained. A job whose export does not fit loses
+# its result in the tgz too, so it trains again rather than failing for want of weights.
+drop=()
+if [ $rc -ne 0 ]; then
+  files=2; room=$((60 * 1024 * 1024))
+  fits() { local size; size=$(stat -c %s "$1"); if [ $files -lt 8 ] && [ "$size" -le $room ]; then
+    files=$((files + 1)); room=$((room - size)); else rm -f "$1"; return 1; fi; }
   detected=("$run"/checkpoints/detect-*.pt)
-  [ -e "${detected[0]}" ] && tar -cz "${detected[@]}" | split -b 15m - "$OUT/$name-detect.tgz."
-  xz_out() { python3 benchmarks/device/xz.py c "$1" "$OUT/$(basename "$1").xz"; }
-  need_teachers=0
-  for f in "$run"/exports/*-s*.safetensors; do  # trained, not detected: its export, or it trains again
+  if [ -e "${detected[0]}" ]; then
+    tar -cz "${detected[@]}" | split -b 15m - "$OUT/$name-detect.tgz."
+    for part in "$OUT/$name-detect.tgz."*; do fits "$part" || echo "dsrc_run.sh: $part does not fit the return"; done
+  fi
+  ship() { local job; job=$(basename "$1" .safetensors)
+    python3 benchmarks/device/xz.py c "$1" "$OUT/$job.safetensors.xz" && fits "$OUT/$job.safetensors.xz" \
+      || { drop+=(--exclude="results/$job.json"); echo "dsrc_run.sh: $job's export does not fit: it trains again"; }; }
+  for f in "$run"/exports/*-s*.safetensors; do
     [ -f "$f" ] || continue
     job=$(basename "$f" .safetensors)
-    case $job in teacher*) ;; *) [ -f "$run/results/detect-$job.json" ] || xz_out "$f" ;; esac
+    case $job in teacher*) ;; *) [ -f "$run/results/detect-$job.json" ] || ship "$f" ;; esac
   done
-  # shellcheck disable=SC2086  # the teachers travel while a distilled variant of the second wave is untrained
+  need_teachers=0
+  # shellcheck disable=SC2086
   for v in ${WAVE2-dsrc dsrc_no_paint dsrc_no_recon}; do
     compgen -G "$run/results/$v-s*.json" >/dev/null || need_teachers=1
   done
   if [ $need_teachers = 1 ]; then
-    for f in "$run"/exports/teacher*-s*.safetensors; do [ -f "$f" ] && xz_out "$f"; done
+    for f in "$run"/exports/teacher*-s*.safetensors; do [ -f "$f" ] && ship "$f"; done
   fi
-  ls -la "$OUT"
 fi
+tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' --exclude='exports' "${drop[@]}" "$run"
+ls -la "$OUT"
 exit $rc

@@ -28,14 +28,19 @@ for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "${jobs[$i]}: exit $? after 
 vr eval "$@"; rc=$?
 echo "evaluation: exit $rc after $SECONDS s; results: $(ls $run/results 2>/dev/null | tr '\n' ' ')"
 tail -n 20 "$run/logs/eval.log"
-tar -czf "$OUT/$(basename "$run").tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' "$run"
-if [ $rc -ne 0 ]; then  # cut before the evaluation: finished models' bf16 exports travel (~14 MB each compressed;
-  # the device returns 64 MiB at most), and a later session evaluates from them (a job with its export and no
-  # checkpoint loads the export)
-  n=0
-  for f in "$run"/exports/*.safetensors; do
-    [ -f "$f" ] && [ $n -lt 3 ] || continue
-    python3 benchmarks/device/xz.py c "$f" "$OUT/$(basename "$f").xz" && n=$((n + 1))
+# Cut before the evaluation: finished models' bf16 exports travel (~14 MB each compressed; the device returns
+# <= 8 files, 64 MiB in all), the teacher's first, and a later session evaluates from them (a job with its export
+# and no checkpoint loads it); a job whose export does not fit loses its result in the tgz, so it trains again.
+drop=()
+if [ $rc -ne 0 ]; then
+  room=$((56 * 1024 * 1024))
+  for f in $(ls "$run"/exports/teacher-*.safetensors 2>/dev/null) $(ls "$run"/exports/*.safetensors 2>/dev/null | grep -v /teacher-); do
+    job=$(basename "$f" .safetensors); job=${job%-ema}
+    python3 benchmarks/device/xz.py c "$f" "$OUT/$(basename "$f").xz"
+    size=$(stat -c %s "$OUT/$(basename "$f").xz")
+    if [ "$size" -le $room ]; then room=$((room - size)); else
+      rm -f "$OUT/$(basename "$f").xz"; drop+=(--exclude="results/$job.json"); echo "$job's export does not fit: it trains again"; fi
   done
 fi
+tar -czf "$OUT/$(basename "$run").tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='*.safetensors' "${drop[@]}" "$run"
 exit $rc

@@ -342,7 +342,7 @@ class DSRCRecipe:
                     continue
                 teacher_job = VARIANTS[name][2]
                 teachers = {}
-                if teacher_job:
+                if teacher_job and self.run.result(f"{name}-s{seed}") is None:  # the teacher only to train with
                     if self.run.result(f"{teacher_job}-s{seed}") is None:
                         raise RuntimeError(f"{name} distils from {teacher_job}-s{seed}, which is not finished in "
                                            f"{self.run.path}: train it first (--jobs {teacher_job})")

@@ -127,7 +127,7 @@ class GeluInt8Gemm:
             raise ValueError(f"bias must be fp32 of shape ({out_features},) on {dev} (int8 output takes an fp32 bias)")
         self._planned = False
         lib, self._h = _lib(), _handle(dev)
-        self.compressed, self.alpha, self.bias = compressed, alpha.contiguous(), bias
+        self.compressed, self.alpha, self.bias, self.gelu_scale = compressed, alpha.contiguous(), bias, gelu_scale
         self.out_features, self.in_features, self.tokens, self.device = out_features, in_features, tokens, dev
         self._weight, self._input, self._output, self._matmul, self._alg_sel, self._plan = (_Opaque() for _ in range(6))
         h = self._h.ptr
@@ -203,8 +203,11 @@ class GeluInt8Gemm:
             self._fit_workspace()
         return alg.value
 
-    def __deepcopy__(self, memo):
+    def __copy__(self):
         raise TypeError("a cuSPARSELt plan holds device pointers and cannot be copied: build another")
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
 
     def __del__(self) -> None:
         if not getattr(self, "_planned", False) or sys.is_finalizing():

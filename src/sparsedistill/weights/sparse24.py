@@ -101,6 +101,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
         self._plans: dict[int, tuple[bool, int]] = {}  # token count -> (transpose_result, algorithm)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None, fmt: Sparse24Format = "fp16",
@@ -160,6 +161,15 @@ class Sparse24Linear(nn.Module):
         else:  # pad + scale + round + cast in one fused kernel, not four passes over the activations
             xk = _step("quant")(x2, self.input_scale, pad, self.fmt)
         return self.forward_padded(xk, n, x.dtype).reshape(*lead, self.out_features)
+
+    def _refresh(self) -> None:
+        """New values: compressed again into the same memory, so CUDA graphs captured before read them too."""
+        if self._compressed is not None:
+            fresh = torch._cslt_compress(self.weight_q)
+            if fresh.shape == self._compressed.shape:
+                self._compressed.copy_(fresh)
+            else:
+                self._compressed = fresh
 
     @property
     def compressed(self) -> Tensor:
@@ -247,13 +257,27 @@ class Sparse24GeluMlp(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
         self._gemms: dict[int, object] = {}  # padded token count -> its GeluInt8Gemm plan
         self._gemm_ids: dict[int, int] = {}  # padded token count -> the plan's id in _GEMM_PLANS (the op's argument)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_plans())
+        self._retired: list = []  # replaced plans, kept alive: a CUDA graph captured before may still launch them
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
-    def _drop_plans(self) -> None:
-        self._gemms, self._gemm_ids = {}, {}  # the registry holds them weakly: gone with the last reference
+    def _refresh(self) -> None:
+        """New weights loaded: the plans' scales and bias are updated in place (graphs captured before see them);
+        a plan whose baked-in GELU scale changed is replaced at the next call, the old one kept alive."""
+        alpha, bias, scale = self._epilogue()
+        for tokens, plan in list(self._gemms.items()):
+            plan.alpha.copy_(alpha)
+            if plan.bias is not None and bias is not None:
+                plan.bias.copy_(bias)
+            if plan.gelu_scale != scale or (plan.bias is None) != (bias is None):
+                self._retired.append(self._gemms.pop(tokens))
+                self._gemm_ids.pop(tokens)
 
     def __deepcopy__(self, memo):
-        return Sparse24GeluMlp(copy.deepcopy(self.fc1, memo), copy.deepcopy(self.fc2, memo))  # plans are rebuilt
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():  # everything (training flag, hooks) but the plans: rebuilt per copy
+            new.__dict__[key] = type(value)() if key in ("_gemms", "_gemm_ids", "_retired") else copy.deepcopy(value, memo)
+        return new
 
     def _epilogue(self) -> tuple[Tensor, Tensor | None, float]:
         """fc1's per-channel dequantisation, its fp32 bias and the scale into fc2's int8 input."""
@@ -294,7 +318,8 @@ class Sparse24GeluMlp(nn.Module):
         return self.fc2.forward_padded(h, n, x.dtype).reshape(*lead, self.fc2.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._drop_plans()  # plans hold device pointers: a move needs new ones
+        self._retired += self._gemms.values()  # plans hold device pointers: a move needs new ones
+        self._gemms, self._gemm_ids = {}, {}
         return super()._apply(fn, recurse)
 
 
@@ -314,9 +339,14 @@ def fuse_sparse24_mlps(model: nn.Module) -> list[str]:
                           "32 wide", stacklevel=2)
             continue
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, Sparse24GeluMlp(fc1, fc2))
+        fused = Sparse24GeluMlp(fc1, fc2).train(module.training)  # in the mode of the block it replaces
+        setattr(model.get_submodule(parent) if parent else model, attr, fused)
         swapped.append(name)
     return swapped
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:  # a module-level function: modules stay picklable
+    module._refresh()
 
 
 # id -> GeluInt8Gemm (custom ops take no Python objects); weak: the modules own their plans
