@@ -242,8 +242,8 @@ class Sparse24GeluMlp(nn.Module):
 
     cuSPARSELt's epilogue does what a separate kernel did between the GEMMs (dequantise fc1's int32 sums, add its bias,
     GELU, quantise by fc2's input scale): fc1 writes fc2's int8 input, a third of the traffic between them (bf16
-    written and read, int8 written and read, against int8 written and read). The scales and bias are read into the
-    plans when they are built: loading other weights (``load_state_dict``) or moving the module drops the plans.
+    written and read, int8 written and read, against int8 written and read). The plans hold the scales and bias:
+    ``load_state_dict`` updates them in place (``_refresh``), moving the module builds new ones.
     GELU is the tanh form (the kernel's); the trained model's erf form differs by < 1e-3, far under an int8 step.
     Without CUDA the same function runs densely (``_reference``). ``fuse_sparse24_mlps`` swaps these in.
     """
