@@ -337,36 +337,33 @@ class DSRCRecipe:
             for job in ("teacher", "teacher_unpainted"):
                 if job in jobs:
                     self.teacher(seed, painted=job == "teacher")
+            teachers: dict[str, CoopDetector] = {}
             for name in (j for j in jobs if j in self.cfg.variants):
-                if self._detected(f"detect-{name}-s{seed}"):
-                    continue
-                teacher_job = VARIANTS[name][2]
-                teachers = {}
-                if teacher_job and self.run.result(f"{name}-s{seed}") is None:  # the teacher only to train with
-                    if self.run.result(f"{teacher_job}-s{seed}") is None:
-                        raise RuntimeError(f"{name} distils from {teacher_job}-s{seed}, which is not finished in "
-                                           f"{self.run.path}: train it first (--jobs {teacher_job})")
-                    teachers[teacher_job] = self.teacher(seed, painted=teacher_job == "teacher")
-                model = self.variant(name, seed, teachers)  # every rank: training is data-parallel
-                if dist.is_main():
-                    self.detect(seed, name, model)
-                dist.barrier()
+                self._train_and_detect(seed, name, teachers, train_teacher=False)
+
+    def _train_and_detect(self, seed: int, name: str, teachers: dict[str, CoopDetector], train_teacher: bool) -> None:
+        """A variant trained (or loaded) and detected, unless its detections exist; its teacher is loaded into
+        ``teachers`` only to train it, and trained here only with ``train_teacher`` (else another process does)."""
+        if self._detected(f"detect-{name}-s{seed}"):
+            return
+        t = VARIANTS[name][2]
+        if t and t not in teachers and self.run.result(f"{name}-s{seed}") is None:
+            if not train_teacher and self.run.result(f"{t}-s{seed}") is None:
+                raise RuntimeError(f"{name} distils from {t}-s{seed}, which is not finished in {self.run.path}: "
+                                   f"train it first (--jobs {t})")
+            teachers[t] = self.teacher(seed, painted=t == "teacher")
+        model = self.variant(name, seed, teachers)  # every rank: training is data-parallel
+        if dist.is_main():
+            self.detect(seed, name, model)
+        dist.barrier()
 
     def run_all(self) -> dict:
         out = {}
         for seed in self.cfg.seeds:
             if self.run.result(f"eval-s{seed}") is None:
                 teachers: dict[str, CoopDetector] = {}
-                for v in self.cfg.variants:  # train (or load) and detect what has no detections yet
-                    if self._detected(f"detect-{v}-s{seed}"):
-                        continue
-                    t = VARIANTS[v][2]
-                    if t and t not in teachers and self.run.result(f"{v}-s{seed}") is None:  # only to train with
-                        teachers[t] = self.teacher(seed, painted=t == "teacher")
-                    model = self.variant(v, seed, teachers)  # every rank: training is data-parallel
-                    if dist.is_main():
-                        self.detect(seed, v, model)
-                    dist.barrier()
+                for v in self.cfg.variants:
+                    self._train_and_detect(seed, v, teachers, train_teacher=True)
                 del teachers
             out[seed] = self.evaluate(seed) if dist.is_main() else None
             dist.barrier()
