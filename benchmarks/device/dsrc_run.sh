@@ -54,7 +54,9 @@ echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$OUT/$name-eval.log"
 # its result in the tgz too, so it trains again rather than failing for want of weights.
 drop=()
 if [ $rc -ne 0 ]; then
-  files=2; room=$((60 * 1024 * 1024))
+  # what is in $OUT already (the log, and anything a command beside this script wrote there) counts, plus the tgz
+  files=$(($(find "$OUT" -maxdepth 1 -type f | wc -l) + 1))
+  room=$((60 * 1024 * 1024 - $(find "$OUT" -maxdepth 1 -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')))
   fits() { local size; size=$(stat -c %s "$1"); if [ $files -lt 8 ] && [ "$size" -le $room ]; then
     files=$((files + 1)); room=$((room - size)); else rm -f "$1"; return 1; fi; }
   detected=("$run"/checkpoints/detect-*.pt)
