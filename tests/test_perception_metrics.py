@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from sparsedistill.perception.metrics import (_ap, average_precision, bev_corners, corruption_error, match_frames,
-                                              mean_ce, mean_rr, paired_bootstrap_delta_ap, resilience_rate,
-                                              rotated_iou_bev)
+from sparsedistill.perception.metrics import (FrameMatches, _ap, average_precision, bev_corners, corruption_error,
+                                              match_frames, matched_ap, mean_ce, mean_rr, paired_bootstrap_delta_ap,
+                                              paired_bootstrap_delta_matched, resilience_rate, rotated_iou_bev)
 
 
 def boxes(*rows: tuple[float, ...]) -> torch.Tensor:
@@ -276,6 +276,29 @@ def test_paired_bootstrap():
     found = ([b.clone() for b in one_car], [torch.ones(len(b)) for b in one_car])
     missed = ([b[:0] for b in one_car], [torch.ones(0) for _ in one_car])
     assert paired_bootstrap_delta_ap(found, missed, one_car, 0.5, rounds=50) == (1.0, 1.0, 1.0)
+
+
+def test_matches_stored_by_frame_rebuild_the_same_ranking_ap_and_bootstrap():
+    """What the DSRC recipe keeps of a detect job (scores, true-positive flags and counts per frame) gives back the
+    ranking exactly, ties across and within frames included, so AP and the bootstrap need no boxes."""
+    g = torch.Generator().manual_seed(7)
+    gts = random_cars(g, 30)
+    preds, scores, _ = detect(g, gts, quality=0.7)
+    scores = [(s * 4).round() / 4 for s in scores]  # coarse scores: many ties
+    m = match_frames(preds, scores, gts, 0.5)
+    s, tp, counts = m.by_frame()
+    assert counts.tolist() == [len(p) for p in preds]
+    again = FrameMatches.from_frames(s.float(), tp.to(torch.uint8), counts.int(), m.num_gt.int())
+    for field in ("scores", "tp", "frame", "num_gt"):
+        assert torch.equal(getattr(again, field), getattr(m, field)), field
+    assert matched_ap(again) == average_precision(preds, scores, gts, 0.5)
+    weak = detect(g, gts, quality=0.4)[:2]
+    assert paired_bootstrap_delta_matched(again, match_frames(*weak, gts, 0.5), rounds=100, seed=3) == \
+        paired_bootstrap_delta_ap((preds, scores), weak, gts, 0.5, rounds=100, seed=3)
+    with pytest.raises(ValueError, match="different frames"):
+        paired_bootstrap_delta_matched(again, match_frames(*weak, [t[:0] for t in gts], 0.5))
+    with pytest.raises(ValueError, match="inconsistent matches"):
+        FrameMatches.from_frames(s, tp, counts[:-1], m.num_gt)
 
 
 def test_corruption_error_and_resilience_rate():

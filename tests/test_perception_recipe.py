@@ -74,6 +74,18 @@ def test_dsrc_run_carries_across_machines_as_results_detections_and_exports(tmp_
     run_dsrc(cfg, back, resume=True, progress=False)
     assert json.loads((back / "results" / "eval-s0.json").read_text()) == full  # from the detect files alone
     assert not (back / "frames").exists()  # no frame simulated, no model loaded
+    # the matched predictions alone (what a session keeps in git: no detections, no checkpoints, no exports)
+    kept = tmp_path / "kept"
+    shutil.copytree(tmp_path / "run", kept, ignore=lambda d, names: [
+        n for n in names if n in ("frames", "checkpoints", "exports") or n == "eval-s0.json"])
+    run_dsrc(cfg, kept, resume=True, progress=False)
+    assert json.loads((kept / "results" / "eval-s0.json").read_text()) == full
+    # detect files from before the matches existed: the evaluation makes the matches from them, the same ones
+    shutil.rmtree(back / "matches")
+    (back / "results" / "eval-s0.json").unlink()
+    run_dsrc(cfg, back, resume=True, progress=False)
+    assert json.loads((back / "results" / "eval-s0.json").read_text()) == full
+    assert sorted(p.name for p in (back / "matches").iterdir()) == sorted(p.name for p in (kept / "matches").iterdir())
     # a model whose detections did not come back detects again from its bf16 export
     (back / "results" / "eval-s0.json").unlink()
     (back / "results" / "detect-dsrc-s0.json").unlink()
@@ -135,6 +147,15 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     assert run_dsrc(cfg, run, resume=True, progress=False, jobs=["dsrc"]) is None
     trained = (run / "metrics.jsonl").read_text()
     detected = (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns
+    # a run carried on from its bank (results and matches of the detected models, no weights): a listed teacher
+    # whose variants are all detected is not trained again
+    import shutil
+
+    bank = tmp_path / "bank"
+    shutil.copytree(run, bank, ignore=lambda d, names: [n for n in names if n in ("frames", "checkpoints", "exports")
+                                                        or n.startswith("teacher")])
+    assert run_dsrc(cfg, bank, resume=True, progress=False, jobs=["teacher", "dsrc", "b0"]) is None
+    assert (bank / "metrics.jsonl").read_text() == trained and not (bank / "results" / "teacher-s0.json").exists()
     report = run_dsrc(cfg, run, resume=True, progress=False)
     assert (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns == detected  # its detections were reused
     assert report.exists() and (run / "results" / "eval-s0.json").exists()

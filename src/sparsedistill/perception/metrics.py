@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["bev_corners", "rotated_iou_bev", "FrameMatches", "match_frames", "average_precision", "corruption_error",
-           "resilience_rate", "mean_ce", "mean_rr", "paired_bootstrap_delta_ap"]
+__all__ = ["bev_corners", "rotated_iou_bev", "FrameMatches", "match_frames", "average_precision", "matched_ap",
+           "corruption_error", "resilience_rate", "mean_ce", "mean_rr", "paired_bootstrap_delta_ap",
+           "paired_bootstrap_delta_matched"]
 
 Detections = tuple[Sequence[Tensor], Sequence[Tensor]]  # per frame: boxes (Pi, 5), scores (Pi,)
 
@@ -134,6 +135,24 @@ class FrameMatches:
     def total_gt(self) -> int:
         return int(self.num_gt.sum())
 
+    def by_frame(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, tp, counts) in frame order, each frame's predictions by rank: what ``from_frames`` rebuilds
+        the ranking from (a stable sort by frame undoes the stable sort by score), e.g. to store it compactly."""
+        order = torch.sort(self.frame, stable=True).indices
+        counts = torch.bincount(self.frame, minlength=len(self.num_gt))
+        return self.scores[order], self.tp[order], counts
+
+    @classmethod
+    def from_frames(cls, scores: Tensor, tp: Tensor, counts: Tensor, num_gt: Tensor) -> "FrameMatches":
+        """The inverse of ``by_frame``: the same ranking, ties included, as ``match_frames`` made it."""
+        if not len(scores) == len(tp) == int(counts.sum()) or len(counts) != len(num_gt):
+            raise ValueError(f"inconsistent matches: {len(scores)} scores, {len(tp)} flags, counts summing to "
+                             f"{int(counts.sum())} over {len(counts)} frames, {len(num_gt)} ground-truth counts")
+        scores, num_gt = scores.double(), num_gt.long()
+        frame = torch.repeat_interleave(torch.arange(len(counts), device=scores.device), counts.long().to(scores.device))
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return cls(scores[order], tp.bool()[order], frame[order], num_gt)
+
 
 def match_frames(pred_boxes: Sequence[Tensor], pred_scores: Sequence[Tensor], gt_boxes: Sequence[Tensor],
                  iou_threshold: float) -> FrameMatches:
@@ -203,7 +222,11 @@ def _no_gt_error() -> ValueError:
 def average_precision(pred_boxes: Sequence[Tensor], pred_scores: Sequence[Tensor], gt_boxes: Sequence[Tensor],
                       iou_threshold: float) -> float:
     """BEV AP of one class over frames at ``iou_threshold`` (all-point interpolation; see ``match_frames``)."""
-    m = match_frames(pred_boxes, pred_scores, gt_boxes, iou_threshold)
+    return matched_ap(match_frames(pred_boxes, pred_scores, gt_boxes, iou_threshold))
+
+
+def matched_ap(m: FrameMatches) -> float:
+    """AP of predictions already matched (``match_frames``)."""
     if m.total_gt == 0:
         raise _no_gt_error()
     ones = torch.ones(1, len(m.tp), dtype=torch.float64, device=m.tp.device)
@@ -219,15 +242,23 @@ def paired_bootstrap_delta_ap(frames_a: Detections, frames_b: Detections, gts: S
     In a resample, predictions of equal score from different frames rank in the frames' original order.
     Resamples that drew only frames without ground truth (AP undefined) are left out.
     """
+    return paired_bootstrap_delta_matched(match_frames(*frames_a, gts, iou_threshold),
+                                          match_frames(*frames_b, gts, iou_threshold), rounds, seed, level)
+
+
+def paired_bootstrap_delta_matched(ma: FrameMatches, mb: FrameMatches, rounds: int = 1000, seed: int = 0,
+                                   level: float = 0.95) -> tuple[float, float, float]:
+    """``paired_bootstrap_delta_ap`` of two models' predictions already matched on the same frames."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level}")
-    ma = match_frames(*frames_a, gts, iou_threshold)
-    mb = match_frames(*frames_b, gts, iou_threshold)
+    if not torch.equal(ma.num_gt.cpu(), mb.num_gt.cpu()):
+        raise ValueError("the two models' matches are of different frames (their ground-truth counts differ): "
+                         "match both on the same frames")
     if ma.total_gt == 0:
         raise _no_gt_error()
-    frames, device = len(gts), ma.num_gt.device
+    frames, device = len(ma.num_gt), ma.num_gt.device
     draws = torch.randint(frames, (rounds, frames), generator=torch.Generator().manual_seed(seed))
     copies = torch.zeros(rounds, frames, dtype=torch.float64).scatter_add_(1, draws, torch.ones(rounds, frames,
                                                                                               dtype=torch.float64))

@@ -7,13 +7,15 @@ Jobs, per seed (each resumable; a finished job is skipped on --resume):
                               pillars), dsrc (distillation + reconstruction) and its ablations dsrc_no_paint,
                               dsrc_no_recon, dsrc_no_distill
   detect-{model}-s{seed}      a model's detections on the test frames, clean and under each corruption at each
-                              level, their AP@0.5 / 0.7 and the frames' true boxes (a cut evaluation resumes at the
-                              next model); b0 and dsrc also draw their BEV pictures here
-  eval-s{seed}                Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0, from the detect jobs
-                              alone: no model, no frame (so it runs anywhere the detect jobs' files are)
-``perception run --jobs`` trains (and detects with) chosen jobs only, so processes can share a run directory.
+                              level (a checkpoint, ~3 MB), their AP@0.5 / 0.7, the frames' true boxes, and the
+                              predictions matched to them (``matches/``, ~0.5 MB); b0 and dsrc also draw their BEV
+                              pictures here
+  eval-s{seed}                Robo3D's CE / RR against b0, paired bootstrap of delta-AP vs b0, from the detect jobs'
+                              results and matches alone: no model, no frame, no raw detection (so it runs anywhere)
+``perception run --jobs`` trains (and detects with) chosen jobs only, in the order given.
 Every trained model is also exported in bf16 (``exports/<job>.safetensors``, ~18 MB); a finished job whose
-checkpoint is absent loads its export, so a run carries across machines as its results, detect files and exports.
+checkpoint is absent loads its export. A run carries across machines and sessions as the results and matches of
+its detected models (benchmarks/device/dsrc_run.sh keeps that "bank" in git): the rest trains again.
 Frames are simulated at the start (``perception.frames``) from disjoint seed ranges per split; nothing is
 downloaded. The report (``dsrc_report``) merges seeds.
 """
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,16 +44,17 @@ from ..perception.corruptions import LEVELS, corruption_names
 from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
 from ..perception.plots import save_bev
-from ..perception.metrics import (average_precision, corruption_error, mean_ce, mean_rr, paired_bootstrap_delta_ap,
-                                  resilience_rate)
+from ..perception.metrics import (FrameMatches, corruption_error, match_frames, matched_ap, mean_ce, mean_rr,
+                                  paired_bootstrap_delta_matched, resilience_rate)
 from ..perception.scene import SceneConfig
 from ..perception.training import DSRCWeights, detector_loss, dsrc_loss, freeze, predict
-from ..runs import Run
+from ..runs import Run, atomic_open
 
 __all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
 
 log = logging.getLogger(__name__)
 PICTURED = ("b0", "dsrc")  # the models whose BEV pictures the report shows
+IOU_THRESHOLDS = {"ap50": 0.5, "ap70": 0.7}
 
 # variant: (input mode, fusion, teacher job (None: no distillation), reconstruction head)
 VARIANTS = {
@@ -136,6 +140,7 @@ class DSRCRecipe:
         self.grid, self.anchor_cfg = probe.cfg.grid, probe.cfg.anchors
         self.anchors = make_anchors(self.grid, self.anchor_cfg, self.device).view(-1, 7)
         self._frames: dict[str, list[Frame]] = {}
+        self._kept: dict[tuple[str, bool], dict[int, FrameInputs]] = {}  # collated training inputs by kind, by frame
 
     def frames(self, split: str) -> list[Frame]:
         if split not in self._frames:
@@ -151,9 +156,10 @@ class DSRCRecipe:
     def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int) -> nn.Module:
         if self.run.result(job) is None:  # the training frames are simulated only when a job needs them
             frames = self.frames("train")
-            # each frame's inputs are collated at its first visit and kept: the steps revisit every frame
-            # (4,000 x 4 draws of 2,000 frames) and collating is ~400 small ops a frame (launch-bound on a GPU)
-            kept: dict[int, FrameInputs] = {}
+            # each frame's inputs are collated at its first visit and kept, for the later jobs of this process too: the
+            # steps revisit every frame (4,000 x 4 draws of 2,000 frames) and collating is ~400 small ops a frame
+            # (launch-bound on a GPU: ~45 s a job at 2,000 frames)
+            kept = self._kept.setdefault((inputs, teacher_input), {})
 
             def get_batch(rows: torch.Tensor):
                 for r in rows.tolist():
@@ -239,7 +245,7 @@ class DSRCRecipe:
         if self._detected(job):
             return
         test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
-        ap, detections, t0 = {}, {}, time.perf_counter()
+        ap, detections, matches, t0 = {}, {}, {}, time.perf_counter()
         for cname, lv in self._conditions():
             key = "clean" if cname == "clean" else f"{cname}-{lv}"
             frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
@@ -250,17 +256,38 @@ class DSRCRecipe:
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
             detections[key] = _pack(boxes, scores)
-            ap[key] = {f"ap{int(t * 100)}": average_precision(boxes, scores, truth, t) for t in (0.5, 0.7)}
+            matches[key] = {t: match_frames(boxes, scores, truth, thr) for t, thr in IOU_THRESHOLDS.items()}
+            ap[key] = {t: matched_ap(m) for t, m in matches[key].items()}
         if name in PICTURED:
             self._pictures(seed, name, model, test[:2], e.corruptions[0] if e.corruptions else None)
         packed_truth = _pack(truth)
         # rank 0 detects alone (its callers wait for it): no collective here
         self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
+        _save_matches(self._matches_path(job), matches)
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
                                    "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
 
     def _detected(self, job: str) -> bool:
-        return self.run.result(job) is not None and self.run.checkpoint_path(job).exists()
+        return self.run.result(job) is not None and (self._matches_path(job).exists()
+                                                     or self.run.checkpoint_path(job).exists())
+
+    def _matches_path(self, job: str) -> Path:
+        """A detect job's matched predictions (~0.5 MB): all the evaluation needs, small enough to keep with the
+        results where the detections (~3 MB a model) and the models are not."""
+        return self.run.artifact("matches") / f"{job}.npz"
+
+    def _matches(self, job: str) -> dict[str, dict[str, FrameMatches]]:
+        """A detect job's matches by condition and AP threshold, made from its detections if they predate the file."""
+        path = self._matches_path(job)
+        if not path.exists():
+            state = self.run.load_checkpoint(job)
+            if "truth" not in state:
+                raise ValueError(f"{job} predates packed detections with their true boxes (9fb0abd): delete its "
+                                 "results/ and checkpoints/ files to detect it again")
+            truth = _unpack(*state["truth"])[0]
+            _save_matches(path, {key: {t: match_frames(*_unpack(*d), truth, thr) for t, thr in IOU_THRESHOLDS.items()}
+                                 for key, d in state["detections"].items()})
+        return _load_matches(path)
 
     @torch.no_grad()
     def evaluate(self, seed: int) -> dict:
@@ -275,17 +302,13 @@ class DSRCRecipe:
                                     "checkpoints/detect-* files back")
         results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in self._conditions()],
                          "models": {}}
-        detections: dict[tuple[str, str], tuple[list, list]] = {}
-        truth, truth_sha = None, {}
+        matches: dict[str, dict[str, dict[str, FrameMatches]]] = {}
+        truth_sha = {}
         for name in self.cfg.variants:
-            found, state = self.run.result(f"detect-{name}-s{seed}"), self.run.load_checkpoint(f"detect-{name}-s{seed}")
-            if "truth" not in state:
-                raise ValueError(f"detect-{name}-s{seed} predates packed detections with their true boxes (9fb0abd): "
-                                 f"delete its results/ and checkpoints/ files to detect it again")
+            found = self.run.result(f"detect-{name}-s{seed}")
             results["models"][name] = {key: dict(row) for key, row in found["ap"].items()}
-            detections.update({(name, key): _unpack(*d) for key, d in state["detections"].items()})
+            matches[name] = self._matches(f"detect-{name}-s{seed}")
             truth_sha[name] = found.get("truth_sha256")
-            truth = truth if truth is not None else _unpack(*state["truth"])[0]
         if len(set(truth_sha.values())) > 1:  # detect jobs of one run on other machines must have seen the same frames
             raise ValueError(f"the detect jobs of seed {seed} saw different test frames (true boxes' sha256 per model: "
                              f"{truth_sha}); detect them again on one machine (delete their results/detect-* files)")
@@ -303,9 +326,9 @@ class DSRCRecipe:
                 rows[f"mrr_{t}"] = mean_rr(rr) if rr and None not in rr.values() else None
             if name != "b0":
                 for key in results["conditions"]:
-                    for thr, t in ((0.5, "ap50"), (0.7, "ap70")):
-                        rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_ap(
-                            detections[name, key], detections["b0", key], truth, thr, rounds=e.bootstrap, seed=seed)
+                    for t in IOU_THRESHOLDS:
+                        rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_matched(
+                            matches[name][key][t], matches["b0"][key][t], rounds=e.bootstrap, seed=seed)
         self.run.save_result(job, results, sync=False)  # rank 0 evaluates alone
         return results
 
@@ -325,21 +348,33 @@ class DSRCRecipe:
                          title=f"{name}, {label}, test frame {i}, seed {seed}")
 
     def train_only(self, jobs: list[str]) -> None:
-        """Train the named jobs of every seed (``teacher``, ``teacher_unpainted`` or a variant; a variant also detects
-        on the test conditions) and stop: several
-        processes, each with its own jobs, can share one run directory (e.g. variants side by side on one GPU);
-        a last run without ``jobs`` evaluates. A variant's teacher must be finished first."""
+        """Train the named jobs of every seed in the order given (``teacher``, ``teacher_unpainted`` or a variant; a
+        variant also detects on the test conditions) and stop: several processes, each with its own jobs, can share
+        one run directory; a last run without ``jobs`` evaluates. A variant's teacher must be finished first, by an
+        earlier job of the list or another process. One process taking the jobs in turn is the fast way on one GPU:
+        the training inputs stay collated between jobs, and processes side by side time-share the card (measured on
+        an H100: six at once trained at 0.6x the rate of one)."""
         known = {"teacher", "teacher_unpainted", *self.cfg.variants}
         unknown = [j for j in jobs if j not in known]
         if unknown:
             raise ValueError(f"unknown jobs {unknown}; this config's jobs are {sorted(known)}")
         for seed in self.cfg.seeds:
-            for job in ("teacher", "teacher_unpainted"):
-                if job in jobs:
-                    self.teacher(seed, painted=job == "teacher")
             teachers: dict[str, CoopDetector] = {}
-            for name in (j for j in jobs if j in self.cfg.variants):
-                self._train_and_detect(seed, name, teachers, train_teacher=False)
+            for job in jobs:
+                if job in ("teacher", "teacher_unpainted"):
+                    if self._teacher_needed(seed, job, jobs):
+                        teachers[job] = self.teacher(seed, painted=job == "teacher")
+                else:
+                    self._train_and_detect(seed, job, teachers, train_teacher=False)
+
+    def _teacher_needed(self, seed: int, teacher: str, jobs: list[str]) -> bool:
+        """Whether a listed teacher must be trained or loaded: unfinished, or a listed variant distilling from it
+        is not trained yet (a later session of a run whose detections are kept needs no teacher for them)."""
+        dependants = [j for j in jobs if j in VARIANTS and VARIANTS[j][2] == teacher]
+        if dependants:
+            return any(self.run.result(f"{j}-s{seed}") is None and not self._detected(f"detect-{j}-s{seed}")
+                       for j in dependants)
+        return self.run.result(f"{teacher}-s{seed}") is None
 
     def _train_and_detect(self, seed: int, name: str, teachers: dict[str, CoopDetector], train_teacher: bool) -> None:
         """A variant trained (or loaded) and detected, unless its detections exist; its teacher is loaded into
@@ -379,6 +414,40 @@ def _pack(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tens
 def _unpack(boxes: Tensor, scores: Tensor | None, counts: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
     sizes = counts.tolist()
     return list(boxes.split(sizes)), None if scores is None else list(scores.split(sizes))
+
+
+def _save_matches(path: Path, matches: dict[str, dict[str, FrameMatches]]) -> None:
+    """Per condition: the predictions' float32 scores in frame order, a bit per AP threshold (bit i: a true
+    positive at the i-th of IOU_THRESHOLDS), the predictions per frame; and the ground truths per frame."""
+    arrays: dict[str, np.ndarray] = {}
+    for key, by_t in matches.items():
+        first = next(iter(by_t.values()))
+        scores, _, counts = first.by_frame()
+        flags = torch.zeros(len(scores), dtype=torch.uint8)
+        for bit, t in enumerate(IOU_THRESHOLDS):
+            s_t, tp, _ = by_t[t].by_frame()
+            if not torch.equal(s_t, scores):  # one ranking, whatever the threshold
+                raise AssertionError(f"{key}: the {t} matches rank the predictions differently")
+            flags |= tp.cpu().to(torch.uint8) << bit
+        arrays[f"{key}/scores"] = scores.float().cpu().numpy()
+        arrays[f"{key}/flags"] = flags.numpy()
+        arrays[f"{key}/counts"] = counts.int().cpu().numpy()
+        arrays["num_gt"] = first.num_gt.int().cpu().numpy()
+    with atomic_open(path) as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _load_matches(path: Path) -> dict[str, dict[str, FrameMatches]]:
+    with np.load(path) as z:
+        num_gt = torch.from_numpy(z["num_gt"])
+        keys = sorted({k.rsplit("/", 1)[0] for k in z.files if "/" in k})
+        out = {}
+        for key in keys:
+            scores, flags = torch.from_numpy(z[f"{key}/scores"]), torch.from_numpy(z[f"{key}/flags"])
+            counts = torch.from_numpy(z[f"{key}/counts"])
+            out[key] = {t: FrameMatches.from_frames(scores, (flags >> bit) & 1, counts, num_gt)
+                        for bit, t in enumerate(IOU_THRESHOLDS)}
+        return out
 
 
 def _sha256(packed: tuple[Tensor, Tensor | None, Tensor]) -> str:
