@@ -4,7 +4,9 @@ ViT-B/16 and ViT-L/16 at 224x224, throughput at batch 256 and latency at batch 1
 random but 2:4-pruned in every qkv/proj/fc1/fc2 (speed does not depend on the values); every
 variant's logits are checked against the dense fp16 model with the same pruned weights.
 
-  dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of the three
+  dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of these and the next
+  dense_compile_conv_patch                   dense_compile with the patch embedding as the Conv2d (timm's) instead of
+                                             the reshape + GEMM every other row uses (models/vit.py PatchEmbed)
   dense_fp8_tensor / dense_fp8_row           dense FP8 E4M3 Linears (weights/dense8.py): per-tensor scales (input
                                              calibrated as ours) or row-wise (dynamic input), torch._scaled_mm
   dense_int8                                 dense W8A8 INT8 (per-row weights, calibrated input), torch._int_mm (its
@@ -106,6 +108,12 @@ def ours(model: torch.nn.Module, fmt: str, scales: dict[str, float]) -> torch.nn
     return m
 
 
+def conv_patch(model: torch.nn.Module) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    m.patch_embed.as_gemm = False
+    return m
+
+
 def fused_mlps(model: torch.nn.Module) -> torch.nn.Module:
     if not fuse_sparse24_mlps(model):
         raise RuntimeError("no MLP block was fused")
@@ -162,6 +170,7 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     add("dense_graph", lambda: CUDAGraphed(model, x))
     if compile_dense:
         add("dense_compile", lambda: torch.compile(model))
+        add("dense_compile_conv_patch", lambda: torch.compile(conv_patch(model)))
     add("torch_24", lambda: torch_24(model))
     add("torch_24_compiled", lambda: CUDAGraphed(torch_24(model), x, compile=True))
     scales = input_scales(model, x)
@@ -176,7 +185,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (Sparse24GeluMlp): fc2 reads fc1's int8 output directly
     add("ours_24_int8_fused", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x))
     add("ours_24_int8_fused_compiled", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x, compile=True))
-    dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile") and "ms" in r]
+    dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",
+                                                        "dense_compile_conv_patch") and "ms" in r]
     best = min(dense)
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]
     for r in rows.values():

@@ -80,8 +80,11 @@ def test_dsrc_run_carries_across_machines_as_results_detections_and_exports(tmp_
         n for n in names if n in ("frames", "checkpoints", "exports") or n == "eval-s0.json"])
     run_dsrc(cfg, kept, resume=True, progress=False)
     assert json.loads((kept / "results" / "eval-s0.json").read_text()) == full
-    # detect files from before the matches existed: the evaluation makes the matches from them, the same ones
+    # detect files from before the matches existed: a --jobs run (what a bank is made from) writes their matches,
+    # the evaluation too, the same ones
     shutil.rmtree(back / "matches")
+    run_dsrc(cfg, back, resume=True, progress=False, jobs=["b0"])
+    assert [p.name for p in (back / "matches").iterdir()] == ["detect-b0-s0.npz"]
     (back / "results" / "eval-s0.json").unlink()
     run_dsrc(cfg, back, resume=True, progress=False)
     assert json.loads((back / "results" / "eval-s0.json").read_text()) == full
@@ -103,6 +106,32 @@ def test_dsrc_run_carries_across_machines_as_results_detections_and_exports(tmp_
     with pytest.raises(ValueError, match="different test frames"):
         run_dsrc(cfg, back, resume=True, progress=False)
     assert state["truth"][0].shape[1] == 5
+
+
+def test_dsrc_jobs_in_one_process_share_inputs_by_kind_and_outlive_a_failed_job(tmp_path, monkeypatch):
+    """Jobs taken in turn by one process keep collated inputs per kind (early fusion's are not b0's: early trained
+    after b0 equals early trained alone), and a failed teacher stops only its students."""
+    import torch
+
+    from sparsedistill.recipes import dsrc
+
+    cfg = _cfg(variants='["b0", "early", "dsrc"]')
+    run_dsrc(cfg, tmp_path / "after_b0", progress=False, jobs=["b0", "early"])
+    run_dsrc(cfg, tmp_path / "alone", progress=False, jobs=["early"])
+    weights = [torch.load(tmp_path / d / "checkpoints" / "early-s0.pt", weights_only=False)["model"]
+               for d in ("after_b0", "alone")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((tmp_path / "after_b0" / "results" / "detect-early-s0.json").read_text())["ap"] == \
+        json.loads((tmp_path / "alone" / "results" / "detect-early-s0.json").read_text())["ap"]
+
+    def out_of_memory(self, seed, painted=True):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(dsrc.DSRCRecipe, "teacher", out_of_memory)
+    run = tmp_path / "failing"
+    with pytest.raises(RuntimeError, match=r"2 jobs failed.*teacher-s0: OutOfMemoryError.*dsrc-s0: its teacher"):
+        run_dsrc(cfg, run, progress=False, jobs=["teacher", "dsrc", "b0"])
+    assert (run / "matches" / "detect-b0-s0.npz").exists() and not (run / "results" / "dsrc-s0.json").exists()
 
 
 def test_dsrc_recipe_rejects_bad_configs():

@@ -20,6 +20,20 @@ def test_forward_shapes_and_attention_maps():
     assert torch.allclose(model(x), out.logits, atol=1e-5)
 
 
+def test_patch_embedding_as_one_gemm_equals_the_convolution():
+    """The default patch projection (a reshape, then one GEMM with the Conv2d's weight) gives the convolution's tokens."""
+    torch.manual_seed(0)
+    for cfg in (ViTConfig(img_size=32, patch_size=16, embed_dim=48, num_heads=4, depth=1),
+                ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=32, num_heads=4, depth=1)):
+        embed = VisionTransformer(cfg).double().patch_embed
+        x = torch.randn(3, cfg.in_chans, cfg.img_size, cfg.img_size, dtype=torch.float64)
+        assert embed.as_gemm
+        tokens = embed(x)
+        embed.as_gemm = False
+        torch.testing.assert_close(tokens, embed(x), rtol=0, atol=1e-12)
+        assert tokens.shape == (3, cfg.num_patches, cfg.embed_dim)
+
+
 def test_state_dict_uses_timm_key_names():
     model = VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2))
     block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",

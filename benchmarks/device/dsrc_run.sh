@@ -18,7 +18,7 @@
 set -u
 limit=$1; shift
 end=$((SECONDS + limit))
-run=${RUN:-runs/dsrc-full}; name=$(basename "$run")
+run=${RUN:-runs/dsrc-full}; run=${run#./}; name=$(basename "$run")  # no "./": the tar below leaves out dot-names
 if [ -n "${BANK:-}" ] && [ ! -e "$run" ]; then mkdir -p "$run" && cp -r "$BANK"/. "$run"/; fi
 mkdir -p "$run/logs"
 # shellcheck disable=SC2206  # a word list
@@ -35,17 +35,19 @@ if [ $rc -eq 0 ]; then  # without --jobs the run would train what is missing: on
   echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$run/logs/eval.log"
 fi
 cp "$run/logs/train.log" "$OUT/$name-train.log" 2>/dev/null
-# the bank: results of jobs whose weights stay here are left out (they train again wherever the run goes on)
+# the bank: a model counts as kept only with its matches; the results of jobs whose weights stay here are left out
+# (they train again wherever the run goes on), and so are unfinished atomic writes (.name.XXXX)
 drop=()
 for f in "$run"/results/*.json; do
   [ -f "$f" ] || continue
   job=$(basename "$f" .json)
   case $job in
-    detect-*|eval-*) ;;
-    *) [ -f "$run/results/detect-$job.json" ] || drop+=(--exclude="results/$job.json") ;;
+    eval-*) ;;
+    detect-*) [ -f "$run/matches/$job.npz" ] || drop+=(--exclude="results/$job.json") ;;
+    *) [ -f "$run/matches/detect-$job.npz" ] || drop+=(--exclude="results/$job.json") ;;
   esac
 done
-tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*.pt*' --exclude='exports' \
+tar -czf "$OUT/$name.tgz" --exclude='*.pt' --exclude='*.pt.*' --exclude='.*' --exclude='exports' \
   --exclude='frames' "${drop[@]}" "$run"
 ls -la "$OUT"
 exit $rc

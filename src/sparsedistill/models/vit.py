@@ -60,17 +60,27 @@ class ViTOutput:
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches projected to tokens. The weight is a Conv2d's (timm's key names and shape), but by
+    default the projection runs as one GEMM over the patches cut out by a reshape: a 16 x 16 stride-16 convolution of
+    3 channels is a poor fit for cuDNN's kernels (``as_gemm = False`` runs the convolution, e.g. to compare)."""
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
-        self.img_size, self.in_chans = cfg.img_size, cfg.in_chans
+        self.img_size, self.in_chans, self.patch_size = cfg.img_size, cfg.in_chans, cfg.patch_size
+        self.as_gemm = True
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2:] != (self.img_size, self.img_size):
             raise ValueError(
                 f"expected images of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)
+        if not self.as_gemm:
+            return self.proj(x).flatten(2).transpose(1, 2)
+        b, c, p, g = x.shape[0], self.in_chans, self.patch_size, self.img_size // self.patch_size
+        # (B, C, gh, p, gw, p) -> (B, gh, gw, C, p, p): each patch's values in the weight's (C, p, p) order
+        patches = x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class Attention(nn.Module):

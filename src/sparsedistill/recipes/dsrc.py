@@ -15,7 +15,7 @@ Jobs, per seed (each resumable; a finished job is skipped on --resume):
 ``perception run --jobs`` trains (and detects with) chosen jobs only, in the order given.
 Every trained model is also exported in bf16 (``exports/<job>.safetensors``, ~18 MB); a finished job whose
 checkpoint is absent loads its export. A run carries across machines and sessions as the results and matches of
-its detected models (benchmarks/device/dsrc_run.sh keeps that "bank" in git): the rest trains again.
+its detected models (the "bank" benchmarks/device/dsrc_run.sh returns, committed by hand): the rest trains again.
 Frames are simulated at the start (``perception.frames``) from disjoint seed ranges per split; nothing is
 downloaded. The report (``dsrc_report``) merges seeds.
 """
@@ -299,7 +299,7 @@ class DSRCRecipe:
         if missing:
             raise FileNotFoundError(f"{self.run.path} lacks the detections of {missing} (seed {seed}): run "
                                     f"`perception run --jobs {' '.join(missing)}` there, or copy their results/ and "
-                                    "checkpoints/detect-* files back")
+                                    "matches/ files back")
         results: dict = {"conditions": [f"{c}-{lv}" if c != "clean" else "clean" for c, lv in self._conditions()],
                          "models": {}}
         matches: dict[str, dict[str, dict[str, FrameMatches]]] = {}
@@ -353,33 +353,65 @@ class DSRCRecipe:
         one run directory; a last run without ``jobs`` evaluates. A variant's teacher must be finished first, by an
         earlier job of the list or another process. One process taking the jobs in turn is the fast way on one GPU:
         the training inputs stay collated between jobs, and processes side by side time-share the card (measured on
-        an H100: six at once trained at 0.6x the rate of one)."""
+        an H100: six at once trained at 0.6x the rate of one). In one process a failed job (e.g. out of memory) does
+        not stop the jobs after it, except its teacher's students; the failures are raised together at the end."""
         known = {"teacher", "teacher_unpainted", *self.cfg.variants}
         unknown = [j for j in jobs if j not in known]
         if unknown:
             raise ValueError(f"unknown jobs {unknown}; this config's jobs are {sorted(known)}")
+        failed: dict[str, str] = {}
         for seed in self.cfg.seeds:
             teachers: dict[str, CoopDetector] = {}
-            for job in jobs:
-                if job in ("teacher", "teacher_unpainted"):
-                    if self._teacher_needed(seed, job, jobs):
-                        teachers[job] = self.teacher(seed, painted=job == "teacher")
-                else:
-                    self._train_and_detect(seed, job, teachers, train_teacher=False)
+            for i, job in enumerate(jobs):
+                teacher = job if job in ("teacher", "teacher_unpainted") else VARIANTS[job][2]
+                if teacher and f"{teacher}-s{seed}" in failed:
+                    failed[f"{job}-s{seed}"] = f"its teacher {teacher}-s{seed} failed"
+                    continue
+                try:
+                    if job == teacher:
+                        if self._teacher_needed(seed, job, jobs):
+                            teachers[job] = self.teacher(seed, painted=job == "teacher")
+                    else:
+                        self._train_and_detect(seed, job, teachers, train_teacher=False)
+                except Exception as e:  # the later jobs still run (one process takes them all in turn)
+                    if dist.world_size() > 1:
+                        raise  # the other ranks would wait in a collective for this one
+                    log.exception("%s-s%s failed; going on with the next job", job, seed)
+                    failed[f"{job}-s{seed}"] = f"{type(e).__name__}: {e}"[:300]
+                    teachers.pop(job, None)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                later = {self._input_kind(j) for j in jobs[i + 1:]}
+                for kind in [k for k in self._kept if k not in later]:  # inputs no later job trains on
+                    del self._kept[kind]
+        if failed:
+            raise RuntimeError(f"{len(failed)} jobs failed (the others finished): "
+                               + "; ".join(f"{j}: {why}" for j, why in failed.items()))
+
+    def _input_kind(self, job: str) -> tuple[str, bool]:
+        """The collated training inputs a job trains on (the key of ``_kept``)."""
+        if job in ("teacher", "teacher_unpainted"):
+            return "intermediate", True
+        return VARIANTS[job][0], VARIANTS[job][2] is not None
 
     def _teacher_needed(self, seed: int, teacher: str, jobs: list[str]) -> bool:
-        """Whether a listed teacher must be trained or loaded: unfinished, or a listed variant distilling from it
-        is not trained yet (a later session of a run whose detections are kept needs no teacher for them)."""
-        dependants = [j for j in jobs if j in VARIANTS and VARIANTS[j][2] == teacher]
-        if dependants:
-            return any(self.run.result(f"{j}-s{seed}") is None and not self._detected(f"detect-{j}-s{seed}")
-                       for j in dependants)
-        return self.run.result(f"{teacher}-s{seed}") is None
+        """Whether a listed teacher must be trained or loaded here. Unfinished: unless every student of it in the
+        config is already trained or detected (a later session of a run whose detections are kept needs no teacher
+        for them). Finished: loaded only for a listed student still to train."""
+        students = [v for v in self.cfg.variants if VARIANTS[v][2] == teacher]
+        pending = [v for v in students
+                   if self.run.result(f"{v}-s{seed}") is None and not self._detected(f"detect-{v}-s{seed}")]
+        if self.run.result(f"{teacher}-s{seed}") is None:
+            return bool(pending) or not students
+        return any(v in jobs for v in pending)
 
     def _train_and_detect(self, seed: int, name: str, teachers: dict[str, CoopDetector], train_teacher: bool) -> None:
         """A variant trained (or loaded) and detected, unless its detections exist; its teacher is loaded into
         ``teachers`` only to train it, and trained here only with ``train_teacher`` (else another process does)."""
-        if self._detected(f"detect-{name}-s{seed}"):
+        job = f"detect-{name}-s{seed}"
+        if self._detected(job):
+            if dist.is_main() and not self._matches_path(job).exists():
+                self._matches(job)  # detections from before the matches: a run's bank keeps only the matches
             return
         t = VARIANTS[name][2]
         if t and t not in teachers and self.run.result(f"{name}-s{seed}") is None:
@@ -423,6 +455,8 @@ def _save_matches(path: Path, matches: dict[str, dict[str, FrameMatches]]) -> No
     for key, by_t in matches.items():
         first = next(iter(by_t.values()))
         scores, _, counts = first.by_frame()
+        if not torch.equal(scores.float().double(), scores.double()):  # float32 keeps every tie and order as it is
+            raise ValueError(f"{key}: scores finer than float32 cannot be stored exactly; give float32 scores")
         flags = torch.zeros(len(scores), dtype=torch.uint8)
         for bit, t in enumerate(IOU_THRESHOLDS):
             s_t, tp, _ = by_t[t].by_frame()
