@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from ..models import create_model
 from ..models.coop_detector import CoopDetector
 from ..models.safetensors_io import load_weights, save_bf16
 from ..perception.anchors import make_anchors
-from ..perception.batching import FrameInputs, collate, frame_inputs, merge
+from ..perception.batching import Batch, FrameInputs, collate, frame_inputs, merge
 from ..perception.corruptions import LEVELS, corruption_names
 from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
@@ -141,6 +142,7 @@ class DSRCRecipe:
         self.anchors = make_anchors(self.grid, self.anchor_cfg, self.device).view(-1, 7)
         self._frames: dict[str, list[Frame]] = {}
         self._kept: dict[tuple[str, bool], dict[int, FrameInputs]] = {}  # collated training inputs by kind, by frame
+        self._test_cache: tuple[str, list[tuple[tuple[str, int], list[Batch]]]] | None = None  # see _test_batches
 
     def frames(self, split: str) -> list[Frame]:
         if split not in self._frames:
@@ -246,13 +248,11 @@ class DSRCRecipe:
             return
         test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
         ap, detections, matches, t0 = {}, {}, {}, time.perf_counter()
-        for cname, lv in self._conditions():
+        for (cname, lv), batches in self._test_batches(inputs):
             key = "clean" if cname == "clean" else f"{cname}-{lv}"
-            frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
             boxes, scores = [], []
-            for i in range(0, len(frames), e.batch):
-                for b, sc in predict(model, collate(frames[i : i + e.batch], self.grid, inputs=inputs), self.anchors,
-                                     self.anchor_cfg):
+            for batch in batches:
+                for b, sc in predict(model, batch, self.anchors, self.anchor_cfg):
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
             detections[key] = _pack(boxes, scores)
@@ -266,6 +266,22 @@ class DSRCRecipe:
         _save_matches(self._matches_path(job), matches)
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
                                    "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
+
+    def _test_batches(self, inputs: str) -> Iterator[tuple[tuple[str, int], list[Batch]]]:
+        """Per condition (``_conditions``' order), the test frames corrupted and collated for ``inputs`` as batches.
+        Every model of a process detects on the same ones, so they are made once and kept for the input mode last
+        asked (at most ~12 GB at 200 frames x 25 conditions); another mode replaces them."""
+        if self._test_cache is not None and self._test_cache[0] == inputs:
+            yield from self._test_cache[1]
+            return
+        self._test_cache = None  # freed before the next mode's batches are made
+        test, n, kept = self.frames("test"), self.cfg.eval.batch, []
+        for cname, lv in self._conditions():
+            frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
+            kept.append(((cname, lv), [collate(frames[i : i + n], self.grid, inputs=inputs)
+                                       for i in range(0, len(frames), n)]))
+            yield kept[-1]
+        self._test_cache = (inputs, kept)
 
     def _detected(self, job: str) -> bool:
         return self.run.result(job) is not None and (self._matches_path(job).exists()
