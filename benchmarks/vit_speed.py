@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.weights import nm_mask, swap_linears  # noqa: E402
 from sparsedistill.weights import sparse24  # noqa: E402
+from sparsedistill.weights.cusparselt import loaded_library  # noqa: E402
 from sparsedistill.weights.dense8 import Dense8Linear  # noqa: E402
 from sparsedistill.weights.sparse24 import CUDAGraphed, Sparse24Linear, fuse_sparse24_mlps  # noqa: E402
 from sparsedistill.timing import kernel_groups, kernel_times, time_ms, top_kernels  # noqa: E402
@@ -217,6 +218,10 @@ def main() -> int:
 
     env = {**environment(), "command": " ".join([sys.executable, *sys.argv]),
            "cusparselt": torch.backends.cusparselt.version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:  # the library that ran (LD_PRELOAD can put another version first; the line above is PyTorch's build's)
+        env["cusparselt_loaded"] = loaded_library()
+    except (RuntimeError, OSError, AttributeError) as e:
+        env["cusparselt_loaded"] = f"unknown: {e}"[:200]
     env["commit"] = os.environ.get("SPARSEDISTILL_COMMIT") or env["commit"]
     results = []
 

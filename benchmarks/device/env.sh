@@ -30,16 +30,27 @@ done
 # all-MiniLM-L6-v2 in fp16 (45 MB, its own call): the minilm-mlm retrieval student is built from it
 # (--set student.encoder=/root/minilm); it waits in /root/minilm for the calls that carry the retrieval data
 [ -f .gpu/minilm/model.safetensors ] && mkdir -p /root/minilm && cp .gpu/minilm/* /root/minilm/
-# The GGUF travels one part per call while the machine stays warm; parts wait in /root/gguf-parts.
-mkdir -p /root/gguf-parts
-cp .gpu/gguf-part-* .gpu/gguf-manifest /root/gguf-parts/ 2>/dev/null || true
-if [ -f /root/gguf-parts/gguf-manifest ] && [ ! -f /root/smollm2.gguf ]; then
-  read -r sha parts < /root/gguf-parts/gguf-manifest
-  if [ "$(ls /root/gguf-parts/gguf-part-* | wc -l)" = "$parts" ]; then
-    cat /root/gguf-parts/gguf-part-* > /root/smollm2.gguf.tmp
-    if [ "$(sha256sum < /root/smollm2.gguf.tmp | cut -d' ' -f1)" = "$sha" ]; then mv /root/smollm2.gguf.tmp /root/smollm2.gguf
-    else echo "env.sh: joined GGUF fails its checksum" >&2; fi
-  else echo "env.sh: GGUF parts here: $(ls /root/gguf-parts | tr '\n' ' ')(of $parts)"; fi
+# Files too big for one carry travel one part per call while the machine stays warm; parts wait in /root/<name>-parts
+# and are joined (checked against the manifest's sha256) once all are there.
+gather() {  # gather NAME JOINED: .gpu/NAME-part-* and .gpu/NAME-manifest ("sha256 parts") -> JOINED
+  local name=$1 joined=$2 sha parts
+  mkdir -p "/root/$name-parts"
+  cp .gpu/"$name"-part-* ".gpu/$name-manifest" "/root/$name-parts/" 2>/dev/null || true
+  [ -f "/root/$name-parts/$name-manifest" ] && [ ! -f "$joined" ] || return 0
+  read -r sha parts _ < "/root/$name-parts/$name-manifest"
+  if [ "$(ls /root/"$name"-parts/"$name"-part-* | wc -l)" = "$parts" ]; then
+    cat /root/"$name"-parts/"$name"-part-* > "$joined.tmp"
+    if [ "$(sha256sum < "$joined.tmp" | cut -d' ' -f1)" = "$sha" ]; then mv "$joined.tmp" "$joined"
+    else echo "env.sh: joined $name fails its checksum" >&2; fi
+  else echo "env.sh: $name parts here: $(ls "/root/$name-parts" | tr '\n' ' ')(of $parts)"; fi
+}
+gather gguf /root/smollm2.gguf
+# A newer cuSPARSELt than PyTorch's (prepare_cusparselt.sh: xz-compressed, ~150 MB in 4 parts): a command opts in with
+# LD_PRELOAD="$SPARSEDISTILL_CUSPARSELT_LIB" (the same SONAME, so PyTorch and weights/cusparselt.py both run it)
+gather cslt /root/cslt.so.xz
+if [ -f /root/cslt.so.xz ] && [ ! -f /root/cusparselt/libcusparseLt.so.0 ]; then
+  mkdir -p /root/cusparselt && python3 benchmarks/device/xz.py d /root/cslt.so.xz /root/cusparselt/libcusparseLt.so.0
 fi
+[ -f /root/cusparselt/libcusparseLt.so.0 ] && export SPARSEDISTILL_CUSPARSELT_LIB=/root/cusparselt/libcusparseLt.so.0
 [ -f /root/smollm2.gguf ] && export SPARSEDISTILL_SMOLLM2_GGUF=/root/smollm2.gguf
 true

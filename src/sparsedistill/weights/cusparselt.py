@@ -25,7 +25,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["CuSparseLtError", "GeluInt8Gemm", "gelu_int8_reference"]
+__all__ = ["CuSparseLtError", "GeluInt8Gemm", "gelu_int8_reference", "loaded_library"]
 
 _OPAQUE_BYTES = 16 * 1024  # room for every version's opaque structs
 _R_32F, _R_8I = 0, 3  # cudaDataType
@@ -42,8 +42,8 @@ class CuSparseLtError(RuntimeError):
     pass
 
 
-@functools.cache
-def _lib() -> C.CDLL:
+def _loaded_path() -> str:
+    """The libcusparseLt this process runs (PyTorch's, or one put first with LD_PRELOAD: the same SONAME)."""
     if not torch.cuda.is_available():
         raise RuntimeError("cuSPARSELt needs a CUDA device; on the CPU use gelu_int8_reference")
     torch._cslt_compress(torch.zeros(32, 32, dtype=torch.half, device="cuda"))  # PyTorch loads its copy on first use
@@ -51,9 +51,26 @@ def _lib() -> C.CDLL:
         paths = [line.split()[-1] for line in maps if "libcusparseLt" in line]
     if not paths:
         raise RuntimeError("PyTorch did not load libcusparseLt: this build has no cuSPARSELt (torch._cslt_* are missing)")
-    lib = C.CDLL(paths[0])
+    return paths[0]
+
+
+def loaded_library() -> dict[str, str]:
+    """Path and version of the cuSPARSELt in use. ``torch.backends.cusparselt.version()`` is the version PyTorch was
+    built against, not necessarily the one loaded (0.8.1 fixed an H100 slowdown of 0.8.0: worth knowing which ran)."""
+    lib, parts = _lib(), []
+    for prop in (0, 1, 2):  # libraryPropertyType: major, minor, patch
+        value = C.c_int()
+        _check(lib.cusparseLtGetProperty(prop, C.byref(value)), "cusparseLtGetProperty")
+        parts.append(str(value.value))
+    return {"path": _loaded_path(), "version": ".".join(parts)}
+
+
+@functools.cache
+def _lib() -> C.CDLL:
+    lib = C.CDLL(_loaded_path())
     vp, i64, u32, i32 = C.c_void_p, C.c_int64, C.c_uint32, C.c_int
     lib.cusparseLtGetErrorString.restype = C.c_char_p
+    lib.cusparseLtGetProperty.argtypes = [i32, C.POINTER(C.c_int)]
     lib.cusparseLtDenseDescriptorInit.argtypes = [vp, vp, i64, i64, i64, u32, i32, i32]
     lib.cusparseLtStructuredDescriptorInit.argtypes = [vp, vp, i64, i64, i64, u32, i32, i32, i32]
     lib.cusparseLtMatmulDescriptorInit.argtypes = [vp, vp, i32, i32, vp, vp, vp, vp, i32]
