@@ -250,3 +250,17 @@ def test_fused_gelu_mlp_on_the_gpu_matches_its_reference_compiled_and_graphed():
         out = CUDAGraphed(model, x, compile=True)(x).float().cpu()
     err = lambda y: float((y - exact).norm() / exact.norm())  # noqa: E731
     assert err(eager) < 5e-2 and err(out) < max(1e-2, 1.25 * err(eager)), (err(out), err(eager))
+
+
+@pytest.mark.gpu
+def test_loaded_library_reports_the_cusparselt_that_runs():
+    import os
+    import re
+
+    from sparsedistill.weights.cusparselt import loaded_library
+
+    info = loaded_library()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]) and os.path.exists(info["path"])
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "libcusparseLt" in preloaded:  # a newer library put first: that one runs
+        assert os.path.realpath(info["path"]) == os.path.realpath(preloaded.split(":")[0])
