@@ -128,8 +128,14 @@ def bench_attention(s: int, topk: int, reps: int, kinds: list[str], groups: list
             run = lambda: topk_attention_union(q, k, v, idx, group, union=union, dispatch="union",  # noqa: E731
                                                check_indices=False)
             err = float((run().float() - ref.float()).abs().max())
+            sort = group_union(idx, group, method="sort")
+            same = all(torch.equal(a, b) for a, b in zip(sort[:3], group_union(idx, group, method="scatter")[:3]))
             row[f"g{group}"] = {"union_ratio": u, "union_ms": timed(run, reps), "max_err_vs_per_token": err,
-                                "build_union_ms": timed(lambda: group_union(idx, group), reps)}
+                                # the union's build, by one sort per group (PyTorch) and by the scatter kernels
+                                "build_union_ms": timed(lambda: group_union(idx, group, method="sort"), reps),
+                                "build_union_scatter_ms": timed(lambda: group_union(idx, group, method="scatter"), reps),
+                                "scatter_equals_sort": same}
+            del sort
             row[f"g{group}"]["speedup_vs_per_token"] = row["per_token_ms"] / row[f"g{group}"]["union_ms"]
             row[f"g{group}"]["split"] = split(run)
         row["split_per_token"] = split(per_token)

@@ -52,13 +52,18 @@ def _naive_union(indices, group):
     return out
 
 
-@pytest.mark.parametrize("group,sq,offset", [(1, 5, 0), (8, 37, 0), (16, 16, 0), (32, 70, 0), (32, 70, 2**26 - 128),
-                                             (32, 70, 2**26)])
-def test_group_union_matches_a_naive_per_group_construction(group, sq, offset):
+@pytest.mark.parametrize("group,sq,offset,method", [
+    (1, 5, 0, "sort"), (8, 37, 0, "sort"), (16, 16, 0, "sort"), (32, 70, 0, "sort"), (32, 70, 2**26 - 128, "sort"),
+    (32, 70, 2**26, "sort"),  # keys just below 2^31 / 32 (int32 sort keys), and past it (int64)
+    (1, 5, 0, "scatter"), (8, 37, 0, "scatter"), (16, 16, 0, "scatter"), (32, 70, 0, "scatter"),
+    (32, 70, 3000, "scatter")])  # keys past several of the compaction's blocks
+def test_group_union_matches_a_naive_per_group_construction(group, sq, offset, method, monkeypatch):
+    if method == "scatter":
+        monkeypatch.setattr(tu, "_SCATTER_SCRATCH_BYTES", 4 * 200 * 3)  # small chunks of groups: several of them
     g = torch.Generator().manual_seed(group + sq)
     idx = _local_indices(2, sq, 100, 12, g, pad=0.3)
-    idx = torch.where(idx >= 0, idx + offset, idx)  # keys just below 2^31 (int32), and past it (int64)
-    u = group_union(idx.to(DEV), group)
+    idx = torch.where(idx >= 0, idx + offset, idx)
+    u = group_union(idx.to(DEV), group, method=method)
     ng = -(-sq // group)
     assert u.union.shape == u.membership.shape and u.union.shape[:2] == (2, ng) and u.union.shape[2] % 64 == 0
     assert u.union.dtype == u.membership.dtype == u.union_len.dtype == torch.int32
@@ -164,6 +169,13 @@ def test_bad_input_is_refused_with_what_is_allowed():
         topk_attention_union(q, k, v, idx[:, :5])
     with pytest.raises(ValueError, match="dispatch must be"):
         topk_attention_union(q, k, v, idx, dispatch="fast")
+    with pytest.raises(ValueError, match="method must be"):
+        group_union(idx, 16, method="radix")
+    with pytest.raises(ValueError, match="indices below"):
+        group_union(torch.full((1, 8, 4), tu.SCATTER_MAX_KEYS, dtype=torch.int32, device=DEV), 16, method="scatter")
+    for method in ("sort", "scatter"):
+        with pytest.raises(ValueError, match="appears twice"):
+            group_union(idx, 16, method=method)
 
 
 @pytest.mark.gpu
@@ -189,3 +201,14 @@ def test_realistic_prefill_matches_the_per_token_kernel():
     assert (out.float() - want.float()).abs().max() < 2e-2
     tail = topk_attention_reference(q[:, :, -128:], k, v, idx[:, -128:])  # the reference on the last queries
     assert (out[:, :, -128:].float() - tail.float()).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_scatter_union_equals_the_sorted_one_at_a_real_size():
+    """8K queries choosing 2,048 of up to 8K keys (half local, half random): the two builds agree bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    idx = _local_indices(1, 8192, 8192, 2048, g, window=1024, pad=0.02).cuda()
+    for group in (16, 32):
+        sort, scatter = group_union(idx, group, method="sort"), group_union(idx, group, method="scatter")
+        for name in ("union", "union_len", "membership"):
+            assert torch.equal(getattr(sort, name), getattr(scatter, name)), (group, name)

@@ -89,16 +89,29 @@ def _sorted_groups(indices: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]
     return torch.where(valid, key // group, -1), key % group, valid
 
 
-def group_union(indices: Tensor, group: int = 16) -> GroupUnion:
+def group_union(indices: Tensor, group: int = 16, method: str = "auto") -> GroupUnion:
     """Per group of ``group`` consecutive queries, the ascending union of their indices and who selected what.
 
     ``indices`` (B, Sq, n), -1 padded; negative entries are padding wherever they sit, and an index
-    may appear once per query (the reference would count a repeat twice: rejected). Two device syncs (the
-    largest index, which picks 32- or 64-bit sort keys, and the padded width U). See ``GroupUnion`` for the layout.
+    may appear once per query (the reference would count a repeat twice: rejected). See ``GroupUnion`` for the layout.
+    ``method`` "sort": one sort of each group's (index, query) pairs in PyTorch (two device syncs: the largest
+    index, which picks 32- or 64-bit keys, and the padded width U). "scatter": Triton kernels that OR each pair's
+    query bit into a per-group word per key, then compact the nonzero words in key order (no sort; one sync per
+    chunk of groups; keys below ``SCATTER_MAX_KEYS``). "auto": scatter where Triton runs and the keys allow it.
     """
     _check_group(group, MAX_GROUP)
     if indices.ndim != 3 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be (B, Sq, n) int32 or int64, got {tuple(indices.shape)} {indices.dtype}")
+    if method not in ("auto", "sort", "scatter"):
+        raise ValueError(f"method must be 'auto', 'sort' or 'scatter', got {method!r}")
+    if method != "sort":
+        keys = int(indices.max()) + 1 if indices.numel() else 0
+        fits = keys <= SCATTER_MAX_KEYS
+        if method == "scatter" and not (fits and triton_can_run(indices)):
+            raise ValueError(f"method 'scatter' needs CUDA tensors (or TRITON_INTERPRET=1) and indices below "
+                             f"{SCATTER_MAX_KEYS}; got {indices.device} tensors with keys up to {keys - 1}: use 'sort'")
+        if fits and triton_can_run(indices):
+            return _group_union_scatter(indices, group, keys)
     b, sq, n = indices.shape
     ng = -(-sq // group)
     val, owner, valid = _sorted_groups(indices, group)
@@ -118,6 +131,78 @@ def group_union(indices: Tensor, group: int = 16) -> GroupUnion:
     member.scatter_add_(-1, slot, torch.where(valid, 1 << owner.long(), 0))  # pairs are distinct, so sum == or
     member = torch.where(member >= 2**31, member - 2**32, member).to(torch.int32)  # bit 31 as int32's sign bit
     return GroupUnion(union[..., :width].contiguous(), union_len, member[..., :width].contiguous(), group)
+
+
+SCATTER_MAX_KEYS = 1 << 22  # the scatter method's per-group word per key: 16 MB a group at most
+_SCATTER_SCRATCH_BYTES = 256 << 20  # groups are taken in chunks whose words fit this
+
+
+@triton.jit
+def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_done, chunk_groups,
+                          G: tl.constexpr, BLOCK: tl.constexpr):
+    """ORs bit r into WORDS[group, key] for each valid key of query r of each group of the chunk; counts repeats."""
+    cg, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    grp = groups_done + cg  # over (batch, group): batch-major
+    ng = (seq_q + G - 1) // G
+    b, g = grp // ng, grp % ng
+    p = blk * BLOCK + tl.arange(0, BLOCK)  # the (query, slot) pairs of the group
+    r, slot = p // n, p % n
+    t = g * G + r
+    ok = (p < G * n) & (t < seq_q)
+    idx = tl.load(IDX + b * s_b + t * s_q + slot, mask=ok, other=-1).to(tl.int64)
+    ok = ok & (idx >= 0)
+    old = tl.atomic_or(WORDS + cg * keys + tl.where(ok, idx, 0), (1 << r).to(tl.int32), mask=ok)
+    repeats = tl.sum((ok & (((old >> r) & 1) != 0)).to(tl.int32), 0)
+    tl.atomic_add(DUPS, repeats)
+
+
+@triton.jit
+def _union_compact_kernel(WORDS, UNION, MEMB, ULEN, keys, width, groups_done, BLOCK: tl.constexpr):
+    """Writes each group's nonzero words in key order (keys to UNION, words to MEMB), their count to ULEN, and
+    clears the words for the next chunk."""
+    cg = tl.program_id(0).to(tl.int64)
+    count = 0
+    for k0 in range(0, keys, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        words = tl.load(WORDS + cg * keys + offs, mask=offs < keys, other=0)
+        hit = words != 0
+        pos = count + tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(UNION + cg * width + pos, offs.to(tl.int32), mask=hit)
+        tl.store(MEMB + cg * width + pos, words, mask=hit)
+        tl.store(WORDS + cg * keys + offs, tl.zeros([BLOCK], tl.int32), mask=hit)
+        count += tl.sum(hit.to(tl.int32), 0)
+    tl.store(ULEN + groups_done + cg, count)
+
+
+def _group_union_scatter(indices: Tensor, group: int, keys: int) -> GroupUnion:
+    """``group_union`` by the scatter kernels; the same result as the sort method, bit for bit."""
+    b, sq, n = indices.shape
+    ng = -(-sq // group)
+    total, dev = b * ng, indices.device
+    idx = indices.contiguous()
+    keys = max(keys, 1)
+    chunk = max(1, min(total, _SCATTER_SCRATCH_BYTES // (4 * keys)))
+    words = torch.zeros(chunk, keys, dtype=torch.int32, device=dev)
+    dups = torch.zeros(1, dtype=torch.int32, device=dev)
+    union_len = torch.empty(total, dtype=torch.int32, device=dev)
+    width = min(group * n, keys)  # a chunk's union can be no longer
+    block = 1024
+    parts = []
+    for done in range(0, total, chunk):
+        c = min(chunk, total - done)
+        u = torch.full((c, width), -1, dtype=torch.int32, device=dev)
+        m = torch.zeros((c, width), dtype=torch.int32, device=dev)
+        _union_scatter_kernel[(c, triton.cdiv(group * n, block))](idx, words, dups, idx.stride(0), idx.stride(1), sq,
+                                                                  n, keys, done, c, G=group, BLOCK=block)
+        _union_compact_kernel[(c,)](words, u, m, union_len, keys, width, done, BLOCK=block)
+        parts.append((u, m))
+    longest, repeats = torch.stack([union_len.amax() if total else union_len.new_zeros(()), dups[0]]).tolist()
+    if repeats:
+        raise ValueError("an index appears twice in one query's list; each query's indices must be distinct")
+    out_w = max(BN, -(-longest // BN) * BN)
+    union = torch.cat([F.pad(u[:, :out_w], (0, max(0, out_w - u.shape[1])), value=-1) for u, _ in parts])
+    member = torch.cat([F.pad(m[:, :out_w], (0, max(0, out_w - m.shape[1]))) for _, m in parts])
+    return GroupUnion(union.view(b, ng, out_w), union_len.view(b, ng), member.view(b, ng, out_w), group)
 
 
 def union_ratio(indices: Tensor, group: int = 16, per_group: bool = False, chunk: int = 1 << 24) -> float | Tensor:
