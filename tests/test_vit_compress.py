@@ -52,10 +52,15 @@ def test_vit_compress_cli_end_to_end_and_resume(tmp_path):
                     "qat-int8-s0", "qat-fp8-s0", "qat-int8-unsup-s0"}
     res = json.loads((run / "results" / "qat-int8-s0.json").read_text())
     assert res["deployed"]["agreement_with_training_graph"] > 0.97 and res["deployed"]["bytes"]["index"] > 0
+    # the int8 students also run with fc1 -> GELU -> int8 fused (the epilogue's arithmetic, dense on the CPU)
+    assert res["deployed"]["agreement_fused_mlp"] > 0.97
+    assert abs(res["deployed"]["test_acc_fused_mlp"] - res["deployed"]["test_acc"]) <= 0.02
+    assert "test_acc_fused_mlp" not in json.loads((run / "results" / "qat-fp8-s0.json").read_text())["deployed"]
     unsup = json.loads((run / "results" / "sparse-unsup-s0.json").read_text())
     assert unsup["kd"]["ce"] == 0
     report = (run / "report.md").read_text()
     assert "What each KD term adds" in report and (run / "accuracy.png").stat().st_size > 1000
+    assert "With each MLP's fc1 -> GELU -> int8 fused" in report
     # the exported file runs on its own
     ev = subprocess.run([sys.executable, "-m", "sparsedistill.cli", "vit", "evaluate", str(run / "exports" / "qat-int8-s0.safetensors"),
                          "--test-subset", "200"], capture_output=True, text=True, timeout=300)

@@ -35,6 +35,7 @@ from ..models.vit import VisionTransformer, load_timm_state_dict
 from ..runs import Run
 from ..weights import NMSparsifier, QuantLinear, calibrate, kept_magnitude, permute_linear_pair, search_permutation, swap_linears
 from ..weights.export import deployed_bytes, load_sparse24, save_sparse24, to_sparse24
+from ..weights.sparse24 import fuse_sparse24_mlps
 
 __all__ = ["CompressConfig", "run_compress", "KD_VARIANTS"]
 
@@ -341,6 +342,10 @@ class Compress:
                 "runs_on": "cuSPARSELt 2:4 kernel" if self.device.type == "cuda" else "CPU: dense reference of the 2:4 arithmetic"}
         if train_logits is not None:
             out["agreement_with_training_graph"] = float((logits.argmax(-1) == train_logits.argmax(-1)).float().mean())
+        if fmt == "int8" and fuse_sparse24_mlps(deployed):  # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (issue 24)
+            fused, fused_logits = self.evaluate(deployed, x)
+            out |= {"test_acc_fused_mlp": fused["test_acc"],
+                    "agreement_fused_mlp": float((fused_logits.argmax(-1) == logits.argmax(-1)).float().mean())}
         return out
 
     # ------------------------------------------------------------------------------------- main
