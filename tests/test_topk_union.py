@@ -176,6 +176,8 @@ def test_bad_input_is_refused_with_what_is_allowed():
     for method in ("sort", "scatter"):
         with pytest.raises(ValueError, match="appears twice"):
             group_union(idx, 16, method=method)
+    empty = group_union(torch.empty(1, 0, 4, dtype=torch.int32, device=DEV), 16)  # no queries: empty groups, no error
+    assert empty.union.shape == (1, 0, 64) and empty.union_len.shape == (1, 0)
 
 
 @pytest.mark.gpu

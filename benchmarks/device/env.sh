@@ -49,7 +49,8 @@ gather gguf /root/smollm2.gguf
 # LD_PRELOAD="$SPARSEDISTILL_CUSPARSELT_LIB" (the same SONAME, so PyTorch and weights/cusparselt.py both run it)
 gather cslt /root/cslt.so.xz
 if [ -f /root/cslt.so.xz ] && [ ! -f /root/cusparselt/libcusparseLt.so.0 ]; then
-  mkdir -p /root/cusparselt && python3 benchmarks/device/xz.py d /root/cslt.so.xz /root/cusparselt/libcusparseLt.so.0
+  mkdir -p /root/cusparselt && python3 benchmarks/device/xz.py d /root/cslt.so.xz /root/cusparselt/lib.tmp \
+    && mv /root/cusparselt/lib.tmp /root/cusparselt/libcusparseLt.so.0  # whole or not at all: a cut call leaves no stub
 fi
 [ -f /root/cusparselt/libcusparseLt.so.0 ] && export SPARSEDISTILL_CUSPARSELT_LIB=/root/cusparselt/libcusparseLt.so.0
 [ -f /root/smollm2.gguf ] && export SPARSEDISTILL_SMOLLM2_GGUF=/root/smollm2.gguf

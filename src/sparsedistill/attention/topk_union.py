@@ -96,8 +96,9 @@ def group_union(indices: Tensor, group: int = 16, method: str = "auto") -> Group
     may appear once per query (the reference would count a repeat twice: rejected). See ``GroupUnion`` for the layout.
     ``method`` "sort": one sort of each group's (index, query) pairs in PyTorch (two device syncs: the largest
     index, which picks 32- or 64-bit keys, and the padded width U). "scatter": Triton kernels that OR each pair's
-    query bit into a per-group word per key, then compact the nonzero words in key order (no sort; one sync per
-    chunk of groups; keys below ``SCATTER_MAX_KEYS``). "auto": scatter where Triton runs and the keys allow it.
+    query bit into a per-group word per key, then compact the nonzero words in key order (no sort; two syncs: the
+    largest index, then the width and the repeat check; keys below ``SCATTER_MAX_KEYS``). "auto": scatter where
+    Triton runs and the keys allow it.
     """
     _check_group(group, MAX_GROUP)
     if indices.ndim != 3 or indices.dtype not in (torch.int32, torch.int64):
@@ -110,7 +111,7 @@ def group_union(indices: Tensor, group: int = 16, method: str = "auto") -> Group
         if method == "scatter" and not (fits and triton_can_run(indices)):
             raise ValueError(f"method 'scatter' needs CUDA tensors (or TRITON_INTERPRET=1) and indices below "
                              f"{SCATTER_MAX_KEYS}; got {indices.device} tensors with keys up to {keys - 1}: use 'sort'")
-        if fits and triton_can_run(indices):
+        if fits and triton_can_run(indices) and indices.numel():  # empty input: the sort method's (B, 0, 64) shapes
             return _group_union_scatter(indices, group, keys)
     b, sq, n = indices.shape
     ng = -(-sq // group)
@@ -138,7 +139,7 @@ _SCATTER_SCRATCH_BYTES = 256 << 20  # groups are taken in chunks whose words fit
 
 
 @triton.jit
-def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_done, chunk_groups,
+def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_done,
                           G: tl.constexpr, BLOCK: tl.constexpr):
     """ORs bit r into WORDS[group, key] for each valid key of query r of each group of the chunk; counts repeats."""
     cg, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -151,9 +152,10 @@ def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_don
     ok = (p < G * n) & (t < seq_q)
     idx = tl.load(IDX + b * s_b + t * s_q + slot, mask=ok, other=-1).to(tl.int64)
     ok = ok & (idx >= 0)
-    old = tl.atomic_or(WORDS + cg * keys + tl.where(ok, idx, 0), (1 << r).to(tl.int32), mask=ok)
+    # relaxed: the compaction after it is ordered by the stream, no fence per atomic is needed
+    old = tl.atomic_or(WORDS + cg * keys + tl.where(ok, idx, 0), (1 << r).to(tl.int32), mask=ok, sem="relaxed")
     repeats = tl.sum((ok & (((old >> r) & 1) != 0)).to(tl.int32), 0)
-    tl.atomic_add(DUPS, repeats)
+    tl.atomic_add(DUPS, repeats, sem="relaxed")
 
 
 @triton.jit
@@ -193,7 +195,7 @@ def _group_union_scatter(indices: Tensor, group: int, keys: int) -> GroupUnion:
         u = torch.full((c, width), -1, dtype=torch.int32, device=dev)
         m = torch.zeros((c, width), dtype=torch.int32, device=dev)
         _union_scatter_kernel[(c, triton.cdiv(group * n, block))](idx, words, dups, idx.stride(0), idx.stride(1), sq,
-                                                                  n, keys, done, c, G=group, BLOCK=block)
+                                                                  n, keys, done, G=group, BLOCK=block)
         _union_compact_kernel[(c,)](words, u, m, union_len, keys, width, done, BLOCK=block)
         parts.append((u, m))
     longest, repeats = torch.stack([union_len.amax() if total else union_len.new_zeros(()), dups[0]]).tolist()

@@ -9,6 +9,7 @@ The labels are the cars (the ego's own excepted) whose centre is inside the BEV 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,16 @@ class Batch:
     @property
     def num_frames(self) -> int:
         return len(self.agents)
+
+    def to(self, device: torch.device | str, pin: bool = False) -> "Batch":
+        """The batch with every tensor on ``device`` (``pin``: page-locked host memory, for fast copies back to a GPU)."""
+        def move(t):
+            if isinstance(t, Tensor):
+                t = t.to(device, non_blocking=True)
+                return t.pin_memory() if pin and torch.cuda.is_available() else t
+            return [move(x) for x in t] if isinstance(t, list) and t and isinstance(t[0], Tensor) else t
+
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 def frame_labels(frame: Frame, agent_points: list[Tensor], grid: BEVGrid, min_points: int = 1) -> Tensor:

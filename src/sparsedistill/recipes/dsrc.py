@@ -270,17 +270,19 @@ class DSRCRecipe:
     def _test_batches(self, inputs: str) -> Iterator[tuple[tuple[str, int], list[Batch]]]:
         """Per condition (``_conditions``' order), the test frames corrupted and collated for ``inputs`` as batches.
         Every model of a process detects on the same ones, so they are made once and kept for the input mode last
-        asked (at most ~12 GB at 200 frames x 25 conditions); another mode replaces them."""
+        asked, in host memory (~7-12 GB at 200 frames x 25 conditions: not on the GPU, where the next models train);
+        another mode replaces them."""
         if self._test_cache is not None and self._test_cache[0] == inputs:
-            yield from self._test_cache[1]
+            for condition, batches in self._test_cache[1]:
+                yield condition, [b.to(self.device) for b in batches]
             return
         self._test_cache = None  # freed before the next mode's batches are made
         test, n, kept = self.frames("test"), self.cfg.eval.batch, []
         for cname, lv in self._conditions():
             frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
-            kept.append(((cname, lv), [collate(frames[i : i + n], self.grid, inputs=inputs)
-                                       for i in range(0, len(frames), n)]))
-            yield kept[-1]
+            batches = [collate(frames[i : i + n], self.grid, inputs=inputs) for i in range(0, len(frames), n)]
+            kept.append(((cname, lv), [b.to("cpu", pin=True) for b in batches]))
+            yield (cname, lv), batches
         self._test_cache = (inputs, kept)
 
     def _detected(self, job: str) -> bool:
