@@ -139,9 +139,10 @@ _SCATTER_SCRATCH_BYTES = 256 << 20  # groups are taken in chunks whose words fit
 
 
 @triton.jit
-def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_done,
+def _union_scatter_kernel(IDX, WORDS, DUPS, ENDS, s_b, s_q, seq_q, n, keys, groups_done,
                           G: tl.constexpr, BLOCK: tl.constexpr):
-    """ORs bit r into WORDS[group, key] for each valid key of query r of each group of the chunk; counts repeats."""
+    """ORs bit r into WORDS[group, key] for each valid key of query r of each group of the chunk; counts repeats;
+    ENDS[group]: one past the group's largest key (causal selections: about the group's position, not the context)."""
     cg, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     grp = groups_done + cg  # over (batch, group): batch-major
     ng = (seq_q + G - 1) // G
@@ -156,15 +157,17 @@ def _union_scatter_kernel(IDX, WORDS, DUPS, s_b, s_q, seq_q, n, keys, groups_don
     old = tl.atomic_or(WORDS + cg * keys + tl.where(ok, idx, 0), (1 << r).to(tl.int32), mask=ok, sem="relaxed")
     repeats = tl.sum((ok & (((old >> r) & 1) != 0)).to(tl.int32), 0)
     tl.atomic_add(DUPS, repeats, sem="relaxed")
+    tl.atomic_max(ENDS + cg, tl.max(tl.where(ok, idx + 1, 0), 0).to(tl.int32), sem="relaxed")
 
 
 @triton.jit
-def _union_compact_kernel(WORDS, UNION, MEMB, ULEN, keys, width, groups_done, BLOCK: tl.constexpr):
-    """Writes each group's nonzero words in key order (keys to UNION, words to MEMB), their count to ULEN, and
-    clears the words for the next chunk."""
+def _union_compact_kernel(WORDS, ENDS, UNION, MEMB, ULEN, keys, width, groups_done, BLOCK: tl.constexpr):
+    """Writes each group's nonzero words in key order (keys to UNION, words to MEMB) up to its end, their count to
+    ULEN, and clears the words and the end for the next chunk."""
     cg = tl.program_id(0).to(tl.int64)
+    end = tl.load(ENDS + cg)
     count = 0
-    for k0 in range(0, keys, BLOCK):
+    for k0 in range(0, end, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         words = tl.load(WORDS + cg * keys + offs, mask=offs < keys, other=0)
         hit = words != 0
@@ -174,6 +177,7 @@ def _union_compact_kernel(WORDS, UNION, MEMB, ULEN, keys, width, groups_done, BL
         tl.store(WORDS + cg * keys + offs, tl.zeros([BLOCK], tl.int32), mask=hit)
         count += tl.sum(hit.to(tl.int32), 0)
     tl.store(ULEN + groups_done + cg, count)
+    tl.store(ENDS + cg, 0)
 
 
 def _group_union_scatter(indices: Tensor, group: int, keys: int) -> GroupUnion:
@@ -186,6 +190,7 @@ def _group_union_scatter(indices: Tensor, group: int, keys: int) -> GroupUnion:
     chunk = max(1, min(total, _SCATTER_SCRATCH_BYTES // (4 * keys)))
     words = torch.zeros(chunk, keys, dtype=torch.int32, device=dev)
     dups = torch.zeros(1, dtype=torch.int32, device=dev)
+    ends = torch.zeros(chunk, dtype=torch.int32, device=dev)
     union_len = torch.empty(total, dtype=torch.int32, device=dev)
     width = min(group * n, keys)  # a chunk's union can be no longer
     block = 1024
@@ -194,9 +199,9 @@ def _group_union_scatter(indices: Tensor, group: int, keys: int) -> GroupUnion:
         c = min(chunk, total - done)
         u = torch.full((c, width), -1, dtype=torch.int32, device=dev)
         m = torch.zeros((c, width), dtype=torch.int32, device=dev)
-        _union_scatter_kernel[(c, triton.cdiv(group * n, block))](idx, words, dups, idx.stride(0), idx.stride(1), sq,
-                                                                  n, keys, done, G=group, BLOCK=block)
-        _union_compact_kernel[(c,)](words, u, m, union_len, keys, width, done, BLOCK=block)
+        _union_scatter_kernel[(c, triton.cdiv(group * n, block))](
+            idx, words, dups, ends, idx.stride(0), idx.stride(1), sq, n, keys, done, G=group, BLOCK=block)
+        _union_compact_kernel[(c,)](words, ends, u, m, union_len, keys, width, done, BLOCK=block)
         parts.append((u, m))
     longest, repeats = torch.stack([union_len.amax() if total else union_len.new_zeros(()), dups[0]]).tolist()
     if repeats:
