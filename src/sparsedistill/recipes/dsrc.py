@@ -378,7 +378,7 @@ class DSRCRecipe:
         if unknown:
             raise ValueError(f"unknown jobs {unknown}; this config's jobs are {sorted(known)}")
         failed: dict[str, str] = {}
-        for seed in self.cfg.seeds:
+        for s, seed in enumerate(self.cfg.seeds):
             teachers: dict[str, CoopDetector] = {}
             for i, job in enumerate(jobs):
                 teacher = job if job in ("teacher", "teacher_unpainted") else VARIANTS[job][2]
@@ -399,7 +399,8 @@ class DSRCRecipe:
                     teachers.pop(job, None)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                later = {self._input_kind(j) for j in jobs[i + 1:]}
+                # every seed trains on the same frames: a later seed's jobs count
+                later = {self._input_kind(j) for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])}
                 for kind in [k for k in self._kept if k not in later]:  # inputs no later job trains on
                     del self._kept[kind]
         if failed:
