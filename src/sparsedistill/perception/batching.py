@@ -47,8 +47,8 @@ class Batch:
     def to(self, device: torch.device | str, pin: bool = False) -> "Batch":
         """The batch with every tensor on ``device`` (``pin``: page-locked host memory, for fast copies back to a GPU)."""
         def move(t):
-            if isinstance(t, Tensor):
-                t = t.to(device, non_blocking=True)
+            if isinstance(t, Tensor):  # asynchronous only host -> GPU (a GPU -> host copy must be complete here)
+                t = t.to(device, non_blocking=torch.device(device).type == "cuda")
                 return t.pin_memory() if pin and torch.cuda.is_available() else t
             return [move(x) for x in t] if isinstance(t, list) and t and isinstance(t[0], Tensor) else t
 

@@ -485,7 +485,7 @@ def _save_matches(path: Path, matches: dict[str, dict[str, FrameMatches]]) -> No
         arrays[f"{key}/scores"] = scores.float().cpu().numpy()
         arrays[f"{key}/flags"] = flags.numpy()
         arrays[f"{key}/counts"] = counts.int().cpu().numpy()
-        arrays["num_gt"] = first.num_gt.int().cpu().numpy()
+    arrays["num_gt"] = first.num_gt.int().cpu().numpy()  # the same frames in every condition
     with atomic_open(path) as f:
         np.savez_compressed(f, **arrays)
 
