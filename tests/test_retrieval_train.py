@@ -92,6 +92,24 @@ def test_teacher_score_cache_hits_and_misses(tmp_path):
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
 
 
+def test_committed_teacher_scores_are_found_under_todays_teacher_specs():
+    """The seed of the score cache (benchmarks/device/teacher-scores) saves ~95 CPU minutes a session only while each
+    file sits where ``teacher_scores`` looks: a changed teacher spec (package, max length) would orphan it silently."""
+    from pathlib import Path
+
+    from sparsedistill.retrieval.teachers import scores_cache_file, teacher_spec
+
+    seed = Path(__file__).resolve().parents[1] / "benchmarks/device/teacher-scores"
+    files = sorted(seed.glob("scores-*.npz"))
+    assert {f.name.split("-")[1] for f in files} == {"minilm", "mpnet", "splade"}
+    for f in files:
+        with np.load(f) as z:
+            meta, scores = json.loads(str(z["meta"])), z["scores"]
+        assert meta["spec"] == teacher_spec(meta["spec"]["name"], meta["spec"]["max_length"])
+        assert scores_cache_file(seed, meta["spec"], meta["fingerprint"]) == f
+        assert scores.shape == (meta["queries"], meta["candidates"]) and np.isfinite(scores).all()
+
+
 def test_pseudo_queries_are_deterministic():
     docs = {"d1": ("A title here", "First sentence has several words. Second sentence is here too. Short."),
             "d2": ("", "no title but a long enough text to crop from in several ways")}
