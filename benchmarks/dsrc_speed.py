@@ -98,10 +98,11 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    kept = [frame_inputs(f, grid, anchors, acfg, inputs=inputs, teacher=teacher is not None) for f in frames]
+    kept = [frame_inputs(f, grid, anchors, acfg, inputs=inputs, teacher=teacher is not None, reconstruction=recon)
+            for f in frames]
 
     def batch_of(i: int):  # as the recipe trains: every frame's inputs kept after its first visit, merged per step
-        return merge([kept[(i * batch_size + j) % len(frames)] for j in range(batch_size)])
+        return merge([kept[(i * batch_size + j) % len(frames)] for j in range(batch_size)], grid)
 
     def step(i: int) -> None:
         batch = batch_of(i)
@@ -112,7 +113,7 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
             else:
                 with torch.no_grad():
                     t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
-                loss, _ = dsrc_loss(out, t_out, batch, grid, DSRCWeights())
+                loss, _ = dsrc_loss(out, t_out, batch, DSRCWeights())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -123,7 +124,8 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
     ms = statistics.median(times)
     merge_ms = statistics.median(_sync_ms(lambda: batch_of(i))[1] for i in range(min(steps, 10)))
     collate_ms = statistics.median(  # a frame's first visit: the whole collate
-        _sync_ms(lambda: collate(frames[:batch_size], grid, anchors, acfg, inputs=inputs, teacher=teacher is not None))[1]
+        _sync_ms(lambda: collate(frames[:batch_size], grid, anchors, acfg, inputs=inputs, teacher=teacher is not None,
+                                 reconstruction=recon))[1]
         for _ in range(3))
     # the profiler split of one step: how much of the wall time the GPU is busy, and with what
     row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,

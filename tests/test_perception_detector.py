@@ -90,6 +90,15 @@ def test_loss_and_nms():
     flipped = torch.zeros(4, 7)
     flipped[0, 6] = math.pi  # yaw off by pi is the same BEV box: no regression loss
     assert detection_loss(torch.tensor([8.0, -8.0, -8.0, 0.0]), flipped, labels, targets)[0] < 1e-3
+    # the box term, masked over every anchor, is the smooth-L1 of the positives alone (others' outputs ignored)
+    g = torch.Generator().manual_seed(0)
+    reg, tgt, lab = torch.randn(64, 7, generator=g) * 3, torch.randn(64, 7, generator=g), torch.randint(-1, 2, (64,), generator=g)
+    box = detection_loss(torch.randn(64, generator=g), reg, lab, tgt)[1]["box"]
+    rp, tp = reg[lab == 1], tgt[lab == 1]
+    sin_err = [(rp[:, 6].sin() * tp[:, 6].cos())[:, None], (rp[:, 6].cos() * tp[:, 6].sin())[:, None]]
+    ref = torch.nn.functional.smooth_l1_loss(torch.cat([rp[:, :6], sin_err[0]], 1), torch.cat([tp[:, :6], sin_err[1]], 1),
+                                             beta=1 / 9, reduction="sum") / len(rp)
+    assert len(rp) > 10 and torch.allclose(box, ref)
     boxes = torch.tensor([[0, 0, 0, 4, 2, 1.5, 0], [0.2, 0, 0, 4, 2, 1.5, 0.05], [10, 0, 0, 4, 2, 1.5, 0]], dtype=torch.float32)
     keep = nms_bev(boxes, torch.tensor([0.5, 0.9, 0.7]), 0.15, 10)
     assert keep.tolist() == [1, 2]

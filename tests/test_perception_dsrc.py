@@ -95,14 +95,14 @@ def test_masked_mse_keeps_a_small_car_at_coarse_scales():
 def test_batches_merge_kept_frame_inputs_in_order():
     """``merge`` of kept ``frame_inputs`` (what training reuses) is the batch of those frames, field by field."""
     from sparsedistill.perception.anchors import AnchorConfig, assign_targets, make_anchors
-    from sparsedistill.perception.batching import collate, frame_inputs, frame_labels, merge
+    from sparsedistill.perception.batching import add_reconstruction_targets, collate, frame_inputs, frame_labels, merge
 
     sim = SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=256))
     frames = [simulate_frame(s, sim) for s in (3, 4)]
     acfg = AnchorConfig()
     anchors = make_anchors(GRID, acfg).view(-1, 7)
-    kept = [frame_inputs(f, GRID, anchors, acfg, teacher=True) for f in frames]
-    batch = merge([kept[1], kept[0]])  # frames in the batch's order, not the kept order
+    kept = [frame_inputs(f, GRID, anchors, acfg, teacher=True, reconstruction=True) for f in frames]
+    batch = merge([kept[1], kept[0]], GRID)  # frames in the batch's order, not the kept order
     order = [frames[1], frames[0]]
     own = [[f.points_in_ego(a)[:, :4] for a in range(f.num_agents)] for f in order]
     gts = [frame_labels(f, o, GRID) for f, o in zip(order, own)]
@@ -110,7 +110,7 @@ def test_batches_merge_kept_frame_inputs_in_order():
     assert torch.equal(batch.points, torch.cat([p for o in own for p in o]))
     sizes = torch.tensor([len(p) for o in own for p in o])
     assert torch.equal(batch.cloud, torch.repeat_interleave(torch.arange(len(sizes)), sizes))
-    assert torch.equal(batch.merged_frame, torch.repeat_interleave(torch.tensor([0] * len(own[0]) + [1] * len(own[1])), sizes))
+    merged_frame = torch.repeat_interleave(torch.tensor([0] * len(own[0]) + [1] * len(own[1])), sizes)
     lt = [assign_targets(anchors, g, acfg) for g in gts]
     assert int((batch.labels == 1).sum()) > 0
     assert torch.equal(batch.labels, torch.cat([x for x, _ in lt])) and torch.equal(batch.targets, torch.cat([t for _, t in lt]))
@@ -119,14 +119,59 @@ def test_batches_merge_kept_frame_inputs_in_order():
     assert torch.equal(batch.teacher_points, torch.cat([c for clouds, _ in painted for c in clouds]))
     tsizes = torch.tensor([len(c) for clouds, _ in painted for c in clouds])
     assert torch.equal(batch.teacher_cloud, torch.repeat_interleave(torch.arange(len(tsizes)), tsizes))
-    assert torch.equal(batch.objects, torch.cat([o for _, o in painted]))
-    assert torch.equal(batch.object_frame, torch.repeat_interleave(torch.arange(2), torch.tensor([len(o) for _, o in painted])))
+    # the object mask and reconstruction targets, kept sparse per frame, are the batch's dense ones made from the points
+    objects = torch.cat([o for _, o in painted])
+    object_frame = torch.repeat_interleave(torch.arange(2), torch.tensor([len(o) for _, o in painted]))
+    assert torch.equal(batch.object_mask, object_mask(objects, object_frame, GRID, 2)) and batch.object_mask.sum() > 10
+    occ, off = reconstruction_targets(batch.points, merged_frame, GRID, 2)
+    assert torch.equal(batch.occupancy, occ) and torch.allclose(batch.offset, off, atol=1e-6) and off.abs().sum() > 0
     # collate is the same path; early fusion merges each frame's agents into one cloud
     again = collate(order, GRID, anchors, acfg, teacher=True)
     assert torch.equal(again.points, batch.points) and torch.equal(again.targets, batch.targets)
-    early = collate(order, GRID, inputs="early")
-    assert early.agents == [1, 1] and torch.equal(early.cloud, batch.merged_frame) and early.labels is None
+    assert again.occupancy is None and torch.equal(again.object_mask, batch.object_mask)
+    early = collate(order, GRID, inputs="early", reconstruction=True)
+    assert early.agents == [1, 1] and torch.equal(early.cloud, merged_frame) and early.labels is None
+    assert torch.equal(early.occupancy, occ)
     with pytest.raises(ValueError, match="with and without anchor targets"):
-        merge([kept[0], frame_inputs(frames[1], GRID)])
+        merge([kept[0], frame_inputs(frames[1], GRID)], GRID)
+    with pytest.raises(ValueError, match="with and without reconstruction targets"):
+        merge([kept[0], frame_inputs(frames[1], GRID, anchors, acfg, teacher=True)], GRID)
+    with pytest.raises(ValueError, match="pass grid="):
+        merge(kept)
     with pytest.raises(ValueError, match="at least one frame"):
         merge([])
+    # kept inputs of a job without reconstruction gain its targets in place, for a later job that needs them
+    plain = frame_inputs(frames[1], GRID, anchors, acfg, teacher=True)
+    assert add_reconstruction_targets(plain, GRID) is plain
+    assert torch.equal(merge([plain, kept[0]], GRID).occupancy, batch.occupancy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_steps_batch_and_loss_never_wait_for_the_gpu():
+    """merge and dsrc_loss run without a host-device synchronisation (each one idles the card while the host
+    launches what follows): the sync debug mode turns any into an error."""
+    from sparsedistill.models import create_model
+    from sparsedistill.perception.anchors import AnchorConfig, make_anchors
+    from sparsedistill.perception.batching import frame_inputs, merge
+    from sparsedistill.perception.training import DSRCWeights, dsrc_loss
+
+    sim = SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=256))
+    model = create_model("coop_detector_tiny", reconstruction=True).cuda()
+    teacher = create_model("coop_detector_tiny", in_features=5).cuda().eval()
+    grid, acfg = model.cfg.grid, model.cfg.anchors
+    anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
+    kept = [frame_inputs(simulate_frame(s, sim).to("cuda"), grid, anchors, acfg, teacher=True, reconstruction=True)
+            for s in (3, 4)]
+    batch = merge(kept, grid)
+    out = model(batch.points, batch.cloud, batch.agents)
+    with torch.no_grad():
+        t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = merge(kept, grid)  # as every step does with the kept inputs
+        loss, _ = dsrc_loss(out, t_out, batch, DSRCWeights())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

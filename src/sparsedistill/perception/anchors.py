@@ -114,11 +114,11 @@ def detection_loss(cls_logits: Tensor, reg: Tensor, labels: Tensor, targets: Ten
     pt = torch.where(pos, p, 1 - p)
     alpha = torch.where(pos, 0.25, 0.75)
     cls = (alpha * (1 - pt) ** 2 * ce * valid).sum() / norm
-    rp, tp = reg[pos], targets[pos]
-    # the yaw error through its sine (SECOND): sin(a - b) = sin a cos b - cos a sin b, blind to the pi ambiguity
-    r = torch.cat([rp[:, :6], (rp[:, 6].sin() * tp[:, 6].cos())[:, None]], 1)
-    t = torch.cat([tp[:, :6], (rp[:, 6].cos() * tp[:, 6].sin())[:, None]], 1)
-    box = F.smooth_l1_loss(r, t, beta=1 / 9, reduction="sum") / norm
+    # the yaw error through its sine (SECOND): sin(a - b) = sin a cos b - cos a sin b, blind to the pi ambiguity;
+    # over every anchor, masked to the positives (selecting them would wait for the device)
+    r = torch.cat([reg[:, :6], (reg[:, 6].sin() * targets[:, 6].cos())[:, None]], 1)
+    t = torch.cat([targets[:, :6], (reg[:, 6].cos() * targets[:, 6].sin())[:, None]], 1)
+    box = (F.smooth_l1_loss(r, t, beta=1 / 9, reduction="none").sum(1) * y).sum() / norm
     return cls + reg_weight * box, {"cls": cls.detach(), "box": box.detach()}
 
 

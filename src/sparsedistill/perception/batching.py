@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from .anchors import AnchorConfig, assign_targets
-from .dsrc import paint_teacher_input
+from .dsrc import object_mask, paint_teacher_input, reconstruction_targets
 from .frames import Frame
 from .geometry import points_in_boxes
 from .pillars import BEVGrid
 
-__all__ = ["Batch", "FrameInputs", "collate", "frame_inputs", "frame_labels", "merge", "INPUTS"]
+__all__ = ["Batch", "FrameInputs", "add_reconstruction_targets", "collate", "frame_inputs", "frame_labels", "merge",
+           "INPUTS"]
 
 INPUTS = ("intermediate", "early")
 
@@ -36,9 +37,9 @@ class Batch:
     targets: Tensor | None = None  # (B * M, 7)
     teacher_points: Tensor | None = None  # (N', 5) painted, one cloud per agent (DSRC's teacher)
     teacher_cloud: Tensor | None = None
-    objects: Tensor | None = None  # (M, 5) the fleet's points on cars, ``object_frame`` their frame
-    object_frame: Tensor | None = None
-    merged_frame: Tensor | None = None  # (N,) frame of each point of ``points`` (reconstruction targets)
+    object_mask: Tensor | None = None  # (B, H, W) 1 on the pillars of the fleet's points on cars (with the teacher's input)
+    occupancy: Tensor | None = None  # (B, 1, H, W) and (B, 3, H, W): ``reconstruction_targets`` of all agents' points
+    offset: Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -70,19 +71,26 @@ def frame_labels(frame: Frame, agent_points: list[Tensor], grid: BEVGrid, min_po
 @dataclass
 class FrameInputs:
     """One frame's share of a ``Batch`` (``frame_inputs``): a training loop that visits a frame many times keeps it
-    and merges it again (``merge``), instead of re-collating (~400 small ops a frame, launch-bound on a GPU)."""
+    and merges it again (``merge``), instead of re-collating (~400 small ops a frame, launch-bound on a GPU).
+    What depends on the frame alone is kept sparse, as indices into the frame's anchors or BEV cells, so that
+    ``merge`` scatters it by index: no boolean selection, so no wait on the GPU, in a training step."""
 
     clouds: list[Tensor]  # (N_c, 4) each, in the ego frame
     boxes: Tensor
     labels: Tensor | None = None  # (M,) int8
-    positive_targets: Tensor | None = None  # (P, 7): the targets of the anchors labelled 1, in anchor order
+    positive_index: Tensor | None = None  # (P,) the anchors labelled 1, and their targets (P, 7)
+    positive_targets: Tensor | None = None
     teacher_clouds: list[Tensor] | None = None
-    objects: Tensor | None = None
+    object_cells: Tensor | None = None  # (C,) flat BEV cells (row * W + col) of the object mask
+    occupied_cells: Tensor | None = None  # (R,) the cells all agents' points occupy, and their offsets (R, 3)
+    occupied_offsets: Tensor | None = None
 
 
 def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
-                 inputs: str = "intermediate", teacher: bool = False, min_points: int = 1) -> FrameInputs:
-    """``frame``'s clouds, labels, anchor targets (with ``anchors``) and painted teacher input (with ``teacher``)."""
+                 inputs: str = "intermediate", teacher: bool = False, min_points: int = 1,
+                 reconstruction: bool = False) -> FrameInputs:
+    """``frame``'s clouds, labels, anchor targets (with ``anchors``), painted teacher input and object mask (with
+    ``teacher``) and point-cloud reconstruction targets (with ``reconstruction``)."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if anchors is not None and anchor_cfg is None:
@@ -93,50 +101,100 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
     part = FrameInputs(own if inputs == "intermediate" else [torch.cat(own)], gt)
     if anchors is not None:
         labels, targets = assign_targets(anchors, gt, anchor_cfg)
-        part.labels, part.positive_targets = labels.to(torch.int8), targets[labels == 1]
+        part.labels, part.positive_index = labels.to(torch.int8), (labels == 1).nonzero()[:, 0]
+        part.positive_targets = targets[part.positive_index]
     if teacher:
-        painted, part.objects = paint_teacher_input(own, gt)
+        painted, objects = paint_teacher_input(own, gt)
         part.teacher_clouds = painted if inputs == "intermediate" else [torch.cat(painted)]
+        part.object_cells = object_mask(objects, _frame_zero(objects), grid, 1).flatten().nonzero()[:, 0]
+    return add_reconstruction_targets(part, grid) if reconstruction else part
+
+
+def add_reconstruction_targets(part: FrameInputs, grid: BEVGrid) -> FrameInputs:
+    """``part`` with the reconstruction targets of its frame's merged cloud (kept inputs gain them when a later job
+    needs them, instead of being collated again)."""
+    if part.occupied_cells is None:
+        merged = torch.cat(part.clouds)
+        occupancy, offset = reconstruction_targets(merged, _frame_zero(merged), grid, 1)
+        part.occupied_cells = occupancy.flatten().nonzero()[:, 0]
+        part.occupied_offsets = offset[0].flatten(1).T[part.occupied_cells]
     return part
+
+
+def _frame_zero(points: Tensor) -> Tensor:
+    """Frame index 0 for each of ``points``: the per-frame targets are made as a batch of one."""
+    return torch.zeros(len(points), dtype=torch.long, device=points.device)
+
+
+def _on_device(values: list[int], device: torch.device) -> Tensor:
+    """A host list on ``device`` without waiting for the GPU (a plain copy to a GPU waits for its queue to drain)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _repeated(values: list[int], counts: list[int], device: torch.device) -> Tensor:
     """Each of ``values`` ``counts`` times, in order (the output size known on the host: no device sync)."""
-    return torch.repeat_interleave(torch.tensor(values, device=device), torch.tensor(counts, device=device),
-                                   output_size=sum(counts))
+    return torch.repeat_interleave(_on_device(values, device), _on_device(counts, device), output_size=sum(counts))
 
 
-def merge(parts: list[FrameInputs]) -> Batch:
-    """One ``Batch`` of frames' inputs, in order (clouds ordered by frame, the ego's first)."""
+def _scattered(cells: list[Tensor], size: int, values: Tensor | float, width: int = 0) -> Tensor:
+    """Zeros (len(cells) * size[, width]) with ``values`` at each part's ``cells``, offset by its place (no device sync)."""
+    index = torch.cat([c + i * size for i, c in enumerate(cells)])
+    out = torch.zeros((len(cells) * size, width) if width else len(cells) * size, device=cells[0].device)
+    # index_fill_ takes the scalar as a kernel argument: a tensor made of it would be a copy that waits for the GPU
+    return out.index_copy_(0, index, values) if isinstance(values, Tensor) else out.index_fill_(0, index, values)
+
+
+def merge(parts: list[FrameInputs], grid: BEVGrid | None = None) -> Batch:
+    """One ``Batch`` of frames' inputs, in order (clouds ordered by frame, the ego's first); ``grid``: the one the parts'
+    object mask and reconstruction targets were made on (needed only with those)."""
     if not parts:
         raise ValueError("a batch needs at least one frame")
     clouds = [c for p in parts for c in p.clouds]
     sizes, dev = [len(c) for c in clouds], clouds[0].device
     batch = Batch(torch.cat(clouds), _repeated(list(range(len(clouds))), sizes, dev), [len(p.clouds) for p in parts],
-                  [p.boxes for p in parts],
-                  merged_frame=_repeated([f for f, p in enumerate(parts) for _ in p.clouds], sizes, dev))
-    if any(p.labels is not None for p in parts):
-        if any(p.labels is None for p in parts):
-            raise ValueError("merge got frames with and without anchor targets: give every frame_inputs the anchors")
+                  [p.boxes for p in parts])
+    if _all_or_none(parts, "labels", "anchor targets: give every frame_inputs the anchors"):
         batch.labels = torch.cat([p.labels for p in parts]).long()
-        batch.targets = torch.zeros(len(batch.labels), 7, device=batch.labels.device)
-        batch.targets[batch.labels == 1] = torch.cat([p.positive_targets for p in parts])
-    if any(p.teacher_clouds is not None for p in parts):
-        if any(p.teacher_clouds is None for p in parts):
-            raise ValueError("merge got frames with and without the teacher's input: collate them all with teacher=True")
+        batch.targets = _scattered([p.positive_index for p in parts], len(parts[0].labels),
+                                   torch.cat([p.positive_targets for p in parts]), 7)
+    if _all_or_none(parts, "teacher_clouds", "the teacher's input: collate them all with teacher=True"):
         tclouds = [c for p in parts for c in p.teacher_clouds]
         batch.teacher_points = torch.cat(tclouds)
         batch.teacher_cloud = _repeated(list(range(len(tclouds))), [len(c) for c in tclouds], dev)
-        batch.objects = torch.cat([p.objects for p in parts])
-        batch.object_frame = _repeated(list(range(len(parts))), [len(p.objects) for p in parts], dev)
+        h, w = _grid_shape(grid)
+        batch.object_mask = _scattered([p.object_cells for p in parts], h * w, 1.0).view(len(parts), h, w)
+    if _all_or_none(parts, "occupied_cells", "reconstruction targets: collate them all with reconstruction=True"):
+        h, w = _grid_shape(grid)
+        cells = [p.occupied_cells for p in parts]
+        batch.occupancy = _scattered(cells, h * w, 1.0).view(len(parts), 1, h, w)
+        batch.offset = (_scattered(cells, h * w, torch.cat([p.occupied_offsets for p in parts]), 3)
+                        .view(len(parts), h, w, 3).permute(0, 3, 1, 2).contiguous())
     return batch
 
 
+def _all_or_none(parts: list[FrameInputs], field: str, what: str) -> bool:
+    has = [getattr(p, field) is not None for p in parts]
+    if any(has) and not all(has):
+        raise ValueError(f"merge got frames with and without {what}")
+    return all(has)
+
+
+def _grid_shape(grid: BEVGrid | None) -> tuple[int, int]:
+    if grid is None:
+        raise ValueError("merge needs the grid of the frames' object mask or reconstruction targets: pass grid=")
+    return grid.shape
+
+
 def collate(frames: list[Frame], grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
-            inputs: str = "intermediate", teacher: bool = False, min_points: int = 1) -> Batch:
-    """One batch of ``frames``; with ``anchors`` (M, 7) the anchor targets, with ``teacher`` DSRC's painted input too."""
+            inputs: str = "intermediate", teacher: bool = False, min_points: int = 1,
+            reconstruction: bool = False) -> Batch:
+    """One batch of ``frames``; with ``anchors`` (M, 7) the anchor targets, with ``teacher`` DSRC's painted input and
+    object mask, with ``reconstruction`` the point-cloud reconstruction targets."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if not frames:
         raise ValueError("collate needs at least one frame")
-    return merge([frame_inputs(f, grid, anchors, anchor_cfg, inputs, teacher, min_points) for f in frames])
+    return merge([frame_inputs(f, grid, anchors, anchor_cfg, inputs, teacher, min_points, reconstruction)
+                  for f in frames], grid)

@@ -50,10 +50,15 @@ def scatter_pillars(points: Tensor, batch: Tensor, grid: BEVGrid, num_clouds: in
     ``b * H * W + row * W + col``, per-point decorations (N', 5): offsets to the pillar mean (3) and centre (2))."""
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"expected points (N, >= 3), got {tuple(points.shape)}")
-    if not torch.isfinite(points[:, :3]).all():
-        raise ValueError("points hold NaN or infinite coordinates: drop them before pillarising")
     keep = grid.inside(points)
-    points, batch = points[keep], batch[keep]
+    # the check and the selection's size in one read from the device (each read waits for the GPU's queue), and the
+    # kept points' indices by a stable sort (a boolean selection would wait for the device again)
+    kept, nonfinite = torch.stack([keep.sum(), (~torch.isfinite(points[:, :3])).sum()]).tolist()
+    if nonfinite:
+        raise ValueError("points hold NaN or infinite coordinates: drop them before pillarising")
+    if kept < len(points):
+        index = torch.argsort(keep.to(torch.uint8), descending=True, stable=True)[:kept]
+        points, batch = points[index], batch[index]
     h, w = grid.shape
     col = ((points[:, 0] - grid.x_range[0]) / grid.pillar).long().clamp(0, w - 1)
     row = ((points[:, 1] - grid.y_range[0]) / grid.pillar).long().clamp(0, h - 1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .anchors import AnchorConfig, detection_loss, postprocess
 from .batching import Batch
-from .dsrc import head_distillation, masked_feature_mse, object_mask, reconstruction_loss, reconstruction_targets
+from .dsrc import head_distillation, masked_feature_mse, reconstruction_loss
 
 __all__ = ["DSRCWeights", "flat_outputs", "detector_loss", "dsrc_loss", "predict", "freeze"]
 
@@ -44,17 +44,17 @@ def detector_loss(out: dict, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     return detection_loss(*flat_outputs(out), batch.labels, batch.targets)
 
 
-def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, grid, weights: DSRCWeights = DSRCWeights()
+def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, weights: DSRCWeights = DSRCWeights()
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """Detection + distillation (from ``teacher_out``, the frozen teacher's outputs on ``batch.teacher_points``) +
     reconstruction (``student_out['recon']``), as weighted by ``weights``."""
     loss, parts = detector_loss(student_out, batch)
     distill = teacher_out is not None and (weights.before_fusion or weights.after_fusion or weights.head)
     if distill:
-        if batch.objects is None:
-            raise ValueError("distillation needs the painted teacher input: collate with teacher=True")
-        mask = object_mask(batch.objects, batch.object_frame, grid, batch.num_frames)  # (B, H, W)
-        per_cloud = mask.repeat_interleave(torch.tensor(batch.agents, device=mask.device), 0)  # the same cars for every agent
+        if batch.object_mask is None:
+            raise ValueError("distillation needs the painted teacher input and its object mask: collate with teacher=True")
+        mask = batch.object_mask  # (B, H, W)
+        per_cloud = torch.cat([m.expand(n, -1, -1) for m, n in zip(mask, batch.agents)])  # the same cars for every agent
         before = sum(masked_feature_mse(s, t, per_cloud)
                      for s, t in zip(student_out["agent_features"], teacher_out["agent_features"]))
         after = masked_feature_mse(student_out["bev"], teacher_out["bev"], mask)
@@ -62,8 +62,9 @@ def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, grid, w
         loss = loss + weights.before_fusion * before + weights.after_fusion * after + weights.head * head
         parts.update(before_fusion=before.detach(), after_fusion=after.detach(), head=head.detach())
     if "recon" in student_out and (weights.occupancy or weights.offset):
-        occ_t, off_t = reconstruction_targets(batch.points, batch.merged_frame, grid, batch.num_frames)
-        occ, off = reconstruction_loss(student_out["recon"], occ_t, off_t)
+        if batch.occupancy is None:
+            raise ValueError("reconstruction needs its targets in the batch: collate with reconstruction=True")
+        occ, off = reconstruction_loss(student_out["recon"], batch.occupancy, batch.offset)
         loss = loss + weights.occupancy * occ + weights.offset * off
         parts.update(occupancy=occ.detach(), offset=off.detach())
     return loss, parts

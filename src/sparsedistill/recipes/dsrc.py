@@ -40,7 +40,7 @@ from ..models import create_model
 from ..models.coop_detector import CoopDetector
 from ..models.safetensors_io import load_weights, save_bf16
 from ..perception.anchors import make_anchors
-from ..perception.batching import Batch, FrameInputs, collate, frame_inputs, merge
+from ..perception.batching import Batch, FrameInputs, add_reconstruction_targets, collate, frame_inputs, merge
 from ..perception.corruptions import LEVELS, corruption_names
 from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
@@ -155,7 +155,8 @@ class DSRCRecipe:
     def _model(self, **kw) -> CoopDetector:
         return create_model(self.cfg.model, **kw).to(self.device)
 
-    def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int) -> nn.Module:
+    def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int,
+               reconstruction: bool = False) -> nn.Module:
         if self.run.result(job) is None:  # the training frames are simulated only when a job needs them
             frames = self.frames("train")
             # each frame's inputs are collated at its first visit and kept, for the later jobs of this process too: the
@@ -168,7 +169,9 @@ class DSRCRecipe:
                     if r not in kept:
                         kept[r] = frame_inputs(frames[r], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
                                                teacher=teacher_input)
-                return merge([kept[r] for r in rows.tolist()])
+                    if reconstruction:  # per frame, once: kept inputs of an earlier job gain them
+                        add_reconstruction_targets(kept[r], self.grid)
+                return merge([kept[r] for r in rows.tolist()], self.grid)
 
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
@@ -213,7 +216,6 @@ class DSRCRecipe:
             raise RuntimeError(f"{name}-s{seed} distils from {teacher_job}-s{seed}: pass it in teachers to train it")
         weights = DSRCWeights() if recon else DSRCWeights(occupancy=0.0, offset=0.0)
         painted = teacher_job != "teacher_unpainted"
-        grid = self.grid
 
         def loss(net, batch):
             out = net(batch.points, batch.cloud, batch.agents)
@@ -224,9 +226,9 @@ class DSRCRecipe:
                 pts = batch.teacher_points if painted else torch.cat([batch.teacher_points[:, :4], 0 * batch.teacher_points[:, 4:]], 1)
                 with torch.no_grad():
                     t_out = teacher(pts, batch.teacher_cloud, batch.agents)
-            return dsrc_loss(out, t_out, batch, grid, weights)
+            return dsrc_loss(out, t_out, batch, weights)
 
-        return self._train(f"{name}-s{seed}", model, loss, inputs, teacher is not None, seed).eval()
+        return self._train(f"{name}-s{seed}", model, loss, inputs, teacher is not None, seed, recon).eval()
 
     def _conditions(self) -> list[tuple[str, int]]:
         e = self.cfg.eval
