@@ -12,7 +12,8 @@ one batch; forward; post: decoding + NMS), so the remaining time is visible. Tra
 AdamW steps (the batch merged from each frame's kept inputs as the recipe does, forward, loss, backward;
 the first visit's whole collate timed beside), B0 and DSRC (teacher forward + distillation +
 reconstruction), at the preset's batch and a larger one, in TF32 and bf16 autocast, each with the profiler split of
-one step (GPU-busy share of the wall time, top kernels): where a process leaves the card idle, and what fills it.
+one step (GPU-busy share of the wall time, top kernels) and the host's waits for the GPU in one step (CUDA's sync
+debug mode): where a process leaves the card idle, and what fills it.
 
     python benchmarks/dsrc_speed.py --out benchmarks/results/dsrc_speed.json
 """
@@ -25,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +44,19 @@ from sparsedistill.timing import kernel_times, top_kernels  # noqa: E402
 # name: (input mode, fusion, reconstruction head)
 MODELS = {"b0": ("intermediate", "attention", False), "dsrc": ("intermediate", "attention", True),
           "no_fusion": ("intermediate", "none", False), "early": ("early", "attention", False)}
+
+
+def host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what
+    follows): the CUDA sync debug mode's warnings, counted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _sync_ms(fn) -> tuple[object, float]:
@@ -130,7 +145,7 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
     # the profiler split of one step: how much of the wall time the GPU is busy, and with what
     row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,
            "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),
-           "first_visit_collate_ms": round(collate_ms, 3)}
+           "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": host_syncs(lambda: step(0))}
     try:
         kernels = kernel_times(lambda: step(0))
     except Exception as e:  # noqa: BLE001  (a profiler failure is recorded; the timings stay)
