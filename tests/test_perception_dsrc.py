@@ -140,6 +140,12 @@ def test_batches_merge_kept_frame_inputs_in_order():
         merge(kept)
     with pytest.raises(ValueError, match="at least one frame"):
         merge([])
+    # a job merges what it uses of kept inputs that hold more (B0 on inputs collated with the teacher's for later jobs)
+    lean = merge(kept, GRID, teacher=False, reconstruction=False)
+    assert lean.teacher_points is None and lean.object_mask is None and lean.occupancy is None
+    assert torch.equal(lean.points, merge(kept, GRID).points)
+    with pytest.raises(ValueError, match="asked for the teacher's input, which the frames lack"):
+        merge([frame_inputs(frames[0], GRID)], GRID, teacher=True)
     # kept inputs of a job without reconstruction gain its targets in place, for a later job that needs them
     plain = frame_inputs(frames[1], GRID, anchors, acfg, teacher=True)
     assert add_reconstruction_targets(plain, GRID) is plain

@@ -124,6 +124,23 @@ def test_dsrc_jobs_in_one_process_share_inputs_by_kind_and_outlive_a_failed_job(
     assert json.loads((tmp_path / "after_b0" / "results" / "detect-early-s0.json").read_text())["ap"] == \
         json.loads((tmp_path / "alone" / "results" / "detect-early-s0.json").read_text())["ap"]
 
+    # b0 before the teacher collates each frame once, with the teacher's input for the later job, and trains as alone
+    calls = []
+
+    def counted(frame, *args, **kw):
+        calls.append(kw.get("teacher"))
+        return frame_inputs(frame, *args, **kw)
+
+    frame_inputs = dsrc.frame_inputs
+    monkeypatch.setattr(dsrc, "frame_inputs", counted)
+    run_dsrc(cfg, tmp_path / "b0_then_teacher", progress=False, jobs=["b0", "teacher"])
+    monkeypatch.setattr(dsrc, "frame_inputs", frame_inputs)
+    assert 0 < len(calls) <= cfg.sim.train_frames and all(calls)
+    run_dsrc(cfg, tmp_path / "b0_alone", progress=False, jobs=["b0"])
+    weights = [torch.load(tmp_path / d / "checkpoints" / "b0-s0.pt", weights_only=False)["model"]
+               for d in ("b0_then_teacher", "b0_alone")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
     def out_of_memory(self, seed, painted=True):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 

@@ -146,9 +146,12 @@ def _scattered(cells: list[Tensor], size: int, values: Tensor | float, width: in
     return out.index_copy_(0, index, values) if isinstance(values, Tensor) else out.index_fill_(0, index, values)
 
 
-def merge(parts: list[FrameInputs], grid: BEVGrid | None = None) -> Batch:
+def merge(parts: list[FrameInputs], grid: BEVGrid | None = None, *, teacher: bool | None = None,
+          reconstruction: bool | None = None) -> Batch:
     """One ``Batch`` of frames' inputs, in order (clouds ordered by frame, the ego's first); ``grid``: the one the parts'
-    object mask and reconstruction targets were made on (needed only with those)."""
+    object mask and reconstruction targets were made on (needed only with those). ``teacher`` / ``reconstruction``:
+    True needs the parts' teacher input / reconstruction targets, False leaves them out of the batch (kept inputs may
+    hold more than a job uses), None takes them where every part has them."""
     if not parts:
         raise ValueError("a batch needs at least one frame")
     clouds = [c for p in parts for c in p.clouds]
@@ -159,13 +162,13 @@ def merge(parts: list[FrameInputs], grid: BEVGrid | None = None) -> Batch:
         batch.labels = torch.cat([p.labels for p in parts]).long()
         batch.targets = _scattered([p.positive_index for p in parts], len(parts[0].labels),
                                    torch.cat([p.positive_targets for p in parts]), 7)
-    if _all_or_none(parts, "teacher_clouds", "the teacher's input: collate them all with teacher=True"):
+    if _wanted(parts, "teacher_clouds", teacher, "the teacher's input: collate them all with teacher=True"):
         tclouds = [c for p in parts for c in p.teacher_clouds]
         batch.teacher_points = torch.cat(tclouds)
         batch.teacher_cloud = _repeated(list(range(len(tclouds))), [len(c) for c in tclouds], dev)
         h, w = _grid_shape(grid)
         batch.object_mask = _scattered([p.object_cells for p in parts], h * w, 1.0).view(len(parts), h, w)
-    if _all_or_none(parts, "occupied_cells", "reconstruction targets: collate them all with reconstruction=True"):
+    if _wanted(parts, "occupied_cells", reconstruction, "reconstruction targets: collate them all with reconstruction=True"):
         h, w = _grid_shape(grid)
         cells = [p.occupied_cells for p in parts]
         batch.occupancy = _scattered(cells, h * w, 1.0).view(len(parts), 1, h, w)
@@ -179,6 +182,14 @@ def _all_or_none(parts: list[FrameInputs], field: str, what: str) -> bool:
     if any(has) and not all(has):
         raise ValueError(f"merge got frames with and without {what}")
     return all(has)
+
+
+def _wanted(parts: list[FrameInputs], field: str, asked: bool | None, what: str) -> bool:
+    if asked is False:
+        return False
+    if not _all_or_none(parts, field, what) and asked:
+        raise ValueError(f"merge was asked for {what.split(':')[0]}, which the frames lack:{what.split(':', 1)[1]}")
+    return asked is not False and getattr(parts[0], field) is not None
 
 
 def _grid_shape(grid: BEVGrid | None) -> tuple[int, int]:

@@ -141,7 +141,8 @@ class DSRCRecipe:
         self.grid, self.anchor_cfg = probe.cfg.grid, probe.cfg.anchors
         self.anchors = make_anchors(self.grid, self.anchor_cfg, self.device).view(-1, 7)
         self._frames: dict[str, list[Frame]] = {}
-        self._kept: dict[tuple[str, bool], dict[int, FrameInputs]] = {}  # collated training inputs by kind, by frame
+        self._kept: dict[str, dict[int, FrameInputs]] = {}  # collated training inputs by input mode, by frame
+        self._teacher_input_later = False  # whether a job of this process will train on the teacher's input
         self._test_cache: tuple[str, list[tuple[tuple[str, int], list[Batch]]]] | None = None  # see _test_batches
 
     def frames(self, split: str) -> list[Frame]:
@@ -161,17 +162,20 @@ class DSRCRecipe:
             frames = self.frames("train")
             # each frame's inputs are collated at its first visit and kept, for the later jobs of this process too: the
             # steps revisit every frame (4,000 x 4 draws of 2,000 frames) and collating is ~400 small ops a frame
-            # (launch-bound on a GPU: ~45 s a job at 2,000 frames)
-            kept = self._kept.setdefault((inputs, teacher_input), {})
+            # (launch-bound on a GPU: ~45 s a job at 2,000 frames). With the teacher's input when any job here will
+            # need it, so that B0 before the teacher collates once for both; each job merges only what it uses.
+            kept = self._kept.setdefault(inputs, {})
+            with_teacher = teacher_input or (inputs == "intermediate" and self._teacher_input_later)
 
             def get_batch(rows: torch.Tensor):
                 for r in rows.tolist():
-                    if r not in kept:
+                    if r not in kept or (teacher_input and kept[r].teacher_clouds is None):
                         kept[r] = frame_inputs(frames[r], self.grid, self.anchors, self.anchor_cfg, inputs=inputs,
-                                               teacher=teacher_input)
+                                               teacher=with_teacher)
                     if reconstruction:  # per frame, once: kept inputs of an earlier job gain them
                         add_reconstruction_targets(kept[r], self.grid)
-                return merge([kept[r] for r in rows.tolist()], self.grid)
+                return merge([kept[r] for r in rows.tolist()], self.grid, teacher=teacher_input,
+                             reconstruction=reconstruction)
 
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
@@ -383,6 +387,8 @@ class DSRCRecipe:
         for s, seed in enumerate(self.cfg.seeds):
             teachers: dict[str, CoopDetector] = {}
             for i, job in enumerate(jobs):
+                self._teacher_input_later = any(self._input_kind(j) == ("intermediate", True)
+                                                for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i:]))
                 teacher = job if job in ("teacher", "teacher_unpainted") else VARIANTS[job][2]
                 if teacher and f"{teacher}-s{seed}" in failed:
                     failed[f"{job}-s{seed}"] = f"its teacher {teacher}-s{seed} failed"
@@ -402,15 +408,15 @@ class DSRCRecipe:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 # every seed trains on the same frames: a later seed's jobs count
-                later = {self._input_kind(j) for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])}
-                for kind in [k for k in self._kept if k not in later]:  # inputs no later job trains on
-                    del self._kept[kind]
+                later = {self._input_kind(j)[0] for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])}
+                for mode in [m for m in self._kept if m not in later]:  # inputs no later job trains on
+                    del self._kept[mode]
         if failed:
             raise RuntimeError(f"{len(failed)} jobs failed (the others finished): "
                                + "; ".join(f"{j}: {why}" for j, why in failed.items()))
 
     def _input_kind(self, job: str) -> tuple[str, bool]:
-        """The collated training inputs a job trains on (the key of ``_kept``)."""
+        """The collated training inputs a job trains on: (input mode, the key of ``_kept``; whether the teacher's)."""
         if job in ("teacher", "teacher_unpainted"):
             return "intermediate", True
         return VARIANTS[job][0], VARIANTS[job][2] is not None
@@ -447,6 +453,7 @@ class DSRCRecipe:
 
     def run_all(self) -> dict:
         out = {}
+        self._teacher_input_later = any(VARIANTS[v][2] for v in self.cfg.variants)
         for seed in self.cfg.seeds:
             if self.run.result(f"eval-s{seed}") is None:
                 teachers: dict[str, CoopDetector] = {}
