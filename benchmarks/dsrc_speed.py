@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,24 +38,11 @@ from sparsedistill.perception.batching import collate, frame_inputs, merge  # no
 from sparsedistill.perception.frames import simulate_frame, split_seeds  # noqa: E402
 from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss, flat_outputs, freeze  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
-from sparsedistill.timing import kernel_times, top_kernels  # noqa: E402
+from sparsedistill.timing import host_syncs, kernel_times, top_kernels  # noqa: E402
 
 # name: (input mode, fusion, reconstruction head)
 MODELS = {"b0": ("intermediate", "attention", False), "dsrc": ("intermediate", "attention", True),
           "no_fusion": ("intermediate", "none", False), "early": ("early", "attention", False)}
-
-
-def host_syncs(fn) -> int:
-    """How many times ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what
-    follows): the CUDA sync debug mode's warnings, counted."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _sync_ms(fn) -> tuple[object, float]:
@@ -117,7 +103,7 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
             for f in frames]
 
     def batch_of(i: int):  # as the recipe trains: every frame's inputs kept after its first visit, merged per step
-        return merge([kept[(i * batch_size + j) % len(frames)] for j in range(batch_size)], grid)
+        return merge([kept[(i * batch_size + j) % len(frames)] for j in range(batch_size)])
 
     def step(i: int) -> None:
         batch = batch_of(i)

@@ -153,7 +153,8 @@ def test_detector_runs_under_bf16_autocast_and_checks_its_cloud_index():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(pts, cloud, [2])
     assert torch.isfinite(out["cls"].float()).all()
-    with pytest.raises(ValueError, match="make 2 clouds"):
-        model(pts, torch.tensor([0, 1, 2]), [2])
+    for stray in ([0, 1, 2], [0, -1, 1]):
+        with pytest.raises(ValueError, match=r"cloud index outside 0\.\.1"):
+            model(pts, torch.tensor(stray), [2])
     with pytest.raises(ValueError, match="one integer index per point"):
         model(pts, cloud.float(), [2])

@@ -151,6 +151,34 @@ def test_dsrc_jobs_in_one_process_share_inputs_by_kind_and_outlive_a_failed_job(
     assert (run / "matches" / "detect-b0-s0.npz").exists() and not (run / "results" / "dsrc-s0.json").exists()
 
 
+def test_dsrc_jobs_keep_of_the_collated_inputs_what_later_jobs_use(tmp_path):
+    import torch
+
+    from sparsedistill.perception.batching import FrameInputs
+    from sparsedistill.recipes.dsrc import DSRCRecipe
+    from sparsedistill.runs import Run
+
+    cfg = _cfg(variants='["b0", "early", "dsrc", "dsrc_no_distill"]')
+    recipe = DSRCRecipe(cfg, Run(tmp_path / "run", cfg), progress=False)
+    one = torch.zeros(1)
+
+    def part():
+        return FrameInputs([one], one, teacher_clouds=[one], object_cells=one, occupied_cells=one, occupied_offsets=one)
+
+    recipe._kept = {"intermediate": {0: part()}, "early": {0: part()}}
+    recipe._keep_inputs_for(["teacher", "dsrc", "dsrc_no_distill", "b0"])
+    assert recipe._teacher_input_later and set(recipe._kept) == {"intermediate"}
+    kept = recipe._kept["intermediate"][0]
+    assert kept.teacher_clouds is not None and kept.occupied_cells is not None
+    recipe._keep_inputs_for(["dsrc_no_distill", "b0"])  # the reconstruction targets stay, the teacher's input goes
+    assert not recipe._teacher_input_later and kept.teacher_clouds is None and kept.object_cells is None
+    assert kept.occupied_cells is not None
+    recipe._keep_inputs_for(["b0"])
+    assert kept.occupied_cells is None and kept.occupied_offsets is None and kept.clouds == [one]
+    recipe._keep_inputs_for([])
+    assert recipe._kept == {}
+
+
 def test_dsrc_recipe_rejects_bad_configs():
     with pytest.raises(ValueError, match="unknown variants"):
         validate(_cfg(variants='["b0", "dsrc_plus"]'))

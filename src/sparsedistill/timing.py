@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import torch
 
-__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups"]
+__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups", "host_syncs"]
 
 
 def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
@@ -81,3 +82,16 @@ def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -
         group = next((g for g, keys in groups.items() if any(k.lower() in low for k in keys)), "other")
         out[group] += ms
     return {name: round(ms, 3) for name, ms in out.items()}
+
+
+def host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what
+    follows): the warnings of CUDA's sync debug mode, counted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)

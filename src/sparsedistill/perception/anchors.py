@@ -118,7 +118,7 @@ def detection_loss(cls_logits: Tensor, reg: Tensor, labels: Tensor, targets: Ten
     # over every anchor, masked to the positives (selecting them would wait for the device)
     r = torch.cat([reg[:, :6], (reg[:, 6].sin() * targets[:, 6].cos())[:, None]], 1)
     t = torch.cat([targets[:, :6], (reg[:, 6].cos() * targets[:, 6].sin())[:, None]], 1)
-    box = (F.smooth_l1_loss(r, t, beta=1 / 9, reduction="none").sum(1) * y).sum() / norm
+    box = torch.where(pos, F.smooth_l1_loss(r, t, beta=1 / 9, reduction="none").sum(1), 0.0).sum() / norm
     return cls + reg_weight * box, {"cls": cls.detach(), "box": box.detach()}
 
 

@@ -38,8 +38,8 @@ class Batch:
     teacher_points: Tensor | None = None  # (N', 5) painted, one cloud per agent (DSRC's teacher)
     teacher_cloud: Tensor | None = None
     object_mask: Tensor | None = None  # (B, H, W) 1 on the pillars of the fleet's points on cars (with the teacher's input)
-    occupancy: Tensor | None = None  # (B, 1, H, W) and (B, 3, H, W): ``reconstruction_targets`` of all agents' points
-    offset: Tensor | None = None
+    recon_occupancy: Tensor | None = None  # (B, 1, H, W): ``reconstruction_targets`` of all agents' points
+    recon_offset: Tensor | None = None  # (B, 3, H, W)
 
     @property
     def num_frames(self) -> int:
@@ -78,12 +78,13 @@ class FrameInputs:
     clouds: list[Tensor]  # (N_c, 4) each, in the ego frame
     boxes: Tensor
     labels: Tensor | None = None  # (M,) int8
-    positive_index: Tensor | None = None  # (P,) the anchors labelled 1, and their targets (P, 7)
-    positive_targets: Tensor | None = None
+    positive_index: Tensor | None = None  # (P,) the anchors labelled 1
+    positive_targets: Tensor | None = None  # (P, 7) their targets
     teacher_clouds: list[Tensor] | None = None
-    object_cells: Tensor | None = None  # (C,) flat BEV cells (row * W + col) of the object mask
-    occupied_cells: Tensor | None = None  # (R,) the cells all agents' points occupy, and their offsets (R, 3)
-    occupied_offsets: Tensor | None = None
+    bev_shape: tuple[int, int] | None = None  # (H, W) of the grid the cells below index (row * W + col)
+    object_cells: Tensor | None = None  # (C,) the object mask's cells
+    occupied_cells: Tensor | None = None  # (R,) the cells all agents' points occupy
+    occupied_offsets: Tensor | None = None  # (R, 3) their points' mean offsets (``reconstruction_targets``)
 
 
 def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
@@ -106,6 +107,7 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
     if teacher:
         painted, objects = paint_teacher_input(own, gt)
         part.teacher_clouds = painted if inputs == "intermediate" else [torch.cat(painted)]
+        part.bev_shape = grid.shape
         part.object_cells = object_mask(objects, _frame_zero(objects), grid, 1).flatten().nonzero()[:, 0]
     return add_reconstruction_targets(part, grid) if reconstruction else part
 
@@ -113,9 +115,12 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
 def add_reconstruction_targets(part: FrameInputs, grid: BEVGrid) -> FrameInputs:
     """``part`` with the reconstruction targets of its frame's merged cloud (kept inputs gain them when a later job
     needs them, instead of being collated again)."""
+    if part.bev_shape not in (None, grid.shape):
+        raise ValueError(f"these inputs index a {part.bev_shape} grid, not this {grid.shape} one: collate them on one grid")
     if part.occupied_cells is None:
         merged = torch.cat(part.clouds)
         occupancy, offset = reconstruction_targets(merged, _frame_zero(merged), grid, 1)
+        part.bev_shape = grid.shape
         part.occupied_cells = occupancy.flatten().nonzero()[:, 0]
         part.occupied_offsets = offset[0].flatten(1).T[part.occupied_cells]
     return part
@@ -138,64 +143,69 @@ def _repeated(values: list[int], counts: list[int], device: torch.device) -> Ten
     return torch.repeat_interleave(_on_device(values, device), _on_device(counts, device), output_size=sum(counts))
 
 
-def _scattered(cells: list[Tensor], size: int, values: Tensor | float, width: int = 0) -> Tensor:
-    """Zeros (len(cells) * size[, width]) with ``values`` at each part's ``cells``, offset by its place (no device sync)."""
+def _scattered(cells: list[Tensor], size: int, values: Tensor | float) -> Tensor:
+    """Zeros (len(cells) * size, *values' row shape) with ``values`` (rows, or one number) at each part's ``cells``,
+    offset by the part's place (no device sync)."""
     index = torch.cat([c + i * size for i, c in enumerate(cells)])
-    out = torch.zeros((len(cells) * size, width) if width else len(cells) * size, device=cells[0].device)
-    # index_fill_ takes the scalar as a kernel argument: a tensor made of it would be a copy that waits for the GPU
-    return out.index_copy_(0, index, values) if isinstance(values, Tensor) else out.index_fill_(0, index, values)
+    if isinstance(values, Tensor):
+        out = values.new_zeros(len(cells) * size, *values.shape[1:])
+        return out.index_copy_(0, index, values)
+    # index_fill_ takes the number as a kernel argument: a tensor made of it would be a copy that waits for the GPU
+    return torch.zeros(len(cells) * size, device=index.device).index_fill_(0, index, values)
 
 
-def merge(parts: list[FrameInputs], grid: BEVGrid | None = None, *, teacher: bool | None = None,
-          reconstruction: bool | None = None) -> Batch:
-    """One ``Batch`` of frames' inputs, in order (clouds ordered by frame, the ego's first); ``grid``: the one the parts'
-    object mask and reconstruction targets were made on (needed only with those). ``teacher`` / ``reconstruction``:
-    True needs the parts' teacher input / reconstruction targets, False leaves them out of the batch (kept inputs may
-    hold more than a job uses), None takes them where every part has them."""
+def merge(parts: list[FrameInputs], *, teacher: bool | None = None, reconstruction: bool | None = None) -> Batch:
+    """One ``Batch`` of frames' inputs, in order (clouds ordered by frame, the ego's first). ``teacher`` /
+    ``reconstruction``: True needs the parts' teacher input / reconstruction targets, False leaves them out of the
+    batch (kept inputs may hold more than a job uses), None takes them where every part has them."""
     if not parts:
         raise ValueError("a batch needs at least one frame")
     clouds = [c for p in parts for c in p.clouds]
     sizes, dev = [len(c) for c in clouds], clouds[0].device
     batch = Batch(torch.cat(clouds), _repeated(list(range(len(clouds))), sizes, dev), [len(p.clouds) for p in parts],
                   [p.boxes for p in parts])
-    if _all_or_none(parts, "labels", "anchor targets: give every frame_inputs the anchors"):
+    if _all_or_none(parts, "labels", "anchor targets", "give every frame_inputs the anchors"):
         batch.labels = torch.cat([p.labels for p in parts]).long()
         batch.targets = _scattered([p.positive_index for p in parts], len(parts[0].labels),
-                                   torch.cat([p.positive_targets for p in parts]), 7)
-    if _wanted(parts, "teacher_clouds", teacher, "the teacher's input: collate them all with teacher=True"):
+                                   torch.cat([p.positive_targets for p in parts]))
+    if _wanted(parts, "teacher_clouds", teacher, "the teacher's input", "collate them all with teacher=True"):
         tclouds = [c for p in parts for c in p.teacher_clouds]
         batch.teacher_points = torch.cat(tclouds)
         batch.teacher_cloud = _repeated(list(range(len(tclouds))), [len(c) for c in tclouds], dev)
-        h, w = _grid_shape(grid)
+        h, w = _bev_shape(parts)
         batch.object_mask = _scattered([p.object_cells for p in parts], h * w, 1.0).view(len(parts), h, w)
-    if _wanted(parts, "occupied_cells", reconstruction, "reconstruction targets: collate them all with reconstruction=True"):
-        h, w = _grid_shape(grid)
+    if _wanted(parts, "occupied_cells", reconstruction, "reconstruction targets", "collate them all with reconstruction=True"):
+        h, w = _bev_shape(parts)
         cells = [p.occupied_cells for p in parts]
-        batch.occupancy = _scattered(cells, h * w, 1.0).view(len(parts), 1, h, w)
-        batch.offset = (_scattered(cells, h * w, torch.cat([p.occupied_offsets for p in parts]), 3)
-                        .view(len(parts), h, w, 3).permute(0, 3, 1, 2).contiguous())
+        batch.recon_occupancy = _scattered(cells, h * w, 1.0).view(len(parts), 1, h, w)
+        batch.recon_offset = (_scattered(cells, h * w, torch.cat([p.occupied_offsets for p in parts]))
+                              .view(len(parts), h, w, 3).permute(0, 3, 1, 2).contiguous())
     return batch
 
 
-def _all_or_none(parts: list[FrameInputs], field: str, what: str) -> bool:
+def _all_or_none(parts: list[FrameInputs], field: str, what: str, hint: str) -> bool:
+    """Whether every part has ``field``; an error when some do and some do not."""
     has = [getattr(p, field) is not None for p in parts]
     if any(has) and not all(has):
-        raise ValueError(f"merge got frames with and without {what}")
+        raise ValueError(f"merge got frames with and without {what}: {hint}")
     return all(has)
 
 
-def _wanted(parts: list[FrameInputs], field: str, asked: bool | None, what: str) -> bool:
+def _wanted(parts: list[FrameInputs], field: str, asked: bool | None, what: str, hint: str) -> bool:
+    """Whether the batch gets ``field`` (see ``merge``'s ``teacher`` / ``reconstruction``)."""
     if asked is False:
         return False
-    if not _all_or_none(parts, field, what) and asked:
-        raise ValueError(f"merge was asked for {what.split(':')[0]}, which the frames lack:{what.split(':', 1)[1]}")
-    return asked is not False and getattr(parts[0], field) is not None
+    has = _all_or_none(parts, field, what, hint)
+    if asked and not has:
+        raise ValueError(f"merge was asked for {what}, which the frames lack: {hint}")
+    return has
 
 
-def _grid_shape(grid: BEVGrid | None) -> tuple[int, int]:
-    if grid is None:
-        raise ValueError("merge needs the grid of the frames' object mask or reconstruction targets: pass grid=")
-    return grid.shape
+def _bev_shape(parts: list[FrameInputs]) -> tuple[int, int]:
+    shapes = {p.bev_shape for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"merge got frames whose BEV cells index different grids {sorted(shapes)}: collate them on one")
+    return shapes.pop()
 
 
 def collate(frames: list[Frame], grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
@@ -208,4 +218,4 @@ def collate(frames: list[Frame], grid: BEVGrid, anchors: Tensor | None = None, a
     if not frames:
         raise ValueError("collate needs at least one frame")
     return merge([frame_inputs(f, grid, anchors, anchor_cfg, inputs, teacher, min_points, reconstruction)
-                  for f in frames], grid)
+                  for f in frames])

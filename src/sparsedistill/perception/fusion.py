@@ -28,8 +28,7 @@ def attention_fusion(features: Tensor, agents: list[int]) -> Tensor:
 
 def ego_only(features: Tensor, agents: list[int]) -> Tensor:
     """No fusion: each frame's ego map alone (the no-collaboration reference)."""
-    starts = [sum(agents[:i]) for i in range(len(agents))]
-    return torch.cat([features[s : s + 1] for s in starts])  # slices: no index tensor to copy to the device
+    return torch.cat([x[:1] for x in features.split(agents)])  # slices: no index tensor to copy to the device
 
 
 def max_fusion(features: Tensor, agents: list[int]) -> Tensor:

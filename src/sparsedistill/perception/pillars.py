@@ -50,12 +50,18 @@ def scatter_pillars(points: Tensor, batch: Tensor, grid: BEVGrid, num_clouds: in
     ``b * H * W + row * W + col``, per-point decorations (N', 5): offsets to the pillar mean (3) and centre (2))."""
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"expected points (N, >= 3), got {tuple(points.shape)}")
+    if batch.dtype != torch.long or batch.shape != points.shape[:1]:
+        raise ValueError(f"the cloud indices must be one integer index per point (N,) = ({len(points)},), got "
+                         f"{batch.dtype} {tuple(batch.shape)}")
     keep = grid.inside(points)
-    # the check and the selection's size in one read from the device (each read waits for the GPU's queue), and the
+    # the checks and the selection's size in one read from the device (each read waits for the GPU's queue), and the
     # kept points' indices by a stable sort (a boolean selection would wait for the device again)
-    kept, nonfinite = torch.stack([keep.sum(), (~torch.isfinite(points[:, :3])).sum()]).tolist()
+    kept, nonfinite, stray = torch.stack([keep.sum(), (~torch.isfinite(points[:, :3])).sum(),
+                                          ((batch < 0) | (batch >= num_clouds)).sum()]).tolist()
     if nonfinite:
         raise ValueError("points hold NaN or infinite coordinates: drop them before pillarising")
+    if stray:
+        raise ValueError(f"{stray} points have a cloud index outside 0..{num_clouds - 1}: give each point its cloud's index")
     if kept < len(points):
         index = torch.argsort(keep.to(torch.uint8), descending=True, stable=True)[:kept]
         points, batch = points[index], batch[index]

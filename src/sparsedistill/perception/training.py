@@ -62,9 +62,9 @@ def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, weights
         loss = loss + weights.before_fusion * before + weights.after_fusion * after + weights.head * head
         parts.update(before_fusion=before.detach(), after_fusion=after.detach(), head=head.detach())
     if "recon" in student_out and (weights.occupancy or weights.offset):
-        if batch.occupancy is None:
+        if batch.recon_occupancy is None:
             raise ValueError("reconstruction needs its targets in the batch: collate with reconstruction=True")
-        occ, off = reconstruction_loss(student_out["recon"], batch.occupancy, batch.offset)
+        occ, off = reconstruction_loss(student_out["recon"], batch.recon_occupancy, batch.recon_offset)
         loss = loss + weights.occupancy * occ + weights.offset * off
         parts.update(occupancy=occ.detach(), offset=off.detach())
     return loss, parts

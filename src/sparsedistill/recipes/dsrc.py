@@ -174,7 +174,7 @@ class DSRCRecipe:
                                                teacher=with_teacher)
                     if reconstruction:  # per frame, once: kept inputs of an earlier job gain them
                         add_reconstruction_targets(kept[r], self.grid)
-                return merge([kept[r] for r in rows.tolist()], self.grid, teacher=teacher_input,
+                return merge([kept[r] for r in rows.tolist()], teacher=teacher_input,
                              reconstruction=reconstruction)
 
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
@@ -387,8 +387,8 @@ class DSRCRecipe:
         for s, seed in enumerate(self.cfg.seeds):
             teachers: dict[str, CoopDetector] = {}
             for i, job in enumerate(jobs):
-                self._teacher_input_later = any(self._input_kind(j) == ("intermediate", True)
-                                                for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i:]))
+                # every seed trains on the same frames: a later seed's jobs count
+                self._keep_inputs_for(jobs if s + 1 < len(self.cfg.seeds) else jobs[i:])
                 teacher = job if job in ("teacher", "teacher_unpainted") else VARIANTS[job][2]
                 if teacher and f"{teacher}-s{seed}" in failed:
                     failed[f"{job}-s{seed}"] = f"its teacher {teacher}-s{seed} failed"
@@ -407,19 +407,33 @@ class DSRCRecipe:
                     teachers.pop(job, None)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                # every seed trains on the same frames: a later seed's jobs count
-                later = {self._input_kind(j)[0] for j in (jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])}
-                for mode in [m for m in self._kept if m not in later]:  # inputs no later job trains on
-                    del self._kept[mode]
+                self._keep_inputs_for(jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])
         if failed:
             raise RuntimeError(f"{len(failed)} jobs failed (the others finished): "
                                + "; ".join(f"{j}: {why}" for j, why in failed.items()))
 
-    def _input_kind(self, job: str) -> tuple[str, bool]:
-        """The collated training inputs a job trains on: (input mode, the key of ``_kept``; whether the teacher's)."""
+    def _input_kind(self, job: str) -> tuple[str, bool, bool]:
+        """What a job trains on: its input mode (the key of ``_kept``), whether it needs the teacher's input, and
+        whether the reconstruction targets."""
         if job in ("teacher", "teacher_unpainted"):
-            return "intermediate", True
-        return VARIANTS[job][0], VARIANTS[job][2] is not None
+            return "intermediate", True, False
+        inputs, _, teacher, recon = VARIANTS[job]
+        return inputs, teacher is not None, recon
+
+    def _keep_inputs_for(self, jobs: list[str]) -> None:
+        """Keep of the collated training inputs what ``jobs`` (those still to come in this process) train on, and
+        collate the teacher's input from now on if any of them needs it (so B0 before a teacher collates once)."""
+        kinds = [self._input_kind(j) for j in jobs]
+        self._teacher_input_later = any(mode == "intermediate" and teacher for mode, teacher, _ in kinds)
+        for mode in list(self._kept):
+            if mode not in {m for m, _, _ in kinds}:  # no later job trains on these inputs
+                del self._kept[mode]
+                continue
+            for part in self._kept[mode].values():  # the parts no later job uses (~2 MB a frame)
+                if not any(m == mode and t for m, t, _ in kinds):
+                    part.teacher_clouds = part.object_cells = None
+                if not any(m == mode and r for m, _, r in kinds):
+                    part.occupied_cells = part.occupied_offsets = None
 
     def _teacher_needed(self, seed: int, teacher: str, jobs: list[str]) -> bool:
         """Whether a listed teacher must be trained or loaded here. Unfinished: unless every student of it in the
@@ -453,7 +467,7 @@ class DSRCRecipe:
 
     def run_all(self) -> dict:
         out = {}
-        self._teacher_input_later = any(VARIANTS[v][2] for v in self.cfg.variants)
+        self._keep_inputs_for(list(self.cfg.variants))
         for seed in self.cfg.seeds:
             if self.run.result(f"eval-s{seed}") is None:
                 teachers: dict[str, CoopDetector] = {}
