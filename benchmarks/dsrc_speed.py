@@ -148,6 +148,7 @@ def main() -> int:
     ap.add_argument("--train-batches", nargs="+", type=int, default=[4, 16], help="4: the full preset's batch")
     ap.add_argument("--train-precisions", nargs="+", default=["tf32", "bf16"], choices=["tf32", "bf16"])
     ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--no-inference", action="store_true", help="the training rows only")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dsrc_speed.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -165,7 +166,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
 
-    for name in MODELS:
+    for name in [] if args.no_inference else MODELS:
         for precision in ("tf32", "bf16"):
             rows.append(inference_row(name, frames, precision, args.reps))
             print(rows[-1], flush=True)
