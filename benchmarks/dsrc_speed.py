@@ -36,7 +36,7 @@ from sparsedistill.perception import LidarConfig, SceneConfig, SimConfig  # noqa
 from sparsedistill.perception.anchors import make_anchors, postprocess  # noqa: E402
 from sparsedistill.perception.batching import collate, frame_inputs, merge  # noqa: E402
 from sparsedistill.perception.frames import simulate_frame, split_seeds  # noqa: E402
-from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss, flat_outputs, freeze  # noqa: E402
+from sparsedistill.perception.training import flat_outputs, freeze, student_loss  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
 from sparsedistill.timing import host_syncs, kernel_times, top_kernels  # noqa: E402
 
@@ -108,13 +108,7 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
     def step(i: int) -> None:
         batch = batch_of(i)
         with amp:
-            out = model(batch.points, batch.cloud, batch.agents)
-            if teacher is None:
-                loss, _ = detector_loss(out, batch)
-            else:
-                with torch.no_grad():
-                    t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
-                loss, _ = dsrc_loss(out, t_out, batch, DSRCWeights())
+            loss, _ = student_loss(model, batch, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

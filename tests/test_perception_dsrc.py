@@ -155,6 +155,31 @@ def test_batches_merge_kept_frame_inputs_in_order():
     assert torch.equal(merge([plain, kept[0]]).recon_occupancy, batch.recon_occupancy)
 
 
+def test_student_loss_is_each_variants_objective():
+    from sparsedistill.models import create_model
+    from sparsedistill.perception.anchors import make_anchors
+    from sparsedistill.perception.batching import collate
+    from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss, student_loss, teacher_points
+
+    torch.manual_seed(0)
+    b0, dsrc = create_model("coop_detector_tiny"), create_model("coop_detector_tiny", reconstruction=True)
+    teacher = create_model("coop_detector_tiny", in_features=5).eval()
+    grid, acfg = b0.cfg.grid, b0.cfg.anchors
+    frame = simulate_frame(3, SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=256)))
+    batch = collate([frame], grid, make_anchors(grid, acfg).view(-1, 7), acfg, teacher=True, reconstruction=True)
+    loss, parts = student_loss(b0, batch)
+    assert torch.equal(loss, detector_loss(b0(batch.points, batch.cloud, batch.agents), batch)[0]) and "head" not in parts
+    plain = teacher_points(batch, painted=False)
+    assert (plain[:, 4] == 0).all() and torch.equal(plain[:, :4], batch.teacher_points[:, :4]) and batch.teacher_points[:, 4].any()
+    _, parts = student_loss(dsrc, batch, teacher, DSRCWeights(), painted=False)
+    with torch.no_grad():
+        t_out = teacher(plain, batch.teacher_cloud, batch.agents)
+    expected = dsrc_loss(dsrc(batch.points, batch.cloud, batch.agents), t_out, batch)[1]
+    assert {"head", "occupancy"} <= set(parts) and all(torch.equal(parts[k], expected[k]) for k in parts)
+    with pytest.raises(ValueError, match="collate it with teacher=True"):
+        teacher_points(collate([frame], grid))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_training_step_waits_for_the_gpu_only_where_the_pillars_check_their_input():
@@ -164,7 +189,7 @@ def test_a_training_step_waits_for_the_gpu_only_where_the_pillars_check_their_in
     from sparsedistill.models import create_model
     from sparsedistill.perception.anchors import make_anchors
     from sparsedistill.perception.batching import frame_inputs, merge
-    from sparsedistill.perception.training import DSRCWeights, detector_loss, dsrc_loss
+    from sparsedistill.perception.training import DSRCWeights, dsrc_loss, student_loss
     from sparsedistill.timing import host_syncs
 
     sim = SimConfig(SceneConfig(agents=(2, 3)), LidarConfig(rings=16, azimuths=256))
@@ -178,14 +203,7 @@ def test_a_training_step_waits_for_the_gpu_only_where_the_pillars_check_their_in
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            batch = merge(kept)
-            out = model(batch.points, batch.cloud, batch.agents)
-            if name == "b0":
-                loss, _ = detector_loss(out, batch)
-            else:
-                with torch.no_grad():
-                    t_out = teacher(batch.teacher_points, batch.teacher_cloud, batch.agents)
-                loss, _ = dsrc_loss(out, t_out, batch, DSRCWeights())
+            loss, _ = student_loss(model, merge(kept), teacher if name == "dsrc" else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

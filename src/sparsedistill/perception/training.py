@@ -1,6 +1,7 @@
 """The cooperative detector's losses and predictions on a ``Batch``: what every DSRC recipe variant shares.
 
 ``detector_loss``: the detection loss alone (B0, the references, the teacher on its painted input).
+``student_loss``: a model's whole training loss on a batch (the forwards included), what every variant trains on.
 ``dsrc_loss``: DSRC's student objective, detection + sparse-to-dense distillation (masked feature MSE at each
 scale before fusion and after it, head distillation) + point-cloud reconstruction, each switchable so that
 the ablations are the same code with a term off. ``predict``: boxes and scores per frame.
@@ -17,7 +18,8 @@ from .anchors import AnchorConfig, detection_loss, postprocess
 from .batching import Batch
 from .dsrc import head_distillation, masked_feature_mse, reconstruction_loss
 
-__all__ = ["DSRCWeights", "flat_outputs", "detector_loss", "dsrc_loss", "predict", "freeze"]
+__all__ = ["DSRCWeights", "flat_outputs", "detector_loss", "dsrc_loss", "student_loss", "teacher_points", "predict",
+           "freeze"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,29 @@ def dsrc_loss(student_out: dict, teacher_out: dict | None, batch: Batch, weights
         loss = loss + weights.occupancy * occ + weights.offset * off
         parts.update(occupancy=occ.detach(), offset=off.detach())
     return loss, parts
+
+
+def teacher_points(batch: Batch, painted: bool = True) -> Tensor:
+    """The teacher's input points (N', 5) of ``batch``; ``painted=False``: the 5th channel zeroed (the no-painting
+    ablation's teacher sees the same points without the mark of which lie on cars)."""
+    if batch.teacher_points is None:
+        raise ValueError("the batch has no teacher input: collate it with teacher=True")
+    pts = batch.teacher_points
+    return pts if painted else torch.cat([pts[:, :4], torch.zeros_like(pts[:, 4:])], 1)
+
+
+def student_loss(model: nn.Module, batch: Batch, teacher: nn.Module | None = None, weights: DSRCWeights = DSRCWeights(),
+                 painted: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """``model``'s training loss on ``batch``: the detection loss alone for a model without teacher or reconstruction
+    head (B0, the references), else ``dsrc_loss`` with the frozen ``teacher``'s outputs on ``teacher_points``."""
+    out = model(batch.points, batch.cloud, batch.agents)
+    if teacher is None and "recon" not in out:
+        return detector_loss(out, batch)
+    t_out = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(teacher_points(batch, painted), batch.teacher_cloud, batch.agents)
+    return dsrc_loss(out, t_out, batch, weights)
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ from ..perception.plots import save_bev
 from ..perception.metrics import (FrameMatches, corruption_error, match_frames, matched_ap, mean_ce, mean_rr,
                                   paired_bootstrap_delta_matched, resilience_rate)
 from ..perception.scene import SceneConfig
-from ..perception.training import DSRCWeights, detector_loss, dsrc_loss, freeze, predict
+from ..perception.training import DSRCWeights, detector_loss, freeze, predict, student_loss, teacher_points
 from ..runs import Run, atomic_open
 
 __all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
@@ -206,8 +206,7 @@ class DSRCRecipe:
         model = self._model(in_features=5)
 
         def loss(net, batch):
-            pts = batch.teacher_points if painted else torch.cat([batch.teacher_points[:, :4], 0 * batch.teacher_points[:, 4:]], 1)
-            return detector_loss(net(pts, batch.teacher_cloud, batch.agents), batch)
+            return detector_loss(net(teacher_points(batch, painted), batch.teacher_cloud, batch.agents), batch)
 
         return freeze(self._train(job, model, loss, "intermediate", True, seed))
 
@@ -222,15 +221,7 @@ class DSRCRecipe:
         painted = teacher_job != "teacher_unpainted"
 
         def loss(net, batch):
-            out = net(batch.points, batch.cloud, batch.agents)
-            if teacher is None and not recon:
-                return detector_loss(out, batch)
-            t_out = None
-            if teacher is not None:
-                pts = batch.teacher_points if painted else torch.cat([batch.teacher_points[:, :4], 0 * batch.teacher_points[:, 4:]], 1)
-                with torch.no_grad():
-                    t_out = teacher(pts, batch.teacher_cloud, batch.agents)
-            return dsrc_loss(out, t_out, batch, weights)
+            return student_loss(net, batch, teacher, weights, painted)
 
         return self._train(f"{name}-s{seed}", model, loss, inputs, teacher is not None, seed, recon).eval()
 
