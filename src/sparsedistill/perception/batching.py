@@ -71,7 +71,7 @@ def frame_labels(frame: Frame, agent_points: list[Tensor], grid: BEVGrid, min_po
 @dataclass
 class FrameInputs:
     """One frame's share of a ``Batch`` (``frame_inputs``): a training loop that visits a frame many times keeps it
-    and merges it again (``merge``), instead of re-collating (~400 small ops a frame, launch-bound on a GPU).
+    and merges it again (``merge``), instead of re-collating (~570 small ops a frame, launch-bound on a GPU).
     What depends on the frame alone is kept sparse, as indices into the frame's anchors or BEV cells, so that
     ``merge`` scatters it by index: no boolean selection, so no wait on the GPU, in a training step."""
 

@@ -161,7 +161,7 @@ class DSRCRecipe:
         if self.run.result(job) is None:  # the training frames are simulated only when a job needs them
             frames = self.frames("train")
             # each frame's inputs are collated at its first visit and kept, for the later jobs of this process too: the
-            # steps revisit every frame (4,000 x 4 draws of 2,000 frames) and collating is ~400 small ops a frame
+            # steps revisit every frame (4,000 x 4 draws of 2,000 frames) and collating is ~570 small ops a frame
             # (launch-bound on a GPU: ~45 s a job at 2,000 frames). With the teacher's input when any job here will
             # need it, so that B0 before the teacher collates once for both; each job merges only what it uses.
             kept = self._kept.setdefault(inputs, {})
