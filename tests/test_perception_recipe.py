@@ -177,6 +177,10 @@ def test_dsrc_jobs_keep_of_the_collated_inputs_what_later_jobs_use(tmp_path):
     assert kept.occupied_cells is None and kept.occupied_offsets is None and kept.clouds == [one]
     recipe._keep_inputs_for([])
     assert recipe._kept == {}
+    # what is still to train counts, for the seeds to come too; a finished job needs no inputs
+    assert recipe._untrained(["b0", "teacher", "dsrc"], 1, 0) == ["teacher", "dsrc"]
+    recipe.run.save_result("teacher-s0", {"steps": 3})
+    assert recipe._untrained(["b0", "teacher", "dsrc"], 1, 0) == ["dsrc"]
 
 
 def test_dsrc_recipe_rejects_bad_configs():

@@ -87,11 +87,12 @@ def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -
 def host_syncs(fn) -> int:
     """How many times ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what
     follows): the warnings of CUDA's sync debug mode, counted."""
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     return sum("synchroniz" in str(w.message) for w in caught)

@@ -61,7 +61,8 @@ def scatter_pillars(points: Tensor, batch: Tensor, grid: BEVGrid, num_clouds: in
     if nonfinite:
         raise ValueError("points hold NaN or infinite coordinates: drop them before pillarising")
     if stray:
-        raise ValueError(f"{stray} points have a cloud index outside 0..{num_clouds - 1}: give each point its cloud's index")
+        raise ValueError(f"{stray} points have a cloud index outside 0..{num_clouds - 1}: give each point its cloud's "
+                         f"index, and count every cloud (a detector's: the agents per frame, summed)")
     if kept < len(points):
         index = torch.argsort(keep.to(torch.uint8), descending=True, stable=True)[:kept]
         points, batch = points[index], batch[index]

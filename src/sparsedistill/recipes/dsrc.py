@@ -378,8 +378,7 @@ class DSRCRecipe:
         for s, seed in enumerate(self.cfg.seeds):
             teachers: dict[str, CoopDetector] = {}
             for i, job in enumerate(jobs):
-                # every seed trains on the same frames: a later seed's jobs count
-                self._keep_inputs_for(jobs if s + 1 < len(self.cfg.seeds) else jobs[i:])
+                self._keep_inputs_for(self._untrained(jobs, i, s))
                 teacher = job if job in ("teacher", "teacher_unpainted") else VARIANTS[job][2]
                 if teacher and f"{teacher}-s{seed}" in failed:
                     failed[f"{job}-s{seed}"] = f"its teacher {teacher}-s{seed} failed"
@@ -398,7 +397,7 @@ class DSRCRecipe:
                     teachers.pop(job, None)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                self._keep_inputs_for(jobs if s + 1 < len(self.cfg.seeds) else jobs[i + 1:])
+                self._keep_inputs_for(self._untrained(jobs, i + 1, s))
         if failed:
             raise RuntimeError(f"{len(failed)} jobs failed (the others finished): "
                                + "; ".join(f"{j}: {why}" for j, why in failed.items()))
@@ -410,6 +409,13 @@ class DSRCRecipe:
             return "intermediate", True, False
         inputs, _, teacher, recon = VARIANTS[job]
         return inputs, teacher is not None, recon
+
+    def _untrained(self, jobs: list[str], i: int, s: int) -> list[str]:
+        """The jobs of ``train_only`` still to train from the ``i``-th of seed number ``s`` on (every seed trains on
+        the same frames, so a later seed's jobs count)."""
+        seeds = self.cfg.seeds
+        todo = [(j, seeds[s]) for j in jobs[i:]] + [(j, later) for later in seeds[s + 1:] for j in jobs]
+        return [j for j, seed in todo if self.run.result(f"{j}-s{seed}") is None]
 
     def _keep_inputs_for(self, jobs: list[str]) -> None:
         """Keep of the collated training inputs what ``jobs`` (those still to come in this process) train on, and
