@@ -38,7 +38,7 @@ from sparsedistill.perception.batching import collate, frame_inputs, merge  # no
 from sparsedistill.perception.frames import simulate_frame, split_seeds  # noqa: E402
 from sparsedistill.perception.training import flat_outputs, freeze, student_loss  # noqa: E402
 from sparsedistill.runs import environment  # noqa: E402
-from sparsedistill.timing import host_syncs, kernel_times, top_kernels  # noqa: E402
+from sparsedistill.timing import host_sync_sites, kernel_times, top_kernels  # noqa: E402
 
 # name: (input mode, fusion, reconstruction head)
 MODELS = {"b0": ("intermediate", "attention", False), "dsrc": ("intermediate", "attention", True),
@@ -123,9 +123,10 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
                                  reconstruction=recon))[1]
         for _ in range(3))
     # the profiler split of one step: how much of the wall time the GPU is busy, and with what
+    waits = host_sync_sites(lambda: step(0))
     row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,
            "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),
-           "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": host_syncs(lambda: step(0))}
+           "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": len(waits), "host_sync_sites": waits}
     try:
         kernels = kernel_times(lambda: step(0))
     except Exception as e:  # noqa: BLE001  (a profiler failure is recorded; the timings stay)

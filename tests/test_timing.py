@@ -1,5 +1,8 @@
 """The benchmarks' profiler split helpers (CPU-testable parts)."""
 
+import pytest
+import torch
+
 from sparsedistill.timing import top_kernels
 
 
@@ -19,3 +22,26 @@ def test_kernel_groups_take_the_first_matching_group_and_keep_the_rest():
     groups = {"sparse GEMM": ("sparse",), "GEMM": ("gemm",), "attention": ("flash", "fmha"), "conv": ("conv",)}
     assert kernel_groups(times, groups) == {"sparse GEMM": 1.0, "GEMM": 2.0, "attention": 0.5, "conv": 0.0,
                                             "other": 0.375}
+
+
+def test_host_sync_sites_name_the_line_that_waited_and_pass_other_warnings_on(monkeypatch):
+    """On the CPU the sync debug mode is emulated: a warning like CUDA's, raised where an op would wait."""
+    import warnings
+
+    from sparsedistill.timing import host_sync_sites, host_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def waits_twice():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+        warnings.warn("called a synchronizing CUDA operation")
+
+    with pytest.warns(UserWarning, match="something else"):
+        sites = host_sync_sites(waits_twice)
+    assert len(sites) == 2 and all(s.startswith("test_timing.py:") and " waits_twice <- " in s for s in sites)
+    assert sites[0] != sites[1]  # two lines
+    assert modes == ["warn", 0]  # the mode found is restored
+    assert host_syncs(lambda: None) == 0

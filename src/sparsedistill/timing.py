@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import traceback
 import warnings
 
 import torch
 
-__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups", "host_syncs"]
+__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups", "host_syncs", "host_sync_sites"]
 
 
 def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
@@ -84,15 +86,31 @@ def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -
     return {name: round(ms, 3) for name, ms in out.items()}
 
 
-def host_syncs(fn) -> int:
-    """How many times ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what
-    follows): the warnings of CUDA's sync debug mode, counted."""
-    before = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
+def host_sync_sites(fn) -> list[str]:
+    """Where ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what follows):
+    per wait that CUDA's sync debug mode reports, the innermost Python frames outside torch that led to it, as
+    ``file:line function <- file:line function``."""
+    before, sites, show = torch.cuda.get_sync_debug_mode(), [], warnings.showwarning
+    torch_dir = os.path.dirname(torch.__file__)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)  # other warnings as usual
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if not f.filename.startswith(torch_dir) and "warnings" not in os.path.basename(f.filename)]
+        sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-2:])))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(before)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
+
+
+def host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the GPU (``host_sync_sites`` says where)."""
+    return len(host_sync_sites(fn))
