@@ -224,6 +224,18 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     assert done == ["b0-s0", "detect-b0-s0", "teacher-s0"] and not (run / "report.md").exists()  # b0 detected too
     assert run_dsrc(cfg, run, resume=True, progress=False, jobs=["dsrc"]) is None
     trained = (run / "metrics.jsonl").read_text()
+    # --evaluate-only trains nothing: the report of the models detected so far, saying which are missing, and no
+    # finished evaluation saved (the full one comes once every model is detected)
+    assert main(["perception", "run", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
+                 *sets, "--evaluate-only"]) == 0
+    assert "**Partial report: models not yet detected**: seed 0: `dsrc_no_paint`." in capsys.readouterr().out
+    text = (run / "report.md").read_text()
+    assert "| `dsrc` |" in text and "| `dsrc_no_paint` |" not in text
+    assert not (run / "results" / "eval-s0.json").exists() and (run / "metrics.jsonl").read_text() == trained
+    with pytest.raises(ValueError, match="pass one of them"):
+        run_dsrc(cfg, run, resume=True, progress=False, jobs=["b0"], evaluate_only=True)
+    with pytest.raises(FileNotFoundError, match="no seed with b0 detected"):
+        run_dsrc(cfg, tmp_path / "empty", progress=False, evaluate_only=True)
     detected = (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns
     # a run carried on from its bank (results and matches of the detected models, no weights): a listed teacher
     # whose variants are all detected is not trained again
@@ -241,6 +253,9 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     assert after.startswith(trained)  # the trained jobs were loaded, not trained again
     assert {json.loads(line)["job"] for line in after[len(trained):].splitlines()} == {"teacher_unpainted-s0",
                                                                                        "dsrc_no_paint-s0"}
+    full = (run / "results" / "eval-s0.json").read_text()
+    assert "Partial" not in run_dsrc(cfg, run, resume=True, progress=False, evaluate_only=True).read_text()
+    assert (run / "results" / "eval-s0.json").read_text() == full
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])

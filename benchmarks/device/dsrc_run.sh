@@ -30,8 +30,8 @@ step() {  # step LOG [--jobs ...]: one process, with what is left of the limit
 }
 step train "$@" --jobs "${jobs[@]}"; rc=$?
 echo "jobs (${jobs[*]}): exit $rc after $SECONDS s; results: $(ls "$run/results" 2>/dev/null | tr '\n' ' ')"
-if [ $rc -eq 0 ]; then  # without --jobs the run would train what is missing: only once every job is done
-  step eval "$@"; rc=$?
+if [ $rc -eq 0 ]; then  # trains nothing: the report of the models detected so far (partial until all are)
+  step eval "$@" --evaluate-only; rc=$?
   echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$run/logs/eval.log"
 fi
 cp "$run/logs/train.log" "$OUT/$name-train.log" 2>/dev/null

@@ -170,7 +170,8 @@ def _video_run(args: argparse.Namespace) -> int:
 
 
 def _perception_run(args: argparse.Namespace) -> int:
-    report = _run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", jobs=args.jobs)
+    report = _run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", jobs=args.jobs,
+                         evaluate_only=args.evaluate_only)
     if report is None:
         print(f"trained {', '.join(args.jobs)}; run again without --jobs (same --run-dir, --resume) to evaluate")
         return 0
@@ -250,7 +251,7 @@ def _video_report(args: argparse.Namespace) -> int:
 
 def _print_report(report: Path) -> int:
     """Print a report's table rows and its path (the command's result)."""
-    print("\n".join(line for line in report.read_text().splitlines() if line.startswith("|")))
+    print("\n".join(line for line in report.read_text().splitlines() if line.startswith(("|", "**Partial"))))
     print(f"report: {report}")
     return 0
 
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train only these jobs (teacher, teacher_unpainted or variants) and stop before the evaluation: "
                          "several processes with --resume can share one run directory, e.g. to train variants side by "
                          "side on one GPU; a variant's teacher must be finished first")
+    pr.add_argument("--evaluate-only", action="store_true",
+                    help="train and detect nothing: evaluate the models detected so far (with --resume); until every "
+                         "model is detected the report is partial and says what is missing")
     pr.set_defaults(func=_perception_run)
     ps = per_cmds.add_parser("simulate", help="BEV pictures of simulated frames, clean and corrupted, and frames/s")
     ps.add_argument("--out", type=Path, default=Path("runs/perception-simulate"), help="folder for the PNGs")

@@ -184,9 +184,12 @@ class DSRCRecipe:
                     return loss_fn(net, batch)
 
             torch.manual_seed(seed)
+            log.info("%s: training %d steps on %d frames (%s inputs)", job, self.cfg.train.steps, len(frames), inputs)
             train(model, amp_loss, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
                   progress=self.progress)
-            self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": self.run.load_checkpoint(job).get("seconds")})
+            seconds = self.run.load_checkpoint(job).get("seconds")
+            self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": seconds})
+            log.info("%s: trained in %s s", job, f"{seconds:.0f}" if seconds is not None else "?")
         export = self.run.artifact("exports") / f"{job}.safetensors"
         state = self.run.load_checkpoint(job)
         if state is None:
@@ -263,6 +266,9 @@ class DSRCRecipe:
         _save_matches(self._matches_path(job), matches)
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
                                    "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
+        corrupted = [row["ap50"] for key, row in ap.items() if key != "clean"]
+        log.info("%s: clean AP@0.5 %.1f %%, corrupted (mean) %.1f %%, in %.0f s", job, 100 * ap["clean"]["ap50"],
+                 100 * sum(corrupted) / max(len(corrupted), 1), time.perf_counter() - t0)
 
     def _test_batches(self, inputs: str) -> Iterator[tuple[tuple[str, int], list[Batch]]]:
         """Per condition (``_conditions``' order), the test frames corrupted and collated for ``inputs`` as batches.
@@ -305,12 +311,20 @@ class DSRCRecipe:
         return _load_matches(path)
 
     @torch.no_grad()
-    def evaluate(self, seed: int) -> dict:
-        """CE / RR and paired delta-AP against b0 from every model's detect job; the frames and models are not needed."""
+    def evaluate(self, seed: int, models: list[str] | None = None) -> dict:
+        """CE / RR and paired delta-AP against b0 from every model's detect job; the frames and models are not needed.
+        ``models``: a part of the config's variants (with b0), evaluated but not saved as the finished evaluation."""
         job, e = f"eval-s{seed}", self.cfg.eval
-        if self.run.result(job) is not None:
+        partial = models is not None and list(models) != list(self.cfg.variants)
+        models = list(self.cfg.variants) if models is None else list(models)
+        unknown = [m for m in models if m not in self.cfg.variants]
+        if unknown:
+            raise ValueError(f"models {unknown} are not variants of this run; its variants are {list(self.cfg.variants)}")
+        if "b0" not in models:
+            raise ValueError(f"the evaluation compares every model with b0; detect b0 (seed {seed}) first")
+        if not partial and self.run.result(job) is not None:
             return self.run.result(job)
-        missing = [v for v in self.cfg.variants if not self._detected(f"detect-{v}-s{seed}")]
+        missing = [v for v in models if not self._detected(f"detect-{v}-s{seed}")]
         if missing:
             raise FileNotFoundError(f"{self.run.path} lacks the detections of {missing} (seed {seed}): run "
                                     f"`perception run --jobs {' '.join(missing)}` there, or copy their results/ and "
@@ -319,7 +333,7 @@ class DSRCRecipe:
                          "models": {}}
         matches: dict[str, dict[str, dict[str, FrameMatches]]] = {}
         truth_sha = {}
-        for name in self.cfg.variants:
+        for name in models:
             found = self.run.result(f"detect-{name}-s{seed}")
             results["models"][name] = {key: dict(row) for key, row in found["ap"].items()}
             matches[name] = self._matches(f"detect-{name}-s{seed}")
@@ -344,8 +358,23 @@ class DSRCRecipe:
                     for t in IOU_THRESHOLDS:
                         rows[key][f"delta_{t}_vs_b0"] = paired_bootstrap_delta_matched(
                             matches[name][key][t], matches["b0"][key][t], rounds=e.bootstrap, seed=seed)
-        self.run.save_result(job, results, sync=False)  # rank 0 evaluates alone
+        if not partial:  # a partial evaluation saved as the job would stop the full one
+            self.run.save_result(job, results, sync=False)  # rank 0 evaluates alone
         return results
+
+    def evaluate_detected(self) -> tuple[dict[int, dict], dict[int, list[str]]]:
+        """The evaluation of every seed's models detected so far, trained and detected nowhere here: per seed its
+        results (full where every variant is detected) and the variants not yet detected."""
+        results, missing = {}, {}
+        for seed in self.cfg.seeds:
+            detected = [v for v in self.cfg.variants if self._detected(f"detect-{v}-s{seed}")]
+            missing[seed] = [v for v in self.cfg.variants if v not in detected]
+            if "b0" in detected:
+                results[seed] = self.evaluate(seed, detected)
+        if not results:
+            raise FileNotFoundError(f"{self.run.path} has no seed with b0 detected, which every comparison needs: run "
+                                    "`perception run --jobs b0` there first")
+        return results, missing
 
     def _pictures(self, seed: int, name: str, model: CoopDetector, frames: list[Frame], corruption: str | None) -> None:
         """BEV pictures of the first test frames, clean and under ``corruption`` at level 2."""
@@ -532,11 +561,15 @@ def _sha256(packed: tuple[Tensor, Tensor | None, Tensor]) -> str:
 
 
 def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
-             jobs: list[str] | None = None) -> Path | None:
+             jobs: list[str] | None = None, evaluate_only: bool = False) -> Path | None:
     """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path. With ``jobs``, train
-    only those (see ``DSRCRecipe.train_only``) and return None: no evaluation, no report."""
+    only those (see ``DSRCRecipe.train_only``) and return None: no evaluation, no report. With ``evaluate_only``,
+    train and detect nothing: the report of the models detected so far (partial, saying what is missing, until
+    every model is detected)."""
     from .dsrc_report import write_report
 
+    if jobs and evaluate_only:
+        raise ValueError("--jobs trains and --evaluate-only trains nothing: pass one of them")
     validate(cfg)
     dist.init()
     run = Run(run_dir, cfg, resume=resume, command=command)
@@ -544,10 +577,13 @@ def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: boo
     if jobs:
         recipe.train_only(jobs)
         return None
-    results = recipe.run_all()
+    missing: dict[int, list[str]] = {}
+    if evaluate_only:
+        results, missing = recipe.evaluate_detected() if dist.is_main() else ({}, {})
+    else:
+        results = recipe.run_all()
     report = run.artifact("report.md")
     if dist.is_main():
-        write_report(run, results, recipe)
+        write_report(run, results, recipe, missing=missing)
     dist.barrier()
     return report
-

@@ -18,8 +18,9 @@ def _mean(values: list[float | None]) -> str:
     return f"{statistics.mean(values) * 100:.1f} ± {statistics.stdev(values) * 100:.1f}"
 
 
-def write_report(run: Run, results: dict, recipe=None) -> None:
-    """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in the run directory."""
+def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[str]] | None = None) -> None:
+    """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in the run directory; ``missing``: per
+    seed, the variants not yet detected (a partial report says so at the top)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,12 +46,18 @@ def write_report(run: Run, results: dict, recipe=None) -> None:
         return results[seeds_of[m][0]]["models"][m].get(key, {}).get("delta_ap50_vs_b0")
 
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
-             command_line(run.environment()), "",
-             "AP in %, BEV rotated IoU, cars seen by at least one agent, inside the ego's grid; mean ± sd over seeds. "
-             "Corrupted: every agent's scan in its own frame, mean over the levels. mCE / mRR as Robo3D "
-             "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (the model's first seed).", "",
-             "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+             command_line(run.environment()), ""]
+    not_yet = {s: ms for s, ms in (missing or {}).items() if ms}
+    if not_yet:
+        lines += ["**Partial report: models not yet detected**: "
+                  + "; ".join(f"seed {s}: " + ", ".join(f"`{m}`" for m in ms) for s, ms in not_yet.items())
+                  + ". The tables cover the models detected so far; `perception run --resume` in this run directory "
+                  "trains and detects the rest, then evaluates all.", ""]
+    lines += ["AP in %, BEV rotated IoU, cars seen by at least one agent, inside the ego's grid; mean ± sd over seeds. "
+              "Corrupted: every agent's scan in its own frame, mean over the levels. mCE / mRR as Robo3D "
+              "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (the model's first seed).", "",
+              "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in models:
         ms = seeds_of[m]
         corrupted = [statistics.mean(results[s]["models"][m][f"{c}-{lv}"]["ap50"] for c in corruptions for lv in levels)
