@@ -53,6 +53,15 @@ def _sync_ms(fn) -> tuple[object, float]:
     return out, 1e3 * (time.perf_counter() - t0)
 
 
+def _host_issue_ms(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    ms = 1e3 * (time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return ms
+
+
 @torch.no_grad()
 def inference_row(name: str, frames: list, precision: str, reps: int) -> dict:
     inputs, fusion, recon = MODELS[name]
@@ -124,9 +133,13 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
         for _ in range(3))
     # the profiler split of one step: how much of the wall time the GPU is busy, and with what
     waits = host_sync_sites(lambda: step(0))
+    # the host's side of a step: from an idle card until the last launch returns (its waits included); near
+    # ms_per_step, the step is bound by launching its ops, not by the card's work
+    host_ms = statistics.median(_host_issue_ms(lambda: step(i)) for i in range(min(steps, 10)))
     row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,
            "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),
-           "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": len(waits), "host_sync_sites": waits}
+           "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": len(waits), "host_sync_sites": waits,
+           "host_issue_ms": round(host_ms, 3)}
     try:
         kernels = kernel_times(lambda: step(0))
     except Exception as e:  # noqa: BLE001  (a profiler failure is recorded; the timings stay)
