@@ -12,8 +12,9 @@ one batch; forward; post: decoding + NMS), so the remaining time is visible. Tra
 AdamW steps (the batch merged from each frame's kept inputs as the recipe does, forward, loss, backward;
 the first visit's whole collate timed beside), B0 and DSRC (teacher forward + distillation +
 reconstruction), at the preset's batch and a larger one, in TF32 and bf16 autocast, each with the profiler split of
-one step (GPU-busy share of the wall time, top kernels) and the host's waits for the GPU in one step (CUDA's sync
-debug mode): where a process leaves the card idle, and what fills it.
+one step (GPU-busy share of the wall time, top kernels), the host's waits for the GPU in one step (CUDA's sync
+debug mode, with the lines behind them) and the host's time to issue a step: where a process leaves the card idle,
+and what fills it. ``--layouts nchw nhwc`` times the BEV maps in both memory layouts side by side.
 
     python benchmarks/dsrc_speed.py --out benchmarks/results/dsrc_speed.json
 """
@@ -63,9 +64,9 @@ def _host_issue_ms(fn) -> float:
 
 
 @torch.no_grad()
-def inference_row(name: str, frames: list, precision: str, reps: int) -> dict:
+def inference_row(name: str, frames: list, precision: str, reps: int, layout: str = "nchw") -> dict:
     inputs, fusion, recon = MODELS[name]
-    model = create_model("coop_detector", fusion=fusion, reconstruction=recon).cuda().eval()
+    model = create_model("coop_detector", fusion=fusion, reconstruction=recon, channels_last=layout == "nhwc").cuda().eval()
     grid, acfg = model.cfg.grid, model.cfg.anchors
     anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -93,18 +94,21 @@ def inference_row(name: str, frames: list, precision: str, reps: int) -> dict:
         cls, reg = flat_outputs(out)
         _, ms = _sync_ms(lambda: postprocess(cls.float(), reg.float(), anchors, acfg))
         split["post_ms"].append(ms)
-    return {"model": name, "kind": "inference", "batch": 1, "precision": precision, "ms": statistics.median(totals),
+    return {"model": name, "kind": "inference", "batch": 1, "precision": precision, "layout": layout,
+            "ms": statistics.median(totals),
             "timed_frames": len(totals), **{k: round(statistics.median(v), 3) for k, v in split.items()},
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def training_row(name: str, frames: list, batch_size: int, steps: int, precision: str = "tf32") -> dict:
+def training_row(name: str, frames: list, batch_size: int, steps: int, precision: str = "tf32",
+                 layout: str = "nchw") -> dict:
     inputs, fusion, recon = MODELS[name]
     torch.manual_seed(0)
-    model = create_model("coop_detector", fusion=fusion, reconstruction=recon).cuda().train()
+    nhwc = layout == "nhwc"
+    model = create_model("coop_detector", fusion=fusion, reconstruction=recon, channels_last=nhwc).cuda().train()
     grid, acfg = model.cfg.grid, model.cfg.anchors
     anchors = make_anchors(grid, acfg, "cuda").view(-1, 7)
-    teacher = freeze(create_model("coop_detector", in_features=5).cuda()) if name == "dsrc" else None
+    teacher = freeze(create_model("coop_detector", in_features=5, channels_last=nhwc).cuda()) if name == "dsrc" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -131,16 +135,15 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
         _sync_ms(lambda: collate(frames[:batch_size], grid, anchors, acfg, inputs=inputs, teacher=teacher is not None,
                                  reconstruction=recon))[1]
         for _ in range(3))
-    # the profiler split of one step: how much of the wall time the GPU is busy, and with what
     waits = host_sync_sites(lambda: step(0))
     # the host's side of a step: from an idle card until the last launch returns (its waits included); near
     # ms_per_step, the step is bound by launching its ops, not by the card's work
     host_ms = statistics.median(_host_issue_ms(lambda: step(i)) for i in range(min(steps, 10)))
-    row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "ms_per_step": ms,
-           "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),
+    row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "layout": layout,
+           "ms_per_step": ms, "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),
            "first_visit_collate_ms": round(collate_ms, 3), "host_syncs_per_step": len(waits), "host_sync_sites": waits,
            "host_issue_ms": round(host_ms, 3)}
-    try:
+    try:  # the profiler split of one step: how much of the wall time the GPU is busy, and with what
         kernels = kernel_times(lambda: step(0))
     except Exception as e:  # noqa: BLE001  (a profiler failure is recorded; the timings stay)
         return {**row, "split_error": f"{type(e).__name__}: {e}"[:200]}
@@ -157,6 +160,8 @@ def main() -> int:
     ap.add_argument("--train-precisions", nargs="+", default=["tf32", "bf16"], choices=["tf32", "bf16"])
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--no-inference", action="store_true", help="the training rows only")
+    ap.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "nhwc"],
+                    help="the BEV maps' memory layout (nhwc: CoopDetectorConfig.channels_last), each timed in turn")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dsrc_speed.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -176,15 +181,17 @@ def main() -> int:
 
     for name in [] if args.no_inference else MODELS:
         for precision in ("tf32", "bf16"):
-            rows.append(inference_row(name, frames, precision, args.reps))
-            print(rows[-1], flush=True)
+            for layout in args.layouts:
+                rows.append(inference_row(name, frames, precision, args.reps, layout))
+                print(rows[-1], flush=True)
         save()
     for name in ("b0", "dsrc"):
         for batch_size in args.train_batches:
             for precision in args.train_precisions:
-                rows.append(training_row(name, frames, batch_size, args.train_steps, precision))
-                print(rows[-1], flush=True)
-                save()
+                for layout in args.layouts:
+                    rows.append(training_row(name, frames, batch_size, args.train_steps, precision, layout))
+                    print(rows[-1], flush=True)
+                    save()
     return 0
 
 

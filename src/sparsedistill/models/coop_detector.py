@@ -41,6 +41,9 @@ class CoopDetectorConfig:
     head_channels: int = 256
     fusion: str = "attention"
     reconstruction: bool = False  # DSRC's feature-to-point-cloud head
+    # BEV maps and conv weights in NHWC, cuDNN's own layout on tensor cores: no layout transposes around each conv
+    # (the same numbers up to the order of sums; benchmarks/dsrc_speed.py --layouts times both)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -70,7 +73,7 @@ class CoopDetector(nn.Module):
     def __init__(self, cfg: CoopDetectorConfig = CoopDetectorConfig()) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = PillarEncoder(cfg.grid, cfg.in_features, cfg.pillar_channels)
+        self.encoder = PillarEncoder(cfg.grid, cfg.in_features, cfg.pillar_channels, cfg.channels_last)
         cins = (cfg.pillar_channels, *cfg.channels[:-1])
         self.stages = nn.ModuleList(
             nn.Sequential(ResBlock(cin, cout, 2), *(ResBlock(cout, cout) for _ in range(n - 1)))
@@ -88,6 +91,8 @@ class CoopDetector(nn.Module):
         # occupancy logit and mean-point offset (x, y, z) per pillar, from the fused map, back at pillar resolution
         self.recon = nn.ConvTranspose2d(cfg.head_channels, 4, 2, 2) if cfg.reconstruction else None
         self.fuse = FUSIONS[cfg.fusion]
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)  # the 4-d weights; ``.to(device)`` keeps it
 
     def forward(self, points: Tensor, cloud: Tensor, agents: list[int]) -> dict[str, Tensor | list[Tensor]]:
         """Points (N, F) in their frame's ego frame, ``cloud`` (N,) index of each point's cloud, ``agents`` clouds per frame.

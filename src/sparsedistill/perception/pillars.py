@@ -83,9 +83,11 @@ def scatter_pillars(points: Tensor, batch: Tensor, grid: BEVGrid, num_clouds: in
 class PillarEncoder(nn.Module):
     """Points -> (B, C, H, W) BEV features; ``in_features`` raw values per point (4: x, y, z, intensity; 5 painted)."""
 
-    def __init__(self, grid: BEVGrid, in_features: int = 4, channels: int = 64) -> None:
+    def __init__(self, grid: BEVGrid, in_features: int = 4, channels: int = 64, channels_last: bool = False) -> None:
         super().__init__()
         self.grid, self.in_features, self.channels = grid, in_features, channels
+        # the scatter fills (clouds, H, W, C): handed on as it is (NHWC, no copy) or copied to NCHW
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.linear = nn.Linear(in_features + 5, channels, bias=False)
         self.norm = nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
 
@@ -105,4 +107,4 @@ class PillarEncoder(nn.Module):
             feats = torch.relu(x).to(out.dtype)  # under autocast the features come out in bf16
             # features are >= 0 after the ReLU, so a max into zeros is the max over the pillar's points (empty: 0)
             out = out.scatter_reduce(0, cell[:, None].expand(-1, self.channels), feats, reduce="amax", include_self=True)
-        return out.view(num_clouds, h, w, self.channels).permute(0, 3, 1, 2).contiguous()
+        return out.view(num_clouds, h, w, self.channels).permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
