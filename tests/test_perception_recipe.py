@@ -29,6 +29,8 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
     assert done == ["b0-s0", "detect-b0-s0", "detect-dsrc-s0", "detect-dsrc_no_paint-s0", "dsrc-s0", "dsrc_no_paint-s0",
                     "eval-s0", "teacher-s0", "teacher_unpainted-s0"]
     detect = json.loads((tmp_path / "run" / "results" / "detect-dsrc-s0.json").read_text())
+    assert set(detect["seconds_split"]) == {"inputs", "predict", "match"}
+    assert 0 < sum(detect["seconds_split"].values()) <= detect["seconds"] + 0.01  # where a detect job's time went
     assert detect["ap"]["fog-2"] == {k: v for k, v in res["models"]["dsrc"]["fog-2"].items() if k.startswith("ap")}
     logged = {json.loads(line)["job"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
     assert {"teacher-s0", "dsrc-s0"} <= logged

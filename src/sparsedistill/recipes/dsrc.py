@@ -248,7 +248,9 @@ class DSRCRecipe:
             return
         test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
         ap, detections, matches, t0 = {}, {}, {}, time.perf_counter()
+        split, lap = dict.fromkeys(("inputs", "predict", "match"), 0.0), _Lap(self.device)  # where the time goes
         for (cname, lv), batches in self._test_batches(inputs):
+            split["inputs"] += lap()  # corrupted and collated (the first model of a process), else copied back
             key = "clean" if cname == "clean" else f"{cname}-{lv}"
             boxes, scores = [], []
             for batch in batches:
@@ -256,19 +258,23 @@ class DSRCRecipe:
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
             detections[key] = _pack(boxes, scores)
+            split["predict"] += lap()  # forward, decoding, NMS
             matches[key] = {t: match_frames(boxes, scores, truth, thr) for t, thr in IOU_THRESHOLDS.items()}
             ap[key] = {t: matched_ap(m) for t, m in matches[key].items()}
+            split["match"] += lap()
         if name in PICTURED:
             self._pictures(seed, name, model, test[:2], e.corruptions[0] if e.corruptions else None)
         packed_truth = _pack(truth)
         # rank 0 detects alone (its callers wait for it): no collective here
         self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
         _save_matches(self._matches_path(job), matches)
-        self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0, "frames": len(test),
+        self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0,
+                                   "seconds_split": {k: round(v, 3) for k, v in split.items()}, "frames": len(test),
                                    "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
         corrupted = [row["ap50"] for key, row in ap.items() if key != "clean"]
-        log.info("%s: clean AP@0.5 %.1f %%, corrupted (mean) %.1f %%, in %.0f s", job, 100 * ap["clean"]["ap50"],
-                 100 * sum(corrupted) / max(len(corrupted), 1), time.perf_counter() - t0)
+        log.info("%s: clean AP@0.5 %.1f %%, corrupted (mean) %.1f %%, in %.0f s (%s)", job, 100 * ap["clean"]["ap50"],
+                 100 * sum(corrupted) / max(len(corrupted), 1), time.perf_counter() - t0,
+                 ", ".join(f"{k} {v:.0f} s" for k, v in split.items()))
 
     def _test_batches(self, inputs: str) -> Iterator[tuple[tuple[str, int], list[Batch]]]:
         """Per condition (``_conditions``' order), the test frames corrupted and collated for ``inputs`` as batches.
@@ -503,6 +509,20 @@ class DSRCRecipe:
             out[seed] = self.evaluate(seed) if dist.is_main() else None
             dist.barrier()
         return out
+
+
+class _Lap:
+    """Seconds since the last call (the device's queue drained first, so that each stage is charged its own work)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.last = device, time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 def _pack(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
