@@ -315,6 +315,37 @@ def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
         write_report(run, {})
 
 
+def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
+    """Seed 0 with every model in one run, seed 1 with b0 and dsrc in another: one report over both, written where
+    asked, its pictures linked from the first run; a seed evaluated twice is refused."""
+    from sparsedistill.cli import main
+    from sparsedistill.runs import Run
+
+    def evaluated(path, seed: int, models: dict[str, float]) -> None:
+        Run(path, _cfg(), command=f"perception run seed {seed}")
+        rows = {m: {"clean": {"ap50": ap, "ap70": ap / 2}, "fog-2": {"ap50": ap - 0.1, "ap70": ap / 4},
+                    "mce_ap50": 1.0, "mrr_ap50": 0.9} for m, ap in models.items()}
+        (path / "results" / f"eval-s{seed}.json").write_text(json.dumps({"conditions": ["clean", "fog-2"], "models": rows}))
+
+    evaluated(tmp_path / "s0", 0, {"b0": 0.5, "dsrc": 0.7, "dsrc_no_paint": 0.6})
+    evaluated(tmp_path / "s1", 1, {"b0": 0.6, "dsrc": 0.8})
+    (tmp_path / "s0" / "samples").mkdir()
+    (tmp_path / "s0" / "samples" / "bev-dsrc-clean-f0-s0.png").write_bytes(b"png")
+    out = tmp_path / "merged"
+    assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
+    assert "| `dsrc` | 2 | 75.0 ± 7.1 |" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "(2 seeds: [0, 1])" in text and f"Seed 1 from `{tmp_path / 's1'}`: Command: `perception run seed 1`" in text
+    assert "![bev-dsrc-clean-f0-s0.png](../s0/samples/bev-dsrc-clean-f0-s0.png)" in text
+    assert (out / "ap-vs-severity.png").exists() and not (tmp_path / "s0" / "report.md").exists()
+    evaluated(tmp_path / "again", 1, {"b0": 0.6, "dsrc": 0.8})
+    assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), str(tmp_path / "again")]) != 0
+    assert "seed 1 is evaluated in both" in capsys.readouterr().err
+    Run(tmp_path / "none", _cfg())
+    assert main(["perception", "report", str(tmp_path / "none")]) != 0
+    assert "has no finished evaluation yet" in capsys.readouterr().err
+
+
 def test_dsrc_recipe_under_torchrun_two_processes(tmp_path):
     """Teachers and variants train data-parallel (gloo, CPU); rank 0 alone detects and evaluates while the other
     waits (a detect job that synchronised inside rank 0's work hung the run)."""

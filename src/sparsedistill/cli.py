@@ -206,7 +206,28 @@ def _perception_simulate(args: argparse.Namespace) -> int:
 
 
 def _perception_report(args: argparse.Namespace) -> int:
-    return _report_from_evaluations(args, "dsrc_report")
+    """One report over the finished evaluations of one or more DSRC runs (e.g. seed 0 with every model, and runs of
+    further seeds with b0 and dsrc alone): each seed from the one run that evaluated it."""
+    from .recipes.dsrc_report import write_report
+    from .runs import Run
+
+    runs, results, source = [], {}, {}
+    for path in args.runs:
+        if not (path / "config.toml").exists():
+            raise FileNotFoundError(f"{path} is not a run directory (no config.toml)")
+        run, seeds = Run.open(path), []
+        for p in sorted((path / "results").glob("eval-s*.json")):
+            seed = int(p.stem.rsplit("-s", 1)[1])
+            if seed in source:
+                raise ValueError(f"seed {seed} is evaluated in both {source[seed]} and {path}: give each seed's run once")
+            results[seed], source[seed] = json.loads(p.read_text()), path
+            seeds.append(seed)
+        if not seeds:
+            raise FileNotFoundError(f"{path} has no finished evaluation yet (results/eval-s*.json): resume the run "
+                                    "first, or see its partial report (perception run --evaluate-only)")
+        runs.append((run, seeds))
+    report = write_report(runs[0][0], dict(sorted(results.items())), others=runs[1:], out_dir=args.out)
+    return _print_report(report)
 
 
 def _video_sample(args: argparse.Namespace) -> int:
@@ -473,8 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--corruptions", nargs="*", default=["beam_missing", "fog", "snow"], help="drawn at level 2 beside clean")
     ps.add_argument("--speed-frames", type=int, default=5, help="frames timed for the frames/s figure")
     ps.set_defaults(func=_perception_simulate)
-    prep = per_cmds.add_parser("report", help="(re)write a DSRC run's report.md from its finished evaluations")
-    prep.add_argument("run", type=Path, help="run directory")
+    prep = per_cmds.add_parser("report", help="(re)write a DSRC report from the finished evaluations of one or more runs")
+    prep.add_argument("runs", nargs="+", type=Path, metavar="run",
+                      help="run directories (their seeds merged; the first's BEV pictures)")
+    prep.add_argument("--out", type=Path, help="where report.md and the plot go (default: the first run)")
     prep.set_defaults(func=_perception_report)
 
     rt = systems.add_parser("retrieval", help="inference-free learned sparse retrieval")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+from collections.abc import Sequence
+from pathlib import Path
 
 from ..report import command_line
 from ..runs import Run
@@ -18,14 +21,19 @@ def _mean(values: list[float | None]) -> str:
     return f"{statistics.mean(values) * 100:.1f} ± {statistics.stdev(values) * 100:.1f}"
 
 
-def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[str]] | None = None) -> None:
-    """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in the run directory; ``missing``: per
-    seed, the variants not yet detected (a partial report says so at the top)."""
+def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[str]] | None = None,
+                 others: Sequence[tuple[Run, list[int]]] = (), out_dir: Path | None = None) -> Path:
+    """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in ``out_dir`` (default: the run
+    directory); ``missing``: per seed, the variants not yet detected (a partial report says so at the top);
+    ``others``: further runs whose seeds' evaluations ``results`` also holds (each named at the top, with its
+    seeds). The BEV pictures are ``run``'s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out_dir) if out_dir is not None else run.path
+    out.mkdir(parents=True, exist_ok=True)
     seeds = [s for s, r in results.items() if r is not None]
     if not seeds:
         raise ValueError(f"no evaluation in {run.path}: run `perception run` there first (it writes results/eval-s*.json)")
@@ -47,6 +55,9 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
 
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
              command_line(run.environment()), ""]
+    for other, other_seeds in others:
+        lines += [f"Seed{'s' if len(other_seeds) > 1 else ''} {', '.join(map(str, other_seeds))} from `{other.path}`: "
+                  + command_line(other.environment()), ""]
     not_yet = {s: ms for s, ms in (missing or {}).items() if ms}
     if not_yet:
         lines += ["**Partial report: models not yet detected**: "
@@ -94,14 +105,17 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(run.artifact("ap-vs-severity.png"), dpi=90)
+        fig.savefig(out / "ap-vs-severity.png", dpi=90)
         plt.close(fig)
         lines += ["", "![AP vs severity](ap-vs-severity.png)"]
-    pictures = sorted(p.name for p in (run.path / "samples").glob("bev-*.png")) if (run.path / "samples").exists() else []
+    samples = run.path / "samples"
+    pictures = sorted(p.name for p in samples.glob("bev-*.png")) if samples.exists() else []
     if pictures:
+        where = Path(os.path.relpath(samples, out)).as_posix()
         lines += ["", "## BEV pictures (test frames; ego black, collaborators coloured)", ""]
-        lines += [f"![{p}](samples/{p})" for p in pictures]
-    path = run.artifact("report.md")
+        lines += [f"![{p}]({where}/{p})" for p in pictures]
+    path = out / "report.md"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
+    return path
