@@ -72,7 +72,7 @@ def inference_row(name: str, frames: list, precision: str, reps: int, layout: st
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def whole(frame) -> None:
-        batch = collate([frame], grid, inputs=inputs)
+        batch = collate([frame], grid, inputs=inputs, labels=False)
         with amp:
             out = model(batch.points, batch.cloud, batch.agents)
         cls, reg = flat_outputs(out)
@@ -86,7 +86,7 @@ def inference_row(name: str, frames: list, precision: str, reps: int, layout: st
             totals.append(_sync_ms(lambda: whole(f))[1])
     split = {"collate_ms": [], "forward_ms": [], "post_ms": []}
     for f in frames:
-        batch, ms = _sync_ms(lambda: collate([f], grid, inputs=inputs))
+        batch, ms = _sync_ms(lambda: collate([f], grid, inputs=inputs, labels=False))
         split["collate_ms"].append(ms)
         with amp:
             out, ms = _sync_ms(lambda: model(batch.points, batch.cloud, batch.agents))

@@ -132,6 +132,13 @@ def test_batches_merge_kept_frame_inputs_in_order():
     early = collate(order, GRID, inputs="early", reconstruction=True)
     assert early.agents == [1, 1] and torch.equal(early.cloud, merged_frame) and early.labels is None
     assert torch.equal(early.recon_occupancy, occ)
+    # a detector in use makes no labels: the same input, no boxes; nothing that needs labels is made without them
+    bare = collate(order, GRID, labels=False)
+    assert torch.equal(bare.points, batch.points) and torch.equal(bare.cloud, batch.cloud) and bare.agents == batch.agents
+    assert [b.shape for b in bare.boxes] == [(0, 7), (0, 7)] and all(len(b) for b in batch.boxes)
+    for needs_labels in ({"anchors": anchors, "anchor_cfg": acfg}, {"teacher": True}):
+        with pytest.raises(ValueError, match="made from the labels"):
+            collate(order, GRID, labels=False, **needs_labels)
     with pytest.raises(ValueError, match="with and without anchor targets"):
         merge([kept[0], frame_inputs(frames[1], GRID)])
     with pytest.raises(ValueError, match="with and without reconstruction targets"):

@@ -89,16 +89,19 @@ class FrameInputs:
 
 def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
                  inputs: str = "intermediate", teacher: bool = False, min_points: int = 1,
-                 reconstruction: bool = False) -> FrameInputs:
-    """``frame``'s clouds, labels, anchor targets (with ``anchors``), painted teacher input and object mask (with
-    ``teacher``) and point-cloud reconstruction targets (with ``reconstruction``)."""
+                 reconstruction: bool = False, labels: bool = True) -> FrameInputs:
+    """``frame``'s clouds, labels (``labels=False``: none, as a detector in use has none to make: a fifth of the
+    inference latency), anchor targets (with ``anchors``), painted teacher input and object mask (with ``teacher``)
+    and point-cloud reconstruction targets (with ``reconstruction``)."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if anchors is not None and anchor_cfg is None:
         raise ValueError("anchor targets need anchor_cfg beside the anchors")
+    if not labels and (anchors is not None or teacher):
+        raise ValueError("anchor targets and the teacher's painted input are made from the labels: keep labels=True")
     # contiguous: a kept (N, 4) view would hold the (N, 5) storage it was cut from
     own = [frame.points_in_ego(a)[:, :4].contiguous() for a in range(frame.num_agents)]
-    gt = frame_labels(frame, own, grid, min_points)
+    gt = frame_labels(frame, own, grid, min_points) if labels else own[0].new_zeros(0, 7)
     part = FrameInputs(own if inputs == "intermediate" else [torch.cat(own)], gt)
     if anchors is not None:
         labels, targets = assign_targets(anchors, gt, anchor_cfg)
@@ -210,12 +213,13 @@ def _bev_shape(parts: list[FrameInputs]) -> tuple[int, int]:
 
 def collate(frames: list[Frame], grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
             inputs: str = "intermediate", teacher: bool = False, min_points: int = 1,
-            reconstruction: bool = False) -> Batch:
+            reconstruction: bool = False, labels: bool = True) -> Batch:
     """One batch of ``frames``; with ``anchors`` (M, 7) the anchor targets, with ``teacher`` DSRC's painted input and
-    object mask, with ``reconstruction`` the point-cloud reconstruction targets."""
+    object mask, with ``reconstruction`` the point-cloud reconstruction targets; ``labels=False``: the detector's
+    input alone (``boxes`` empty), as in use."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if not frames:
         raise ValueError("collate needs at least one frame")
-    return merge([frame_inputs(f, grid, anchors, anchor_cfg, inputs, teacher, min_points, reconstruction)
+    return merge([frame_inputs(f, grid, anchors, anchor_cfg, inputs, teacher, min_points, reconstruction, labels)
                   for f in frames])

@@ -289,7 +289,9 @@ class DSRCRecipe:
         test, n, kept = self.frames("test"), self.cfg.eval.batch, []
         for cname, lv in self._conditions():
             frames = [corrupt_frame(f, cname, lv, self.cfg.sim.rings) for f in test]
-            batches = [collate(frames[i : i + n], self.grid, inputs=inputs) for i in range(0, len(frames), n)]
+            # no labels: corrupted frames are scored against the clean frames' (``_test_truth``)
+            batches = [collate(frames[i : i + n], self.grid, inputs=inputs, labels=False)
+                       for i in range(0, len(frames), n)]
             kept.append(((cname, lv), [b.to("cpu", pin=True) for b in batches]))
             yield (cname, lv), batches
         self._test_cache = (inputs, kept)
@@ -391,7 +393,7 @@ class DSRCRecipe:
                 f = corrupt_frame(frame, cname, 2, self.cfg.sim.rings)
                 clouds = [f.points_in_ego(a) for a in range(f.num_agents)]
                 truth = collate([frame], self.grid).boxes[0]
-                batch = collate([f], self.grid, inputs=VARIANTS[name][0])
+                batch = collate([f], self.grid, inputs=VARIANTS[name][0], labels=False)
                 boxes, scores = predict(model, batch, self.anchors, self.anchor_cfg)[0]
                 label = "clean" if cname == "clean" else f"{cname}-2"
                 save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
