@@ -136,8 +136,9 @@ def training_row(name: str, frames: list, batch_size: int, steps: int, precision
                                  reconstruction=recon))[1]
         for _ in range(3))
     waits = host_sync_sites(lambda: step(0))
-    # the host's side of a step: from an idle card until the last launch returns (its waits included); near
-    # ms_per_step, the step is bound by launching its ops, not by the card's work
+    # the host's side of a step: from an idle card until the last launch returns. Its waits are included (the card's
+    # work queued before each), so read it beside host_sync_sites: with the waits early in the step (the pillars'
+    # checks), a value near ms_per_step says the step is bound by launching its ops, not by the card's work
     host_ms = statistics.median(_host_issue_ms(lambda: step(i)) for i in range(min(steps, 10)))
     row = {"model": name, "kind": "training", "batch": batch_size, "precision": precision, "layout": layout,
            "ms_per_step": ms, "frames_per_s": 1e3 * batch_size / ms, "steps": steps, "merge_ms": round(merge_ms, 3),

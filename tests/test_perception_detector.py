@@ -175,6 +175,7 @@ def test_channels_last_detector_computes_the_same_outputs_in_nhwc():
     a, b = plain(pts, cloud, [frame.num_agents]), nhwc(pts, cloud, [frame.num_agents])
     assert b["bev"].is_contiguous(memory_format=torch.channels_last) and not a["bev"].is_contiguous(
         memory_format=torch.channels_last)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in (*b["agent_features"], *b["fused_features"]))
     for key in ("cls", "reg", "bev", "recon"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
     for x, y in zip(flat_outputs(b), flat_outputs(a)):  # the anchors' order does not follow the layout

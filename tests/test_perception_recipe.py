@@ -236,13 +236,17 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     assert not (run / "results" / "eval-s0.json").exists() and (run / "metrics.jsonl").read_text() == trained
     with pytest.raises(ValueError, match="pass one of them"):
         run_dsrc(cfg, run, resume=True, progress=False, jobs=["b0"], evaluate_only=True)
-    with pytest.raises(FileNotFoundError, match="no seed with b0 detected"):
+    with pytest.raises(FileNotFoundError, match="holds no run"):
         run_dsrc(cfg, tmp_path / "empty", progress=False, evaluate_only=True)
+    assert not (tmp_path / "empty").exists()  # nothing left behind for a later --resume to pick up
+    import shutil
+
+    shutil.copytree(run, tmp_path / "no-b0", ignore=lambda d, names: [n for n in names if "b0" in n])
+    with pytest.raises(FileNotFoundError, match="no seed with b0 detected"):
+        run_dsrc(cfg, tmp_path / "no-b0", resume=True, progress=False, evaluate_only=True)
     detected = (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns
     # a run carried on from its bank (results and matches of the detected models, no weights): a listed teacher
     # whose variants are all detected is not trained again
-    import shutil
-
     bank = tmp_path / "bank"
     shutil.copytree(run, bank, ignore=lambda d, names: [n for n in names if n in ("frames", "checkpoints", "exports")
                                                         or n.startswith("teacher")])
@@ -258,6 +262,11 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     full = (run / "results" / "eval-s0.json").read_text()
     assert "Partial" not in run_dsrc(cfg, run, resume=True, progress=False, evaluate_only=True).read_text()
     assert (run / "results" / "eval-s0.json").read_text() == full
+    # a finished evaluation is reported as it is, whether or not the matches it was made from are here
+    shutil.copytree(run, tmp_path / "evaluated", ignore=lambda d, names: [n for n in names
+                                                                          if n in ("matches", "checkpoints", "frames")])
+    text = run_dsrc(cfg, tmp_path / "evaluated", resume=True, progress=False, evaluate_only=True).read_text()
+    assert "Partial" not in text and "| `dsrc_no_paint` |" in text
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
@@ -368,3 +377,39 @@ def test_dsrc_recipe_under_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd + ["--resume", "--jobs", "dsrc"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (tmp_path / "run" / "results" / "detect-dsrc-s0.json").exists()
+
+
+def test_device_script_trains_only_the_jobs_asked_and_returns_their_bank(tmp_path):
+    """benchmarks/device/dsrc_run.sh at the tiny size on the CPU: with JOBS a part of the variants it trains those
+    alone (its evaluation step once trained the rest: ~6 minutes of a GPU call), writes the partial report, and
+    returns the bank (results and matches, no weights)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sets = [a for s in ["sim.train_frames=4", "sim.test_frames=2", "sim.azimuths=256", "train.steps=3",
+                        'variants=["b0", "dsrc"]', 'eval.corruptions=["fog"]', "eval.levels=[2]",
+                        "eval.bootstrap=20"] for a in ("--set", s)]
+    out, run = tmp_path / "out", tmp_path / "runs" / "dsrc-tiny"
+    out.mkdir()
+    env = {**os.environ, "RUN": str(run), "JOBS": "b0", "OUT": str(out),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": f"{root / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(["bash", str(root / "benchmarks/device/dsrc_run.sh"), "300", "--config", "short", *sets],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "evaluation" not in done.stdout and not (run / "report.md").exists()  # the bank evaluates anywhere
+    jobs = {json.loads(line)["job"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert jobs == {"b0-s0"}  # neither the teacher nor dsrc
+    again = subprocess.run(["bash", str(root / "benchmarks/device/dsrc_run.sh"), "300", "--config", "short", *sets],
+                           cwd=tmp_path, env={**env, "EVALUATE": "1"}, capture_output=True, text=True, timeout=600)
+    assert "evaluation: exit 0" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert {json.loads(line)["job"] for line in (run / "metrics.jsonl").read_text().splitlines()} == jobs
+    assert "**Partial report: models not yet detected**: seed 0: `dsrc`." in (run / "report.md").read_text()
+    with tarfile.open(out / "dsrc-tiny.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("matches/detect-b0-s0.npz") for n in names)
+    assert not any(n.endswith((".pt", ".safetensors")) or "/frames" in n for n in names)

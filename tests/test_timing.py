@@ -41,7 +41,7 @@ def test_host_sync_sites_name_the_line_that_waited_and_pass_other_warnings_on(mo
 
     with pytest.warns(UserWarning, match="something else"):
         sites = host_sync_sites(waits_twice)
-    assert len(sites) == 2 and all(s.startswith("test_timing.py:") and " waits_twice <- " in s for s in sites)
+    assert len(sites) == 2 and all(s.startswith("test_timing.py:") and " waits_twice <- test_timing.py:" in s for s in sites)
     assert sites[0] != sites[1]  # two lines
     assert modes == ["warn", 0]  # the mode found is restored
     assert host_syncs(lambda: None) == 0

@@ -8,8 +8,8 @@
 # results and matched predictions (matches/, ~0.5 MB a model: all the evaluation needs); no weights, frames or raw
 # detections, and no result of a job whose weights stay behind (teachers, models trained but not detected), so a job
 # cut at the end of a session trains again in the next. Commit the bank (docs/results/dsrc/<name>/) and start the next
-# session's run from it with BANK=<that directory>; once every model is detected, the evaluation runs anywhere:
-#   sparsedistill perception run --config full --run-dir <bank copy> --resume     (CPU; no frames, no models)
+# session's run from it with BANK=<that directory>; the evaluation runs anywhere (CPU; no frames, no models):
+#   sparsedistill perception run --run-dir <bank> --resume --evaluate-only   (partial until every model is detected)
 #
 #   benchmarks/device/dsrc_run.sh LIMIT_S [--set KEY=VALUE ...]
 #   RUN=runs/dsrc-s1 JOBS="b0 teacher dsrc" benchmarks/device/dsrc_run.sh LIMIT_S --set 'seeds=[1]' \
@@ -30,7 +30,9 @@ step() {  # step LOG [--jobs ...]: one process, with what is left of the limit
 }
 step train "$@" --jobs "${jobs[@]}"; rc=$?
 echo "jobs (${jobs[*]}): exit $rc after $SECONDS s; results: $(ls "$run/results" 2>/dev/null | tr '\n' ' ')"
-if [ $rc -eq 0 ]; then  # trains nothing: the report of the models detected so far (partial until all are)
+# EVALUATE=1: also evaluate here (trains nothing: the report of the models detected so far, partial until all are);
+# off by default: ~1 minute of the card's time, and the bank evaluates on any CPU
+if [ $rc -eq 0 ] && [ -n "${EVALUATE:-}" ]; then
   step eval "$@" --evaluate-only; rc=$?
   echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$run/logs/eval.log"
 fi

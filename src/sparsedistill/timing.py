@@ -89,20 +89,21 @@ def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -
 def host_sync_sites(fn) -> list[str]:
     """Where ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what follows):
     per wait that CUDA's sync debug mode reports, the innermost Python frames outside torch that led to it, as
-    ``file:line function <- file:line function``."""
+    ``file:line function <- file:line function``. A wait inside ``loss.backward()`` is reported at that line (the
+    autograd engine replays its threads' warnings there); to find its operation, run the step under
+    ``torch.cuda.set_sync_debug_mode("error")`` with ``torch.autograd.detect_anomaly()``."""
     before, sites, show = torch.cuda.get_sync_debug_mode(), [], warnings.showwarning
-    torch_dir = os.path.dirname(torch.__file__)
+    skip = (os.path.dirname(torch.__file__), os.path.abspath(__file__), os.path.abspath(warnings.__file__))
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return show(message, category, filename, lineno, file, line)  # other warnings as usual
-        frames = [f for f in traceback.extract_stack()[:-1]
-                  if not f.filename.startswith(torch_dir) and "warnings" not in os.path.basename(f.filename)]
+        frames = [f for f in traceback.extract_stack()[:-1] if not os.path.abspath(f.filename).startswith(skip)]
         sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-2:])))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record  # restored by catch_warnings
+    with warnings.catch_warnings():  # restores the filters and showwarning on the way out
+        warnings.filterwarnings("always", message=".*synchroniz")  # every wait, the other warnings as filtered
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()

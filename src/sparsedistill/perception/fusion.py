@@ -23,7 +23,7 @@ def attention_fusion(features: Tensor, agents: list[int]) -> Tensor:
         # matmul of 1 x C by C x A per cell ran one tiny product per cell on the CPU)
         att = torch.softmax((x[:1].float() * x.float()).sum(1, keepdim=True) / c**0.5, 0)  # (A, 1, H, W), fp32 sums
         out.append((att.to(x.dtype) * x).sum(0))
-    return torch.stack(out)
+    return _stack(out, features)
 
 
 def ego_only(features: Tensor, agents: list[int]) -> Tensor:
@@ -33,7 +33,15 @@ def ego_only(features: Tensor, agents: list[int]) -> Tensor:
 
 def max_fusion(features: Tensor, agents: list[int]) -> Tensor:
     """Element-wise max over agents (a parameter-free reference, as OpenCOOD's max fusion)."""
-    return torch.stack([x.amax(0) for x in features.split(agents)])
+    return _stack([x.amax(0) for x in features.split(agents)], features)
+
+
+def _stack(maps: list[Tensor], like: Tensor) -> Tensor:
+    """Per-frame maps (C, H, W) as (frames, C, H, W) in ``like``'s memory layout: NHWC maps stay NHWC (a plain
+    stack would hand the next convolution NCHW, and cuDNN would transpose it back)."""
+    if not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return torch.stack([m.permute(1, 2, 0) for m in maps]).permute(0, 3, 1, 2)
+    return torch.stack(maps)
 
 
 FUSIONS = {"attention": attention_fusion, "none": ego_only, "max": max_fusion}

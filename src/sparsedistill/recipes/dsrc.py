@@ -375,6 +375,9 @@ class DSRCRecipe:
         results (full where every variant is detected) and the variants not yet detected."""
         results, missing = {}, {}
         for seed in self.cfg.seeds:
+            if self.run.result(f"eval-s{seed}") is not None:  # evaluated already (its matches may not be here)
+                results[seed], missing[seed] = self.run.result(f"eval-s{seed}"), []
+                continue
             detected = [v for v in self.cfg.variants if self._detected(f"detect-{v}-s{seed}")]
             missing[seed] = [v for v in self.cfg.variants if v not in detected]
             if "b0" in detected:
@@ -592,6 +595,9 @@ def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: boo
 
     if jobs and evaluate_only:
         raise ValueError("--jobs trains and --evaluate-only trains nothing: pass one of them")
+    if evaluate_only and not (Path(run_dir) / "config.toml").exists():  # a new directory would be left behind empty
+        raise FileNotFoundError(f"--evaluate-only evaluates a run's detected models, and {run_dir} holds no run: "
+                                "give the run's directory with --run-dir")
     validate(cfg)
     dist.init()
     run = Run(run_dir, cfg, resume=resume, command=command)
