@@ -192,6 +192,8 @@ def test_dsrc_recipe_rejects_bad_configs():
         validate(_cfg(variants='["dsrc"]'))
     with pytest.raises(ValueError, match="unknown corruptions"):
         validate(_cfg(**{"eval.corruptions": '["rain"]'}))
+    with pytest.raises(ValueError, match=r"unknown corruptions \['haze'\] \(eval.corruptions / eval.pictures\)"):
+        validate(_cfg(**{"eval.pictures": '["haze"]'}))
     with pytest.raises(ValueError, match="eval.levels"):
         validate(_cfg(**{"eval.levels": "[4]"}))
     with pytest.raises(ValueError, match="not a cooperative detector"):
@@ -326,7 +328,7 @@ def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
 
 def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
     """Seed 0 with every model in one run, seed 1 with b0 and dsrc in another: one report over both, written where
-    asked, its pictures linked from the first run; a seed evaluated twice is refused."""
+    asked, the pictures of both linked; a seed evaluated twice is refused."""
     from sparsedistill.cli import main
     from sparsedistill.runs import Run
 
@@ -338,14 +340,16 @@ def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
 
     evaluated(tmp_path / "s0", 0, {"b0": 0.5, "dsrc": 0.7, "dsrc_no_paint": 0.6})
     evaluated(tmp_path / "s1", 1, {"b0": 0.6, "dsrc": 0.8})
-    (tmp_path / "s0" / "samples").mkdir()
-    (tmp_path / "s0" / "samples" / "bev-dsrc-clean-f0-s0.png").write_bytes(b"png")
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}" / "samples").mkdir()
+        (tmp_path / f"s{seed}" / "samples" / f"bev-dsrc-clean-f0-s{seed}.png").write_bytes(b"png")
     out = tmp_path / "merged"
     assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
     assert "| `dsrc` | 2 | 75.0 ± 7.1 |" in capsys.readouterr().out
     text = (out / "report.md").read_text()
     assert "(2 seeds: [0, 1])" in text and f"Seed 1 from `{tmp_path / 's1'}`: Command: `perception run seed 1`" in text
     assert "![bev-dsrc-clean-f0-s0.png](../s0/samples/bev-dsrc-clean-f0-s0.png)" in text
+    assert "![bev-dsrc-clean-f0-s1.png](../s1/samples/bev-dsrc-clean-f0-s1.png)" in text
     assert (out / "ap-vs-severity.png").exists() and not (tmp_path / "s0" / "report.md").exists()
     evaluated(tmp_path / "again", 1, {"b0": 0.6, "dsrc": 0.8})
     assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), str(tmp_path / "again")]) != 0

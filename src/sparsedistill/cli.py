@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=_perception_simulate)
     prep = per_cmds.add_parser("report", help="(re)write a DSRC report from the finished evaluations of one or more runs")
     prep.add_argument("runs", nargs="+", type=Path, metavar="run",
-                      help="run directories (their seeds merged; the first's BEV pictures)")
+                      help="run directories (their seeds and BEV pictures merged)")
     prep.add_argument("--out", type=Path, help="where report.md and the plot go (default: the first run)")
     prep.set_defaults(func=_perception_report)
 

@@ -98,6 +98,8 @@ class EvalConfig:
     levels: list[int] = field(default_factory=lambda: list(LEVELS))
     batch: int = 8
     bootstrap: int = 1000
+    # drawn at level 2 beside clean in b0's and dsrc's BEV pictures (those of them among ``corruptions``)
+    pictures: list[str] = field(default_factory=lambda: ["beam_missing", "fog", "motion_blur"])
 
 
 @dataclass
@@ -116,9 +118,10 @@ def validate(cfg: DSRCConfig) -> None:
         raise ValueError(f"unknown variants {sorted(unknown)}; use any of {list(VARIANTS)}")
     if "b0" not in cfg.variants:
         raise ValueError("the variants must include b0: CE and delta-AP are measured against it")
-    bad = set(cfg.eval.corruptions) - set(corruption_names())
+    bad = (set(cfg.eval.corruptions) | set(cfg.eval.pictures)) - set(corruption_names())
     if bad:
-        raise ValueError(f"unknown corruptions {sorted(bad)}; use any of {corruption_names()}")
+        raise ValueError(f"unknown corruptions {sorted(bad)} (eval.corruptions / eval.pictures); use any of "
+                         f"{corruption_names()}")
     if set(cfg.eval.levels) - set(LEVELS) or not cfg.eval.levels:
         raise ValueError(f"eval.levels must be a non-empty subset of {list(LEVELS)}, got {cfg.eval.levels}")
     if cfg.train.precision not in ("tf32", "bf16"):
@@ -263,7 +266,7 @@ class DSRCRecipe:
             ap[key] = {t: matched_ap(m) for t, m in matches[key].items()}
             split["match"] += lap()
         if name in PICTURED:
-            self._pictures(seed, name, model, test[:2], e.corruptions[0] if e.corruptions else None)
+            self._pictures(seed, name, model, test[:2], [c for c in e.pictures if c in e.corruptions])
         packed_truth = _pack(truth)
         # rank 0 detects alone (its callers wait for it): no collective here
         self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
@@ -387,11 +390,11 @@ class DSRCRecipe:
                                     "`perception run --jobs b0` there first")
         return results, missing
 
-    def _pictures(self, seed: int, name: str, model: CoopDetector, frames: list[Frame], corruption: str | None) -> None:
-        """BEV pictures of the first test frames, clean and under ``corruption`` at level 2."""
+    def _pictures(self, seed: int, name: str, model: CoopDetector, frames: list[Frame], corruptions: list[str]) -> None:
+        """BEV pictures of the first test frames, clean and under each of ``corruptions`` at level 2."""
         out = self.run.artifact("samples")
         out.mkdir(exist_ok=True)
-        for cname in ["clean"] + ([corruption] if corruption else []):
+        for cname in ["clean", *corruptions]:
             for i, frame in enumerate(frames):
                 f = corrupt_frame(frame, cname, 2, self.cfg.sim.rings)
                 clouds = [f.points_in_ego(a) for a in range(f.num_agents)]

@@ -26,7 +26,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
     """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in ``out_dir`` (default: the run
     directory); ``missing``: per seed, the variants not yet detected (a partial report says so at the top);
     ``others``: further runs whose seeds' evaluations ``results`` also holds (each named at the top, with its
-    seeds). The BEV pictures are ``run``'s."""
+    seeds); the BEV pictures of every run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,12 +108,11 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
         fig.savefig(out / "ap-vs-severity.png", dpi=90)
         plt.close(fig)
         lines += ["", "![AP vs severity](ap-vs-severity.png)"]
-    samples = run.path / "samples"
-    pictures = sorted(p.name for p in samples.glob("bev-*.png")) if samples.exists() else []
+    pictures = [Path(os.path.relpath(p, out)).as_posix() for r in [run, *(o for o, _ in others)]
+                for p in sorted((r.path / "samples").glob("bev-*.png"))]
     if pictures:
-        where = Path(os.path.relpath(samples, out)).as_posix()
         lines += ["", "## BEV pictures (test frames; ego black, collaborators coloured)", ""]
-        lines += [f"![{p}]({where}/{p})" for p in pictures]
+        lines += [f"![{Path(p).name}]({p})" for p in pictures]
     path = out / "report.md"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
