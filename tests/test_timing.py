@@ -45,3 +45,15 @@ def test_host_sync_sites_name_the_line_that_waited_and_pass_other_warnings_on(mo
     assert sites[0] != sites[1]  # two lines
     assert modes == ["warn", 0]  # the mode found is restored
     assert host_syncs(lambda: None) == 0
+
+
+def test_lap_timer_charges_each_stage_the_time_since_the_last_lap():
+    import time
+
+    from sparsedistill.timing import LapTimer
+
+    lap = LapTimer("cpu")
+    time.sleep(0.02)
+    first = lap()
+    second = lap()
+    assert first >= 0.02 and 0 <= second < first

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 import traceback
 import warnings
 
 import torch
 
-__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups", "host_syncs", "host_sync_sites"]
+__all__ = ["time_ms", "kernel_times", "top_kernels", "kernel_groups", "host_syncs", "host_sync_sites", "LapTimer"]
 
 
 def time_ms(fn, graph: bool, calls: int = 20, reps: int = 30, warmup: int = 3) -> float:
@@ -115,3 +116,18 @@ def host_sync_sites(fn) -> list[str]:
 def host_syncs(fn) -> int:
     """How many times ``fn`` makes the host wait for the GPU (``host_sync_sites`` says where)."""
     return len(host_sync_sites(fn))
+
+
+class LapTimer:
+    """Seconds since the last call (``device``'s queue drained first, so that each stage of a loop is charged its own
+    work, not the work queued before it): ``lap = LapTimer(device); ...; split["stage"] += lap()``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.last = torch.device(device), time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed

@@ -23,14 +23,12 @@ downloaded. The report (``dsrc_report``) merges seeds.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +40,7 @@ from ..models.safetensors_io import load_weights, save_bf16
 from ..perception.anchors import make_anchors
 from ..perception.batching import Batch, FrameInputs, add_reconstruction_targets, collate, frame_inputs, merge
 from ..perception.corruptions import LEVELS, corruption_names
+from ..perception.detections import IOU_THRESHOLDS, load_matches, pack, packed_sha256, save_matches, unpack
 from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
 from ..perception.plots import save_bev
@@ -49,14 +48,13 @@ from ..perception.metrics import (FrameMatches, corruption_error, match_frames, 
                                   paired_bootstrap_delta_matched, resilience_rate)
 from ..perception.scene import SceneConfig
 from ..perception.training import DSRCWeights, detector_loss, freeze, predict, student_loss, teacher_points
-from ..runs import Run, atomic_open
+from ..runs import Run
+from ..timing import LapTimer
 
 __all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
 
 log = logging.getLogger(__name__)
 PICTURED = ("b0", "dsrc")  # the models whose BEV pictures the report shows
-IOU_THRESHOLDS = {"ap50": 0.5, "ap70": 0.7}
-
 # variant: (input mode, fusion, teacher job (None: no distillation), reconstruction head)
 VARIANTS = {
     "b0": ("intermediate", "attention", None, False),
@@ -251,7 +249,7 @@ class DSRCRecipe:
             return
         test, inputs, truth = self.frames("test"), VARIANTS[name][0], self._test_truth
         ap, detections, matches, t0 = {}, {}, {}, time.perf_counter()
-        split, lap = dict.fromkeys(("inputs", "predict", "match"), 0.0), _Lap(self.device)  # where the time goes
+        split, lap = dict.fromkeys(("inputs", "predict", "match"), 0.0), LapTimer(self.device)  # where the time goes
         for (cname, lv), batches in self._test_batches(inputs):
             split["inputs"] += lap()  # corrupted and collated (the first model of a process), else copied back
             key = "clean" if cname == "clean" else f"{cname}-{lv}"
@@ -260,20 +258,20 @@ class DSRCRecipe:
                 for b, sc in predict(model, batch, self.anchors, self.anchor_cfg):
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
-            detections[key] = _pack(boxes, scores)
+            detections[key] = pack(boxes, scores)
             split["predict"] += lap()  # forward, decoding, NMS
             matches[key] = {t: match_frames(boxes, scores, truth, thr) for t, thr in IOU_THRESHOLDS.items()}
             ap[key] = {t: matched_ap(m) for t, m in matches[key].items()}
             split["match"] += lap()
         if name in PICTURED:
             self._pictures(seed, name, model, test[:2], [c for c in e.pictures if c in e.corruptions])
-        packed_truth = _pack(truth)
+        packed_truth = pack(truth)
         # rank 0 detects alone (its callers wait for it): no collective here
         self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
-        _save_matches(self._matches_path(job), matches)
+        save_matches(self._matches_path(job), matches)
         self.run.save_result(job, {"ap": ap, "seconds": time.perf_counter() - t0,
                                    "seconds_split": {k: round(v, 3) for k, v in split.items()}, "frames": len(test),
-                                   "conditions": len(ap), "truth_sha256": _sha256(packed_truth)}, sync=False)
+                                   "conditions": len(ap), "truth_sha256": packed_sha256(packed_truth)}, sync=False)
         corrupted = [row["ap50"] for key, row in ap.items() if key != "clean"]
         log.info("%s: clean AP@0.5 %.1f %%, corrupted (mean) %.1f %%, in %.0f s (%s)", job, 100 * ap["clean"]["ap50"],
                  100 * sum(corrupted) / max(len(corrupted), 1), time.perf_counter() - t0,
@@ -316,10 +314,10 @@ class DSRCRecipe:
             if "truth" not in state:
                 raise ValueError(f"{job} predates packed detections with their true boxes (9fb0abd): delete its "
                                  "results/ and checkpoints/ files to detect it again")
-            truth = _unpack(*state["truth"])[0]
-            _save_matches(path, {key: {t: match_frames(*_unpack(*d), truth, thr) for t, thr in IOU_THRESHOLDS.items()}
+            truth = unpack(*state["truth"])[0]
+            save_matches(path, {key: {t: match_frames(*unpack(*d), truth, thr) for t, thr in IOU_THRESHOLDS.items()}
                                  for key, d in state["detections"].items()})
-        return _load_matches(path)
+        return load_matches(path)
 
     @torch.no_grad()
     def evaluate(self, seed: int, models: list[str] | None = None) -> dict:
@@ -517,75 +515,6 @@ class DSRCRecipe:
             out[seed] = self.evaluate(seed) if dist.is_main() else None
             dist.barrier()
         return out
-
-
-class _Lap:
-    """Seconds since the last call (the device's queue drained first, so that each stage is charged its own work)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.last = device, time.perf_counter()
-
-    def __call__(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
-
-
-def _pack(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Per-frame tensors as one tensor and the frames' counts: a few tensors a condition, not two a frame."""
-    counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
-    return torch.cat(boxes) if boxes else torch.zeros(0, 5), None if scores is None else torch.cat(scores), counts
-
-
-def _unpack(boxes: Tensor, scores: Tensor | None, counts: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
-    sizes = counts.tolist()
-    return list(boxes.split(sizes)), None if scores is None else list(scores.split(sizes))
-
-
-def _save_matches(path: Path, matches: dict[str, dict[str, FrameMatches]]) -> None:
-    """Per condition: the predictions' float32 scores in frame order, a bit per AP threshold (bit i: a true
-    positive at the i-th of IOU_THRESHOLDS), the predictions per frame; and the ground truths per frame."""
-    arrays: dict[str, np.ndarray] = {}
-    for key, by_t in matches.items():
-        first = next(iter(by_t.values()))
-        scores, _, counts = first.by_frame()
-        if not torch.equal(scores.float().double(), scores.double()):  # float32 keeps every tie and order as it is
-            raise ValueError(f"{key}: scores finer than float32 cannot be stored exactly; give float32 scores")
-        flags = torch.zeros(len(scores), dtype=torch.uint8)
-        for bit, t in enumerate(IOU_THRESHOLDS):
-            s_t, tp, _ = by_t[t].by_frame()
-            if not torch.equal(s_t, scores):  # one ranking, whatever the threshold
-                raise AssertionError(f"{key}: the {t} matches rank the predictions differently")
-            flags |= tp.cpu().to(torch.uint8) << bit
-        arrays[f"{key}/scores"] = scores.float().cpu().numpy()
-        arrays[f"{key}/flags"] = flags.numpy()
-        arrays[f"{key}/counts"] = counts.int().cpu().numpy()
-    arrays["num_gt"] = first.num_gt.int().cpu().numpy()  # the same frames in every condition
-    with atomic_open(path) as f:
-        np.savez_compressed(f, **arrays)
-
-
-def _load_matches(path: Path) -> dict[str, dict[str, FrameMatches]]:
-    with np.load(path) as z:
-        num_gt = torch.from_numpy(z["num_gt"])
-        keys = sorted({k.rsplit("/", 1)[0] for k in z.files if "/" in k})
-        out = {}
-        for key in keys:
-            scores, flags = torch.from_numpy(z[f"{key}/scores"]), torch.from_numpy(z[f"{key}/flags"])
-            counts = torch.from_numpy(z[f"{key}/counts"])
-            out[key] = {t: FrameMatches.from_frames(scores, (flags >> bit) & 1, counts, num_gt)
-                        for bit, t in enumerate(IOU_THRESHOLDS)}
-        return out
-
-
-def _sha256(packed: tuple[Tensor, Tensor | None, Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in packed:
-        if t is not None:
-            h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
