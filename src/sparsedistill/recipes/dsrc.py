@@ -55,6 +55,7 @@ __all__ = ["DSRCConfig", "VARIANTS", "run_dsrc"]
 
 log = logging.getLogger(__name__)
 PICTURED = ("b0", "dsrc")  # the models whose BEV pictures the report shows
+
 # variant: (input mode, fusion, teacher job (None: no distillation), reconstruction head)
 VARIANTS = {
     "b0": ("intermediate", "attention", None, False),
@@ -316,7 +317,7 @@ class DSRCRecipe:
                                  "results/ and checkpoints/ files to detect it again")
             truth = unpack(*state["truth"])[0]
             save_matches(path, {key: {t: match_frames(*unpack(*d), truth, thr) for t, thr in IOU_THRESHOLDS.items()}
-                                 for key, d in state["detections"].items()})
+                                for key, d in state["detections"].items()})
         return load_matches(path)
 
     @torch.no_grad()
