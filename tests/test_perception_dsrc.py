@@ -135,7 +135,9 @@ def test_batches_merge_kept_frame_inputs_in_order():
     # a detector in use makes no labels: the same input, no boxes; nothing that needs labels is made without them
     bare = collate(order, GRID, labels=False)
     assert torch.equal(bare.points, batch.points) and torch.equal(bare.cloud, batch.cloud) and bare.agents == batch.agents
-    assert [b.shape for b in bare.boxes] == [(0, 7), (0, 7)] and all(len(b) for b in batch.boxes)
+    assert bare.boxes is None and all(len(b) for b in batch.boxes)  # "no labels", not "no cars"
+    with pytest.raises(ValueError, match="with and without labels"):
+        merge([kept[0], frame_inputs(frames[1], GRID, labels=False)])
     for needs_labels in ({"anchors": anchors, "anchor_cfg": acfg}, {"teacher": True}):
         with pytest.raises(ValueError, match="made from the labels"):
             collate(order, GRID, labels=False, **needs_labels)

@@ -357,6 +357,12 @@ def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
     Run(tmp_path / "none", _cfg())
     assert main(["perception", "report", str(tmp_path / "none")]) != 0
     assert "has no finished evaluation yet" in capsys.readouterr().err
+    # seeds of other experiments (here: other corruptions) are not averaged together; a run named twice counts once
+    Run(tmp_path / "snowy", _cfg(**{"eval.corruptions": '["snow"]'}))
+    assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "snowy")]) != 0
+    err = capsys.readouterr().err
+    assert "differs from" in err and "in eval.corruptions:" in err
+    assert main(["perception", "report", str(tmp_path / "s1"), str(tmp_path / "s1"), "--out", str(out)]) == 0
 
 
 def test_dsrc_recipe_under_torchrun_two_processes(tmp_path):
@@ -399,7 +405,8 @@ def test_device_script_trains_only_the_jobs_asked_and_returns_their_bank(tmp_pat
                         "eval.bootstrap=20"] for a in ("--set", s)]
     out, run = tmp_path / "out", tmp_path / "runs" / "dsrc-tiny"
     out.mkdir()
-    env = {**os.environ, "RUN": str(run), "JOBS": "b0", "OUT": str(out),
+    inherited = {k: v for k, v in os.environ.items() if k not in ("BANK", "EVALUATE", "JOBS", "RUN", "OUT")}
+    env = {**inherited, "RUN": str(run), "JOBS": "b0", "OUT": str(out),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": f"{root / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(["bash", str(root / "benchmarks/device/dsrc_run.sh"), "300", "--config", "short", *sets],

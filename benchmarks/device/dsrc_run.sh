@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `perception run --config full` on the one GPU: one process trains and detects the jobs in turn (JOBS, in priority
-# order), then the evaluation. Processes side by side time-share the card: six at once trained at 0.6x the rate of one
+# order; with EVALUATE=1 it then evaluates what is detected). Processes side by side time-share the card: six at once trained at 0.6x the rate of one
 # (H100, 2026-12-07) and needed more than its 80 GB; one process also keeps the collated training inputs between jobs.
 # A call cut by the device's limit goes on when the same command is sent again while the machine is warm (runs/ stays).
 #
@@ -32,7 +32,7 @@ step train "$@" --jobs "${jobs[@]}"; rc=$?
 echo "jobs (${jobs[*]}): exit $rc after $SECONDS s; results: $(ls "$run/results" 2>/dev/null | tr '\n' ' ')"
 # EVALUATE=1: also evaluate here (trains nothing: the report of the models detected so far, partial until all are);
 # off by default: ~1 minute of the card's time, and the bank evaluates on any CPU
-if [ $rc -eq 0 ] && [ -n "${EVALUATE:-}" ]; then
+if [ $rc -eq 0 ] && [ "${EVALUATE:-0}" = 1 ]; then
   step eval "$@" --evaluate-only; rc=$?
   echo "evaluation: exit $rc after $SECONDS s"; tail -n 25 "$run/logs/eval.log"
 fi

@@ -208,13 +208,15 @@ def _perception_simulate(args: argparse.Namespace) -> int:
 def _perception_report(args: argparse.Namespace) -> int:
     """One report over the finished evaluations of one or more DSRC runs (e.g. seed 0 with every model, and runs of
     further seeds with b0 and dsrc alone): each seed from the one run that evaluated it."""
+    from .recipes.dsrc import DSRCConfig
     from .recipes.dsrc_report import write_report
-    from .runs import Run
+    from .runs import Run, check_mergeable
 
+    paths = list(dict.fromkeys(p.resolve() for p in args.runs))  # a run named twice counts once
+    # seeds of one experiment: the same config but for the seeds, the models each trained and the pictures drawn
+    check_mergeable(paths, DSRCConfig, free=(("seeds",), ("variants",), ("eval", "pictures")))
     runs, results, source = [], {}, {}
-    for path in args.runs:
-        if not (path / "config.toml").exists():
-            raise FileNotFoundError(f"{path} is not a run directory (no config.toml)")
+    for path in paths:
         run, seeds = Run.open(path), []
         for p in sorted((path / "results").glob("eval-s*.json")):
             seed = int(p.stem.rsplit("-s", 1)[1])

@@ -24,14 +24,16 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import IO, Any, Iterator
 
 import torch
 
 from . import distributed as dist
-from .config import dump_toml, load_config
+from .config import config_to_dict, dump_toml, load_config
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_torch_save", "environment", "Run", "latest_run",
+           "check_mergeable"]
 
 
 @contextlib.contextmanager
@@ -145,7 +147,8 @@ class Run:
         if dist.is_main():
             for sub in ("checkpoints", "results"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path / "config.toml", dump_toml(config).encode())
+            if not (resume and saved.exists()):  # a resumed run keeps the record of what it was started with
+                atomic_write_bytes(self.path / "config.toml", dump_toml(config).encode())
             start = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "started_unix": time.time()}
             env_file = self.path / "environment.json"
             if not env_file.exists():
@@ -230,3 +233,31 @@ class Run:
 
     def artifact(self, name: str) -> Path:
         return self.path / name
+
+
+def _flat(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+    return out
+
+
+def check_mergeable(run_dirs: Sequence[Path], config_type: type, free: Collection[tuple[str, ...]] = (),
+                    free_leaves: Collection[str] = ("checkpoint_every",)) -> None:
+    """Runs share one report only where their configs agree on everything but the ``free`` keys (paths, e.g.
+    ``("eval", "base")``) and keys named in ``free_leaves`` at any depth: what cannot change a result (which jobs a
+    run did, where its cache lives, how often it checkpointed). Each config is read through ``config_type``, so a key
+    an older run did not write compares as its default."""
+    flats = []
+    for d in run_dirs:
+        f = Path(d) / "config.toml"
+        if not f.exists():
+            raise FileNotFoundError(f"{d} is not a run directory (no config.toml)")
+        cfg = config_to_dict(load_config(config_type, f))
+        flats.append({k: v for k, v in _flat(cfg).items() if k not in free and k[-1] not in free_leaves})
+    for d, flat in zip(run_dirs[1:], flats[1:]):
+        diff = sorted(".".join(k) for k in set(flat) | set(flats[0]) if flat.get(k) != flats[0].get(k))
+        if diff:
+            may = ", ".join([*(".".join(k) for k in free), *free_leaves])
+            raise ValueError(f"{d} was run with a config that differs from {run_dirs[0]}'s in {', '.join(diff)}: only "
+                             f"runs that differ in {may} can share a report")

@@ -32,7 +32,7 @@ class Batch:
     points: Tensor  # (N, 4) in each frame's ego frame
     cloud: Tensor  # (N,) cloud index, clouds ordered by frame, the ego's first
     agents: list[int]  # clouds per frame
-    boxes: list[Tensor]  # per frame, the labels (K, 7) in the ego frame
+    boxes: list[Tensor] | None  # per frame, the labels (K, 7) in the ego frame (None: collated without labels)
     labels: Tensor | None = None  # (B * M,) anchor labels 1 / 0 / -1
     targets: Tensor | None = None  # (B * M, 7)
     teacher_points: Tensor | None = None  # (N', 5) painted, one cloud per agent (DSRC's teacher)
@@ -76,7 +76,7 @@ class FrameInputs:
     ``merge`` scatters it by index: no boolean selection, so no wait on the GPU, in a training step."""
 
     clouds: list[Tensor]  # (N_c, 4) each, in the ego frame
-    boxes: Tensor
+    boxes: Tensor | None  # the labels (K, 7); None: collated without them (not a frame without cars)
     labels: Tensor | None = None  # (M,) int8
     positive_index: Tensor | None = None  # (P,) the anchors labelled 1
     positive_targets: Tensor | None = None  # (P, 7) their targets
@@ -90,9 +90,9 @@ class FrameInputs:
 def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anchor_cfg: AnchorConfig | None = None,
                  inputs: str = "intermediate", teacher: bool = False, min_points: int = 1,
                  reconstruction: bool = False, labels: bool = True) -> FrameInputs:
-    """``frame``'s clouds, labels (``labels=False``: none, as a detector in use has none to make: a fifth of the
-    inference latency), anchor targets (with ``anchors``), painted teacher input and object mask (with ``teacher``)
-    and point-cloud reconstruction targets (with ``reconstruction``)."""
+    """``frame``'s clouds, labels (``labels=False``: none, as a detector in use has none to make), anchor targets (with
+    ``anchors``), painted teacher input and object mask (with ``teacher``) and point-cloud reconstruction targets
+    (with ``reconstruction``)."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if anchors is not None and anchor_cfg is None:
@@ -101,11 +101,11 @@ def frame_inputs(frame: Frame, grid: BEVGrid, anchors: Tensor | None = None, anc
         raise ValueError("anchor targets and the teacher's painted input are made from the labels: keep labels=True")
     # contiguous: a kept (N, 4) view would hold the (N, 5) storage it was cut from
     own = [frame.points_in_ego(a)[:, :4].contiguous() for a in range(frame.num_agents)]
-    gt = frame_labels(frame, own, grid, min_points) if labels else own[0].new_zeros(0, 7)
+    gt = frame_labels(frame, own, grid, min_points) if labels else None
     part = FrameInputs(own if inputs == "intermediate" else [torch.cat(own)], gt)
     if anchors is not None:
-        labels, targets = assign_targets(anchors, gt, anchor_cfg)
-        part.labels, part.positive_index = labels.to(torch.int8), (labels == 1).nonzero()[:, 0]
+        anchor_labels, targets = assign_targets(anchors, gt, anchor_cfg)
+        part.labels, part.positive_index = anchor_labels.to(torch.int8), (anchor_labels == 1).nonzero()[:, 0]
         part.positive_targets = targets[part.positive_index]
     if teacher:
         painted, objects = paint_teacher_input(own, gt)
@@ -165,8 +165,9 @@ def merge(parts: list[FrameInputs], *, teacher: bool | None = None, reconstructi
         raise ValueError("a batch needs at least one frame")
     clouds = [c for p in parts for c in p.clouds]
     sizes, dev = [len(c) for c in clouds], clouds[0].device
+    labelled = _all_or_none(parts, "boxes", "labels", "collate them all with labels, or all without")
     batch = Batch(torch.cat(clouds), _repeated(list(range(len(clouds))), sizes, dev), [len(p.clouds) for p in parts],
-                  [p.boxes for p in parts])
+                  [p.boxes for p in parts] if labelled else None)
     if _all_or_none(parts, "labels", "anchor targets", "give every frame_inputs the anchors"):
         batch.labels = torch.cat([p.labels for p in parts]).long()
         batch.targets = _scattered([p.positive_index for p in parts], len(parts[0].labels),
@@ -216,7 +217,7 @@ def collate(frames: list[Frame], grid: BEVGrid, anchors: Tensor | None = None, a
             reconstruction: bool = False, labels: bool = True) -> Batch:
     """One batch of ``frames``; with ``anchors`` (M, 7) the anchor targets, with ``teacher`` DSRC's painted input and
     object mask, with ``reconstruction`` the point-cloud reconstruction targets; ``labels=False``: the detector's
-    input alone (``boxes`` empty), as in use."""
+    input alone (``boxes`` None), as in use."""
     if inputs not in INPUTS:
         raise ValueError(f"unknown input mode {inputs!r}; use one of {INPUTS}")
     if not frames:

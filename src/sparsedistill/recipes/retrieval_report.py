@@ -15,6 +15,7 @@ from typing import Any
 
 from ..report import command_line, markdown_table, plt, save_figure
 from ..runs import Run, atomic_write_bytes
+from ..runs import check_mergeable as check_configs_mergeable
 
 __all__ = ["report_from_run", "check_mergeable", "write_report"]
 
@@ -33,39 +34,15 @@ def _planned(cfg_texts: list[str]) -> tuple[list[str], list[str]]:
 
 # What may differ between runs merged into one report: which jobs each ran, where its cache lives, how
 # often it checkpointed (none of these changes a result).
-_MERGE_FREE = {("variants",), ("seeds",), ("eval", "base"), ("teachers", "cache_dir")}
-
-
-def _merge_free(key: tuple[str, ...]) -> bool:
-    return key in _MERGE_FREE or key[-1] == "checkpoint_every"
-
-
-def _flat(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
+_MERGE_FREE = (("variants",), ("seeds",), ("eval", "base"), ("teachers", "cache_dir"))
 
 
 def check_mergeable(run_dirs: list[Path]) -> None:
     """Runs merge into one report only when their configs agree on everything but variants, seeds,
     ``eval.base``, the cache folder and checkpoint intervals (e.g. ablation variants run as parallel processes)."""
-    from ..config import config_to_dict, load_config
     from .retrieval_train import RetrievalTrainConfig
 
-    flats = []
-    for d in run_dirs:
-        f = Path(d) / "config.toml"
-        if not f.exists():
-            raise FileNotFoundError(f"{d} is not a run directory (no config.toml)")
-        # through the dataclass, so a key an older run did not write compares as its default
-        cfg = config_to_dict(load_config(RetrievalTrainConfig, f))
-        flats.append({k: v for k, v in _flat(cfg).items() if not _merge_free(k)})
-    for d, flat in zip(run_dirs[1:], flats[1:]):
-        diff = sorted(".".join(k) for k in set(flat) | set(flats[0]) if flat.get(k) != flats[0].get(k))
-        if diff:
-            raise ValueError(f"{d} was run with a config that differs from {run_dirs[0]}'s in {', '.join(diff)}: "
-                             "only runs that differ in variants, seeds, eval.base, teachers.cache_dir or checkpoint_every can share a report")
+    check_configs_mergeable(run_dirs, RetrievalTrainConfig, _MERGE_FREE)
 
 
 class _MergedRuns:
