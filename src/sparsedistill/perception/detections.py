@@ -1,6 +1,6 @@
-"""A detect job's record, small enough to keep in git: per-frame boxes packed into a few tensors, and the predictions
-matched to the true boxes (float32 scores, a true-positive bit per IoU threshold, counts per frame) as one .npz,
-from which AP and the paired bootstrap are rebuilt exactly (``FrameMatches.from_frames``)."""
+"""A detector's evaluation on many frames, kept small enough for git: per-frame boxes packed into a few tensors, and
+the predictions matched to the true boxes (float32 scores, a true-positive bit per IoU threshold, counts per frame)
+as one .npz, from which AP and the paired bootstrap are rebuilt exactly (``FrameMatches.from_frames``)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ from torch import Tensor
 from ..runs import atomic_open
 from .metrics import FrameMatches
 
-__all__ = ["IOU_THRESHOLDS", "pack", "unpack", "save_matches", "load_matches", "packed_sha256"]
+__all__ = ["IOU_THRESHOLDS", "pack_frames", "unpack_frames", "save_matches", "load_matches", "packed_sha256"]
 
 IOU_THRESHOLDS = {"ap50": 0.5, "ap70": 0.7}  # the AP thresholds, in the order of the matches' bits
 
 
-def pack(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+def pack_frames(boxes: list[Tensor], scores: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Per-frame tensors as one tensor and the frames' counts: a few tensors a condition, not two a frame."""
     counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
     return torch.cat(boxes) if boxes else torch.zeros(0, 5), None if scores is None else torch.cat(scores), counts
 
 
-def unpack(boxes: Tensor, scores: Tensor | None, counts: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
-    """``pack``'s inverse: the per-frame tensors."""
+def unpack_frames(boxes: Tensor, scores: Tensor | None, counts: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+    """``pack_frames``' inverse: the per-frame tensors."""
     sizes = counts.tolist()
     return list(boxes.split(sizes)), None if scores is None else list(scores.split(sizes))
 

@@ -40,7 +40,8 @@ from ..models.safetensors_io import load_weights, save_bf16
 from ..perception.anchors import make_anchors
 from ..perception.batching import Batch, FrameInputs, add_reconstruction_targets, collate, frame_inputs, merge
 from ..perception.corruptions import LEVELS, corruption_names
-from ..perception.detections import IOU_THRESHOLDS, load_matches, pack, packed_sha256, save_matches, unpack
+from ..perception.detections import (IOU_THRESHOLDS, load_matches, pack_frames, packed_sha256, save_matches,
+                                       unpack_frames)
 from ..perception.frames import Frame, SimConfig, corrupt_frame, simulate_frames, split_seeds
 from ..perception.lidar import LidarConfig
 from ..perception.plots import save_bev
@@ -259,14 +260,14 @@ class DSRCRecipe:
                 for b, sc in predict(model, batch, self.anchors, self.anchor_cfg):
                     boxes.append(b[:, [0, 1, 3, 4, 6]].cpu())
                     scores.append(sc.cpu())
-            detections[key] = pack(boxes, scores)
+            detections[key] = pack_frames(boxes, scores)
             split["predict"] += lap()  # forward, decoding, NMS
             matches[key] = {t: match_frames(boxes, scores, truth, thr) for t, thr in IOU_THRESHOLDS.items()}
             ap[key] = {t: matched_ap(m) for t, m in matches[key].items()}
             split["match"] += lap()
         if name in PICTURED:
             self._pictures(seed, name, model, test[:2], [c for c in e.pictures if c in e.corruptions])
-        packed_truth = pack(truth)
+        packed_truth = pack_frames(truth)
         # rank 0 detects alone (its callers wait for it): no collective here
         self.run.save_checkpoint(job, {"detections": detections, "truth": packed_truth}, sync=False)
         save_matches(self._matches_path(job), matches)
@@ -315,8 +316,9 @@ class DSRCRecipe:
             if "truth" not in state:
                 raise ValueError(f"{job} predates packed detections with their true boxes (9fb0abd): delete its "
                                  "results/ and checkpoints/ files to detect it again")
-            truth = unpack(*state["truth"])[0]
-            save_matches(path, {key: {t: match_frames(*unpack(*d), truth, thr) for t, thr in IOU_THRESHOLDS.items()}
+            truth = unpack_frames(*state["truth"])[0]
+            save_matches(path, {key: {t: match_frames(*unpack_frames(*d), truth, thr)
+                                      for t, thr in IOU_THRESHOLDS.items()}
                                 for key, d in state["detections"].items()})
         return load_matches(path)
 
