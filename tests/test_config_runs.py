@@ -78,7 +78,9 @@ def test_run_refuses_to_overwrite_without_resume(tmp_path):
     # a run started before a key was added resumes while the new key keeps its default, not once it is changed
     saved = tmp_path / "r" / "config.toml"
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("name")) + "\n")
+    started = saved.read_text()
     assert Run(tmp_path / "r", Outer(), resume=True).result("job") == {"acc": 1.0}
+    assert saved.read_text() == started  # the record of what the run started with is kept, not rewritten
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("name")) + "\n")
     with pytest.raises(ValueError, match="config differs"):
         Run(tmp_path / "r", Outer(name="changed"), resume=True)

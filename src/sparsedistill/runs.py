@@ -23,8 +23,8 @@ import subprocess
 import re
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import IO, Any, Iterator
 
 import torch
