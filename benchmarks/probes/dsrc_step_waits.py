@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from sparsedistill.models import create_model  # noqa: E402
 from sparsedistill.perception import LidarConfig, SceneConfig, SimConfig  # noqa: E402
 from sparsedistill.perception.anchors import make_anchors  # noqa: E402
-from sparsedistill.perception.batching import frame_inputs, merge  # noqa: E402
+from sparsedistill.perception.batching import collate, frame_inputs, merge  # noqa: E402
 from sparsedistill.perception.frames import simulate_frame  # noqa: E402
 from sparsedistill.perception.training import freeze, student_loss  # noqa: E402
 
@@ -64,6 +64,13 @@ def main() -> None:
             loss, _ = student_loss(model, merge(kept), teacher)
             loss.backward()
         print(name, "aten ops", sum(counter.ops.values()), "candidates", counter.waits())
+    # a detector's input at inference or under corruption: with the labels it does not read, and without
+    frame = simulate_frame(5, sim)  # 4 agents
+    for labels in (True, False):
+        with WaitCounter() as counter:
+            collate([frame], grid, labels=labels)
+        print(f"collate of a frame of {frame.num_agents} agents, labels={labels}: aten ops", sum(counter.ops.values()),
+              "candidates", counter.waits())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..report import command_line
-from ..runs import Run
+from ..runs import Run, atomic_write_bytes
 
 __all__ = ["write_report"]
 
@@ -114,7 +114,5 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
         lines += ["", "## BEV pictures (test frames; ego black, collaborators coloured)", ""]
         lines += [f"![{Path(p).name}]({p})" for p in pictures]
     path = out / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
