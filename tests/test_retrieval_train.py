@@ -531,19 +531,27 @@ def test_quality_sparsity_plane_over_a_flops_weight_sweep(tmp_path, capsys):
         run = Run(tmp_path / name, cfg)
         for label, (ndcg, nnz) in models.items():
             for c in collections:
+                served = {"ours_idf_queries": {"ndcg@10": ndcg + 0.03}} if label.startswith("baseline") else {}
                 run.save_result(f"eval-{label}-{c}", {"label": label, "collection": c, "ours": {"ndcg@10": ndcg},
-                                                      "bm25": {"ndcg@10": 0.5}, "nnz_per_doc": nnz})
+                                                      "bm25": {"ndcg@10": 0.5}, "nnz_per_doc": nnz} | served)
         return tmp_path / name
 
     runs = [fake_run("w1", ["loss.plain_flops_weight=0.001"], {"base": (0.45, 200.0), "plain-flops-s0": (0.56, 150.0),
                                                                "baseline-s0": (0.52, 140.0)}),
             fake_run("w2", ["loss.plain_flops_weight=0.004"], {"plain-flops-s0": (0.53, 80.0), "baseline-s0": (0.49, 70.0)}),
-            fake_run("w3", ["loss.plain_flops_weight=0.01"], {"plain-flops-s0": (0.50, 40.0)}, collections=("a",))]
+            fake_run("w3", ["loss.plain_flops_weight=0.01"], {"plain-flops-s0": (0.50, 40.0)}, collections=("a",)),
+            fake_run("w1s1", ["loss.plain_flops_weight=0.001", "seeds=[1]"], {"baseline-s1": (0.48, 120.0)})]
     assert main(["retrieval", "plane", *map(str, runs), "--out", str(tmp_path / "plane")]) == 0
     data = json.loads((tmp_path / "plane" / "plane.json").read_text())
-    by = {(p["variant"], p["flops_weight"]): p for p in data["points"]}
-    assert by["plain-flops", 0.004]["nnz_per_doc"] == 80.0 and by["baseline", 0.001]["ndcg@10"] == 0.52
+    by = {(p["variant"], p["flops_weight"], p["seed"]): p for p in data["points"]}
+    assert by["plain-flops", 0.004, 0]["nnz_per_doc"] == 80.0 and by["baseline", 0.001, 0]["ndcg@10"] == 0.52
     assert data["base"]["nnz_per_doc"] == 200.0
+    # a binary-query model also as served with IDF queries; a curve point averages a weight's seeds
+    assert by["baseline, IDF queries", 0.004, 0]["ndcg@10"] == pytest.approx(0.52)
+    assert [(c["flops_weight"], c["seeds"]) for c in data["curves"]["baseline"]] == [(0.004, 1), (0.001, 2)]
+    assert data["curves"]["baseline, IDF queries"][1]["ndcg@10"] == pytest.approx((0.55 + 0.51) / 2)
+    assert data["curves"]["baseline"][1]["nnz_per_doc"] == pytest.approx(130.0)
+    assert [c["flops_weight"] for c in data["curves"]["plain-flops"]] == [0.004, 0.001]  # w3 is left out: one collection
     text = (tmp_path / "plane" / "plane.md").read_text()
     assert "| plain-flops | 0 | 0.004 | 80.0 | 53.00 | +3.00 |" in text
     assert "Not plotted (evaluated on fewer collections): plain-flops-s0 (a)" in text  # w3 saw one collection

@@ -228,10 +228,22 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
     return report
 
 
+def _seed_means(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One curve point per FLOPS weight, NDCG@10 and nonzeros averaged over its seeds, in order of nonzeros."""
+    by_weight: dict[float, list[dict[str, Any]]] = {}
+    for p in points:
+        by_weight.setdefault(p["flops_weight"], []).append(p)
+    curve = [{"flops_weight": w, "seeds": len(ps), "nnz_per_doc": sum(p["nnz_per_doc"] for p in ps) / len(ps),
+              "ndcg@10": sum(p["ndcg@10"] for p in ps) / len(ps)} for w, ps in by_weight.items()]
+    return sorted(curve, key=lambda p: p["nnz_per_doc"])
+
+
 def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
     """The quality-sparsity plane of a FLOPS-weight sweep: for every trained model of the runs (each run may use its
     own ``loss.flops_weight`` / ``loss.plain_flops_weight``), mean NDCG@10 over the evaluated collections against the
-    mean document nonzeros, one curve per variant, the base model and BM25 as references. Writes ``plane.md``,
+    mean document nonzeros, one curve per variant (a point per FLOPS weight, its seeds averaged; a ``baseline`` model,
+    trained with binary queries, is drawn twice: as trained, and its documents served with IDF queries), the base
+    model and BM25 as references. Writes ``plane.md``,
     ``plane.png`` and ``plane.json`` into ``out_dir``; returns plane.md. Variants are compared on equal collections:
     a model missing one of the collections the others have is listed, not plotted."""
     from .retrieval_train import RetrievalTrainConfig, _variant
@@ -258,17 +270,20 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
             variant, seed = _label_parts(label)
             point.update(variant=variant, seed=seed, flops_weight=_variant(cfg, variant)["flops_weight"])
             points.append(point)
+            if all("ours_idf_queries" in r for r in rows):  # binary-query training: its documents, IDF queries served
+                points.append(point | {"variant": f"{variant}, IDF queries",
+                                       "ndcg@10": sum(r["ours_idf_queries"]["ndcg@10"] for r in rows) / len(rows)})
     if not points:
         raise FileNotFoundError(f"{', '.join(map(str, run_dirs))}: no evaluated trained model (results/eval-*.json)")
     full = max((p["collections"] for p in points), key=len)
     plotted = [p for p in points if p["collections"] == full]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for variant in dict.fromkeys(p["variant"] for p in plotted):
-        pts = sorted((p for p in plotted if p["variant"] == variant), key=lambda p: p["nnz_per_doc"])
-        ax.plot([p["nnz_per_doc"] for p in pts], [100 * p["ndcg@10"] for p in pts], "o-", label=variant)
-        for p in pts:
-            ax.annotate(f"{p['flops_weight']:g}", (p["nnz_per_doc"], 100 * p["ndcg@10"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+    curves = {v: _seed_means([p for p in plotted if p["variant"] == v]) for v in dict.fromkeys(p["variant"] for p in plotted)}
+    for variant, curve in curves.items():
+        ax.plot([p["nnz_per_doc"] for p in curve], [100 * p["ndcg@10"] for p in curve], "o-", label=variant)
+        for p in curve:
+            ax.annotate(f"{p['flops_weight']:g}" + (f" ({p['seeds']} seeds)" if p["seeds"] > 1 else ""),
+                        (p["nnz_per_doc"], 100 * p["ndcg@10"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     if base and base["collections"] == full:
         ax.plot([base["nnz_per_doc"]], [100 * base["ndcg@10"]], "k*", ms=10, label="SPLADE-tiny as shipped")
     ax.axhline(100 * plotted[0]["bm25_ndcg@10"], color="grey", ls="--", lw=1, label="BM25")
@@ -291,7 +306,7 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
             f"![plane]({png})", ""]
     if left:
         text += ["Not plotted (evaluated on fewer collections): " + "; ".join(left), ""]
-    atomic_write_bytes(out_dir / "plane.json", json.dumps({"base": base, "points": points}, indent=1).encode())
+    atomic_write_bytes(out_dir / "plane.json", json.dumps({"base": base, "points": points, "curves": curves}, indent=1).encode())
     report = out_dir / "plane.md"
     atomic_write_bytes(report, "\n".join(text).encode())
     return report
