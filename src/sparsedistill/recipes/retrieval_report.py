@@ -111,8 +111,10 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
     for lab in labels:
         v, s = _label_parts(lab)
         learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
+        binary = any("ours_idf_queries" in by.get((lab, c), {}) for c in cols)  # trained with binary queries
         for key, name in ([("ours_plain_idf", f"{v} (plain IDF queries)")] if learned else []) + [
-                ("ours", f"{v} + learned query weights" if learned else v)]:
+                ("ours", f"{v} + learned query weights" if learned else v)] + (
+                [("ours_idf_queries", f"{v}, served with IDF queries")] if binary else []):
             cells, diffs = [], []
             for c in cols:
                 r = by.get((lab, c))
