@@ -280,7 +280,8 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
     full = max((p["collections"] for p in points), key=len)
     plotted = [p for p in points if p["collections"] == full]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    curves = {v: _seed_means([p for p in plotted if p["variant"] == v]) for v in dict.fromkeys(p["variant"] for p in plotted)}
+    variants = dict.fromkeys(p["variant"] for p in plotted)
+    curves = {v: _seed_means([p for p in plotted if p["variant"] == v]) for v in variants}
     for variant, curve in curves.items():
         ax.plot([p["nnz_per_doc"] for p in curve], [100 * p["ndcg@10"] for p in curve], "o-", label=variant)
         for p in curve:
@@ -308,7 +309,8 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
             f"![plane]({png})", ""]
     if left:
         text += ["Not plotted (evaluated on fewer collections): " + "; ".join(left), ""]
-    atomic_write_bytes(out_dir / "plane.json", json.dumps({"base": base, "points": points, "curves": curves}, indent=1).encode())
+    plane = {"base": base, "points": points, "curves": curves}
+    atomic_write_bytes(out_dir / "plane.json", json.dumps(plane, indent=1).encode())
     report = out_dir / "plane.md"
     atomic_write_bytes(report, "\n".join(text).encode())
     return report
