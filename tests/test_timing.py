@@ -35,12 +35,16 @@ def test_host_sync_sites_name_the_line_that_waited_and_pass_other_warnings_on(mo
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
     def waits_twice():
-        warnings.warn("called a synchronizing CUDA operation")
+        # torch's notice the first time the mode is set (2026-12-07, H100: counted as a wait of B0's step before)
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
+                      "operations")
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:146.)")
         warnings.warn("something else")
         warnings.warn("called a synchronizing CUDA operation")
 
-    with pytest.warns(UserWarning, match="something else"):
+    with pytest.warns(UserWarning) as shown:
         sites = host_sync_sites(waits_twice)
+    assert [str(w.message)[:14] for w in shown] == ["Synchronizatio", "something else"]
     assert len(sites) == 2 and all(s.startswith("test_timing.py:") and " waits_twice <- test_timing.py:" in s for s in sites)
     assert sites[0] != sites[1]  # two lines
     assert modes == ["warn", 0]  # the mode found is restored

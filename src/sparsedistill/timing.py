@@ -87,6 +87,9 @@ def kernel_groups(times: dict[str, float], groups: dict[str, tuple[str, ...]]) -
     return {name: round(ms, 3) for name, ms in out.items()}
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # c10's text for each wait in the "warn" sync debug mode
+
+
 def host_sync_sites(fn) -> list[str]:
     """Where ``fn`` makes the host wait for the GPU (each wait idles the card while the host launches what follows):
     per wait that CUDA's sync debug mode reports, the innermost Python frames outside torch that led to it, as
@@ -97,13 +100,15 @@ def host_sync_sites(fn) -> list[str]:
     skip = (os.path.dirname(torch.__file__), os.path.abspath(__file__), os.path.abspath(warnings.__file__))
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
-            return show(message, category, filename, lineno, file, line)  # other warnings as usual
+        # torch appends "(Triggered internally at ...)"; other warnings pass on as usual, among them torch's one-time
+        # notice on first enabling the mode ("... does not yet detect all synchronizing operations")
+        if not str(message).startswith(SYNC_WARNING):
+            return show(message, category, filename, lineno, file, line)
         frames = [f for f in traceback.extract_stack()[:-1] if not os.path.abspath(f.filename).startswith(skip)]
         sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-2:])))
 
     with warnings.catch_warnings():  # restores the filters and showwarning on the way out
-        warnings.filterwarnings("always", message=".*synchroniz")  # every wait, the other warnings as filtered
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # every wait, the other warnings as filtered
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
