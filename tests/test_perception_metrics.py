@@ -9,7 +9,8 @@ import torch
 
 from sparsedistill.perception.metrics import (FrameMatches, _ap, average_precision, bev_corners, corruption_error,
                                               match_frames, matched_ap, mean_ce, mean_rr, paired_bootstrap_delta_ap,
-                                              paired_bootstrap_delta_matched, resilience_rate, rotated_iou_bev)
+                                              paired_bootstrap_delta_matched, paired_bootstrap_delta_seeds,
+                                              resilience_rate, rotated_iou_bev)
 
 
 def boxes(*rows: tuple[float, ...]) -> torch.Tensor:
@@ -276,6 +277,25 @@ def test_paired_bootstrap():
     found = ([b.clone() for b in one_car], [torch.ones(len(b)) for b in one_car])
     missed = ([b[:0] for b in one_car], [torch.ones(0) for _ in one_car])
     assert paired_bootstrap_delta_ap(found, missed, one_car, 0.5, rounds=50) == (1.0, 1.0, 1.0)
+
+
+def test_paired_bootstrap_over_seeds_averages_each_seeds_delta_on_the_same_frame_draws():
+    g = torch.Generator().manual_seed(5)
+    gts = random_cars(g, 40)
+    pairs = [(match_frames(*detect(g, gts, quality=q)[:2], gts, 0.5), match_frames(*detect(g, gts, quality=0.4)[:2], gts, 0.5))
+             for q in (0.95, 0.7, 0.6)]  # three seeds of a model and of its baseline
+    one = [paired_bootstrap_delta_matched(a, b, rounds=400, seed=1) for a, b in pairs]
+    delta, low, high = paired_bootstrap_delta_seeds(pairs, rounds=400, seed=1)
+    assert delta == pytest.approx(sum(d for d, _, _ in one) / 3, abs=1e-12)
+    assert low < delta < high
+    # the same draws for every seed: the interval of the mean is no wider than the mean of the seeds' widths
+    assert high - low <= sum(h - lo for _, lo, h in one) / 3 + 1e-12
+    assert paired_bootstrap_delta_seeds(pairs[:1], rounds=400, seed=1) == one[0]
+    with pytest.raises(ValueError, match="different frames"):
+        paired_bootstrap_delta_seeds([pairs[0], (pairs[1][0], match_frames(*detect(g, gts[:-1], quality=0.4)[:2],
+                                                                          gts[:-1], 0.5))])
+    with pytest.raises(ValueError, match="pairs is empty"):
+        paired_bootstrap_delta_seeds([])
 
 
 def test_matches_stored_by_frame_rebuild_the_same_ranking_ap_and_bootstrap():

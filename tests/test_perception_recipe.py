@@ -326,10 +326,25 @@ def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
         write_report(run, {})
 
 
+def _matches(found: list[int], scores: list[float]):
+    """A model's matches on four frames of one car each, found (1) or missed (0), by condition and threshold."""
+    import torch
+
+    from sparsedistill.perception.detections import IOU_THRESHOLDS
+    from sparsedistill.perception.metrics import FrameMatches
+
+    m = FrameMatches.from_frames(torch.tensor(scores, dtype=torch.float32), torch.tensor(found, dtype=torch.uint8),
+                                 torch.ones(4, dtype=torch.int32), torch.ones(4, dtype=torch.int32))
+    return {key: {t: m for t in IOU_THRESHOLDS} for key in ("clean", "fog-2")}
+
+
 def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
     """Seed 0 with every model in one run, seed 1 with b0 and dsrc in another: one report over both, written where
-    asked, the pictures of both linked; a seed evaluated twice is refused."""
+    asked, the pictures of both linked, dsrc's delta vs b0 over both seeds' matches; a seed evaluated twice is
+    refused."""
     from sparsedistill.cli import main
+    from sparsedistill.perception.detections import save_matches
+    from sparsedistill.perception.metrics import paired_bootstrap_delta_seeds
     from sparsedistill.runs import Run
 
     def evaluated(path, seed: int, models: dict[str, float]) -> None:
@@ -340,14 +355,21 @@ def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
 
     evaluated(tmp_path / "s0", 0, {"b0": 0.5, "dsrc": 0.7, "dsrc_no_paint": 0.6})
     evaluated(tmp_path / "s1", 1, {"b0": 0.6, "dsrc": 0.8})
+    matches = {"b0": _matches([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.6]), "dsrc": _matches([1, 1, 1, 0], [0.9, 0.8, 0.7, 0.6])}
     for seed in (0, 1):
         (tmp_path / f"s{seed}" / "samples").mkdir()
         (tmp_path / f"s{seed}" / "samples" / f"bev-dsrc-clean-f0-s{seed}.png").write_bytes(b"png")
+        (tmp_path / f"s{seed}" / "matches").mkdir()
+        for m in ("b0", "dsrc"):
+            save_matches(tmp_path / f"s{seed}" / "matches" / f"detect-{m}-s{seed}.npz", matches[m])
     out = tmp_path / "merged"
     assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
     assert "| `dsrc` | 2 | 75.0 ± 7.1 |" in capsys.readouterr().out
     text = (out / "report.md").read_text()
-    assert "(2 seeds: [0, 1])" in text and f"Seed 1 from `{tmp_path / 's1'}`: Command: `perception run seed 1`" in text
+    assert "(2 seeds: [0, 1])" in text and "Seed 1 from [`../s1`](../s1): Command: `perception run seed 1`" in text
+    pair = (matches["dsrc"]["clean"]["ap50"], matches["b0"]["clean"]["ap50"])
+    d, low, high = paired_bootstrap_delta_seeds([pair, pair], rounds=20)  # _cfg's eval.bootstrap
+    assert d > 0 and f"{d * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}] (2 seeds) |" in text
     assert "![bev-dsrc-clean-f0-s0.png](../s0/samples/bev-dsrc-clean-f0-s0.png)" in text
     assert "![bev-dsrc-clean-f0-s1.png](../s1/samples/bev-dsrc-clean-f0-s1.png)" in text
     assert (out / "ap-vs-severity.png").exists() and not (tmp_path / "s0" / "report.md").exists()
@@ -424,3 +446,21 @@ def test_device_script_trains_only_the_jobs_asked_and_returns_their_bank(tmp_pat
         names = tar.getnames()
     assert any(n.endswith("matches/detect-b0-s0.npz") for n in names)
     assert not any(n.endswith((".pt", ".safetensors")) or "/frames" in n for n in names)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_recipe_models_take_the_configured_memory_layout(tmp_path, channels_last):
+    """NHWC by default (cuDNN's layout on tensor cores, faster on the H100); train.channels_last=false keeps NCHW."""
+    import torch
+
+    from sparsedistill.recipes import dsrc as recipe
+    from sparsedistill.runs import Run
+
+    cfg = _cfg(**{"train.channels_last": str(channels_last).lower()})
+    dsrc = recipe.DSRCRecipe(cfg, Run(tmp_path / "run", cfg), progress=False)
+    convs = [p for p in dsrc._model(in_features=5).parameters() if p.ndim == 4]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert convs and all(p.is_contiguous(memory_format=layout) for p in convs)
+    # a 1x1 kernel is both layouts at once: the 3x3 ones tell them apart
+    assert any(p.is_contiguous(memory_format=torch.channels_last) != p.is_contiguous() for p in convs)
+    assert recipe.DSRCConfig().train.channels_last

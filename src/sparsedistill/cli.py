@@ -208,6 +208,7 @@ def _perception_simulate(args: argparse.Namespace) -> int:
 def _perception_report(args: argparse.Namespace) -> int:
     """One report over the finished evaluations of one or more DSRC runs (e.g. seed 0 with every model, and runs of
     further seeds with b0 and dsrc alone): each seed from the one run that evaluated it."""
+    from .config import load_config
     from .recipes.dsrc import DSRCConfig
     from .recipes.dsrc_report import write_report
     from .runs import Run, check_mergeable
@@ -228,7 +229,8 @@ def _perception_report(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{path} has no finished evaluation yet (results/eval-s*.json): resume the run "
                                     "first, or see its partial report (perception run --evaluate-only)")
         runs.append((run, seeds))
-    report = write_report(runs[0][0], dict(sorted(results.items())), others=runs[1:], out_dir=args.out)
+    rounds = load_config(DSRCConfig, paths[0] / "config.toml").eval.bootstrap
+    report = write_report(runs[0][0], dict(sorted(results.items())), others=runs[1:], out_dir=args.out, bootstrap=rounds)
     return _print_report(report)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 __all__ = ["bev_corners", "rotated_iou_bev", "FrameMatches", "match_frames", "average_precision", "matched_ap",
            "corruption_error", "resilience_rate", "mean_ce", "mean_rr", "paired_bootstrap_delta_ap",
-           "paired_bootstrap_delta_matched"]
+           "paired_bootstrap_delta_matched", "paired_bootstrap_delta_seeds"]
 
 Detections = tuple[Sequence[Tensor], Sequence[Tensor]]  # per frame: boxes (Pi, 5), scores (Pi,)
 
@@ -249,30 +249,45 @@ def paired_bootstrap_delta_ap(frames_a: Detections, frames_b: Detections, gts: S
 def paired_bootstrap_delta_matched(ma: FrameMatches, mb: FrameMatches, rounds: int = 1000, seed: int = 0,
                                    level: float = 0.95) -> tuple[float, float, float]:
     """``paired_bootstrap_delta_ap`` of two models' predictions already matched on the same frames."""
+    return paired_bootstrap_delta_seeds([(ma, mb)], rounds, seed, level)
+
+
+def paired_bootstrap_delta_seeds(pairs: Sequence[tuple[FrameMatches, FrameMatches]], rounds: int = 1000, seed: int = 0,
+                                 level: float = 0.95) -> tuple[float, float, float]:
+    """The mean over training seeds of AP(A) - AP(B), and its percentile interval: ``pairs`` holds each seed's two
+    models matched on the same test frames (the same frames for every seed), and every resample draws the same
+    frames for all of them, so frame-to-frame variation is resampled once and the seeds' models are averaged. The
+    interval does not treat the seeds as a sample (three seeds cannot estimate their spread); the report gives the
+    seeds' sd beside it. One pair is ``paired_bootstrap_delta_matched``."""
+    if not pairs:
+        raise ValueError("pairs is empty: give each seed's (model, baseline) matches")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level}")
-    if not torch.equal(ma.num_gt.cpu(), mb.num_gt.cpu()):
-        raise ValueError("the two models' matches are of different frames (their ground-truth counts differ): "
-                         "match both on the same frames")
-    if ma.total_gt == 0:
+    num_gt0 = pairs[0][0].num_gt
+    for ma, mb in pairs:
+        if not (torch.equal(ma.num_gt.cpu(), mb.num_gt.cpu()) and torch.equal(ma.num_gt.cpu(), num_gt0.cpu())):
+            raise ValueError("the models' matches are of different frames (their ground-truth counts differ): "
+                             "match every model of every seed on the same frames")
+    if pairs[0][0].total_gt == 0:
         raise _no_gt_error()
-    frames, device = len(ma.num_gt), ma.num_gt.device
+    frames, device = len(num_gt0), num_gt0.device
     draws = torch.randint(frames, (rounds, frames), generator=torch.Generator().manual_seed(seed))
     copies = torch.zeros(rounds, frames, dtype=torch.float64).scatter_add_(1, draws, torch.ones(rounds, frames,
                                                                                               dtype=torch.float64))
     copies = copies.to(device)
-    num_gt = copies @ ma.num_gt.double()
+    num_gt = copies @ num_gt0.double()
     # a resample of only car-free frames has no AP: it is left out (the interval is conditional on AP existing)
     defined = num_gt > 0
     copies, num_gt = copies[defined], num_gt[defined]
 
     def delta(c: Tensor, n: Tensor) -> Tensor:
-        return _ap(ma.tp, c[:, ma.frame], n) - _ap(mb.tp, c[:, mb.frame], n)
+        return sum(_ap(ma.tp, c[:, ma.frame], n) - _ap(mb.tp, c[:, mb.frame], n) for ma, mb in pairs) / len(pairs)
 
-    full = delta(torch.ones(1, frames, dtype=torch.float64, device=device), ma.num_gt.sum().double().view(1))
-    chunk = max(1, 2**22 // max(len(ma.tp), len(mb.tp), 1))  # rounds at a time, bounding (rounds, predictions) memory
+    full = delta(torch.ones(1, frames, dtype=torch.float64, device=device), num_gt0.sum().double().view(1))
+    most = max(len(m.tp) for pair in pairs for m in pair)
+    chunk = max(1, 2**22 // max(most, 1))  # rounds at a time, bounding (rounds, predictions) memory
     deltas = torch.cat([delta(c, n) for c, n in zip(copies.split(chunk), num_gt.split(chunk))]).cpu()
     low, high = torch.quantile(deltas, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return float(full[0]), low, high

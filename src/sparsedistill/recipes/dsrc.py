@@ -90,6 +90,10 @@ class DetectorTrainConfig(TrainConfig):
     # "tf32": fp32 weights and activations, TF32 tensor cores; "bf16": forwards and losses under bf16 autocast
     # (weights, optimizer and evaluation stay fp32). benchmarks/dsrc_speed.py times both.
     precision: str = "tf32"
+    # BEV maps and conv weights in NHWC, cuDNN's layout on tensor cores (the same numbers up to the order of sums):
+    # H100, 5629515, 30 steps a row: B0 179 frames/s against 156 in NCHW at the batch of 4, DSRC 124 against 106
+    # (benchmarks/results/dsrc_speed_h100_5629515.json). The three seeds banked in docs/results/dsrc trained in NCHW.
+    channels_last: bool = True
 
 
 @dataclass
@@ -157,7 +161,7 @@ class DSRCRecipe:
         return self._frames[split]
 
     def _model(self, **kw) -> CoopDetector:
-        return create_model(self.cfg.model, **kw).to(self.device)
+        return create_model(self.cfg.model, channels_last=self.cfg.train.channels_last, **kw).to(self.device)
 
     def _train(self, job: str, model: nn.Module, loss_fn, inputs: str, teacher_input: bool, seed: int,
                reconstruction: bool = False) -> nn.Module:

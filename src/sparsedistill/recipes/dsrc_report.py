@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..perception.detections import load_matches
+from ..perception.metrics import paired_bootstrap_delta_seeds
 from ..report import command_line
 from ..runs import Run, atomic_write_bytes
 
@@ -21,12 +23,29 @@ def _mean(values: list[float | None]) -> str:
     return f"{statistics.mean(values) * 100:.1f} ± {statistics.stdev(values) * 100:.1f}"
 
 
+def seed_deltas(run_of_seed: dict[int, Path], model: str, conditions: Sequence[str], rounds: int = 1000,
+                threshold: str = "ap50") -> dict[str, tuple[float, float, float]] | None:
+    """delta-AP vs b0 [CI] of ``model`` per condition, averaged over the seeds of ``run_of_seed`` (each seed's run
+    directory) on the same frame draws (``paired_bootstrap_delta_seeds``); None where a seed's matched predictions
+    are not in its run directory (``matches/``)."""
+    paths = [(run_of_seed[s] / "matches" / f"detect-{m}-s{s}.npz") for s in run_of_seed for m in (model, "b0")]
+    if not all(p.exists() for p in paths):
+        return None
+    loaded = [load_matches(p) for p in paths]
+    pairs = list(zip(loaded[0::2], loaded[1::2]))
+    return {key: paired_bootstrap_delta_seeds([(a[key][threshold], b[key][threshold]) for a, b in pairs], rounds)
+            for key in conditions}
+
+
 def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[str]] | None = None,
-                 others: Sequence[tuple[Run, list[int]]] = (), out_dir: Path | None = None) -> Path:
+                 others: Sequence[tuple[Run, list[int]]] = (), out_dir: Path | None = None,
+                 bootstrap: int | None = None) -> Path:
     """``report.md`` (tables over seeds: mean ± sd) and ``ap-vs-severity.png`` in ``out_dir`` (default: the run
     directory); ``missing``: per seed, the variants not yet detected (a partial report says so at the top);
     ``others``: further runs whose seeds' evaluations ``results`` also holds (each named at the top, with its
-    seeds); the BEV pictures of every run."""
+    seeds); the BEV pictures of every run. A model of several seeds gets delta-AP vs b0 over them all (the seeds'
+    mean on the same frame draws, ``bootstrap`` rounds: default the recipe's eval.bootstrap), of one seed that
+    seed's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,14 +68,27 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
     def vals(m: str, key: str, t: str = "ap50") -> list[float]:
         return [results[s]["models"][m][key][t] for s in seeds_of[m]]
 
-    def first_delta(m: str, key: str) -> list[float] | None:
-        """delta-AP@0.5 vs b0 [CI] of the first seed that has ``m``."""
+    run_of = {s: o.path for o, o_seeds in others for s in o_seeds}
+    run_of = {s: run_of.get(s, run.path) for s in seeds}
+    shown = [k for k in ["clean"] + [f"{c}-2" for c in corruptions] if k in first["conditions"]]
+    rounds = bootstrap or (recipe.cfg.eval.bootstrap if recipe is not None else 1000)
+    pooled = {m: seed_deltas({s: run_of[s] for s in seeds_of[m]}, m, shown, rounds) for m in models
+              if m != "b0" and len(seeds_of[m]) > 1}
+
+    def delta_of(m: str, key: str) -> list[float] | None:
+        """delta-AP@0.5 vs b0 [CI]: over the model's seeds where their matches are here, else its first seed's."""
+        if pooled.get(m):
+            return pooled[m].get(key)
         return results[seeds_of[m][0]]["models"][m].get(key, {}).get("delta_ap50_vs_b0")
+
+    def delta_seeds(m: str) -> str:
+        return f"{len(seeds_of[m])} seeds" if pooled.get(m) else f"seed {seeds_of[m][0]}"
 
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
              command_line(run.environment()), ""]
     for other, other_seeds in others:
-        lines += [f"Seed{'s' if len(other_seeds) > 1 else ''} {', '.join(map(str, other_seeds))} from `{other.path}`: "
+        where = Path(os.path.relpath(other.path, out)).as_posix()
+        lines += [f"Seed{'s' if len(other_seeds) > 1 else ''} {', '.join(map(str, other_seeds))} from [`{where}`]({where}): "
                   + command_line(other.environment()), ""]
     not_yet = {s: ms for s, ms in (missing or {}).items() if ms}
     if not_yet:
@@ -66,8 +98,10 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
                   "trains and detects the rest, then evaluates all.", ""]
     lines += ["AP in %, BEV rotated IoU, cars seen by at least one agent, inside the ego's grid; mean ± sd over seeds. "
               "Corrupted: every agent's scan in its own frame, mean over the levels. mCE / mRR as Robo3D "
-              "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval (the model's first seed).", "",
-              "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] |",
+              "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval; over several seeds, the mean of "
+              "their deltas on the same frame draws (the interval is the frames' uncertainty; the seeds' spread is the "
+              "± of the AP columns).", "",
+              "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] (of) |",
               "|---|---|---|---|---|---|---|---|"]
     for m in models:
         ms = seeds_of[m]
@@ -75,8 +109,8 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
                      for s in ms] if corruptions else []
         mce = [results[s]["models"][m]["mce_ap50"] for s in ms] if corruptions else []
         mrr = [results[s]["models"][m]["mrr_ap50"] for s in ms] if corruptions else []
-        d = first_delta(m, "clean")
-        delta = f"{d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}]" if d else "—"
+        d = delta_of(m, "clean")
+        delta = f"{d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}] ({delta_seeds(m)})" if d else "—"
         lines.append(f"| `{m}` | {len(ms)} | {_mean(vals(m, 'clean'))} | {_mean(vals(m, 'clean', 'ap70'))} | "
                      f"{_mean(corrupted)} | {_mean(mce)} | {_mean(mrr)} | {delta} |")
     if corruptions:
@@ -87,7 +121,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
             for c in corruptions:
                 v = _mean([statistics.mean(results[s]["models"][m][f"{c}-{lv}"]["ap50"] for lv in levels)
                            for s in seeds_of[m]])
-                d = first_delta(m, f"{c}-2")
+                d = delta_of(m, f"{c}-2")
                 cells.append(v + (f" ({d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}])" if d else ""))
             lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
         cols = 4
