@@ -210,7 +210,8 @@ def test_perception_simulate_draws_frames(tmp_path, capsys):
 
 
 def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
-    """--jobs: processes sharing a run directory each train their jobs; a last run evaluates without retraining."""
+    """`perception train --jobs`: processes sharing a run directory each train their jobs; `perception evaluate` or a
+    last run evaluates without retraining."""
     from sparsedistill.cli import main
 
     cfg, run = _cfg(), tmp_path / "run"
@@ -221,17 +222,16 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     sets = [a for s in ["sim.train_frames=4", "sim.test_frames=2", "sim.azimuths=256", "train.steps=3",
                         "train.checkpoint_every=2", "train.log_every=1", 'variants=["b0", "dsrc", "dsrc_no_paint"]',
                         'eval.corruptions=["fog"]', "eval.levels=[2]", "eval.bootstrap=20"] for a in ("--set", s)]
-    assert main(["perception", "run", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
+    assert main(["perception", "train", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
                  *sets, "--jobs", "teacher", "b0"]) == 0
-    assert "run again without --jobs" in capsys.readouterr().out
+    assert "trained teacher, b0; `perception evaluate`" in capsys.readouterr().out
     done = sorted(p.stem for p in (run / "results").glob("*.json"))
     assert done == ["b0-s0", "detect-b0-s0", "teacher-s0"] and not (run / "report.md").exists()  # b0 detected too
     assert run_dsrc(cfg, run, resume=True, progress=False, jobs=["dsrc"]) is None
     trained = (run / "metrics.jsonl").read_text()
     # --evaluate-only trains nothing: the report of the models detected so far, saying which are missing, and no
     # finished evaluation saved (the full one comes once every model is detected)
-    assert main(["perception", "run", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
-                 *sets, "--evaluate-only"]) == 0
+    assert main(["perception", "evaluate", "--config", "short", "--run-dir", str(run), "--no-progress", *sets]) == 0
     assert "**Partial report: models not yet detected**: seed 0: `dsrc_no_paint`." in capsys.readouterr().out
     text = (run / "report.md").read_text()
     assert "| `dsrc` |" in text and "| `dsrc_no_paint` |" not in text
@@ -254,6 +254,10 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
                                                         or n.startswith("teacher")])
     assert run_dsrc(cfg, bank, resume=True, progress=False, jobs=["teacher", "dsrc", "b0"]) is None
     assert (bank / "metrics.jsonl").read_text() == trained and not (bank / "results" / "teacher-s0.json").exists()
+    # `perception train` without --jobs trains every job not yet trained, teachers first, and evaluates nothing
+    assert main(["perception", "train", "--config", "short", "--run-dir", str(run), "--resume", "--no-progress",
+                 *sets]) == 0
+    assert not (run / "results" / "eval-s0.json").exists() and (run / "results" / "detect-dsrc_no_paint-s0.json").exists()
     report = run_dsrc(cfg, run, resume=True, progress=False)
     assert (run / "results" / "detect-b0-s0.json").stat().st_mtime_ns == detected  # its detections were reused
     assert report.exists() and (run / "results" / "eval-s0.json").exists()

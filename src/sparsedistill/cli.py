@@ -178,6 +178,20 @@ def _perception_run(args: argparse.Namespace) -> int:
     return _print_report(report)
 
 
+def _perception_train(args: argparse.Namespace) -> int:
+    """``perception run`` that trains (and detects) and stops before the evaluation: the named jobs, or every one."""
+    args.jobs = args.jobs or []
+    _run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", jobs=args.jobs)
+    print(f"trained {', '.join(args.jobs) or 'every job'}; `perception evaluate` in the same run directory evaluates")
+    return 0
+
+
+def _perception_evaluate(args: argparse.Namespace) -> int:
+    """``perception run --resume --evaluate-only``: trains nothing; the report of the models detected so far."""
+    args.resume = True
+    return _print_report(_run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", evaluate_only=True))
+
+
 def _perception_simulate(args: argparse.Namespace) -> int:
     """BEV pictures of a few simulated frames (clean and corrupted) and the simulator's frames per second."""
     import torch
@@ -490,6 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train and detect nothing: evaluate the models detected so far (with --resume); until every "
                          "model is detected the report is partial and says what is missing")
     pr.set_defaults(func=_perception_run)
+    pt = per_cmds.add_parser("train", help="train and detect (the jobs named, or every one) without evaluating",
+                             description="`perception run` up to the evaluation: teachers, then each variant trained and "
+                                         "detected on the clean and corrupted test frames. Several processes with "
+                                         "--resume and their own --jobs can share one run directory.")
+    _add_run_options(pt, "'full' (default, for a GPU) or 'short'")
+    pt.add_argument("--jobs", nargs="+", metavar="JOB",
+                    help="teacher, teacher_unpainted or variants, in this order (default: every job, teachers first)")
+    pt.set_defaults(func=_perception_train)
+    pe = per_cmds.add_parser("evaluate", help="evaluate a run's detected models (trains nothing) and write report.md",
+                             description="`perception run --resume --evaluate-only`: Robo3D's CE / RR and the paired "
+                                         "bootstrap against B0 from the detect jobs' matched predictions (no frames, no "
+                                         "models: a bank copied back from a GPU evaluates on any CPU). Partial, saying "
+                                         "what is missing, until every model is detected.")
+    _add_run_options(pe, "the run's own: give the --config / --set it was started with")
+    pe.set_defaults(func=_perception_evaluate)
     ps = per_cmds.add_parser("simulate", help="BEV pictures of simulated frames, clean and corrupted, and frames/s")
     ps.add_argument("--out", type=Path, default=Path("runs/perception-simulate"), help="folder for the PNGs")
     ps.add_argument("--frames", type=int, default=2, help="frames to draw (from the split's first seeds)")

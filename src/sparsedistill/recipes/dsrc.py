@@ -410,6 +410,11 @@ class DSRCRecipe:
                 save_bev(out / f"bev-{name}-{label}-f{i}-s{seed}.png", clouds, truth, self.grid, boxes, scores,
                          title=f"{name}, {label}, test frame {i}, seed {seed}")
 
+    def all_jobs(self) -> list[str]:
+        """Every training job of the config, each teacher before its students: what ``train_only([])`` trains."""
+        teachers = [t for t in ("teacher", "teacher_unpainted") if any(VARIANTS[v][2] == t for v in self.cfg.variants)]
+        return teachers + list(self.cfg.variants)
+
     def train_only(self, jobs: list[str]) -> None:
         """Train the named jobs of every seed in the order given (``teacher``, ``teacher_unpainted`` or a variant; a
         variant also detects on the test conditions) and stop: several processes, each with its own jobs, can share
@@ -527,7 +532,7 @@ class DSRCRecipe:
 def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: bool = True, command: str = "",
              jobs: list[str] | None = None, evaluate_only: bool = False) -> Path | None:
     """Run (or resume) the recipe in ``run_dir`` and write ``report.md``; returns its path. With ``jobs``, train
-    only those (see ``DSRCRecipe.train_only``) and return None: no evaluation, no report. With ``evaluate_only``,
+    only those (see ``DSRCRecipe.train_only``; ``[]``: every job) and return None: no evaluation, no report. With ``evaluate_only``,
     train and detect nothing: the report of the models detected so far (partial, saying what is missing, until
     every model is detected)."""
     from .dsrc_report import write_report
@@ -541,8 +546,8 @@ def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: boo
     dist.init()
     run = Run(run_dir, cfg, resume=resume, command=command)
     recipe = DSRCRecipe(cfg, run, progress)
-    if jobs:
-        recipe.train_only(jobs)
+    if jobs is not None:
+        recipe.train_only(jobs or recipe.all_jobs())
         return None
     missing: dict[int, list[str]] = {}
     if evaluate_only:
