@@ -288,9 +288,11 @@ def test_paired_bootstrap_over_seeds_averages_each_seeds_delta_on_the_same_frame
     delta, low, high = paired_bootstrap_delta_seeds(pairs, rounds=400, seed=1)
     assert delta == pytest.approx(sum(d for d, _, _ in one) / 3, abs=1e-12)
     assert low < delta < high
-    # the same draws for every seed: the interval of the mean is no wider than the mean of the seeds' widths
+    # the same draws for every seed: one seed three times is that seed's own result (independent draws would widen it)
+    assert paired_bootstrap_delta_seeds([pairs[0]] * 3, rounds=400, seed=1) == pytest.approx(one[0], abs=1e-12)
     assert high - low <= sum(h - lo for _, lo, h in one) / 3 + 1e-12
-    assert paired_bootstrap_delta_seeds(pairs[:1], rounds=400, seed=1) == one[0]
+    # one pair is the single-seed bootstrap, as computed before it delegated here (5629515)
+    assert one[0] == (0.3526384147821174, 0.240939895630103, 0.49646188592213497)
     with pytest.raises(ValueError, match="different frames"):
         paired_bootstrap_delta_seeds([pairs[0], (pairs[1][0], match_frames(*detect(g, gts[:-1], quality=0.4)[:2],
                                                                           gts[:-1], 0.5))])

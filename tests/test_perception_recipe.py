@@ -28,6 +28,7 @@ def test_dsrc_recipe_runs_resumes_and_reports(tmp_path):
     done = sorted(p.stem for p in (tmp_path / "run" / "results").glob("*.json"))
     assert done == ["b0-s0", "detect-b0-s0", "detect-dsrc-s0", "detect-dsrc_no_paint-s0", "dsrc-s0", "dsrc_no_paint-s0",
                     "eval-s0", "teacher-s0", "teacher_unpainted-s0"]
+    assert json.loads((tmp_path / "run" / "results" / "dsrc-s0.json").read_text())["layout"] == "nhwc"  # the default
     detect = json.loads((tmp_path / "run" / "results" / "detect-dsrc-s0.json").read_text())
     assert set(detect["seconds_split"]) == {"inputs", "predict", "match"}
     assert 0 < sum(detect["seconds_split"].values()) <= detect["seconds"] + 0.01  # where a detect job's time went
@@ -231,13 +232,14 @@ def test_dsrc_jobs_train_apart_in_one_run_directory(tmp_path, capsys):
     trained = (run / "metrics.jsonl").read_text()
     # --evaluate-only trains nothing: the report of the models detected so far, saying which are missing, and no
     # finished evaluation saved (the full one comes once every model is detected)
-    assert main(["perception", "evaluate", "--config", "short", "--run-dir", str(run), "--no-progress", *sets]) == 0
+    assert main(["perception", "evaluate", "--run-dir", str(run), "--no-progress"]) == 0  # the run's own config
     assert "**Partial report: models not yet detected**: seed 0: `dsrc_no_paint`." in capsys.readouterr().out
     text = (run / "report.md").read_text()
     assert "| `dsrc` |" in text and "| `dsrc_no_paint` |" not in text
     assert not (run / "results" / "eval-s0.json").exists() and (run / "metrics.jsonl").read_text() == trained
-    with pytest.raises(ValueError, match="pass one of them"):
-        run_dsrc(cfg, run, resume=True, progress=False, jobs=["b0"], evaluate_only=True)
+    for jobs in (["b0"], []):  # [] is every job
+        with pytest.raises(ValueError, match="pass one of them"):
+            run_dsrc(cfg, run, resume=True, progress=False, jobs=jobs, evaluate_only=True)
     with pytest.raises(FileNotFoundError, match="holds no run"):
         run_dsrc(cfg, tmp_path / "empty", progress=False, evaluate_only=True)
     assert not (tmp_path / "empty").exists()  # nothing left behind for a later --resume to pick up
@@ -326,6 +328,7 @@ def test_report_rows_span_the_seeds_that_have_each_model(tmp_path):
     assert "| `dsrc` | 2 | 75.0 ± 7.1 | 37.5 ± 3.5 |" in text
     assert "| `dsrc_no_paint` | 1 | 60.0 | 30.0 | 50.0 |" in text
     assert "| `b0` | 2 | 55.0 ± 7.1 |" in text
+    assert "| +1.0 [-2.0, +4.0] (seed 0) |" in text  # no matches here: the first seed's delta, said so
     with pytest.raises(ValueError, match="no evaluation"):
         write_report(run, {})
 
@@ -359,21 +362,30 @@ def test_perception_report_merges_the_seeds_of_several_runs(tmp_path, capsys):
 
     evaluated(tmp_path / "s0", 0, {"b0": 0.5, "dsrc": 0.7, "dsrc_no_paint": 0.6})
     evaluated(tmp_path / "s1", 1, {"b0": 0.6, "dsrc": 0.8})
-    matches = {"b0": _matches([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.6]), "dsrc": _matches([1, 1, 1, 0], [0.9, 0.8, 0.7, 0.6])}
+    matches = {0: {"b0": _matches([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.6]), "dsrc": _matches([1, 1, 1, 0], [0.9, 0.8, 0.7, 0.6])},
+               1: {"b0": _matches([0, 1, 1, 0], [0.9, 0.8, 0.7, 0.6]), "dsrc": _matches([1, 1, 0, 1], [0.9, 0.8, 0.7, 0.6])}}
     for seed in (0, 1):
         (tmp_path / f"s{seed}" / "samples").mkdir()
         (tmp_path / f"s{seed}" / "samples" / f"bev-dsrc-clean-f0-s{seed}.png").write_bytes(b"png")
         (tmp_path / f"s{seed}" / "matches").mkdir()
         for m in ("b0", "dsrc"):
-            save_matches(tmp_path / f"s{seed}" / "matches" / f"detect-{m}-s{seed}.npz", matches[m])
+            save_matches(tmp_path / f"s{seed}" / "matches" / f"detect-{m}-s{seed}.npz", matches[seed][m])
+            (tmp_path / f"s{seed}" / "results" / f"detect-{m}-s{seed}.json").write_text(json.dumps({"truth_sha256": "a"}))
     out = tmp_path / "merged"
     assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
     assert "| `dsrc` | 2 | 75.0 ± 7.1 |" in capsys.readouterr().out
     text = (out / "report.md").read_text()
     assert "(2 seeds: [0, 1])" in text and "Seed 1 from [`../s1`](../s1): Command: `perception run seed 1`" in text
-    pair = (matches["dsrc"]["clean"]["ap50"], matches["b0"]["clean"]["ap50"])
-    d, low, high = paired_bootstrap_delta_seeds([pair, pair], rounds=20)  # _cfg's eval.bootstrap
-    assert d > 0 and f"{d * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}] (2 seeds) |" in text
+    for key, end in (("clean", " |"), ("fog-2", ") |")):  # the clean column, and the per-corruption table's cell
+        pairs = [(matches[seed]["dsrc"][key]["ap50"], matches[seed]["b0"][key]["ap50"]) for seed in (0, 1)]
+        d, low, high = paired_bootstrap_delta_seeds(pairs, rounds=20)  # _cfg's eval.bootstrap
+        cell = f"{d * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]" + (" (2 seeds)" if key == "clean" else "")
+        assert cell + end in text, cell
+    # seeds whose detect jobs saw other test frames are not pooled: the first seed's delta (none stored here: "—")
+    (tmp_path / "s1" / "results" / "detect-b0-s1.json").write_text(json.dumps({"truth_sha256": "b"}))
+    assert main(["perception", "report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
+    assert "(2 seeds)" not in (out / "report.md").read_text()
+    (tmp_path / "s1" / "results" / "detect-b0-s1.json").write_text(json.dumps({"truth_sha256": "a"}))
     assert "![bev-dsrc-clean-f0-s0.png](../s0/samples/bev-dsrc-clean-f0-s0.png)" in text
     assert "![bev-dsrc-clean-f0-s1.png](../s1/samples/bev-dsrc-clean-f0-s1.png)" in text
     assert (out / "ap-vs-severity.png").exists() and not (tmp_path / "s0" / "report.md").exists()

@@ -187,8 +187,11 @@ def _perception_train(args: argparse.Namespace) -> int:
 
 
 def _perception_evaluate(args: argparse.Namespace) -> int:
-    """``perception run --resume --evaluate-only``: trains nothing; the report of the models detected so far."""
+    """``perception run --resume --evaluate-only``: trains nothing; the report of the models detected so far. The
+    run's own config.toml unless --config / --set are given."""
     args.resume = True
+    if args.run_dir and not args.config and not args.overrides:
+        args.config = str(args.run_dir / "config.toml")
     return _print_report(_run_recipe(args, "dsrc", "DSRCConfig", "run_dsrc", "perception", "dsrc", evaluate_only=True))
 
 
@@ -229,7 +232,8 @@ def _perception_report(args: argparse.Namespace) -> int:
 
     paths = list(dict.fromkeys(p.resolve() for p in args.runs))  # a run named twice counts once
     # seeds of one experiment: the same config but for the seeds, the models each trained and the pictures drawn
-    check_mergeable(paths, DSRCConfig, free=(("seeds",), ("variants",), ("eval", "pictures")))
+    # (and the memory layout: the same numbers up to the order of sums)
+    check_mergeable(paths, DSRCConfig, free=(("seeds",), ("variants",), ("eval", "pictures"), ("train", "channels_last")))
     runs, results, source = [], {}, {}
     for path in paths:
         run, seeds = Run.open(path), []
@@ -517,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "bootstrap against B0 from the detect jobs' matched predictions (no frames, no "
                                          "models: a bank copied back from a GPU evaluates on any CPU). Partial, saying "
                                          "what is missing, until every model is detected.")
-    _add_run_options(pe, "the run's own: give the --config / --set it was started with")
+    _add_run_options(pe, "default: the run directory's config.toml")
     pe.set_defaults(func=_perception_evaluate)
     ps = per_cmds.add_parser("simulate", help="BEV pictures of simulated frames, clean and corrupted, and frames/s")
     ps.add_argument("--out", type=Path, default=Path("runs/perception-simulate"), help="folder for the PNGs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 import traceback
@@ -108,10 +109,10 @@ def host_sync_sites(fn) -> list[str]:
         sites.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-2:])))
 
     with warnings.catch_warnings():  # restores the filters and showwarning on the way out
-        warnings.filterwarnings("always", message=SYNC_WARNING)  # every wait, the other warnings as filtered
+        warnings.filterwarnings("always", message=re.escape(SYNC_WARNING))  # every wait, the others as filtered
         warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+        try:  # the mode is restored even if torch's notice on setting it is raised (-W error)
+            torch.cuda.set_sync_debug_mode("warn")
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(before)

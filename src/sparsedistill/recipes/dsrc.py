@@ -195,7 +195,8 @@ class DSRCRecipe:
             train(model, amp_loss, get_batch, len(frames), self.cfg.train, job=job, run=self.run, seed=seed,
                   progress=self.progress)
             seconds = self.run.load_checkpoint(job).get("seconds")
-            self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": seconds})
+            layout = "nhwc" if self.cfg.train.channels_last else "nchw"  # a run resumed across the default's change
+            self.run.save_result(job, {"steps": self.cfg.train.steps, "seconds": seconds, "layout": layout})
             log.info("%s: trained in %s s", job, f"{seconds:.0f}" if seconds is not None else "?")
         export = self.run.artifact("exports") / f"{job}.safetensors"
         state = self.run.load_checkpoint(job)
@@ -411,7 +412,7 @@ class DSRCRecipe:
                          title=f"{name}, {label}, test frame {i}, seed {seed}")
 
     def all_jobs(self) -> list[str]:
-        """Every training job of the config, each teacher before its students: what ``train_only([])`` trains."""
+        """Every training job of the config, each teacher before its students (``run_dsrc(jobs=[])``)."""
         teachers = [t for t in ("teacher", "teacher_unpainted") if any(VARIANTS[v][2] == t for v in self.cfg.variants)]
         return teachers + list(self.cfg.variants)
 
@@ -537,7 +538,7 @@ def run_dsrc(cfg: DSRCConfig, run_dir: Path, resume: bool = False, progress: boo
     every model is detected)."""
     from .dsrc_report import write_report
 
-    if jobs and evaluate_only:
+    if jobs is not None and evaluate_only:
         raise ValueError("--jobs trains and --evaluate-only trains nothing: pass one of them")
     if evaluate_only and not (Path(run_dir) / "config.toml").exists():  # a new directory would be left behind empty
         raise FileNotFoundError(f"--evaluate-only evaluates a run's detected models, and {run_dir} holds no run: "

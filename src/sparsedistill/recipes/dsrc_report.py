@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -23,18 +24,27 @@ def _mean(values: list[float | None]) -> str:
     return f"{statistics.mean(values) * 100:.1f} ± {statistics.stdev(values) * 100:.1f}"
 
 
-def seed_deltas(run_of_seed: dict[int, Path], model: str, conditions: Sequence[str], rounds: int = 1000,
-                threshold: str = "ap50") -> dict[str, tuple[float, float, float]] | None:
+def pooled_seed_deltas(run_of_seed: dict[int, Path], model: str, conditions: Sequence[str], rounds: int = 1000,
+                       threshold: str = "ap50") -> dict[str, tuple[float, float, float]] | None:
     """delta-AP vs b0 [CI] of ``model`` per condition, averaged over the seeds of ``run_of_seed`` (each seed's run
-    directory) on the same frame draws (``paired_bootstrap_delta_seeds``); None where a seed's matched predictions
-    are not in its run directory (``matches/``)."""
-    paths = [(run_of_seed[s] / "matches" / f"detect-{m}-s{s}.npz") for s in run_of_seed for m in (model, "b0")]
-    if not all(p.exists() for p in paths):
+    directory) on the same frame draws (``paired_bootstrap_delta_seeds``, bootstrap seed 0; a seed's own
+    evaluation draws with its training seed). None where a seed's matched predictions are not in its run
+    directory (``matches/``) or its detect jobs saw other test frames than the first seed's (their true boxes'
+    sha256 differ): the report then gives the first seed's delta and says so."""
+    jobs = [(run_of_seed[s], f"detect-{m}-s{s}") for s in run_of_seed for m in (model, "b0")]
+    if not all((d / "matches" / f"{job}.npz").exists() for d, job in jobs):
         return None
-    loaded = [load_matches(p) for p in paths]
+    truth = {json.loads((d / "results" / f"{job}.json").read_text()).get("truth_sha256") for d, job in jobs}
+    if len(truth) > 1:
+        return None
+    loaded = [load_matches(d / "matches" / f"{job}.npz") for d, job in jobs]
     pairs = list(zip(loaded[0::2], loaded[1::2]))
     return {key: paired_bootstrap_delta_seeds([(a[key][threshold], b[key][threshold]) for a, b in pairs], rounds)
             for key in conditions}
+
+
+def _link(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
 
 
 def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[str]] | None = None,
@@ -72,7 +82,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
     run_of = {s: run_of.get(s, run.path) for s in seeds}
     shown = [k for k in ["clean"] + [f"{c}-2" for c in corruptions] if k in first["conditions"]]
     rounds = bootstrap or (recipe.cfg.eval.bootstrap if recipe is not None else 1000)
-    pooled = {m: seed_deltas({s: run_of[s] for s in seeds_of[m]}, m, shown, rounds) for m in models
+    pooled = {m: pooled_seed_deltas({s: run_of[s] for s in seeds_of[m]}, m, shown, rounds) for m in models
               if m != "b0" and len(seeds_of[m]) > 1}
 
     def delta_of(m: str, key: str) -> list[float] | None:
@@ -87,7 +97,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
     lines = [f"# DSRC on simulated cooperative LiDAR ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", "",
              command_line(run.environment()), ""]
     for other, other_seeds in others:
-        where = Path(os.path.relpath(other.path, out)).as_posix()
+        where = _link(other.path, out)
         lines += [f"Seed{'s' if len(other_seeds) > 1 else ''} {', '.join(map(str, other_seeds))} from [`{where}`]({where}): "
                   + command_line(other.environment()), ""]
     not_yet = {s: ms for s, ms in (missing or {}).items() if ms}
@@ -142,7 +152,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
         fig.savefig(out / "ap-vs-severity.png", dpi=90)
         plt.close(fig)
         lines += ["", "![AP vs severity](ap-vs-severity.png)"]
-    pictures = [Path(os.path.relpath(p, out)).as_posix() for r in [run, *(o for o, _ in others)]
+    pictures = [_link(p, out) for r in [run, *(o for o, _ in others)]
                 for p in sorted((r.path / "samples").glob("bev-*.png"))]
     if pictures:
         lines += ["", "## BEV pictures (test frames; ego black, collaborators coloured)", ""]
