@@ -510,11 +510,13 @@ def test_report_shows_a_binary_query_model_also_served_with_idf_queries(tmp_path
     run = _fake_run(tmp_path / "run", ["baseline"])
     r = {"label": "baseline-s0", "collection": "tiny", "source": "tiny", "bm25": {"ndcg@10": 0.65, "recall@100": 0.9},
          "ours": {"ndcg@10": 0.60, "recall@100": 0.9}, "ours_idf_queries": {"ndcg@10": 0.67, "recall@100": 0.92},
-         "nnz_per_doc": 100.0}
+         "ours_index": {"ndcg@10": 0.595}, "ours_idf_queries_index": {"ndcg@10": 0.6712}, "nnz_per_doc": 100.0}
     (run / "results" / "eval-baseline-s0-tiny.json").write_text(json.dumps(r))
     md = report_from_run(run).read_text()
     assert "| baseline | 0 | 60.00 (-5.00) / 90.00 / 100 | -5.00 |" in md
     assert "| baseline, served with IDF queries | 0 | 67.00 (+2.00) / 92.00 / 100 | +2.00 |" in md
+    # the served index's NDCG beside the float scores', for both ways of serving
+    assert "| baseline-s0 | 59.50 (-0.50) |" in md and "| baseline-s0, served with IDF queries | 67.12 (+0.12) |" in md
 
 
 def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection):
@@ -530,6 +532,8 @@ def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collecti
     binary = evaluate_collection(str(tiny_collection), cfg, enc, progress=False, binary_queries=True)
     assert binary["ours_idf_queries"] == idf["ours"] and "ours_idf_queries" not in idf
     assert 0 <= binary["ours"]["ndcg@10"] <= 1 and binary["ours_index"]["ndcg@10"] == pytest.approx(binary["ours"]["ndcg@10"], abs=0.05)
+    # the index served with IDF queries ranks as the IDF model's own index does (the same documents, the same queries)
+    assert binary["ours_idf_queries_index"] == idf["ours_index"] and "ours_idf_queries_index" not in idf
 
 
 def test_quality_sparsity_plane_over_a_flops_weight_sweep(tmp_path, capsys):

@@ -95,8 +95,9 @@ def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, d
         out["ours_plain_idf"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
         idf = term_weights.apply(idf)
         out["query_weights"] = term_weights.stats()
+    idf_qenc = QueryEncoder(encoder.tokenizer, idf) if binary_queries else None
     if binary_queries:
-        out["ours_idf_queries"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
+        out["ours_idf_queries"] = ranked_metrics(exact_scores(idf_qenc), ids, qids, qrels, depth)
     qenc = QueryEncoder(encoder.tokenizer, idf, binary=binary_queries)
     out["ours"] = ranked_metrics(exact_scores(qenc), ids, qids, qrels, depth)
 
@@ -105,9 +106,14 @@ def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, d
         index.add(ids, docs)
         st = index.stats()
         out["index"] = {"bytes_on_disk": st["bytes_on_disk"], "postings": st["postings"], "algorithm": index.algorithm}
-        hits = index.search_batch([qenc([queries[q]]) for q in qids], k=depth)
-        engine_run = {q: ({d: s for d, s in h} or {ids[0]: 0.0}) for q, h in zip(qids, hits)}  # ranx wants a non-empty run
-        out["ours_index"] = {k: float(v) for k, v in evaluate(qrels, RanxRun(engine_run), metrics).items()}
+        def served(enc) -> dict[str, float]:  # the engine's ranking (uint8 impacts) of every query
+            hits = index.search_batch([enc([queries[q]]) for q in qids], k=depth)
+            engine_run = {q: ({d: s for d, s in h} or {ids[0]: 0.0}) for q, h in zip(qids, hits)}  # ranx: non-empty runs
+            return {k: float(v) for k, v in evaluate(qrels, RanxRun(engine_run), metrics).items()}
+
+        out["ours_index"] = served(qenc)
+        if binary_queries:  # the same index served with IDF queries
+            out["ours_idf_queries_index"] = served(idf_qenc)
 
         # one-thread latency, one query at a time, same process
         threads = torch.get_num_threads()
