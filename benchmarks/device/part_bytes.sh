@@ -6,7 +6,9 @@
 # parts of a fixed 44-48 MiB no longer fit one call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat | wc -c)
+# each path's own size (a link's, not its target's; a tracked file deleted here counts 0)
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null \
+       | awk '{s += $1} END {print s + 0}') || true
 room=$(( (64 - 4) * 1024 * 1024 - tree ))
 if [ "$room" -lt $(( 8 * 1024 * 1024 )) ]; then
   echo "part_bytes.sh: the working tree ($(( tree / 1024 / 1024 )) MiB) leaves under 8 MiB of a call's 64 MiB" >&2

