@@ -516,7 +516,7 @@ def test_report_shows_a_binary_query_model_also_served_with_idf_queries(tmp_path
     assert "| baseline | 0 | 60.00 (-5.00) / 90.00 / 100 | -5.00 |" in md
     assert "| baseline, served with IDF queries | 0 | 67.00 (+2.00) / 92.00 / 100 | +2.00 |" in md
     # the served index's NDCG beside the float scores', for both ways of serving
-    assert "| baseline-s0 | 59.50 (-0.50) |" in md and "| baseline-s0, served with IDF queries | 67.12 (+0.12) |" in md
+    assert "| baseline | 0 | 59.50 (-0.50) |" in md and "| baseline, served with IDF queries | 0 | 67.12 (+0.12) |" in md
 
 
 def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection):

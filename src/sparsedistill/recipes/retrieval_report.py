@@ -128,12 +128,15 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
             if key == "ours" and len(diffs) == len(cols):
                 per_seed.setdefault(v, []).append((s, sum(diffs) / len(diffs),
                                                    sum(by[(lab, c)]["nnz_per_doc"] for c in cols) / len(cols)))
-    index_rows = []  # the served engine (uint8 impacts) against the float scores above, row by row
+    index_rows = []  # the served engine (uint8 impacts) against the float scores above, named as their rows there
     for lab in labels:
-        for key, name in (("ours", lab), ("ours_idf_queries", f"{lab}, served with IDF queries")):
+        v, seed = _label_parts(lab)
+        learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
+        for key, name in (("ours", f"{v} + learned query weights" if learned else v),
+                          ("ours_idf_queries", f"{v}, served with IDF queries")):
             if not any(f"{key}_index" in by.get((lab, c), {}) for c in cols):
                 continue
-            index_rows.append([name, *[f"{pct(by[(lab, c)][key + '_index']['ndcg@10'])} "
+            index_rows.append([name, "" if seed is None else seed, *[f"{pct(by[(lab, c)][key + '_index']['ndcg@10'])} "
                                        f"({100 * (by[(lab, c)][key + '_index']['ndcg@10'] - by[(lab, c)][key]['ndcg@10']):+.2f})"
                                        if f"{key}_index" in by.get((lab, c), {}) else "-" for c in cols]])
     seed_rows = [[v, len(xs), f"{100 * sum(d for _, d, _ in xs) / len(xs):+.2f}",
@@ -212,7 +215,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
              markdown_table(["variant", "seeds", "mean NDCG@10 diff to BM25", "per seed", "mean nnz / doc"], seed_rows), ""]
             if any(len(x) > 1 for x in per_seed.values()) else []),
           *(["What the served index (`SparseIndex`: uint8 impacts, exact top-k) ranks: NDCG@10 (difference to the float "
-             "scores above):", "", markdown_table(["model", *cols], index_rows), ""] if index_rows else []),
+             "scores above):", "", markdown_table(["model", "seed", *cols], index_rows), ""] if index_rows else []),
           f"![results]({png})", "", "## Training", "",
           markdown_table(["job", "stage", "queries", "steps", "s/step", "final ranking loss", "final FLOPS term", "train nnz/doc"], train_rows)
           if train_rows else "(no training jobs)", "",
