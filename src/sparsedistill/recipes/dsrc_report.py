@@ -32,7 +32,7 @@ def pooled_seed_deltas(run_of_seed: dict[int, Path], model: str, conditions: Seq
     directory (``matches/``) or its detect jobs saw other test frames than the first seed's (their true boxes'
     sha256 differ): the report then gives the first seed's delta and says so."""
     jobs = [(run_of_seed[s], f"detect-{m}-s{s}") for s in run_of_seed for m in (model, "b0")]
-    if not all((d / "matches" / f"{job}.npz").exists() for d, job in jobs):
+    if not all((d / "matches" / f"{job}.npz").exists() and (d / "results" / f"{job}.json").exists() for d, job in jobs):
         return None
     truth = {json.loads((d / "results" / f"{job}.json").read_text()).get("truth_sha256") for d, job in jobs}
     if len(truth) > 1:
@@ -111,7 +111,7 @@ def write_report(run: Run, results: dict, recipe=None, missing: dict[int, list[s
               "(CE against b0 = 100 %). Delta vs b0: paired frame bootstrap, 95 % interval; over several seeds, the mean of "
               "their deltas on the same frame draws (the interval is the frames' uncertainty; the seeds' spread is the "
               "± of the AP columns).", "",
-              "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] (of) |",
+              "| model | seeds | clean AP@0.5 | clean AP@0.7 | corrupted AP@0.5 | mCE % (AP@0.5) | mRR % (AP@0.5) | delta clean AP@0.5 vs b0 [CI] (seeds) |",
               "|---|---|---|---|---|---|---|---|"]
     for m in models:
         ms = seeds_of[m]
