@@ -18,6 +18,9 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
   ours_24_int8_fused[_compiled]              int8 with each MLP's fc1 -> GELU -> quantise in cuSPARSELt's epilogue
                                              (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2
+  ours_24_int8_fused_pass_compiled           the same with every other int8 layer's dequantisation and bias as a separate
+                                             pass after its GEMM (Sparse24Linear.epilogue_dequant off: the path before
+                                             the epilogue took them), to measure that step
 
     python benchmarks/vit_speed.py --out benchmarks/results/vit_speed.json
     python benchmarks/vit_speed.py ... --guard benchmarks/results/vit_speed_b16_b256_fp16_plan_h200.json
@@ -121,6 +124,14 @@ def fused_mlps(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def dequant_pass(model: torch.nn.Module) -> torch.nn.Module:
+    """Every 2:4 int8 layer dequantised by a separate pass after its GEMM, not in cuSPARSELt's epilogue."""
+    for m in model.modules():
+        if isinstance(m, Sparse24Linear):
+            m.epilogue_dequant = False
+    return model
+
+
 def dense8(model: torch.nn.Module, fmt: str, granularity: str, scales: dict[str, float] | None) -> torch.nn.Module:
     """The dense 8-bit model a user would deploy instead: the same layers as ours, dense, in FP8 or INT8."""
     m = copy.deepcopy(model)
@@ -186,6 +197,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (Sparse24GeluMlp): fc2 reads fc1's int8 output directly
     add("ours_24_int8_fused", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x))
     add("ours_24_int8_fused_compiled", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x, compile=True))
+    add("ours_24_int8_fused_pass_compiled", lambda: CUDAGraphed(dequant_pass(fused_mlps(ours(model, "int8", scales))), x,
+                                                                compile=True))
     dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",
                                                         "dense_compile_conv_patch") and "ms" in r]
     best = min(dense)

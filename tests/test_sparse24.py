@@ -132,6 +132,67 @@ def test_plan_pick_times_once_then_only_the_close_candidates():
     assert sparse24._pick_by_graphed_time([(True, 0)], graphed_ms) == {(True, 0): 0.34}
 
 
+def _fake_cusparselt(monkeypatch, calls: list):
+    """torch's cuSPARSELt ops done densely on the CPU (the "compressed" weight is the weight itself), recording what
+    each GEMM was asked for; the layers take the kernel path as if on a GPU."""
+    from sparsedistill.weights import sparse24
+
+    def mm(compressed, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0):
+        calls.append({"alpha": alpha if alpha is None else alpha.clone(), "bias": bias if bias is None else bias.clone(),
+                      "out_dtype": out_dtype})
+        y = compressed.float() @ dense_b.float()  # (out, tokens)
+        y = y * alpha[:, None] if alpha is not None else y
+        y = (y + bias.float()[:, None] if bias is not None else y).to(out_dtype or dense_b.dtype)
+        return y.t().contiguous() if transpose_result else y
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", mm, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
+    monkeypatch.setattr(torch, "_cslt_compress", lambda w: w.clone(), raising=False)
+    monkeypatch.setattr(Sparse24Linear, "uses_kernel", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    dequant_passes = []
+
+    def dequant(*a):
+        dequant_passes.append(a)
+        return sparse24._dequant_step(*a)
+
+    monkeypatch.setattr(sparse24, "_step", lambda kind: sparse24._quant_step if kind == "quant" else dequant)
+    return dequant_passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_int8_dequantisation_and_bias_run_in_the_gemm_epilogue(monkeypatch, dtype):
+    """int8 layers hand cuSPARSELt alpha = input scale x weight scale per channel and the bias in the output's dtype,
+    and run no separate dequantisation pass (issue 24: the pass cost ViT-B's qkv a read and write of its output)."""
+    from sparsedistill.weights import sparse24
+
+    calls: list = []
+    passes = _fake_cusparselt(monkeypatch, calls)
+    sparse24._PLANS.clear()
+    torch.manual_seed(0)
+    lin = _pruned_linear(48, 64)
+    sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.02)
+    x = torch.randn(37, 64, dtype=dtype)  # 37 tokens: padded to 48 for the kernel, cut back after
+    ref = sp._reference(x.float())
+    out = sp(x)
+    assert out.dtype == dtype and out.shape == (37, 48) and not passes
+    (call,) = calls
+    assert call["out_dtype"] == (dtype if dtype != torch.float32 else torch.bfloat16)
+    assert call["bias"].dtype == call["out_dtype"] and call["alpha"].dtype == torch.float32
+    assert torch.allclose(call["alpha"], (sp.input_scale * sp.weight_scale).reshape(-1))
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+    with torch.no_grad():  # new weights reach the epilogue's operands in place (a captured CUDA graph reads those)
+        alpha, bias = sp.epilogue_operands(call["out_dtype"])
+        sp.load_state_dict({**sp.state_dict(), "weight_scale": sp.weight_scale * 2, "bias": sp.bias + 1})
+        assert sp.epilogue_operands(call["out_dtype"])[0] is alpha and torch.allclose(alpha, 2 * call["alpha"])
+        assert torch.allclose(bias.float(), call["bias"].float() + 1, atol=1e-2)
+    sp.epilogue_dequant = False  # the separate pass, kept for fp8 and for the benchmark's comparison
+    calls.clear()
+    apart = sp(x)
+    assert passes and calls[0]["alpha"] is None and calls[0]["out_dtype"] == torch.bfloat16
+    assert (apart.float() - sp._reference(x.float())).norm() / ref.norm() < 1e-2
+
+
 def test_fp16_plan_choice_uses_graphed_timings_only(monkeypatch):
     """The regression of 7a33e7d: an eager screen dropped the plan that wins once graphed."""
     from sparsedistill.weights import sparse24
@@ -250,6 +311,28 @@ def test_fused_gelu_mlp_on_the_gpu_matches_its_reference_compiled_and_graphed():
         out = CUDAGraphed(model, x, compile=True)(x).float().cpu()
     err = lambda y: float((y - exact).norm() / exact.norm())  # noqa: E731
     assert err(eager) < 5e-2 and err(out) < max(1e-2, 1.25 * err(eager)), (err(out), err(eager))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_epilogue_matches_the_separate_pass_and_follows_new_weights_in_a_graph(dtype):
+    torch.manual_seed(0)
+    lin = _pruned_linear(2304, 768, "cuda")  # ViT-B's qkv
+    sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.03)
+    x = torch.randn(1576, 768, device="cuda", dtype=dtype)  # 8 images of 197 tokens
+    ref = sp._reference(x)
+    out = sp(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+    sp.epilogue_dequant = False
+    apart = sp(x)
+    sp.epilogue_dequant = True
+    assert (out.float() - apart.float()).norm() / ref.norm() < 1e-2
+    graphed = CUDAGraphed(sp, x)
+    with torch.no_grad():
+        sp.load_state_dict({**sp.state_dict(), "weight_scale": sp.weight_scale * 2, "bias": sp.bias + 1})
+    want = sp._reference(x)
+    assert (graphed(x).float() - want).norm() / want.norm() < 1e-2
 
 
 @pytest.mark.gpu

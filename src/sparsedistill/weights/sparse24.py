@@ -76,6 +76,11 @@ class Sparse24Linear(nn.Module):
     # Experimental: fp16 results as column-major views, no transposing copy; the ops after read them
     # strided (Inductor fuses the transpose into them). Measured against the copy in fp16_24_probe.py.
     column_major_views: bool = False
+    # int8: the dequantisation (per-channel alpha) and the bias in cuSPARSELt's epilogue, the result written in the
+    # model's dtype. Without it a separate pass rescales the bf16 sums, which Inductor can fuse into a LayerNorm or a
+    # residual add but not into attention: ViT-B's qkv paid a whole read and write of its output (1.9 of 14.5 ms at
+    # batch 256, H100, 015b52a). fp8 keeps the pass (alpha-vector scaling with E4M3 inputs is not tested on a GPU yet).
+    epilogue_dequant: bool = True
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
                  fmt: Sparse24Format = "fp16") -> None:
@@ -100,7 +105,8 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).detach().reshape(()).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
-        self._plans: dict[int, tuple[bool, int]] = {}  # token count -> (transpose_result, algorithm)
+        self._plans: dict[tuple, tuple[bool, int]] = {}  # (token count, out dtype, epilogue) -> (transpose_result, algorithm)
+        self._epilogue: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # out dtype -> (alpha, bias), see epilogue_operands
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
@@ -170,6 +176,26 @@ class Sparse24Linear(nn.Module):
                 self._compressed.copy_(fresh)
             else:
                 self._compressed = fresh
+        for dtype, (alpha, bias) in list(self._epilogue.items()):  # the epilogue's operands likewise, in place
+            if (bias is None) != (self.bias is None):
+                del self._epilogue[dtype]
+                continue
+            alpha.copy_(self._alpha())
+            if bias is not None:
+                bias.copy_(self.bias)
+
+    def _alpha(self) -> Tensor:
+        return (self.input_scale * self.weight_scale).reshape(-1).float().contiguous()
+
+    def epilogue_operands(self, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """What cuSPARSELt's epilogue computes ``alpha[o] * sum + bias[o]`` from: alpha fp32 per output channel (input
+        scale x weight scale), the bias in the output's dtype (the library's rule for int8 inputs with a 16-bit
+        output). Built once per dtype and kept: a CUDA graph captured with them reads these tensors."""
+        ops = self._epilogue.get(out_dtype)
+        if ops is None:
+            bias = None if self.bias is None else self.bias.to(out_dtype).contiguous()
+            ops = self._epilogue[out_dtype] = (self._alpha(), bias)
+        return ops
 
     @property
     def compressed(self) -> Tensor:
@@ -181,24 +207,34 @@ class Sparse24Linear(nn.Module):
     def forward_padded(self, xk: Tensor, n: int, dtype: torch.dtype) -> Tensor:
         """The layer from its kernel-ready input: ``xk`` (tokens padded to 16, in features) already in the layer's
         format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``."""
-        out_dtype = None if self.fmt == "fp16" else torch.bfloat16  # int8/fp8 sums overflow fp16
-        bias = self.bias if self.fmt == "fp16" else None  # fp16: added in cuSPARSELt's epilogue
-        plan = self._plans.get(xk.shape[0])
+        alpha = None
+        if self.fmt == "fp16":
+            out_dtype, bias = None, self.bias  # the bias added in cuSPARSELt's epilogue
+        elif self.fmt == "int8" and self.epilogue_dequant:  # rescaled sums: they fit the model's 16-bit dtype
+            out_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            alpha, bias = self.epilogue_operands(out_dtype)
+        else:
+            out_dtype, bias = torch.bfloat16, None  # raw int8/fp8 sums overflow fp16
+        plan_key = (xk.shape[0], out_dtype, alpha is not None)
+        plan = self._plans.get(plan_key)
         if plan is None:  # chosen once per layer shape and token count, outside graph capture (a warm-up call does it)
-            key = (self.fmt, self.out_features, self.in_features, xk.shape[0], bias is not None, xk.device, self.column_major_views)
+            key = (self.fmt, self.out_features, self.in_features, xk.shape[0], bias is not None, xk.device,
+                   self.column_major_views, out_dtype, alpha is not None)
             if key not in _PLANS:  # layers of one shape share it: ViT-B's 48 sparse layers have 4 shapes
-                _PLANS[key] = self._choose_plan(xk, bias, out_dtype)
-            plan = self._plans[xk.shape[0]] = _PLANS[key]
-        y = self._gemm(xk, bias, out_dtype, *plan)[:n]
-        if self.fmt != "fp16":  # dequantise, add the bias and cast back in one fused kernel
+                _PLANS[key] = self._choose_plan(xk, bias, out_dtype, alpha)
+            plan = self._plans[plan_key] = _PLANS[key]
+        y = self._gemm(xk, bias, out_dtype, *plan, alpha=alpha)[:n]
+        if self.fmt != "fp16" and alpha is None:  # dequantise, add the bias and cast back in one fused kernel
             y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, dtype)
         return y.to(dtype)
 
-    def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int) -> Tensor:
+    def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int,
+              alpha: Tensor | None = None) -> Tensor:
         return _cslt_mm(self.compressed, xk, bias, self.out_features, transposed, alg, out_dtype,
-                        self.column_major_views and not transposed)
+                        self.column_major_views and not transposed, alpha)
 
-    def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None) -> tuple[bool, int]:
+    def _choose_plan(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None,
+                     alpha: Tensor | None = None) -> tuple[bool, int]:
         """How to run this token count: cuSPARSELt's algorithm search, plus a timing where it cannot decide.
 
         int8/fp8: the searched algorithm with a transposed (row-major) result. fp16: the search fails
@@ -213,7 +249,8 @@ class Sparse24Linear(nn.Module):
         t0 = time.perf_counter()
         shape = f"{self.fmt} {self.out_features}x{self.in_features} weight, {xk.shape[0]} tokens"
         if self.fmt != "fp16":
-            plan = True, torch._cslt_sparse_mm_search(self.compressed, xk.t(), out_dtype=out_dtype, transpose_result=True)
+            plan = True, torch._cslt_sparse_mm_search(self.compressed, xk.t(), bias=bias, alpha=alpha, out_dtype=out_dtype,
+                                                      transpose_result=True)
             log.info("cuSPARSELt plan for %s: %s (search %.2f s)", shape, plan, time.perf_counter() - t0)
             return plan
         candidates = [(True, 0), (False, torch._cslt_sparse_mm_search(self.compressed, xk.t(), transpose_result=False))]
@@ -227,7 +264,7 @@ class Sparse24Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
-        self._compressed, self._plans = None, {}  # a new device needs a fresh compression
+        self._compressed, self._plans, self._epilogue = None, {}, {}  # a new device needs a fresh compression
         for k, b in self._buffers.items():
             if b is not None:  # only the device comes from fn: a round trip through fn's dtype would round the values
                 self._buffers[k] = b.to(fn(torch.empty(0, device=b.device)).device)
@@ -397,18 +434,20 @@ def _pick_by_graphed_time(candidates: list[tuple[bool, int]], graphed_ms, slower
 
 @torch.library.custom_op("sparsedistill::cslt_mm", mutates_args=())
 def _cslt_mm(compressed: Tensor, x: Tensor, bias: Tensor | None, out_features: int, transposed: bool, alg: int,
-             out_dtype: torch.dtype | None, view: bool = False) -> Tensor:
-    """``x W^T (+ bias)`` as (tokens, out), row-major: a column-major result would slow every later op more than the GEMM saves.
+             out_dtype: torch.dtype | None, view: bool = False, alpha: Tensor | None = None) -> Tensor:
+    """``alpha * x W^T (+ bias)`` as (tokens, out), row-major: a column-major result would slow every later op more than
+    the GEMM saves. ``alpha``: fp32, one per output feature (cuSPARSELt's alpha-vector scaling), or None for 1.
 
     An op of our own because the compressed weight is a flat buffer: PyTorch's shape rule for
     ``_cslt_sparse_mm`` reads the output width from it and gets it wrong under ``torch.compile``.
     """
-    y = torch._cslt_sparse_mm(compressed, x.t(), bias=bias, out_dtype=out_dtype, transpose_result=transposed, alg_id=alg)
+    y = torch._cslt_sparse_mm(compressed, x.t(), bias=bias, alpha=alpha, out_dtype=out_dtype,
+                              transpose_result=transposed, alg_id=alg)
     return y if transposed else (y.t() if view else y.t().contiguous())
 
 
 @_cslt_mm.register_fake
-def _(compressed, x, bias, out_features, transposed, alg, out_dtype, view=False):
+def _(compressed, x, bias, out_features, transposed, alg, out_dtype, view=False, alpha=None):
     if view and not transposed:
         return x.new_empty(out_features, x.shape[0], dtype=out_dtype or x.dtype).t()
     return x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype)
