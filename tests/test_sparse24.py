@@ -139,14 +139,16 @@ def _fake_cusparselt(monkeypatch, calls: list):
 
     def mm(compressed, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0):
         calls.append({"alpha": alpha if alpha is None else alpha.clone(), "bias": bias if bias is None else bias.clone(),
-                      "out_dtype": out_dtype})
+                      "out_dtype": out_dtype, "alg": alg_id})
         y = compressed.float() @ dense_b.float()  # (out, tokens)
         y = y * alpha[:, None] if alpha is not None else y
         y = (y + bias.float()[:, None] if bias is not None else y).to(out_dtype or dense_b.dtype)
         return y.t().contiguous() if transpose_result else y
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", mm, raising=False)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
+    # the search's answer depends on the epilogue (it does on the card: algorithm 3 with alpha, 9 without, H200)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, alpha=None, **k: 3 if alpha is not None else 9,
+                        raising=False)
     monkeypatch.setattr(torch, "_cslt_compress", lambda w: w.clone(), raising=False)
     monkeypatch.setattr(Sparse24Linear, "uses_kernel", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -191,6 +193,41 @@ def test_int8_dequantisation_and_bias_run_in_the_gemm_epilogue(monkeypatch, dtyp
     apart = sp(x)
     assert passes and calls[0]["alpha"] is None and calls[0]["out_dtype"] == torch.bfloat16
     assert (apart.float() - sp._reference(x.float())).norm() / ref.norm() < 1e-2
+
+
+def test_epilogue_plans_formats_and_compiled_graphs_see_what_they_should(monkeypatch):
+    """Each way of running a layer keeps its own searched plan; fp8 and bias-free int8 layers get what they need;
+    a device move drops the cached operands; a compiled layer reads the operands, not constants baked in."""
+    from sparsedistill.weights import sparse24
+
+    calls: list = []
+    passes = _fake_cusparselt(monkeypatch, calls)
+    sparse24._PLANS.clear()
+    torch.manual_seed(0)
+    x = torch.randn(32, 64, dtype=torch.float16)
+    sp = Sparse24Linear.from_dense(_pruned_linear(48, 64).weight, None, "int8", input_scale=0.02)  # no bias
+    sp(x)
+    sp.epilogue_dequant = False
+    sp(x)
+    assert [(c["alg"], c["alpha"] is not None, c["bias"]) for c in calls] == [(3, True, None), (9, False, None)]
+    assert set(sp._plans) == {(32, torch.float16, True), (32, torch.bfloat16, False)}
+    sp.epilogue_dequant = True
+    sp.to("cpu")
+    assert not sp._epilogue_ops and not sp._plans  # rebuilt on the new device
+    lin = _pruned_linear(48, 64)
+    fp8 = Sparse24Linear.from_dense(lin.weight, lin.bias, "fp8", input_scale=0.02)
+    calls.clear()
+    passes.clear()
+    fp8(x)
+    assert calls[0]["alpha"] is None and calls[0]["out_dtype"] == torch.bfloat16 and passes  # fp8 keeps the pass
+    sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.02)
+    with torch.no_grad():
+        sp(x)  # the plan is chosen eagerly, as CUDAGraphed does before compiling
+        compiled = torch.compile(sp, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x).float(), sp(x).float())
+        sp.load_state_dict({**sp.state_dict(), "weight_scale": sp.weight_scale * 2, "bias": sp.bias + 1})
+        want = sp._reference(x.float())
+        assert (compiled(x).float() - want).norm() / want.norm() < 1e-2
 
 
 def test_fp16_plan_choice_uses_graphed_timings_only(monkeypatch):

@@ -55,7 +55,7 @@ def shape_rows(out_f: int, in_f: int, tokens: int) -> dict:
     layer(x)  # picks the plan
     ways["layer"] = lambda: layer(x)
     rows: dict = {"out": out_f, "in": in_f, "tokens": tokens, "searched_alg": alg,
-                  "layer_plan_transposed_alg": list(layer._plans[tokens])}
+                  "layer_plan_transposed_alg": list(layer._plans[(tokens, None, False)])  # (tokens, out dtype, alpha in the epilogue)}
     for name, fn in ways.items():
         try:
             y = fn()

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 Sparse24Format = Literal["fp16", "int8", "fp8"]
 _QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _TOKEN_ALIGN = 16  # cuSPARSELt rejects token counts that are not a multiple of 16
-_PLANS: dict[tuple, tuple[bool, int]] = {}  # (fmt, out, in, tokens, bias, device) -> (transpose_result, algorithm)
+# (fmt, out, in, tokens, bias, device, column-major views, out dtype, alpha in the epilogue) -> (transpose_result, algorithm)
+_PLANS: dict[tuple, tuple[bool, int]] = {}
 
 
 def _quantize(x: Tensor, scale: Tensor, fmt: Sparse24Format) -> Tensor:
@@ -76,10 +77,8 @@ class Sparse24Linear(nn.Module):
     # Experimental: fp16 results as column-major views, no transposing copy; the ops after read them
     # strided (Inductor fuses the transpose into them). Measured against the copy in fp16_24_probe.py.
     column_major_views: bool = False
-    # int8: the dequantisation (per-channel alpha) and the bias in cuSPARSELt's epilogue, the result written in the
-    # model's dtype. Without it a separate pass rescales the bf16 sums, which Inductor can fuse into a LayerNorm or a
-    # residual add but not into attention: ViT-B's qkv paid a whole read and write of its output (1.9 of 14.5 ms at
-    # batch 256, H100, 015b52a). fp8 keeps the pass (alpha-vector scaling with E4M3 inputs is not tested on a GPU yet).
+    # int8: dequantise and add the bias in cuSPARSELt's epilogue; a separate pass cannot fuse into attention, so qkv
+    # paid a read and write of its output (docs/notes/vit-speed.md). fp8 keeps the pass (untested on a GPU).
     epilogue_dequant: bool = True
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
@@ -105,8 +104,9 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).detach().reshape(()).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().half())
         self._compressed: Tensor | None = None
-        self._plans: dict[tuple, tuple[bool, int]] = {}  # (token count, out dtype, epilogue) -> (transpose_result, algorithm)
-        self._epilogue: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # out dtype -> (alpha, bias), see epilogue_operands
+        # (token count, out dtype, alpha in the epilogue) -> (transpose_result, algorithm)
+        self._plans: dict[tuple[int, torch.dtype | None, bool], tuple[bool, int]] = {}
+        self._epilogue_ops: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # out dtype -> epilogue_operands
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
@@ -176,12 +176,9 @@ class Sparse24Linear(nn.Module):
                 self._compressed.copy_(fresh)
             else:
                 self._compressed = fresh
-        for dtype, (alpha, bias) in list(self._epilogue.items()):  # the epilogue's operands likewise, in place
-            if (bias is None) != (self.bias is None):
-                del self._epilogue[dtype]
-                continue
+        for alpha, bias in self._epilogue_ops.values():  # the epilogue's operands likewise, in place
             alpha.copy_(self._alpha())
-            if bias is not None:
+            if bias is not None:  # (load_state_dict never turns a None buffer into a tensor)
                 bias.copy_(self.bias)
 
     def _alpha(self) -> Tensor:
@@ -191,10 +188,10 @@ class Sparse24Linear(nn.Module):
         """What cuSPARSELt's epilogue computes ``alpha[o] * sum + bias[o]`` from: alpha fp32 per output channel (input
         scale x weight scale), the bias in the output's dtype (the library's rule for int8 inputs with a 16-bit
         output). Built once per dtype and kept: a CUDA graph captured with them reads these tensors."""
-        ops = self._epilogue.get(out_dtype)
+        ops = self._epilogue_ops.get(out_dtype)
         if ops is None:
-            bias = None if self.bias is None else self.bias.to(out_dtype).contiguous()
-            ops = self._epilogue[out_dtype] = (self._alpha(), bias)
+            bias = None if self.bias is None else self.bias.to(out_dtype, copy=True).contiguous()  # never the buffer
+            ops = self._epilogue_ops[out_dtype] = (self._alpha(), bias)
         return ops
 
     @property
@@ -264,7 +261,7 @@ class Sparse24Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
-        self._compressed, self._plans, self._epilogue = None, {}, {}  # a new device needs a fresh compression
+        self._compressed, self._plans, self._epilogue_ops = None, {}, {}  # a new device needs a fresh compression
         for k, b in self._buffers.items():
             if b is not None:  # only the device comes from fn: a round trip through fn's dtype would round the values
                 self._buffers[k] = b.to(fn(torch.empty(0, device=b.device)).device)
@@ -318,7 +315,7 @@ class Sparse24GeluMlp(nn.Module):
 
     def _epilogue(self) -> tuple[Tensor, Tensor | None, float]:
         """fc1's per-channel dequantisation, its fp32 bias and the scale into fc2's int8 input."""
-        alpha = (self.fc1.input_scale * self.fc1.weight_scale).reshape(-1).float().contiguous()
+        alpha = self.fc1._alpha()
         bias = None if self.fc1.bias is None else self.fc1.bias.float().contiguous()
         return alpha, bias, float(1.0 / self.fc2.input_scale)
 
