@@ -151,15 +151,19 @@ def torch_24(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None, rows: dict[str, dict], save) -> None:
-    """Fill ``rows`` variant by variant (``save`` after each, so a call cut short keeps what ran)."""
+def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None, rows: dict[str, dict], save,
+          with_dense: bool = True) -> float | None:
+    """Fill ``rows`` variant by variant (``save`` after each, so a call cut short keeps what ran); the best dense ms.
+
+    ``with_dense=False`` runs none of the dense rows (no speedups then): for a second process that only compares our rows
+    under another cuSPARSELt (LD_PRELOAD), beside a first one that ran the whole table."""
     model = pruned_vit(name)
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         ref = model(x).float()
 
     def add(key: str, build) -> None:
-        if variants is not None and key not in variants and not key.startswith("dense"):
+        if key.startswith("dense") and not with_dense or variants is not None and key not in variants and not key.startswith("dense"):
             return
         t0 = time.time()
         sparse24._PLANS.clear()  # so this row records the plans it chose
@@ -201,11 +205,12 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
                                                                 compile=True))
     dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",
                                                         "dense_compile_conv_patch") and "ms" in r]
-    best = min(dense)
+    best = min(dense) if with_dense and dense else None
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]
     for r in rows.values():
         if "ms" in r:
-            r["speedup_vs_best_dense"] = best / r["ms"]
+            if best is not None:
+                r["speedup_vs_best_dense"] = best / r["ms"]
             if dense8_ms:
                 r["speedup_vs_best_dense_8bit"] = min(dense8_ms) / r["ms"]
             r["images_per_s"] = batch / r["ms"] * 1000
@@ -220,6 +225,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_large_patch16_224"])
     ap.add_argument("--batches", nargs="+", type=int, default=[256, 1])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile for the dense baseline")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="none of the dense rows (no speedups): our rows under another cuSPARSELt, beside a full run")
     ap.add_argument("--variants", nargs="+", help="only these non-dense variants (e.g. ours_24_int8_compiled); dense always runs")
     ap.add_argument("--guard", type=Path, help="an earlier result JSON: exit 1 if a row's speedup over dense fell below it")
     ap.add_argument("--tolerance", type=float, default=0.1, help="relative speedup loss --guard allows (default 0.1)")
@@ -247,7 +254,7 @@ def main() -> int:
             row = {"model": name, "batch": batch, "variants": {}}
             results.append(row)
             row["best_dense_ms"] = bench(name, batch, not args.no_compile, set(args.variants) if args.variants else None,
-                                         row["variants"], save)
+                                         row["variants"], save, with_dense=not args.no_dense)
             save()
     failed = guard(results, json.loads(args.guard.read_text()), args.tolerance) if args.guard else []
     if args.guard:
@@ -255,8 +262,10 @@ def main() -> int:
         save()
     print("\nmodel                   batch  best dense ms  " + "  ".join(f"{k:>14s}" for k in results[0]["variants"]))
     for r in results:
-        cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
-        print(f"{r['model']:<24s}{r['batch']:>5d}  {r['best_dense_ms']:>13.2f}  " + "  ".join(cells))
+        cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "speedup_vs_best_dense" in v else
+                 f"{v['ms']:>12.2f}ms" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
+        best = f"{r['best_dense_ms']:>13.2f}" if r["best_dense_ms"] is not None else f"{'-':>13s}"
+        print(f"{r['model']:<24s}{r['batch']:>5d}  {best}  " + "  ".join(cells))
     for line in failed:
         print("REGRESSION:", line, file=sys.stderr)
     return 1 if failed else 0
