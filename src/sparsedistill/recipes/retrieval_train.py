@@ -17,7 +17,8 @@ Jobs (each skipped on ``--resume`` once its result exists; training jobs checkpo
   train-<variant>-s<seed>                  the job's training statistics
   query-<variant>-s<seed>                  with ``query.learn`` (always for ``query-only``): per-token multipliers on
                                            the IDF query side, learned on the train qrels (+ pseudo-queries) with the
-                                           documents fixed, saved beside the model as query_weights.json
+                                           documents fixed, saved beside the model as query_weights.json (``baseline``:
+                                           for its documents served with IDF queries; its binary queries have no weights)
   eval-<variant>-s<seed>-<collection>      ``retrieval.evaluation.evaluate_collection`` on the test qrels
 Variants: ``main`` (ensemble, IDF-aware FLOPS, pre-training) and its ablations ``plain-flops``,
 ``single-teacher`` and ``no-pretrain``; ``query-only`` (not in the defaults) keeps the documents as
@@ -246,9 +247,6 @@ def validate(cfg: RetrievalTrainConfig) -> None:
     if (q.learn or "query-only" in cfg.variants) and not ((q.supervised and cfg.data.supervised) or q.pseudo_corpora):
         raise ValueError("learning query-term weights needs queries: set data.supervised (with query.supervised=true) "
                          "or query.pseudo_corpora")
-    if q.learn and "baseline" in cfg.variants:
-        raise ValueError("query.learn learns multipliers of IDF query weights; the baseline variant's queries have none: "
-                         "drop 'baseline' from variants or set query.learn=false")
     if set(q.teachers) - set(TEACHERS):
         raise ValueError(f"query.teachers {sorted(set(q.teachers) - set(TEACHERS))} not understood; choose from {list(TEACHERS)}")
     if not 0 < q.dev_fraction < 1:

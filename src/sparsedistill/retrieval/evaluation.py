@@ -46,7 +46,8 @@ def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, d
     """``docs``: the collection's document vectors if already encoded (sparse, corpus order); ``term_weights``: a
     ``QueryTermWeights`` applied on top of the collection's IDF (then ``ours_plain_idf`` holds the IDF-only figures);
     ``binary_queries``: queries as token presence, no IDF (a model trained that way; then ``ours_idf_queries`` holds
-    the same documents scored with IDF queries)."""
+    the same documents scored with IDF queries, with ``term_weights`` on them if given, and
+    ``ours_idf_queries_plain_idf`` the IDF-only figures)."""
     from ranx import Qrels, Run as RanxRun, evaluate
 
     from .bm25 import import_bm25s
@@ -89,10 +90,9 @@ def evaluate_collection(name: str, cfg: EvalSettings, encoder, progress: bool, d
     def exact_scores(qenc) -> torch.Tensor:
         return torch.cat([(qenc([queries[q] for q in qids[s : s + 64]]).to_sparse_csr() @ docs_t).to_dense()
                           for s in range(0, len(qids), 64)])
-    if term_weights is not None and binary_queries:
-        raise ValueError("learned query-term weights multiply IDF query weights: not with binary queries")
-    if term_weights is not None:
-        out["ours_plain_idf"] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
+    if term_weights is not None:  # binary queries have no weights to multiply: the table is for their IDF serving
+        plain = "ours_idf_queries_plain_idf" if binary_queries else "ours_plain_idf"
+        out[plain] = ranked_metrics(exact_scores(QueryEncoder(encoder.tokenizer, idf)), ids, qids, qrels, depth)
         idf = term_weights.apply(idf)
         out["query_weights"] = term_weights.stats()
     idf_qenc = QueryEncoder(encoder.tokenizer, idf) if binary_queries else None
