@@ -163,7 +163,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
         ref = model(x).float()
 
     def add(key: str, build) -> None:
-        if key.startswith("dense") and not with_dense or variants is not None and key not in variants and not key.startswith("dense"):
+        dense_row = key.startswith("dense")
+        if (dense_row and not with_dense) or (not dense_row and variants is not None and key not in variants):
             return
         t0 = time.time()
         sparse24._PLANS.clear()  # so this row records the plans it chose

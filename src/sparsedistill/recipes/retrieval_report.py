@@ -93,9 +93,8 @@ def _served_learned(by: dict, label: str, cols: list[str]) -> bool:
     return any("ours_idf_queries_plain_idf" in by.get((label, c), {}) for c in cols)
 
 
-def _served_name(variant: str, by: dict, label: str, cols: list[str]) -> str:
-    suffix = " + learned query weights" if _served_learned(by, label, cols) else ""
-    return f"{variant}, served with IDF queries{suffix}"
+def _served_name(variant: str, learned: bool) -> str:
+    return f"{variant}, served with IDF queries{' + learned query weights' if learned else ''}"
 
 
 def _run_name(run: Run, first: Run) -> str:
@@ -122,10 +121,11 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
         v, s = _label_parts(lab)
         learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
         binary = any("ours_idf_queries" in by.get((lab, c), {}) for c in cols)  # trained with binary queries
+        served_learned = _served_learned(by, lab, cols)
         for key, name in ([("ours_plain_idf", f"{v} (plain IDF queries)")] if learned else []) + [
                 ("ours", f"{v} + learned query weights" if learned else v)] + (
-                [("ours_idf_queries_plain_idf", f"{v}, served with IDF queries")] if _served_learned(by, lab, cols) else []) + (
-                [("ours_idf_queries", _served_name(v, by, lab, cols))] if binary else []):
+                [("ours_idf_queries_plain_idf", _served_name(v, False))] if served_learned else []) + (
+                [("ours_idf_queries", _served_name(v, served_learned))] if binary else []):
             cells, diffs = [], []
             for c in cols:
                 r = by.get((lab, c))
@@ -144,7 +144,7 @@ def write_report(runs: list[Run], results: list[dict[str, Any]]) -> Path:
         v, seed = _label_parts(lab)
         learned = any("ours_plain_idf" in by.get((lab, c), {}) for c in cols)
         for key, name in (("ours", f"{v} + learned query weights" if learned else v),
-                          ("ours_idf_queries", _served_name(v, by, lab, cols))):
+                          ("ours_idf_queries", _served_name(v, _served_learned(by, lab, cols)))):
             if not any(f"{key}_index" in by.get((lab, c), {}) for c in cols):
                 continue
             index_rows.append([name, "" if seed is None else seed, *[f"{pct(by[(lab, c)][key + '_index']['ndcg@10'])} "
