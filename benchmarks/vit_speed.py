@@ -17,7 +17,10 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
   ours_24_int8_fused[_compiled]              int8 with each MLP's fc1 -> GELU -> quantise in cuSPARSELt's epilogue
-                                             (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2
+                                             (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2;
+                                             proj and fc2 add the residual stream in their epilogue too
+  ours_24_int8_fused_residual_after_compiled the same with the residual added after proj / fc2 (in the LayerNorm kernel:
+                                             Sparse24Linear.epilogue_residual off), to measure that step
   ours_24_int8_fused_pass_compiled           the same with every other int8 layer's dequantisation and bias as a separate
                                              pass after its GEMM (Sparse24Linear.epilogue_dequant off: the path before
                                              the epilogue took them), to measure that step
@@ -124,6 +127,15 @@ def fused_mlps(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def residual_after(model: torch.nn.Module) -> torch.nn.Module:
+    """Every 2:4 int8 layer that ends a block's branch leaves the residual add to the kernel after it (Inductor fuses
+    it into the LayerNorm), not to cuSPARSELt's epilogue."""
+    for m in model.modules():
+        if isinstance(m, Sparse24Linear):
+            m.epilogue_residual = False
+    return model
+
+
 def dequant_pass(model: torch.nn.Module) -> torch.nn.Module:
     """Every 2:4 int8 layer dequantised by a separate pass after its GEMM, not in cuSPARSELt's epilogue."""
     for m in model.modules():
@@ -202,6 +214,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (Sparse24GeluMlp): fc2 reads fc1's int8 output directly
     add("ours_24_int8_fused", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x))
     add("ours_24_int8_fused_compiled", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x, compile=True))
+    add("ours_24_int8_fused_residual_after_compiled", lambda: CUDAGraphed(residual_after(fused_mlps(ours(model, "int8", scales))),
+                                                                          x, compile=True))
     add("ours_24_int8_fused_pass_compiled", lambda: CUDAGraphed(dequant_pass(fused_mlps(ours(model, "int8", scales))), x,
                                                                 compile=True))
     dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",

@@ -277,7 +277,7 @@ def _int8_vit(device="cpu"):
 def test_fused_gelu_mlp_computes_the_int8_chain_it_replaces():
     """fc1 -> GELU -> fc2 with fc1 writing int8 (the epilogue's function, run densely here) against the two layers
     run apart: the same quantisation of the same values, up to GELU's tanh form and rounding ties."""
-    from sparsedistill.weights.cusparselt import gelu_int8_reference
+    from sparsedistill.weights.cusparselt import int8_sparse_gemm_reference
     from sparsedistill.weights.sparse24 import Sparse24GeluMlp, fuse_sparse24_mlps
 
     model = _int8_vit()
@@ -300,38 +300,112 @@ def test_fused_gelu_mlp_computes_the_int8_chain_it_replaces():
     h = torch.randn(5, mlp.fc1.in_features)
     with torch.no_grad():  # exactly fc2 applied to the int8 tensor the epilogue writes
         alpha, bias, scale = mlp._epilogue()
-        q = gelu_int8_reference(torch.round(h / mlp.fc1.input_scale).clamp(-127, 127).to(torch.int8), mlp.fc1.weight_q,
-                                alpha, bias, scale)
+        q = int8_sparse_gemm_reference(torch.round(h / mlp.fc1.input_scale).clamp(-127, 127).to(torch.int8),
+                                       mlp.fc1.weight_q, alpha, bias, gelu_scale=scale)
         want = (q.float() @ mlp.fc2.weight_q.float().t()) * (mlp.fc2.input_scale * mlp.fc2.weight_scale) + mlp.fc2.bias.float()
         assert torch.allclose(mlp(h), want, atol=1e-5)
-    assert gelu_int8_reference(torch.full((1, 32), 127, dtype=torch.int8), torch.ones(32, 32, dtype=torch.int8),
-                               torch.ones(32), None, 1.0).eq(127).all()  # saturates, never wraps
+    assert int8_sparse_gemm_reference(torch.full((1, 32), 127, dtype=torch.int8), torch.ones(32, 32, dtype=torch.int8),
+                                      torch.ones(32), None, gelu_scale=1.0).eq(127).all()  # saturates, never wraps
     with pytest.raises(ValueError, match="two int8 layers"):
         Sparse24GeluMlp(Sparse24Linear.from_linear(_pruned_linear(64, 32)), mlp.fc2)
 
 
 @pytest.mark.gpu
 def test_fused_gelu_gemm_matches_its_reference_and_survives_graph_capture():
-    from sparsedistill.weights.cusparselt import GeluInt8Gemm, gelu_int8_reference
+    from sparsedistill.weights.cusparselt import Int8SparseGemm, int8_sparse_gemm_reference
 
     torch.manual_seed(0)
     w = torch.randint(-20, 21, (3072, 768), device="cuda", dtype=torch.int8) * nm_mask(torch.randn(3072, 768, device="cuda")).to(torch.int8)
     x = torch.randint(-60, 61, (256, 768), device="cuda", dtype=torch.int8)
     alpha = torch.rand(3072, device="cuda") * 4e-4 + 1e-4
     bias = torch.randn(3072, device="cuda")
-    gemm = GeluInt8Gemm(torch._cslt_compress(w), 3072, 768, 256, alpha, bias, gelu_scale=25.0)
+    gemm = Int8SparseGemm(torch._cslt_compress(w), 3072, 768, 256, alpha, bias, gelu_scale=25.0)
     gemm.search(x)
-    out, ref = gemm(x), gelu_int8_reference(x, w, alpha, bias, 25.0)
+    out, ref = gemm(x), int8_sparse_gemm_reference(x, w, alpha, bias, gelu_scale=25.0)
     diff = (out.int() - ref.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2, (diff.max(), (diff > 0).float().mean())
     assert (ref == 127).any() and (ref == 0).any()  # saturation and GELU's flat side are both exercised
     static = torch.empty_like(out)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gemm(x, static)
+        gemm(x, out=static)
     x.copy_(torch.randint(-60, 61, x.shape, device="cuda", dtype=torch.int8))
     graph.replay()
     assert torch.equal(static, gemm(x))
+
+
+def test_residual_is_added_by_the_layers_that_end_a_vit_branch():
+    """Blocks hand the residual stream to proj and the MLP (on a GPU the int8 GEMMs add it in their epilogue); the
+    model computes what it computed with the adds after the layers, dense or 2:4."""
+    from sparsedistill.models import create_model
+    from sparsedistill.weights.cusparselt import int8_sparse_gemm_reference
+    from sparsedistill.weights.sparse24 import fuse_sparse24_mlps
+
+    torch.manual_seed(0)
+    dense = create_model("vit_fmnist_tiny").eval()
+    x = torch.rand(4, 1, 28, 28)
+    blk = dense.blocks[0]
+    tokens = torch.randn(4, 50, blk.norm1.normalized_shape[0])
+    with torch.no_grad():
+        a, _ = blk.attn(blk.norm1(tokens))
+        mid = tokens + a
+        want = mid + blk.mlp(blk.norm2(mid))
+        assert torch.allclose(blk(tokens)[0], want, atol=1e-6)
+    model = _int8_vit()
+    fuse_sparse24_mlps(model)
+    sp = model.blocks[0].attn.proj
+    h, r = torch.randn(6, sp.in_features), torch.randn(6, sp.out_features)
+    with torch.no_grad():
+        assert torch.allclose(sp(h, residual=r), sp(h) + r, atol=1e-5)
+        mlp = model.blocks[0].mlp
+        hm = torch.randn(6, mlp.fc1.in_features)
+        assert torch.allclose(mlp(hm, residual=r), mlp(hm) + r, atol=1e-5)
+        model.train()  # dropout 0: the fused form runs in training too, and agrees
+        assert torch.allclose(model(x), model.eval()(x), atol=1e-6)
+    q = torch.randint(-5, 6, (3, 32), dtype=torch.int8)
+    w = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
+    res = torch.randn(3, 32).half()
+    got = int8_sparse_gemm_reference(q, w, torch.full((32,), 0.5), torch.ones(32).half(), out_dtype=torch.float16,
+                                     residual=res)
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.float(), (q.float() @ w.float().t()) * 0.5 + 1 + res.float(), rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="output shape"):
+        sp(h, residual=torch.randn(6, sp.out_features + 1))
+    with pytest.raises(ValueError, match="output shape"):
+        mlp(hm, residual=r[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(dtype):
+    from sparsedistill.weights.cusparselt import Int8SparseGemm, int8_sparse_gemm_reference
+
+    torch.manual_seed(0)
+    w = torch.randint(-20, 21, (768, 3072), device="cuda", dtype=torch.int8) * nm_mask(torch.randn(768, 3072, device="cuda")).to(torch.int8)
+    x = torch.randint(-60, 61, (256, 3072), device="cuda", dtype=torch.int8)
+    alpha = torch.rand(768, device="cuda") * 4e-4 + 1e-4
+    bias = torch.randn(768, device="cuda").to(dtype)
+    res = torch.randn(256, 768, device="cuda").to(dtype)
+    with pytest.raises(ValueError, match="bias must be"):
+        Int8SparseGemm(torch._cslt_compress(w), 768, 3072, 256, alpha, bias.float(), out_dtype=dtype, residual=True)
+    gemm = Int8SparseGemm(torch._cslt_compress(w), 768, 3072, 256, alpha, bias, out_dtype=dtype, residual=True)
+    gemm.search(x, res)
+    ref = int8_sparse_gemm_reference(x, w, alpha, bias, out_dtype=torch.float32, residual=res)
+    out = gemm(x, res)
+    assert out.dtype == dtype and (out.float() - ref).norm() / ref.norm() < 1e-2
+    with pytest.raises(ValueError, match="pass one"):
+        gemm(x)
+    lin = _pruned_linear(768, 3072, "cuda")  # the layer's path: a plan per token count, refreshed by load_state_dict
+    sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.03)
+    h, r = torch.randn(200, 3072, device="cuda", dtype=dtype), torch.randn(200, 768, device="cuda", dtype=dtype)
+    assert sp.fuses_residual
+    want = sp._reference(h) + r.float()
+    assert (sp(h, residual=r).float() - want).norm() / want.norm() < 1e-2  # 200 tokens: padded to 208
+    graphed = CUDAGraphed(lambda t: sp(t, residual=r), h)
+    with torch.no_grad():
+        sp.load_state_dict({**sp.state_dict(), "weight_scale": sp.weight_scale * 2, "bias": sp.bias + 1})
+    want = sp._reference(h) + r.float()
+    assert (graphed(h).float() - want).norm() / want.norm() < 1e-2
 
 
 @pytest.mark.gpu

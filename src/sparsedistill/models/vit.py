@@ -83,6 +83,16 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
+def _add_branch(residual: Tensor | None, layer: nn.Module, x: Tensor) -> Tensor:
+    """``residual + layer(x)``. A layer with ``takes_residual`` gets the residual (the 2:4 int8 layers of
+    ``weights.sparse24`` add it in their GEMM's epilogue: the LayerNorm after reads one tensor instead of two)."""
+    if residual is None:
+        return layer(x)
+    if getattr(layer, "takes_residual", False):
+        return layer(x, residual=residual)
+    return residual + layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -91,7 +101,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, return_attn: bool = False,
+                residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The attention branch's output, plus ``residual`` if given; and the attention map if asked for."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if return_attn:  # explicit softmax, so the map can be distilled
@@ -99,7 +111,7 @@ class Attention(nn.Module):
             out = attn @ v
         else:
             attn, out = None, F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D)), attn
+        return _add_branch(residual, self.proj, out.transpose(1, 2).reshape(B, N, D)), attn
 
 
 class Mlp(nn.Module):
@@ -110,8 +122,10 @@ class Mlp(nn.Module):
         self.act = nn.GELU()  # a module, as timm's: weights.fuse_sparse24_mlps recognises fc1 -> act -> fc2
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    takes_residual = True
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return _add_branch(residual, self.fc2, self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -124,10 +138,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, return_attn: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, attn = self.attn(self.norm1(x), return_attn)
-        x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.norm2(x)))
-        return x, attn
+        if self.training and self.drop.p > 0:  # dropout acts on the branch, before the residual add
+            a, attn = self.attn(self.norm1(x), return_attn)
+            x = x + self.drop(a)
+            return x + self.drop(self.mlp(self.norm2(x))), attn
+        x, attn = self.attn(self.norm1(x), return_attn, residual=x)  # the last layer of a branch adds the residual
+        return _add_branch(x, self.mlp, self.norm2(x)), attn
 
 
 class VisionTransformer(nn.Module):

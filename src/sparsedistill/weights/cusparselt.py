@@ -1,11 +1,15 @@
-"""cuSPARSELt through ctypes, for the one epilogue PyTorch's binding lacks: an INT8 2:4 GEMM whose result goes
-through GELU and leaves as INT8, so fc1 of an MLP writes fc2's quantised input directly (issue 24):
+"""cuSPARSELt through ctypes, for the epilogues PyTorch's binding lacks: an INT8 2:4 GEMM whose result goes through
+GELU and leaves as INT8, so fc1 of an MLP writes fc2's quantised input directly, or one that adds the residual
+stream to its dequantised result, so proj and fc2 of a transformer block write the block's output (issue 24):
 
-    out[t, o] = sat_int8(round(gelu_scale * gelu_tanh(alpha[o] * sum_k W[o, k] x[t, k] + bias[o])))
+    pre[t, o] = alpha[o] * sum_k W[o, k] x[t, k] + residual[t, o] + bias[o]
+    out[t, o] = sat_int8(round(gelu_scale * gelu_tanh(pre[t, o])))     (gelu_scale given: int8 out)
+    out[t, o] = pre[t, o] in fp16 / bf16                                (otherwise; the residual optional)
 
 ``W`` is the weight as ``torch._cslt_compress`` compressed it: the structured descriptor here is PyTorch's (rows =
 out features, row-major, alignment 16), and compression depends on nothing else, so one compressed weight serves
-both paths. ``alpha`` is per output channel (the dequantisation), ``bias`` fp32 (what the INT8-output kernels take).
+both paths. ``alpha`` is per output channel (the dequantisation); ``bias`` fp32 for int8 output, else the output's
+dtype (the library's rules); ``residual`` is cuSPARSELt's C with beta 1, in the output's dtype and layout.
 The library is the copy PyTorch loaded. A plan is built once per (weight, token count) and reused, where PyTorch
 builds one per call (0.3-1 ms of host time); launches go on torch's current stream, so CUDA graphs capture them.
 
@@ -25,10 +29,11 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["CuSparseLtError", "GeluInt8Gemm", "gelu_int8_reference", "loaded_library"]
+__all__ = ["CuSparseLtError", "Int8SparseGemm", "int8_sparse_gemm_reference", "loaded_library"]
 
 _OPAQUE_BYTES = 16 * 1024  # room for every version's opaque structs
-_R_32F, _R_8I = 0, 3  # cudaDataType
+_R_32F, _R_16F, _R_8I, _R_16BF = 0, 2, 3, 14  # cudaDataType
+_DATA_TYPE = {torch.int8: _R_8I, torch.float16: _R_16F, torch.bfloat16: _R_16BF}
 _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _COMPUTE_32I = 0  # cusparseComputeType since 0.5
@@ -45,7 +50,7 @@ class CuSparseLtError(RuntimeError):
 def _loaded_path() -> str:
     """The libcusparseLt this process runs (PyTorch's, or one put first with LD_PRELOAD: the same SONAME)."""
     if not torch.cuda.is_available():
-        raise RuntimeError("cuSPARSELt needs a CUDA device; on the CPU use gelu_int8_reference")
+        raise RuntimeError("cuSPARSELt needs a CUDA device; on the CPU use int8_sparse_gemm_reference")
     torch._cslt_compress(torch.zeros(32, 32, dtype=torch.half, device="cuda"))  # PyTorch loads its copy on first use
     with open("/proc/self/maps") as maps:
         paths = [line.split()[-1] for line in maps if "libcusparseLt" in line]
@@ -114,38 +119,57 @@ def _handle(device: torch.device) -> _Opaque:
     return _HANDLES[index]
 
 
-def gelu_int8_reference(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor | None, gelu_scale: float) -> Tensor:
-    """What ``GeluInt8Gemm`` computes, densely in fp32 (any device): ``x`` int8 (tokens, in), ``weight`` int8 2:4."""
+def int8_sparse_gemm_reference(x: Tensor, weight: Tensor, alpha: Tensor, bias: Tensor | None, *,
+                               gelu_scale: float | None = None, out_dtype: torch.dtype = torch.int8,
+                               residual: Tensor | None = None) -> Tensor:
+    """What ``Int8SparseGemm`` computes, densely in fp32 (any device): ``x`` int8 (tokens, in), ``weight`` int8 2:4."""
     pre = (x.float() @ weight.float().t()) * alpha.float()
+    if residual is not None:  # the epilogue's order: alpha, then beta * C, then the bias, then the activation
+        pre = pre + residual.float()
     if bias is not None:
         pre = pre + bias.float()
+    if gelu_scale is None:
+        return pre.to(out_dtype)
     out = torch.nn.functional.gelu(pre, approximate="tanh") * torch.tensor(gelu_scale, dtype=torch.float32)
     return out.round().clamp(-128, 127).to(torch.int8)
 
 
-class GeluInt8Gemm:
-    """One cuSPARSELt plan: ``tokens`` int8 rows against a compressed int8 2:4 weight, a GELU epilogue, int8 out.
+class Int8SparseGemm:
+    """One cuSPARSELt plan: ``tokens`` int8 rows against a compressed int8 2:4 weight, alpha per output channel.
 
-    ``alpha`` (fp32, one per output feature) and ``bias`` (fp32 or None) are read at every call from the tensors given
-    here: update them in place, never rebind them. ``search`` picks the fastest algorithm (before any graph capture).
+    Either ``gelu_scale`` (a GELU epilogue, int8 out: fc1 writing fc2's quantised input) or a 16-bit ``out_dtype``,
+    with ``residual=True`` adding a (tokens, out) tensor of that dtype given at each call (proj / fc2 writing the
+    block's output). ``alpha`` (fp32, one per output feature) and ``bias`` are read at every call from the tensors
+    given here: update them in place, never rebind them. ``search`` picks the fastest algorithm (before any graph
+    capture).
     """
 
     def __init__(self, compressed: Tensor, out_features: int, in_features: int, tokens: int, alpha: Tensor,
-                 bias: Tensor | None, gelu_scale: float, alg: int = 0) -> None:
+                 bias: Tensor | None, gelu_scale: float | None = None, alg: int = 0, *,
+                 out_dtype: torch.dtype = torch.int8, residual: bool = False) -> None:
         if not compressed.is_cuda:
             raise ValueError("the compressed weight must be on a CUDA device (torch._cslt_compress of an int8 2:4 weight)")
         if out_features % 32 or in_features % 32 or tokens % 16:
             raise ValueError(f"cuSPARSELt's int8 kernels need in and out features divisible by 32 and tokens by 16, "
                              f"got {out_features} x {in_features} and {tokens} tokens; pad them")
+        if out_dtype not in _DATA_TYPE:
+            raise ValueError(f"out_dtype must be int8, float16 or bfloat16, got {out_dtype}")
+        if (gelu_scale is not None) != (out_dtype == torch.int8):
+            raise ValueError("int8 output comes with a GELU epilogue (gelu_scale) and 16-bit output without one")
+        if residual and out_dtype == torch.int8:
+            raise ValueError("the residual is added to 16-bit outputs only")
         dev = compressed.device
         if alpha.dtype != torch.float32 or alpha.shape != (out_features,) or alpha.device != dev:
             raise ValueError(f"alpha must be fp32 of shape ({out_features},) on {dev}, got {alpha.dtype} {tuple(alpha.shape)} on {alpha.device}")
-        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device != dev):
-            raise ValueError(f"bias must be fp32 of shape ({out_features},) on {dev} (int8 output takes an fp32 bias)")
+        bias_dtype = torch.float32 if out_dtype == torch.int8 else out_dtype
+        if bias is not None and (bias.dtype != bias_dtype or bias.shape != (out_features,) or bias.device != dev):
+            raise ValueError(f"bias must be {bias_dtype} of shape ({out_features},) on {dev} (with {out_dtype} output), "
+                             f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
         self._planned = False
         lib, self._h = _lib(), _handle(dev)
         self.compressed, self.alpha, self.bias, self.gelu_scale = compressed, alpha.contiguous(), bias, gelu_scale
         self.out_features, self.in_features, self.tokens, self.device = out_features, in_features, tokens, dev
+        self.out_dtype, self.residual = out_dtype, residual
         self._weight, self._input, self._output, self._matmul, self._alg_sel, self._plan = (_Opaque() for _ in range(6))
         h = self._h.ptr
         with torch.cuda.device(dev):
@@ -154,12 +178,13 @@ class GeluInt8Gemm:
             _check(lib.cusparseLtDenseDescriptorInit(h, self._input.ptr, tokens, in_features, in_features, _ALIGN, _R_8I,
                                                      _ORDER_ROW), "input descriptor")
             _check(lib.cusparseLtDenseDescriptorInit(h, self._output.ptr, out_features, tokens, out_features, _ALIGN,
-                                                     _R_8I, _ORDER_COL), "output descriptor")
+                                                     _DATA_TYPE[out_dtype], _ORDER_COL), "output descriptor")
             _check(lib.cusparseLtMatmulDescriptorInit(h, self._matmul.ptr, _OP_N, _OP_T, self._weight.ptr,
                                                       self._input.ptr, self._output.ptr, self._output.ptr, _COMPUTE_32I),
                    "matmul descriptor")
-            self._set(_GELU, C.c_int(1))
-            self._set(_GELU_SCALING, C.c_float(gelu_scale))
+            if gelu_scale is not None:
+                self._set(_GELU, C.c_int(1))
+                self._set(_GELU_SCALING, C.c_float(gelu_scale))
             self._set(_ALPHA_VECTOR_SCALING, C.c_int(1))
             if bias is not None:
                 self._set(_BIAS_POINTER, C.c_void_p(bias.data_ptr()))
@@ -171,7 +196,7 @@ class GeluInt8Gemm:
             self._planned = True
         self._workspace = torch.empty(0, dtype=torch.uint8, device=dev)
         self._fit_workspace()
-        self._beta = C.c_float(0.0)
+        self._beta = C.c_float(1.0 if residual else 0.0)  # a host scalar beside the alpha vector
 
     def _fit_workspace(self) -> None:
         """The plan's workspace, grown to what its algorithm needs (the search may pick one that needs more)."""
@@ -184,36 +209,44 @@ class GeluInt8Gemm:
         _check(_lib().cusparseLtMatmulDescSetAttribute(self._h.ptr, self._matmul.ptr, attribute, C.byref(value),
                                                        C.sizeof(value)), f"attribute {attribute}")
 
-    def _args(self, x: Tensor, out: Tensor) -> list:
+    def _args(self, x: Tensor, residual: Tensor | None, out: Tensor) -> list:
         stream = C.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
         self._stream = stream  # alive for the call
+        c = out if residual is None else residual
         return [self._h.ptr, self._plan.ptr, C.c_void_p(self.alpha.data_ptr()), C.c_void_p(self.compressed.data_ptr()),
-                C.c_void_p(x.data_ptr()), C.byref(self._beta), C.c_void_p(out.data_ptr()), C.c_void_p(out.data_ptr()),
+                C.c_void_p(x.data_ptr()), C.byref(self._beta), C.c_void_p(c.data_ptr()), C.c_void_p(out.data_ptr()),
                 C.c_void_p(self._workspace.data_ptr()), C.byref(stream), 1]
 
-    def _checked(self, x: Tensor, out: Tensor | None) -> Tensor:
+    def _checked(self, x: Tensor, residual: Tensor | None, out: Tensor | None) -> Tensor:
         if x.dtype != torch.int8 or x.shape != (self.tokens, self.in_features) or not x.is_contiguous() or x.device != self.device:
             raise ValueError(f"this plan takes contiguous int8 ({self.tokens}, {self.in_features}) on {self.device}, "
                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        shape = (self.tokens, self.out_features)
+        if (residual is not None) != self.residual:
+            raise ValueError("this plan adds a residual: pass one" if self.residual else "this plan was built without a residual")
+        if residual is not None and (residual.dtype != self.out_dtype or residual.shape != shape
+                                     or not residual.is_contiguous() or residual.device != self.device):
+            raise ValueError(f"residual must be contiguous {self.out_dtype} {shape} on {self.device}, "
+                             f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}")
         if out is None:
-            return torch.empty(self.tokens, self.out_features, dtype=torch.int8, device=self.device)
-        if out.dtype != torch.int8 or out.shape != (self.tokens, self.out_features) or not out.is_contiguous():
-            raise ValueError(f"out must be contiguous int8 ({self.tokens}, {self.out_features})")
+            return torch.empty(shape, dtype=self.out_dtype, device=self.device)
+        if out.dtype != self.out_dtype or out.shape != shape or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous {self.out_dtype} {shape}")
         return out
 
-    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        out = self._checked(x, out)
+    def __call__(self, x: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        out = self._checked(x, residual, out)
         with torch.cuda.device(self.device):
-            _check(_lib().cusparseLtMatmul(*self._args(x, out)), "matmul")
+            _check(_lib().cusparseLtMatmul(*self._args(x, residual, out)), "matmul")
         return out
 
-    def search(self, x: Tensor) -> int:
+    def search(self, x: Tensor, residual: Tensor | None = None) -> int:
         """Time cuSPARSELt's algorithms on ``x`` (synchronises: not inside a graph capture), keep the fastest, return it."""
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("search times kernels: run it before the CUDA graph capture")
-        out = self._checked(x, None)
+        out = self._checked(x, residual, None)
         with torch.cuda.device(self.device):
-            _check(_lib().cusparseLtMatmulSearch(*self._args(x, out)), "algorithm search")
+            _check(_lib().cusparseLtMatmulSearch(*self._args(x, residual, out)), "algorithm search")
             alg = C.c_int()
             _check(_lib().cusparseLtMatmulAlgGetAttribute(self._h.ptr, self._alg_sel.ptr, _ALG_CONFIG_ID, C.byref(alg),
                                                           C.sizeof(alg)), "reading the algorithm")

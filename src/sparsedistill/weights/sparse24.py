@@ -13,7 +13,6 @@ says which path runs.
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
@@ -80,6 +79,10 @@ class Sparse24Linear(nn.Module):
     # int8: dequantise and add the bias in cuSPARSELt's epilogue; a separate pass cannot fuse into attention, so qkv
     # paid a read and write of its output (docs/notes/vit-speed.md). fp8 keeps the pass (untested on a GPU).
     epilogue_dequant: bool = True
+    # int8 with the dequantisation in the epilogue: a residual passed to forward is added there too (cuSPARSELt's C,
+    # beta 1), so the LayerNorm after reads one tensor, not the block's input and the branch's output.
+    epilogue_residual: bool = True
+    takes_residual = True  # forward(x, residual=r) returns r + self(x): what models/vit.py's blocks look for
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
                  fmt: Sparse24Format = "fp16") -> None:
@@ -107,6 +110,7 @@ class Sparse24Linear(nn.Module):
         # (token count, out dtype, alpha in the epilogue) -> (transpose_result, algorithm)
         self._plans: dict[tuple[int, torch.dtype | None, bool], tuple[bool, int]] = {}
         self._epilogue_ops: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # out dtype -> epilogue_operands
+        self._residual_plans = _KernelPlans()  # (token count, out dtype) -> Int8SparseGemm adding the residual
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
@@ -151,22 +155,36 @@ class Sparse24Linear(nn.Module):
             y = (xq @ self.weight_q.float().t()) * (self.input_scale * self.weight_scale)
         return y if self.bias is None else y + self.bias.float()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x W^T + b``, plus ``residual`` (shaped as the output) if given: added in the GEMM's epilogue where
+        ``fuses_residual``, else after it."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
         lead = x.shape[:-1]
+        if residual is not None and residual.shape != (*lead, self.out_features):
+            raise ValueError(f"the residual must have this layer's output shape {(*lead, self.out_features)}, "
+                             f"got {tuple(residual.shape)}")
         x2 = x.reshape(-1, self.in_features)
         if not (x2.is_contiguous() or (self.column_major_views and x2.t().is_contiguous())):  # a view: read in place
             x2 = x2.contiguous()
+        r2 = None if residual is None else residual.reshape(-1, self.out_features)
         if not self.uses_kernel:
-            return self._reference(x2).to(x.dtype).reshape(*lead, self.out_features)
+            y = self._reference(x2)
+            y = y if r2 is None else y + r2.float()  # one rounding, as the epilogue
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         n = x2.shape[0]
         pad = (-n) % _TOKEN_ALIGN
         if self.fmt == "fp16":
             xk = F.pad(x2.half(), (0, 0, 0, pad)) if pad else x2.half()
         else:  # pad + scale + round + cast in one fused kernel, not four passes over the activations
             xk = _step("quant")(x2, self.input_scale, pad, self.fmt)
-        return self.forward_padded(xk, n, x.dtype).reshape(*lead, self.out_features)
+        return self.forward_padded(xk, n, x.dtype, r2).reshape(*lead, self.out_features)
+
+    @property
+    def fuses_residual(self) -> bool:
+        """Whether a residual given to ``forward`` is added by the GEMM (int8 on the kernel, both epilogues on)."""
+        return (self.fmt == "int8" and self.epilogue_dequant and self.epilogue_residual and self.uses_kernel
+                and not (self.out_features % 32 or self.in_features % 32))  # the int8 epilogue kernels' alignment
 
     def _refresh(self) -> None:
         """New values: compressed again into the same memory, so CUDA graphs captured before read them too."""
@@ -201,9 +219,14 @@ class Sparse24Linear(nn.Module):
             self._compressed = torch._cslt_compress(self.weight_q)
         return self._compressed
 
-    def forward_padded(self, xk: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    def forward_padded(self, xk: Tensor, n: int, dtype: torch.dtype, residual: Tensor | None = None) -> Tensor:
         """The layer from its kernel-ready input: ``xk`` (tokens padded to 16, in features) already in the layer's
-        format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``."""
+        format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``,
+        plus ``residual`` ((n, out)) if given."""
+        if residual is not None:
+            if self.fuses_residual:
+                return self._gemm_residual(xk, n, dtype, residual)
+            return (self.forward_padded(xk, n, dtype) + residual).to(dtype)
         alpha = None
         if self.fmt == "fp16":
             out_dtype, bias = None, self.bias  # the bias added in cuSPARSELt's epilogue
@@ -224,6 +247,25 @@ class Sparse24Linear(nn.Module):
         if self.fmt != "fp16" and alpha is None:  # dequantise, add the bias and cast back in one fused kernel
             y = _step("dequant")(y, self.input_scale * self.weight_scale, self.bias, dtype)
         return y.to(dtype)
+
+    def _gemm_residual(self, xk: Tensor, n: int, dtype: torch.dtype, residual: Tensor) -> Tensor:
+        """``alpha * sums + residual + bias`` by our own cuSPARSELt plan (PyTorch's binding takes no C operand)."""
+        out_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        r = residual.to(out_dtype)
+        r = (F.pad(r, (0, 0, 0, xk.shape[0] - n)) if xk.shape[0] > n else r).contiguous()
+
+        def build():
+            from .cusparselt import Int8SparseGemm
+
+            alpha, bias = self.epilogue_operands(out_dtype)  # refreshed in place by load_state_dict
+            plan = Int8SparseGemm(self.compressed, self.out_features, self.in_features, xk.shape[0], alpha, bias,
+                                  out_dtype=out_dtype, residual=True)
+            log.info("cuSPARSELt plan with the residual for int8 %dx%d, %d tokens: algorithm %d", self.out_features,
+                     self.in_features, xk.shape[0], plan.search(xk, r))
+            return plan
+
+        gemm = self._residual_plans.id_for((xk.shape[0], out_dtype), build)
+        return _int8_sparse_mm(xk, r, self.out_features, out_dtype, gemm)[:n].to(dtype)
 
     def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int,
               alpha: Tensor | None = None) -> Tensor:
@@ -262,6 +304,7 @@ class Sparse24Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
         self._compressed, self._plans, self._epilogue_ops = None, {}, {}  # a new device needs a fresh compression
+        self._residual_plans.retire()
         for k, b in self._buffers.items():
             if b is not None:  # only the device comes from fn: a round trip through fn's dtype would round the values
                 self._buffers[k] = b.to(fn(torch.empty(0, device=b.device)).device)
@@ -289,29 +332,21 @@ class Sparse24GeluMlp(nn.Module):
         if fc1.out_features != fc2.in_features:
             raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
         self.fc1, self.fc2 = fc1, fc2
-        self._gemms: dict[int, object] = {}  # padded token count -> its GeluInt8Gemm plan
-        self._gemm_ids: dict[int, int] = {}  # padded token count -> the plan's id in _GEMM_PLANS (the op's argument)
-        self._retired: list = []  # replaced plans, kept alive: a CUDA graph captured before may still launch them
+        self._gelu_plans = _KernelPlans()  # padded token count -> Int8SparseGemm with the GELU epilogue
         self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    takes_residual = True  # forward(x, residual=r): fc2 adds r (in its epilogue where it can)
 
     def _refresh(self) -> None:
         """New weights loaded: the plans' scales and bias are updated in place (graphs captured before see them);
         a plan whose baked-in GELU scale changed is replaced at the next call, the old one kept alive."""
         alpha, bias, scale = self._epilogue()
-        for tokens, plan in list(self._gemms.items()):
+        for tokens, plan in list(self._gelu_plans.plans.items()):
             plan.alpha.copy_(alpha)
             if plan.bias is not None and bias is not None:
                 plan.bias.copy_(bias)
             if plan.gelu_scale != scale or (plan.bias is None) != (bias is None):
-                self._retired.append(self._gemms.pop(tokens))
-                self._gemm_ids.pop(tokens)
-
-    def __deepcopy__(self, memo):
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():  # everything (training flag, hooks) but the plans: rebuilt per copy
-            new.__dict__[key] = type(value)() if key in ("_gemms", "_gemm_ids", "_retired") else copy.deepcopy(value, memo)
-        return new
+                self._gelu_plans.retire(tokens)
 
     def _epilogue(self) -> tuple[Tensor, Tensor | None, float]:
         """fc1's per-channel dequantisation, its fp32 bias and the scale into fc2's int8 input."""
@@ -320,40 +355,44 @@ class Sparse24GeluMlp(nn.Module):
         return alpha, bias, float(1.0 / self.fc2.input_scale)
 
     def _reference(self, x2: Tensor) -> Tensor:
-        from .cusparselt import gelu_int8_reference
+        from .cusparselt import int8_sparse_gemm_reference
 
         alpha, bias, scale = self._epilogue()
-        h = gelu_int8_reference(_quantize(x2, self.fc1.input_scale, "int8"), self.fc1.weight_q, alpha, bias, scale)
+        h = int8_sparse_gemm_reference(_quantize(x2, self.fc1.input_scale, "int8"), self.fc1.weight_q, alpha, bias,
+                                       gelu_scale=scale)
         y = (h.float() @ self.fc2.weight_q.float().t()) * (self.fc2.input_scale * self.fc2.weight_scale)
         return y if self.fc2.bias is None else y + self.fc2.bias.float()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"expected inputs with {self.fc1.in_features} features, got {tuple(x.shape)}")
         lead, x2 = x.shape[:-1], x.reshape(-1, self.fc1.in_features).contiguous()
+        if residual is not None and residual.shape != (*lead, self.fc2.out_features):
+            raise ValueError(f"the residual must have the MLP's output shape {(*lead, self.fc2.out_features)}, "
+                             f"got {tuple(residual.shape)}")
+        r2 = None if residual is None else residual.reshape(-1, self.fc2.out_features)
         if not self.fc1.uses_kernel:
-            return self._reference(x2).to(x.dtype).reshape(*lead, self.fc2.out_features)
+            y = self._reference(x2)
+            y = y if r2 is None else y + r2.float()
+            return y.to(x.dtype).reshape(*lead, self.fc2.out_features)
         n = x2.shape[0]
         xk = _step("quant")(x2, self.fc1.input_scale, (-n) % _TOKEN_ALIGN, "int8")
-        gemm = self._gemm_ids.get(xk.shape[0])
-        if gemm is None:  # one plan per token count, built and searched outside graph capture (a warm-up call does it)
-            from .cusparselt import GeluInt8Gemm
 
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"no plan for {xk.shape[0]} tokens yet: run the module once outside the CUDA graph capture")
+        def build():  # one plan per token count, built and searched outside graph capture (a warm-up call does it)
+            from .cusparselt import Int8SparseGemm
+
             alpha, bias, scale = self._epilogue()
-            plan = GeluInt8Gemm(self.fc1.compressed, self.fc1.out_features, self.fc1.in_features, xk.shape[0], alpha,
-                                bias, scale)
+            plan = Int8SparseGemm(self.fc1.compressed, self.fc1.out_features, self.fc1.in_features, xk.shape[0], alpha,
+                                  bias, scale)
             log.info("fused GELU plan for %s tokens of %dx%d: algorithm %d", xk.shape[0], self.fc1.out_features,
                      self.fc1.in_features, plan.search(xk))
-            self._gemms[xk.shape[0]] = plan
-            gemm = self._gemm_ids[xk.shape[0]] = _register_gemm(plan)
-        h = _gelu_int8_mm(xk, self.fc1.out_features, gemm)
-        return self.fc2.forward_padded(h, n, x.dtype).reshape(*lead, self.fc2.out_features)
+            return plan
+
+        h = _int8_sparse_mm(xk, None, self.fc1.out_features, torch.int8, self._gelu_plans.id_for(xk.shape[0], build))
+        return self.fc2.forward_padded(h, n, x.dtype, r2).reshape(*lead, self.fc2.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._retired += self._gemms.values()  # plans hold device pointers: a move needs new ones
-        self._gemms, self._gemm_ids = {}, {}
+        self._gelu_plans.retire()  # plans hold device pointers: a move needs new ones
         return super()._apply(fn, recurse)
 
 
@@ -383,26 +422,53 @@ def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:  # a modu
     module._refresh()
 
 
-# id -> GeluInt8Gemm (custom ops take no Python objects); weak: the modules own their plans
+# id -> Int8SparseGemm (custom ops take no Python objects); weak: the modules own their plans
 _GEMM_PLANS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 _GEMM_IDS = itertools.count()
 
 
-def _register_gemm(plan) -> int:
-    gemm_id = next(_GEMM_IDS)  # never reused, unlike id()
-    _GEMM_PLANS[gemm_id] = plan
-    return gemm_id
+class _KernelPlans:
+    """A module's ``Int8SparseGemm`` plans by key (the padded token count, ...), each registered for the custom op.
+    Replaced plans stay alive (a CUDA graph captured before may still launch them); a copy or a pickle starts empty
+    (plans hold device pointers: each copy builds its own)."""
+
+    def __init__(self) -> None:
+        self.plans: dict = {}
+        self.ids: dict = {}  # key -> the plan's id in _GEMM_PLANS (the op's argument)
+        self.retired: list = []
+
+    def id_for(self, key, build) -> int:
+        gemm = self.ids.get(key)
+        if gemm is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"no cuSPARSELt plan for {key} yet: run the module once outside the CUDA graph capture")
+            plan = self.plans[key] = build()
+            gemm = self.ids[key] = next(_GEMM_IDS)  # never reused, unlike id()
+            _GEMM_PLANS[gemm] = plan
+        return gemm
+
+    def retire(self, key=None) -> None:
+        """Drop one plan (or all): the next call builds a new one."""
+        for k in list(self.plans) if key is None else [key]:
+            self.retired.append(self.plans.pop(k))
+            self.ids.pop(k)
+
+    def __deepcopy__(self, memo) -> "_KernelPlans":
+        return _KernelPlans()
+
+    def __reduce__(self):
+        return _KernelPlans, ()
 
 
-@torch.library.custom_op("sparsedistill::gelu_int8_mm", mutates_args=())
-def _gelu_int8_mm(x: Tensor, out_features: int, gemm: int) -> Tensor:
+@torch.library.custom_op("sparsedistill::int8_sparse_mm", mutates_args=())
+def _int8_sparse_mm(x: Tensor, residual: Tensor | None, out_features: int, out_dtype: torch.dtype, gemm: int) -> Tensor:
     """An op of our own so Inductor compiles around the ctypes call (it fuses the quantisation before it)."""
-    return _GEMM_PLANS[gemm](x)
+    return _GEMM_PLANS[gemm](x, residual)
 
 
-@_gelu_int8_mm.register_fake
-def _(x, out_features, gemm):
-    return x.new_empty(x.shape[0], out_features, dtype=torch.int8)
+@_int8_sparse_mm.register_fake
+def _(x, residual, out_features, out_dtype, gemm):
+    return x.new_empty(x.shape[0], out_features, dtype=out_dtype)
 
 
 def _pick_by_graphed_time(candidates: list[tuple[bool, int]], graphed_ms, slower: float = 10.0,
