@@ -38,7 +38,7 @@ _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _COMPUTE_32I = 0  # cusparseComputeType since 0.5
 _SPARSITY_50 = 0
-_GELU, _GELU_SCALING, _ALPHA_VECTOR_SCALING, _BIAS_POINTER = 3, 4, 5, 8  # cusparseLtMatmulDescAttribute_t
+_GELU, _GELU_SCALING, _ALPHA_VECTOR_SCALING, _BETA_VECTOR_SCALING, _BIAS_POINTER = 3, 4, 5, 6, 8  # cusparseLtMatmulDescAttribute_t
 _ALG_DEFAULT, _ALG_CONFIG_ID = 0, 0
 _ALIGN = 16  # bytes; PyTorch's choice too
 
@@ -186,6 +186,8 @@ class Int8SparseGemm:
                 self._set(_GELU, C.c_int(1))
                 self._set(_GELU_SCALING, C.c_float(gelu_scale))
             self._set(_ALPHA_VECTOR_SCALING, C.c_int(1))
+            if residual:  # beta as a device vector of ones: a host beta of 1 beside the alpha vector added nothing (H100)
+                self._set(_BETA_VECTOR_SCALING, C.c_int(1))
             if bias is not None:
                 self._set(_BIAS_POINTER, C.c_void_p(bias.data_ptr()))
             _check(lib.cusparseLtMatmulAlgSelectionInit(h, self._alg_sel.ptr, self._matmul.ptr, _ALG_DEFAULT), "algorithm selection")
@@ -196,7 +198,8 @@ class Int8SparseGemm:
             self._planned = True
         self._workspace = torch.empty(0, dtype=torch.uint8, device=dev)
         self._fit_workspace()
-        self._beta = C.c_float(1.0 if residual else 0.0)  # a host scalar beside the alpha vector
+        self._beta = C.c_float(0.0)  # host scalar: no C
+        self._beta_ones = torch.ones(out_features, dtype=torch.float32, device=dev) if residual else None
 
     def _fit_workspace(self) -> None:
         """The plan's workspace, grown to what its algorithm needs (the search may pick one that needs more)."""
@@ -214,7 +217,9 @@ class Int8SparseGemm:
         self._stream = stream  # alive for the call
         c = out if residual is None else residual
         return [self._h.ptr, self._plan.ptr, C.c_void_p(self.alpha.data_ptr()), C.c_void_p(self.compressed.data_ptr()),
-                C.c_void_p(x.data_ptr()), C.byref(self._beta), C.c_void_p(c.data_ptr()), C.c_void_p(out.data_ptr()),
+                C.c_void_p(x.data_ptr()),
+                C.byref(self._beta) if self._beta_ones is None else C.c_void_p(self._beta_ones.data_ptr()),
+                C.c_void_p(c.data_ptr()), C.c_void_p(out.data_ptr()),
                 C.c_void_p(self._workspace.data_ptr()), C.byref(stream), 1]
 
     def _checked(self, x: Tensor, residual: Tensor | None, out: Tensor | None) -> Tensor:
