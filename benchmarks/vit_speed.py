@@ -17,10 +17,9 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   ours_24_{fp16,int8,fp8}                    Sparse24Linear on cuSPARSELt, whole forward in a CUDA graph
   ours_24_{fp16,int8,fp8}_compiled           the same, compiled by Inductor first (fused quantise/dequantise)
   ours_24_int8_fused[_compiled]              int8 with each MLP's fc1 -> GELU -> quantise in cuSPARSELt's epilogue
-                                             (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2;
-                                             proj and fc2 add the residual stream in their epilogue too
-  ours_24_int8_fused_residual_after_compiled the same with the residual added after proj / fc2 (in the LayerNorm kernel:
-                                             Sparse24Linear.epilogue_residual off), to measure that step
+                                             (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2
+  ours_24_int8_fused_residual_compiled       the same with proj and fc2 adding the residual stream in their epilogue
+                                             (Sparse24Linear.epilogue_residual on; off by default until its GPU test passes)
   ours_24_int8_fused_pass_compiled           the same with every other int8 layer's dequantisation and bias as a separate
                                              pass after its GEMM (Sparse24Linear.epilogue_dequant off: the path before
                                              the epilogue took them), to measure that step
@@ -127,12 +126,12 @@ def fused_mlps(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def residual_after(model: torch.nn.Module) -> torch.nn.Module:
-    """Every 2:4 int8 layer that ends a block's branch leaves the residual add to the kernel after it (Inductor fuses
-    it into the LayerNorm), not to cuSPARSELt's epilogue."""
+def residual_epilogue(model: torch.nn.Module) -> torch.nn.Module:
+    """Every 2:4 int8 layer that ends a block's branch adds the residual in cuSPARSELt's epilogue, not in the
+    LayerNorm kernel after it."""
     for m in model.modules():
         if isinstance(m, Sparse24Linear):
-            m.epilogue_residual = False
+            m.epilogue_residual = True
     return model
 
 
@@ -214,8 +213,8 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     # fc1 -> GELU -> int8 in cuSPARSELt's epilogue (Sparse24GeluMlp): fc2 reads fc1's int8 output directly
     add("ours_24_int8_fused", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x))
     add("ours_24_int8_fused_compiled", lambda: CUDAGraphed(fused_mlps(ours(model, "int8", scales)), x, compile=True))
-    add("ours_24_int8_fused_residual_after_compiled", lambda: CUDAGraphed(residual_after(fused_mlps(ours(model, "int8", scales))),
-                                                                          x, compile=True))
+    add("ours_24_int8_fused_residual_compiled", lambda: CUDAGraphed(residual_epilogue(fused_mlps(ours(model, "int8", scales))),
+                                                                    x, compile=True))
     add("ours_24_int8_fused_pass_compiled", lambda: CUDAGraphed(dequant_pass(fused_mlps(ours(model, "int8", scales))), x,
                                                                 compile=True))
     dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",
@@ -223,7 +222,9 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     best = min(dense) if with_dense and dense else None
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]
     for r in rows.values():
-        if "ms" in r:
+        if "ms" in r and r["rel_err_vs_dense"] > WRONG_OUTPUT:  # fast and wrong is no speedup
+            r["wrong_output"] = True
+        elif "ms" in r:
             if best is not None:
                 r["speedup_vs_best_dense"] = best / r["ms"]
             if dense8_ms:
@@ -232,6 +233,11 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     del model
     torch.cuda.empty_cache()
     return best
+
+
+# Relative error of the logits against dense fp16 above which a row is not a result: the 8-bit rows are 0.05-0.11;
+# a residual dropped by the epilogue gave 1.41 at 11.6 ms (H100, 4b09de4) and was printed as a speedup
+WRONG_OUTPUT = 0.25
 
 
 def main() -> int:
@@ -277,7 +283,7 @@ def main() -> int:
         save()
     print("\nmodel                   batch  best dense ms  " + "  ".join(f"{k:>14s}" for k in results[0]["variants"]))
     for r in results:
-        cells = [f"{v['speedup_vs_best_dense']:>13.2f}x" if "speedup_vs_best_dense" in v else
+        cells = [f"{'WRONG':>14s}" if v.get("wrong_output") else f"{v['speedup_vs_best_dense']:>13.2f}x" if "speedup_vs_best_dense" in v else
                  f"{v['ms']:>12.2f}ms" if "ms" in v else f"{'ERR':>14s}" for v in r["variants"].values()]
         best = f"{r['best_dense_ms']:>13.2f}" if r["best_dense_ms"] is not None else f"{'-':>13s}"
         print(f"{r['model']:<24s}{r['batch']:>5d}  {best}  " + "  ".join(cells))

@@ -397,6 +397,7 @@ def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(
         gemm(x)
     lin = _pruned_linear(768, 3072, "cuda")  # the layer's path: a plan per token count, refreshed by load_state_dict
     sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.03)
+    sp.epilogue_residual = True
     h, r = torch.randn(200, 3072, device="cuda", dtype=dtype), torch.randn(200, 768, device="cuda", dtype=dtype)
     assert sp.fuses_residual
     want = sp._reference(h) + r.float()
