@@ -222,7 +222,7 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     best = min(dense) if with_dense and dense else None
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]
     for r in rows.values():
-        if "ms" in r and r["rel_err_vs_dense"] > WRONG_OUTPUT:  # fast and wrong is no speedup
+        if "ms" in r and not r["rel_err_vs_dense"] <= WRONG_OUTPUT:  # fast and wrong (or NaN) is no speedup
             r["wrong_output"] = True
         elif "ms" in r:
             if best is not None:

@@ -212,7 +212,9 @@ def test_epilogue_plans_formats_and_compiled_graphs_see_what_they_should(monkeyp
     assert [(c["alg"], c["alpha"] is not None, c["bias"]) for c in calls] == [(3, True, None), (9, False, None)]
     assert set(sp._plans) == {(32, torch.float16, True), (32, torch.bfloat16, False)}
     sp.epilogue_dequant = True
-    sp.to("cpu")
+    sp.half()
+    assert sp._epilogue_ops and sp._plans  # a dtype change keeps them (and graphs captured with them)
+    sp.to("meta")
     assert not sp._epilogue_ops and not sp._plans  # rebuilt on the new device
     lin = _pruned_linear(48, 64)
     fp8 = Sparse24Linear.from_dense(lin.weight, lin.bias, "fp8", input_scale=0.02)
@@ -369,6 +371,10 @@ def test_residual_is_added_by_the_layers_that_end_a_vit_branch():
                                      residual=res)
     assert got.dtype == torch.float16
     assert torch.allclose(got.float(), (q.float() @ w.float().t()) * 0.5 + 1 + res.float(), rtol=1e-3, atol=1e-2)
+    with torch.no_grad():  # the sum's dtype is residual + layer(x)'s: an fp32 stream stays fp32
+        assert sp(h.half(), residual=r).dtype == torch.float32 and sp(h.half(), residual=r.half()).dtype == torch.float16
+    with pytest.raises(ValueError, match="int8 output comes with a GELU"):
+        int8_sparse_gemm_reference(q, w, torch.ones(32), None)
     with pytest.raises(ValueError, match="output shape"):
         sp(h, residual=torch.randn(6, sp.out_features + 1))
     with pytest.raises(ValueError, match="output shape"):
@@ -402,11 +408,33 @@ def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(
     assert sp.fuses_residual
     want = sp._reference(h) + r.float()
     assert (sp(h, residual=r).float() - want).norm() / want.norm() < 1e-2  # 200 tokens: padded to 208
+    assert len(sp._residual_plans.plans) == 1  # the epilogue ran, not the add after
     graphed = CUDAGraphed(lambda t: sp(t, residual=r), h)
     with torch.no_grad():
         sp.load_state_dict({**sp.state_dict(), "weight_scale": sp.weight_scale * 2, "bias": sp.bias + 1})
     want = sp._reference(h) + r.float()
     assert (graphed(h).float() - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.gpu
+def test_residual_epilogue_in_a_vit_matches_the_add_after_compiled_and_graphed():
+    from sparsedistill.weights.sparse24 import fuse_sparse24_mlps
+
+    model = _int8_vit("cuda")
+    fuse_sparse24_mlps(model)
+    model.half()
+    x = torch.rand(64, 1, 28, 28, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        after = model(x).float()
+        for m in model.modules():
+            if isinstance(m, Sparse24Linear):
+                m.epilogue_residual = True
+        eager = model(x).float()
+        out = CUDAGraphed(model, x, compile=True)(x).float()
+    assert all(len(b.attn.proj._residual_plans.plans) == 1 and len(b.mlp.fc2._residual_plans.plans) == 1
+               for b in model.blocks)  # proj and the fused MLP's fc2 both took the epilogue path
+    for y in (eager, out):
+        assert (y - after).norm() / after.norm() < 1e-2
 
 
 @pytest.mark.gpu

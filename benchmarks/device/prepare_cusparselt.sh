@@ -20,7 +20,7 @@ tmp = pathlib.Path(sys.argv[1])
 PY
 python3 benchmarks/device/prune_fatbin.py --sm 90 "$tmp/libcusparseLt.so.0" "$tmp/lib.so"
 xz -T2 --x86 --lzma2=preset=9e -c "$tmp/lib.so" > "$tmp/cslt.so.xz"  # x86 filter: the host code compresses better
-part=$(benchmarks/device/part_bytes.sh 2)  # 2 MiB reserve: these parts travel with the small carries alone  # one part a call, beside the tree (before the old parts go)
+part=$(benchmarks/device/part_bytes.sh 2)  # 2 MiB reserve: these parts travel with the small carries alone
 rm -f .gpu/cslt-part-*
 split -b "$part" -d "$tmp/cslt.so.xz" .gpu/cslt-part-
 echo "$(sha256sum < "$tmp/cslt.so.xz" | cut -d' ' -f1) $(ls .gpu/cslt-part-* | wc -l) $version" > .gpu/cslt-manifest

@@ -122,7 +122,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU()  # a module, as timm's: weights.fuse_sparse24_mlps recognises fc1 -> act -> fc2
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
-    takes_residual = True
+    takes_residual = True  # fc2 gets the residual (a 2:4 int8 fc2 adds it in its epilogue)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return _add_branch(residual, self.fc2, self.act(self.fc1(x)))

@@ -2,9 +2,9 @@
 GELU and leaves as INT8, so fc1 of an MLP writes fc2's quantised input directly, or one that adds the residual
 stream to its dequantised result, so proj and fc2 of a transformer block write the block's output (issue 24):
 
-    pre[t, o] = alpha[o] * sum_k W[o, k] x[t, k] + residual[t, o] + bias[o]
-    out[t, o] = sat_int8(round(gelu_scale * gelu_tanh(pre[t, o])))     (gelu_scale given: int8 out)
-    out[t, o] = pre[t, o] in fp16 / bf16                                (otherwise; the residual optional)
+    sums[t, o] = alpha[o] * sum_k W[o, k] x[t, k]
+    out[t, o] = sat_int8(round(gelu_scale * gelu_tanh(sums[t, o] + bias[o])))    (gelu_scale given: int8 out)
+    out[t, o] = sums[t, o] + residual[t, o] + bias[o] in fp16 / bf16              (otherwise; the residual optional)
 
 ``W`` is the weight as ``torch._cslt_compress`` compressed it: the structured descriptor here is PyTorch's (rows =
 out features, row-major, alignment 16), and compression depends on nothing else, so one compressed weight serves
@@ -123,6 +123,8 @@ def int8_sparse_gemm_reference(x: Tensor, weight: Tensor, alpha: Tensor, bias: T
                                gelu_scale: float | None = None, out_dtype: torch.dtype = torch.int8,
                                residual: Tensor | None = None) -> Tensor:
     """What ``Int8SparseGemm`` computes, densely in fp32 (any device): ``x`` int8 (tokens, in), ``weight`` int8 2:4."""
+    if (gelu_scale is not None) != (out_dtype == torch.int8):
+        raise ValueError("int8 output comes with a GELU epilogue (gelu_scale) and 16-bit output without one")
     pre = (x.float() @ weight.float().t()) * alpha.float()
     if residual is not None:  # the epilogue's order: alpha, then beta * C, then the bias, then the activation
         pre = pre + residual.float()
@@ -198,7 +200,7 @@ class Int8SparseGemm:
             self._planned = True
         self._workspace = torch.empty(0, dtype=torch.uint8, device=dev)
         self._fit_workspace()
-        self._beta = C.c_float(0.0)  # host scalar: no C
+        self._beta = C.c_float(0.0)  # no C; beside the alpha vector the library ignores a host beta anyway
         self._beta_ones = torch.ones(out_features, dtype=torch.float32, device=dev) if residual else None
 
     def _fit_workspace(self) -> None:

@@ -66,6 +66,28 @@ def _fused(kind: str):
     return torch.compile({"quant": _quant_step, "dequant": _dequant_step}[kind], dynamic=True)
 
 
+def _epilogue_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What an int8 GEMM with the dequantisation in its epilogue writes: the model's 16-bit dtype, else bf16."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _residual_rows(residual: Tensor | None, lead: torch.Size, out_features: int, what: str) -> Tensor | None:
+    """The residual as (tokens, out) rows, checked against the output's shape."""
+    if residual is None:
+        return None
+    if residual.shape != (*lead, out_features):
+        raise ValueError(f"the residual must have {what}'s output shape {(*lead, out_features)}, got {tuple(residual.shape)}")
+    return residual.reshape(-1, out_features)
+
+
+def _add_reference(y: Tensor, residual: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The CPU path's result: fp32 sums plus the residual, rounded once (as the epilogue), in the dtype ``residual +
+    layer(x)`` would have."""
+    if residual is None:
+        return y.to(dtype)
+    return (y + residual.float()).to(torch.promote_types(dtype, residual.dtype))
+
+
 def _step(kind: str):
     return ({"quant": _quant_step, "dequant": _dequant_step}[kind] if torch.compiler.is_compiling() else _fused(kind))
 
@@ -83,7 +105,9 @@ class Sparse24Linear(nn.Module):
     # beta 1), so the LayerNorm after reads one tensor, not the block's input and the branch's output. Off until its
     # GPU test passes: with a host beta the H100 added nothing (docs/notes/vit-speed.md); beta is now a device vector.
     epilogue_residual: bool = False
-    takes_residual = True  # forward(x, residual=r) returns r + self(x): what models/vit.py's blocks look for
+    # forward(x, residual=r) returns r + self(x): what models/vit.py's blocks look for (a forward hook on this layer then
+    # sees the sum)
+    takes_residual = True
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, input_scale: Tensor | float, bias: Tensor | None,
                  fmt: Sparse24Format = "fp16") -> None:
@@ -162,17 +186,12 @@ class Sparse24Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        if residual is not None and residual.shape != (*lead, self.out_features):
-            raise ValueError(f"the residual must have this layer's output shape {(*lead, self.out_features)}, "
-                             f"got {tuple(residual.shape)}")
+        r2 = _residual_rows(residual, lead, self.out_features, "this layer")
         x2 = x.reshape(-1, self.in_features)
         if not (x2.is_contiguous() or (self.column_major_views and x2.t().is_contiguous())):  # a view: read in place
             x2 = x2.contiguous()
-        r2 = None if residual is None else residual.reshape(-1, self.out_features)
         if not self.uses_kernel:
-            y = self._reference(x2)
-            y = y if r2 is None else y + r2.float()  # one rounding, as the epilogue
-            return y.to(x.dtype).reshape(*lead, self.out_features)
+            return _add_reference(self._reference(x2), r2, x.dtype).reshape(*lead, self.out_features)
         n = x2.shape[0]
         pad = (-n) % _TOKEN_ALIGN
         if self.fmt == "fp16":
@@ -225,14 +244,14 @@ class Sparse24Linear(nn.Module):
         format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``,
         plus ``residual`` ((n, out)) if given."""
         if residual is not None:
-            if self.fuses_residual:
+            if self.fuses_residual and residual.dtype == dtype == _epilogue_dtype(dtype):  # never rounds the stream
                 return self._gemm_residual(xk, n, dtype, residual)
-            return (self.forward_padded(xk, n, dtype) + residual).to(dtype)
+            return residual + self.forward_padded(xk, n, dtype)
         alpha = None
         if self.fmt == "fp16":
             out_dtype, bias = None, self.bias  # the bias added in cuSPARSELt's epilogue
         elif self.fmt == "int8" and self.epilogue_dequant:  # rescaled sums: they fit the model's 16-bit dtype
-            out_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            out_dtype = _epilogue_dtype(dtype)
             alpha, bias = self.epilogue_operands(out_dtype)
         else:
             out_dtype, bias = torch.bfloat16, None  # raw int8/fp8 sums overflow fp16
@@ -250,10 +269,10 @@ class Sparse24Linear(nn.Module):
         return y.to(dtype)
 
     def _gemm_residual(self, xk: Tensor, n: int, dtype: torch.dtype, residual: Tensor) -> Tensor:
-        """``alpha * sums + residual + bias`` by our own cuSPARSELt plan (PyTorch's binding takes no C operand)."""
-        out_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        r = residual.to(out_dtype)
-        r = (F.pad(r, (0, 0, 0, xk.shape[0] - n)) if xk.shape[0] > n else r).contiguous()
+        """``alpha * sums + residual + bias`` by our own cuSPARSELt plan (PyTorch's binding takes no C operand);
+        ``residual`` already in ``dtype``, 16-bit."""
+        out_dtype = dtype
+        r = (F.pad(residual, (0, 0, 0, xk.shape[0] - n)) if xk.shape[0] > n else residual).contiguous()
 
         def build():
             from .cusparselt import Int8SparseGemm
@@ -266,7 +285,7 @@ class Sparse24Linear(nn.Module):
             return plan
 
         gemm = self._residual_plans.id_for((xk.shape[0], out_dtype), build)
-        return _int8_sparse_mm(xk, r, self.out_features, out_dtype, gemm)[:n].to(dtype)
+        return _int8_sparse_mm(xk, r, self.out_features, out_dtype, gemm)[:n]
 
     def _gemm(self, xk: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, transposed: bool, alg: int,
               alpha: Tensor | None = None) -> Tensor:
@@ -304,6 +323,8 @@ class Sparse24Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Devices move, dtypes stay: ``model.half()`` converts the dense layers, never these values or scales."""
+        if fn(torch.empty(0, device=self.weight_q.device)).device == self.weight_q.device:
+            return self  # a dtype change: nothing here changes, plans and graphs captured with them stay valid
         self._compressed, self._plans, self._epilogue_ops = None, {}, {}  # a new device needs a fresh compression
         self._residual_plans.retire()
         for k, b in self._buffers.items():
@@ -368,14 +389,9 @@ class Sparse24GeluMlp(nn.Module):
         if x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"expected inputs with {self.fc1.in_features} features, got {tuple(x.shape)}")
         lead, x2 = x.shape[:-1], x.reshape(-1, self.fc1.in_features).contiguous()
-        if residual is not None and residual.shape != (*lead, self.fc2.out_features):
-            raise ValueError(f"the residual must have the MLP's output shape {(*lead, self.fc2.out_features)}, "
-                             f"got {tuple(residual.shape)}")
-        r2 = None if residual is None else residual.reshape(-1, self.fc2.out_features)
+        r2 = _residual_rows(residual, lead, self.fc2.out_features, "the MLP")
         if not self.fc1.uses_kernel:
-            y = self._reference(x2)
-            y = y if r2 is None else y + r2.float()
-            return y.to(x.dtype).reshape(*lead, self.fc2.out_features)
+            return _add_reference(self._reference(x2), r2, x.dtype).reshape(*lead, self.fc2.out_features)
         n = x2.shape[0]
         xk = _step("quant")(x2, self.fc1.input_scale, (-n) % _TOKEN_ALIGN, "int8")
 
@@ -393,8 +409,11 @@ class Sparse24GeluMlp(nn.Module):
         return self.fc2.forward_padded(h, n, x.dtype, r2).reshape(*lead, self.fc2.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._gelu_plans.retire()  # plans hold device pointers: a move needs new ones
-        return super()._apply(fn, recurse)
+        device = self.fc1.weight_q.device
+        super()._apply(fn, recurse)
+        if self.fc1.weight_q.device != device:
+            self._gelu_plans.retire()  # plans hold device pointers: a move needs new ones
+        return self
 
 
 def fuse_sparse24_mlps(model: nn.Module) -> list[str]:
@@ -454,10 +473,7 @@ class _KernelPlans:
             self.retired.append(self.plans.pop(k))
             self.ids.pop(k)
 
-    def __deepcopy__(self, memo) -> "_KernelPlans":
-        return _KernelPlans()
-
-    def __reduce__(self):
+    def __reduce__(self):  # deepcopy and pickle alike
         return _KernelPlans, ()
 
 
