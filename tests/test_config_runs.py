@@ -239,3 +239,12 @@ def test_ema_follows_the_weights_and_resumes_exactly(tmp_path):
           ema_decay=0.9, progress=False)
     for a, b in zip(ema.parameters(), ema_c.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_environment_names_the_cpu_and_its_vector_isa():
+    import torch
+
+    from sparsedistill.runs import environment
+
+    cpu = environment()["cpu"]  # near-ties in CPU float results differ between AVX2 and AVX-512 hosts
+    assert cpu.endswith(", " + torch.backends.cpu.get_cpu_capability()) and len(cpu) > len(", AVX2")

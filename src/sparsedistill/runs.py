@@ -88,6 +88,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+def cpu_name() -> str:
+    """The processor and the vector ISA torch dispatches to: CPU float results (and so a mined training set's
+    near-ties) differ between an AVX2 and an AVX-512 host, so a run names the one it had."""
+    model = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in info[:30] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name", model) + (f" (family {fields['cpu family']})" if "cpu family" in fields else "")
+    except OSError:
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment() -> dict[str, str]:
     """Versions and commit, recorded with every report and benchmark."""
     import numpy
@@ -106,6 +120,7 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu": cpu_name(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         # A copy without its .git (a GPU machine) names its commit in SPARSEDISTILL_COMMIT.
         "commit": os.environ.get("SPARSEDISTILL_COMMIT") or commit or "unknown",
