@@ -4,7 +4,9 @@ ViT-B/16 and ViT-L/16 at 224x224, throughput at batch 256 and latency at batch 1
 random but 2:4-pruned in every qkv/proj/fc1/fc2 (speed does not depend on the values); every
 variant's logits are checked against the dense fp16 model with the same pruned weights.
 
-  dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of these and the next
+  dense_eager / dense_graph / dense_compile   fp16, the baseline is the best of these and the next two
+  dense_compile_graphed                      fp16 compiled and in a CUDA graph, as every 8-bit and 2:4 row is (added
+                                             2026-12-07: before it the FP16 baseline was compiled or graphed, not both)
   dense_compile_conv_patch                   dense_compile with the patch embedding as the Conv2d (timm's) instead of
                                              the reshape + GEMM every other row uses (models/vit.py PatchEmbed)
   dense_fp8_tensor / dense_fp8_row           dense FP8 E4M3 Linears (weights/dense8.py): per-tensor scales (input
@@ -198,6 +200,7 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
     add("dense_graph", lambda: CUDAGraphed(model, x))
     if compile_dense:
         add("dense_compile", lambda: torch.compile(model))
+        add("dense_compile_graphed", lambda: CUDAGraphed(model, x, compile=True))
         add("dense_compile_conv_patch", lambda: torch.compile(conv_patch(model)))
     add("torch_24", lambda: torch_24(model))
     add("torch_24_compiled", lambda: CUDAGraphed(torch_24(model), x, compile=True))
@@ -217,7 +220,7 @@ def bench(name: str, batch: int, compile_dense: bool, variants: set[str] | None,
                                                                     x, compile=True))
     add("ours_24_int8_fused_pass_compiled", lambda: CUDAGraphed(dequant_pass(fused_mlps(ours(model, "int8", scales))), x,
                                                                 compile=True))
-    dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile",
+    dense = [r["ms"] for k, r in rows.items() if k in ("dense_eager", "dense_graph", "dense_compile", "dense_compile_graphed",
                                                         "dense_compile_conv_patch") and "ms" in r]
     best = min(dense) if with_dense and dense else None
     dense8_ms = [r["ms"] for k, r in rows.items() if k.startswith(("dense_fp8", "dense_int8")) and "ms" in r]

@@ -417,24 +417,33 @@ def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(
 
 
 @pytest.mark.gpu
-def test_residual_epilogue_in_a_vit_matches_the_add_after_compiled_and_graphed():
+def test_residual_epilogue_in_a_vit_is_as_accurate_as_the_add_after_compiled_and_graphed():
+    """Against the fp32 model (the same int8 2:4 layers, run densely on the CPU), adding the residual in the GEMM's
+    epilogue is no less accurate than adding it after. The two differ by ~1 % from each other in this model (an fp16
+    rounding before or after the add flips an int8 step of the next layer; CPU emulation 0.7 %, an H100 1.1 %), so
+    they are compared with the reference, not with each other; a dropped residual is ~100 % off."""
     from sparsedistill.weights.sparse24 import fuse_sparse24_mlps
 
+    reference_model = _int8_vit("cpu")
+    fuse_sparse24_mlps(reference_model)
     model = _int8_vit("cuda")
     fuse_sparse24_mlps(model)
     model.half()
     x = torch.rand(64, 1, 28, 28, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        after = model(x).float()
+        ref = reference_model(x.float().cpu())
+        after = model(x).float().cpu()
         for m in model.modules():
             if isinstance(m, Sparse24Linear):
                 m.epilogue_residual = True
-        eager = model(x).float()
-        out = CUDAGraphed(model, x, compile=True)(x).float()
+        eager = model(x).float().cpu()
+        out = CUDAGraphed(model, x, compile=True)(x).float().cpu()
     assert all(len(b.attn.proj._residual_plans.plans) == 1 and len(b.mlp.fc2._residual_plans.plans) == 1
                for b in model.blocks)  # proj and the fused MLP's fc2 both took the epilogue path
+    err = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(after) < 5e-2
     for y in (eager, out):
-        assert (y - after).norm() / after.norm() < 1e-2
+        assert err(y) <= 1.25 * err(after) + 2e-3
 
 
 @pytest.mark.gpu
@@ -475,6 +484,20 @@ def test_int8_epilogue_matches_the_separate_pass_and_follows_new_weights_in_a_gr
     assert (graphed(x).float() - want).norm() / want.norm() < 1e-2
 
 
+def test_the_cusparselt_that_runs_is_the_globally_bound_copy():
+    """With LD_PRELOAD a second copy may be mapped beside PyTorch's: the one in the global scope binds every caller."""
+    from sparsedistill.weights.cusparselt import _choose_library, _global_symbol_file
+
+    assert "libc" in _global_symbol_file("malloc") and _global_symbol_file("no_such_symbol_anywhere") is None
+    torch_copy, new_copy = "/site/nvidia/cusparselt/lib/libcusparseLt.so.0", "/root/cusparselt/libcusparseLt.so.0"
+    assert _choose_library([torch_copy, new_copy], new_copy) == new_copy
+    assert _choose_library([torch_copy], None) == torch_copy
+    with pytest.raises(RuntimeError, match="several"):
+        _choose_library([torch_copy, new_copy], None)
+    with pytest.raises(RuntimeError, match="no cuSPARSELt"):
+        _choose_library([], None)
+
+
 @pytest.mark.gpu
 def test_loaded_library_reports_the_cusparselt_that_runs():
     import os
@@ -484,6 +507,7 @@ def test_loaded_library_reports_the_cusparselt_that_runs():
 
     info = loaded_library()
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]) and os.path.exists(info["path"])
+    assert info["path"] in info["mapped"]
     preloaded = os.environ.get("LD_PRELOAD", "")
     if "libcusparseLt" in preloaded:  # a newer library put first: that one runs
-        assert os.path.realpath(info["path"]) == os.path.realpath(preloaded.split(":")[0])
+        assert info["path"] == os.path.realpath(preloaded.split(":")[0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes as C
 import functools
+import os
 import sys
 import threading
 
@@ -47,27 +48,65 @@ class CuSparseLtError(RuntimeError):
     pass
 
 
+class _DlInfo(C.Structure):
+    _fields_ = [("dli_fname", C.c_char_p), ("dli_fbase", C.c_void_p), ("dli_sname", C.c_char_p), ("dli_saddr", C.c_void_p)]
+
+
+def _global_symbol_file(symbol: str) -> str | None:
+    """The file that defines ``symbol`` in the process's global scope (LD_PRELOAD first), or None where no library
+    there defines it (PyTorch opens its CUDA libraries locally: its own cuSPARSELt is not in that scope)."""
+    scope = C.CDLL(None)
+    try:
+        address = C.cast(getattr(scope, symbol), C.c_void_p)
+    except AttributeError:
+        return None
+    info = _DlInfo()
+    if not scope.dladdr(address, C.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def _choose_library(mapped: list[str], global_copy: str | None) -> str:
+    """Which mapped libcusparseLt runs: the one in the global scope (a preload binds every caller's symbols, PyTorch's
+    too), else PyTorch's, the only copy."""
+    if global_copy is not None:
+        return global_copy
+    if not mapped:
+        raise RuntimeError("PyTorch did not load libcusparseLt: this build has no cuSPARSELt (torch._cslt_* are missing)")
+    if len(set(mapped)) > 1:
+        raise RuntimeError(f"several libcusparseLt copies are mapped and none binds globally: {sorted(set(mapped))}")
+    return mapped[0]
+
+
+def _mapped_paths() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return list(dict.fromkeys(os.path.realpath(line.split()[-1]) for line in maps if "libcusparseLt" in line))
+
+
 def _loaded_path() -> str:
     """The libcusparseLt this process runs (PyTorch's, or one put first with LD_PRELOAD: the same SONAME)."""
     if not torch.cuda.is_available():
         raise RuntimeError("cuSPARSELt needs a CUDA device; on the CPU use int8_sparse_gemm_reference")
     torch._cslt_compress(torch.zeros(32, 32, dtype=torch.half, device="cuda"))  # PyTorch loads its copy on first use
-    with open("/proc/self/maps") as maps:
-        paths = [line.split()[-1] for line in maps if "libcusparseLt" in line]
-    if not paths:
-        raise RuntimeError("PyTorch did not load libcusparseLt: this build has no cuSPARSELt (torch._cslt_* are missing)")
-    return paths[0]
+    return _choose_library(_mapped_paths(), _global_symbol_file("cusparseLtMatmul"))
 
 
-def loaded_library() -> dict[str, str]:
-    """Path and version of the cuSPARSELt in use. ``torch.backends.cusparselt.version()`` is the version PyTorch was
-    built against, not necessarily the one loaded (0.8.1 fixed an H100 slowdown of 0.8.0: worth knowing which ran)."""
-    lib, parts = _lib(), []
+def _version(lib: C.CDLL) -> str:
+    parts = []
     for prop in (0, 1, 2):  # libraryPropertyType: major, minor, patch
         value = C.c_int()
         _check(lib.cusparseLtGetProperty(prop, C.byref(value)), "cusparseLtGetProperty")
         parts.append(str(value.value))
-    return {"path": _loaded_path(), "version": ".".join(parts)}
+    return ".".join(parts)
+
+
+def loaded_library() -> dict[str, object]:
+    """Path and version of the cuSPARSELt in use, and every copy mapped (path: version).
+    ``torch.backends.cusparselt.version()`` is the version PyTorch was built against, not necessarily the one that
+    runs (0.8.1 fixed an H100 slowdown of 0.8.0: worth knowing which ran)."""
+    path = _loaded_path()
+    mapped = {p: _version(C.CDLL(p)) for p in _mapped_paths()}
+    return {"path": path, "version": mapped.get(path) or _version(_lib()), "mapped": mapped}
 
 
 @functools.cache
