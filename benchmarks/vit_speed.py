@@ -64,12 +64,14 @@ PRUNED = ("qkv", "proj", "fc1", "fc2")
 # kernels come before the dense GEMMs, the patch embedding's convolution and cuDNN's layout transposes too (cuDNN's
 # convolutions are "implicit_gemm" kernels).
 KERNEL_GROUPS = {
+    # Inductor's kernels first: their names list the ops they fused ("..._cslt_mm_...", "..._attention_..."), and
+    # counted by those they looked like GEMMs or attention (before 2026-12-07: LayerNorm kernels in "sparse_gemm")
+    "fused_triton": ("triton_",),
     "sparse_gemm": ("sparse", "cusparselt", "spgemm"),
     "attention": ("flash", "fmha", "attention", "sdpa"),
     # not "conv" alone: Inductor's names say "convert_element_type"
     "conv": ("convolution", "conv2d", "implicit_gemm", "nchwtonhwc", "nhwctonchw"),
-    "gemm": ("gemm", "cutlass", "xmma", "_mm", "addmm", "matmul"),
-    "fused_triton": ("triton",),
+    "gemm": ("gemm", "cutlass", "xmma", "nvjet", "_mm", "addmm", "matmul"),  # nvjet: cuBLAS's sm90 GEMMs
     "eager_elementwise_norm": ("elementwise", "layer_norm", "layernorm", "gelu", "reduce", "softmax"),
     "copies": ("memcpy", "memset", "copy"),
 }
