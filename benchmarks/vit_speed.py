@@ -66,6 +66,7 @@ PRUNED = ("qkv", "proj", "fc1", "fc2")
 KERNEL_GROUPS = {
     # Inductor's kernels first: their names list the ops they fused ("..._cslt_mm_...", "..._attention_..."), and
     # counted by those they looked like GEMMs or attention (before 2026-12-07: LayerNorm kernels in "sparse_gemm")
+    "gemm_autotuned": ("triton_tem",),  # Inductor's max-autotune GEMM templates (not used by these rows today)
     "fused_triton": ("triton_",),
     "sparse_gemm": ("sparse", "cusparselt", "spgemm"),
     "attention": ("flash", "fmha", "attention", "sdpa"),

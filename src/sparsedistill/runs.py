@@ -96,7 +96,8 @@ def cpu_name() -> str:
         info = Path("/proc/cpuinfo").read_text().splitlines()
         fields = dict(line.split(":", 1) for line in info[:30] if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
-        model = fields.get("model name", model) + (f" (family {fields['cpu family']})" if "cpu family" in fields else "")
+        ids = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)  # Intel's family is 6 for all
+        model = fields.get("model name", model) + (f" ({ids})" if ids else "")
     except OSError:
         pass
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"

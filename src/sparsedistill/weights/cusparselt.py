@@ -54,22 +54,24 @@ class _DlInfo(C.Structure):
 
 def _global_symbol_file(symbol: str) -> str | None:
     """The file that defines ``symbol`` in the process's global scope (LD_PRELOAD first), or None where no library
-    there defines it (PyTorch opens its CUDA libraries locally: its own cuSPARSELt is not in that scope)."""
+    there defines it (PyTorch opens its CUDA libraries locally, so its own copy is usually not there; where it is, it
+    is also the one that runs)."""
     scope = C.CDLL(None)
     try:
         address = C.cast(getattr(scope, symbol), C.c_void_p)
     except AttributeError:
         return None
+    dladdr = getattr(scope, "dladdr", None) or C.CDLL("libdl.so.2").dladdr  # in libc since glibc 2.34, libdl before
     info = _DlInfo()
-    if not scope.dladdr(address, C.byref(info)) or not info.dli_fname:
+    if not dladdr(address, C.byref(info)) or not info.dli_fname:
         return None
-    return os.path.realpath(info.dli_fname.decode())
+    return os.path.realpath(os.fsdecode(info.dli_fname))
 
 
 def _choose_library(mapped: list[str], global_copy: str | None) -> str:
     """Which mapped libcusparseLt runs: the one in the global scope (a preload binds every caller's symbols, PyTorch's
     too), else PyTorch's, the only copy."""
-    if global_copy is not None:
+    if global_copy is not None and global_copy in mapped:  # (a shim exporting the name is not a cuSPARSELt)
         return global_copy
     if not mapped:
         raise RuntimeError("PyTorch did not load libcusparseLt: this build has no cuSPARSELt (torch._cslt_* are missing)")
