@@ -3,7 +3,9 @@
 # that `sparsedistill retrieval report MAIN_RUN runs/rt-abl-*` merges with the main variant's run.
 # Resumable: a call cut by the device's 10-minute limit continues when the same command is sent
 # again while the machine is warm (runs/ stays there).
-#   [SEED=1] benchmarks/device/retrieval_ablation.sh LIMIT_S VARIANT[@FLOPS_WEIGHT]...
+#   [SEED=1] [QUERY_LEARN=1] benchmarks/device/retrieval_ablation.sh LIMIT_S VARIANT[@FLOPS_WEIGHT]...
+#     (QUERY_LEARN=1: every arm also learns query-term weights, query.learn=true; the baseline variant's best
+#     serving at the CPU scale, docs/notes/retrieval-quality.md)
 #     (runs/rt-abl-VARIANT[-wWEIGHT][-sSEED]; a weight sets loss.flops_weight and loss.plain_flops_weight, for a
 #     FLOPS-weight sweep that `sparsedistill retrieval plane runs/rt-abl-* --out DIR` plots)
 # Needs the retrieval carry (docs/notes/gpu-plan.md). Logs, a GPU memory trace and the run
@@ -12,6 +14,7 @@ set -u
 [ $# -ge 2 ] || { echo "usage: [SEED=N] $0 LIMIT_S VARIANT..." >&2; exit 2; }
 limit=$1; shift
 seed=${SEED:-0}; sfx=""; [ "$seed" = 0 ] || sfx="-s$seed"
+learn=(); [ "${QUERY_LEARN:-0}" = 1 ] && learn=(--set query.learn=true)
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 >> "$OUT/gpu.csv" 2>&1 &
 smi=$!
 pids=()
@@ -23,7 +26,7 @@ for arm in "$@"; do
   OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "$limit" \
     python3 -m sparsedistill retrieval train --config full \
     --set 'teachers.names=["minilm","splade"]' --set 'teachers.weights=[1.0,1.0]' --set teachers.cache_dir=.gpu/rcache \
-    --set "variants=[\"$v\"]" --set "seeds=[$seed]" --set eval.base=false "${extra[@]}" \
+    --set "variants=[\"$v\"]" --set "seeds=[$seed]" --set eval.base=false "${extra[@]}" "${learn[@]}" \
     --set student.pretrain.checkpoint_every=100 --set student.finetune.checkpoint_every=100 \
     --run-dir "runs/rt-abl-$name" --resume --no-progress >> "$OUT/$name.log" 2>&1 &
   pids+=($!)
