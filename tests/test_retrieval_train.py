@@ -94,19 +94,35 @@ def test_teacher_score_cache_hits_and_misses(tmp_path):
 
 def test_committed_teacher_scores_are_found_under_todays_teacher_specs():
     """The seed of the score cache (benchmarks/device/teacher-scores) saves ~95 CPU minutes a session only while each
-    file sits where ``teacher_scores`` looks: a changed teacher spec (package, max length) would orphan it silently."""
+    file sits where ``teacher_scores`` looks: a changed teacher spec (package, max length) or a training set not
+    committed beside it (mined afresh, it differs by host) would orphan it silently."""
+    import gzip
     from pathlib import Path
 
+    from sparsedistill.data.beir import ir_data_root
     from sparsedistill.retrieval.teachers import scores_cache_file, teacher_spec
+    from sparsedistill.retrieval.train_data import TrainExample, data_fingerprint, load_corpus
 
     seed = Path(__file__).resolve().parents[1] / "benchmarks/device/teacher-scores"
+    corpora: dict[str, dict[str, str]] = {}
+    stages = {}  # fingerprint -> queries x candidates of each stage of each committed set
+    for f in sorted(seed.glob("trainset-*.json.gz")):
+        data = json.loads(gzip.decompress(f.read_bytes()))
+        for stage in ("pretrain", "finetune"):
+            exs = [TrainExample(**e) for e in data[stage]]
+            for c in {e.collection for e in exs} - corpora.keys():
+                corpora[c] = load_corpus(ir_data_root() / c)
+            if exs:
+                corpus = {k: v for docs in corpora.values() for k, v in docs.items()}
+                stages[data_fingerprint(exs, corpus)] = (len(exs), len(exs[0].candidates))
     files = sorted(seed.glob("scores-*.npz"))
-    assert {f.name.split("-")[1] for f in files} == {"minilm", "mpnet", "splade"}
+    assert files and stages
     for f in files:
         with np.load(f) as z:
             meta, scores = json.loads(str(z["meta"])), z["scores"]
         assert meta["spec"] == teacher_spec(meta["spec"]["name"], meta["spec"]["max_length"])
         assert scores_cache_file(seed, meta["spec"], meta["fingerprint"]) == f
+        assert stages.get(meta["fingerprint"]) == (meta["queries"], meta["candidates"]), f"{f.name}: no committed set"
         assert scores.shape == (meta["queries"], meta["candidates"]) and np.isfinite(scores).all()
 
 
