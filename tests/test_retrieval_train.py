@@ -117,6 +117,12 @@ def test_committed_teacher_scores_are_found_under_todays_teacher_specs():
                 stages[data_fingerprint(exs, corpus)] = (len(exs), len(exs[0].candidates))
     files = sorted(seed.glob("scores-*.npz"))
     assert files and stages
+    from sparsedistill.config import load_config
+    from sparsedistill.recipes.retrieval_train import RetrievalTrainConfig, _data_key
+
+    for preset in ("full", "minilm", "cpu"):  # each committed set is the one today's preset looks up
+        key = _data_key(load_config(RetrievalTrainConfig, preset, recipe="retrieval_train"))
+        assert (seed / f"trainset-{key}.json.gz").exists(), f"the {preset} preset's training set is not committed"
     for f in files:
         with np.load(f) as z:
             meta, scores = json.loads(str(z["meta"])), z["scores"]
