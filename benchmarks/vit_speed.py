@@ -21,7 +21,8 @@ variant's logits are checked against the dense fp16 model with the same pruned w
   ours_24_int8_fused[_compiled]              int8 with each MLP's fc1 -> GELU -> quantise in cuSPARSELt's epilogue
                                              (Sparse24GeluMlp, weights/cusparselt.py): no bf16 round trip between fc1 and fc2
   ours_24_int8_fused_residual_compiled       the same with proj and fc2 adding the residual stream in their epilogue
-                                             (Sparse24Linear.epilogue_residual on; off by default until its GPU test passes)
+                                             (Sparse24Linear.epilogue_residual on; off by default until its GPU test passes;
+                                             from residual_min_tokens on: batch 1 keeps the add after)
   ours_24_int8_fused_pass_compiled           the same with every other int8 layer's dequantisation and bias as a separate
                                              pass after its GEMM (Sparse24Linear.epilogue_dequant off: the path before
                                              the epilogue took them), to measure that step

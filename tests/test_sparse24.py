@@ -383,6 +383,30 @@ def test_residual_is_added_by_the_layers_that_end_a_vit_branch():
         mlp(hm, residual=r[:5])
 
 
+def test_the_residual_epilogue_is_taken_from_its_token_count_on(monkeypatch):
+    """Batch 1 keeps the add after the GEMM (the residual's plan was slower there), large batches take the epilogue;
+    only int8 layers with both epilogues on and aligned widths ever do."""
+    monkeypatch.setattr(Sparse24Linear, "uses_kernel", property(lambda self: True))  # as if on a GPU
+    lin = _pruned_linear(64, 128)
+    sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.03)
+    assert not sp.fuses_residual_at(10**6)  # off by default
+    sp.epilogue_residual = True
+    rule = sp.residual_min_tokens
+    assert 197 < rule <= 256 * 197  # ViT-B/16's batch 1 adds after, its batch 256 in the epilogue
+    assert not sp.fuses_residual_at(rule - 1) and sp.fuses_residual_at(rule)
+    sp.residual_min_tokens = 0
+    assert sp.fuses_residual_at(1)
+    sp.epilogue_dequant = False
+    assert not sp.fuses_residual_at(10**6)
+    fp16 = Sparse24Linear.from_dense(lin.weight, lin.bias, "fp16")
+    fp16.epilogue_residual, fp16.residual_min_tokens = True, 0
+    assert not fp16.fuses_residual_at(10**6)
+    odd = _pruned_linear(48, 128)  # 48 outputs: not the int8 epilogue kernels' alignment of 32
+    odd_sp = Sparse24Linear.from_dense(odd.weight, odd.bias, "int8", input_scale=0.03)
+    odd_sp.epilogue_residual, odd_sp.residual_min_tokens = True, 0
+    assert not odd_sp.fuses_residual_at(10**6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(dtype):
@@ -405,7 +429,7 @@ def test_residual_gemm_matches_its_reference_and_follows_new_weights_in_a_graph(
         gemm(x)
     lin = _pruned_linear(768, 3072, "cuda")  # the layer's path: a plan per token count, refreshed by load_state_dict
     sp = Sparse24Linear.from_dense(lin.weight, lin.bias, "int8", input_scale=0.03)
-    sp.epilogue_residual = True
+    sp.epilogue_residual, sp.residual_min_tokens = True, 0
     h, r = torch.randn(200, 3072, device="cuda", dtype=dtype), torch.randn(200, 768, device="cuda", dtype=dtype)
     assert sp.fuses_residual
     want = sp._reference(h) + r.float()
@@ -437,7 +461,7 @@ def test_residual_epilogue_in_a_vit_is_as_accurate_as_the_add_after_compiled_and
         after = model(x).float().cpu()
         for m in model.modules():
             if isinstance(m, Sparse24Linear):
-                m.epilogue_residual = True
+                m.epilogue_residual, m.residual_min_tokens = True, 0  # 64 images: under the default's token count
         eager = model(x).float().cpu()
         out = CUDAGraphed(model, x, compile=True)(x).float().cpu()
     assert all(len(b.attn.proj._residual_plans.plans) == 1 and len(b.mlp.fc2._residual_plans.plans) == 1

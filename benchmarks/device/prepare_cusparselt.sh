@@ -9,10 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 version=${1:-0.8.1}
 tmp=$(mktemp -d)
+py=.venv/bin/python; [ -x "$py" ] || py=python3  # a fresh checkout: no venv needed beside make setup
 trap 'rm -rf "$tmp"' EXIT
-.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
   -d "$tmp" "nvidia-cusparselt-cu13==$version"
-.venv/bin/python - "$tmp" <<'PY'
+"$py" - "$tmp" <<'PY'
 import pathlib, sys, zipfile
 tmp = pathlib.Path(sys.argv[1])
 (wheel,) = tmp.glob("*.whl")

@@ -105,6 +105,10 @@ class Sparse24Linear(nn.Module):
     # beta 1), so the LayerNorm after reads one tensor, not the block's input and the branch's output. Off until its
     # GPU test passes: with a host beta the H100 added nothing (docs/notes/vit-speed.md); beta is now a device vector.
     epilogue_residual: bool = False
+    # ... from this many tokens on: at batch 256 (50k tokens) the residual's plan saved 0.56 ms (ViT-B) and 1.6 ms
+    # (ViT-L) on an H100; at batch 1 (208 / 272 padded tokens) it cost 0.03 ms (ViT-B) or nothing (ViT-L); between
+    # the two, unmeasured (docs/notes/vit-speed.md)
+    residual_min_tokens: int = 2048
     # forward(x, residual=r) returns r + self(x): what models/vit.py's blocks look for (a forward hook on this layer then
     # sees the sum)
     takes_residual = True
@@ -206,6 +210,10 @@ class Sparse24Linear(nn.Module):
         return (self.fmt == "int8" and self.epilogue_dequant and self.epilogue_residual and self.uses_kernel
                 and not (self.out_features % 32 or self.in_features % 32))  # the int8 epilogue kernels' alignment
 
+    def fuses_residual_at(self, tokens: int) -> bool:
+        """Whether ``tokens`` rows with a residual take the epilogue path (``fuses_residual`` and the token-count rule)."""
+        return self.fuses_residual and tokens >= self.residual_min_tokens
+
     def _refresh(self) -> None:
         """New values: compressed again into the same memory, so CUDA graphs captured before read them too."""
         if self._compressed is not None:
@@ -244,7 +252,7 @@ class Sparse24Linear(nn.Module):
         format (fp16, or quantised by ``input_scale``), of which the first ``n`` rows are real; (n, out) in ``dtype``,
         plus ``residual`` ((n, out)) if given."""
         if residual is not None:
-            if self.fuses_residual and residual.dtype == dtype == _epilogue_dtype(dtype):  # never rounds the stream
+            if self.fuses_residual_at(n) and residual.dtype == dtype == _epilogue_dtype(dtype):  # never rounds the stream
                 return self._gemm_residual(xk, n, dtype, residual)
             return residual + self.forward_padded(xk, n, dtype)
         alpha = None
