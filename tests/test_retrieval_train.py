@@ -150,23 +150,6 @@ def test_pseudo_queries_are_deterministic():
         pseudo_queries(docs, ["question"])
 
 
-@pytest.fixture
-def tiny_collection(tmp_path):
-    """8 one-topic documents; queries 0-3 are test queries, 4-7 train queries (query 7 repeats test query 0's text)."""
-    col = tmp_path / "tiny"
-    (col / "qrels").mkdir(parents=True)
-    topics = ["volcano lava eruption", "protein folding enzyme", "football goal stadium", "violin orchestra concert",
-              "glacier ice melting", "bitcoin blockchain ledger", "tomato garden soil", "rocket orbit launch"]
-    docs = [{"_id": f"d{i}", "title": t.title(), "text": f"A long document about {t}. It says more about {t.split()[0]} and {t.split()[1]}."}
-            for i, t in enumerate(topics)]
-    (col / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    texts = [t.split()[0] + " " + t.split()[2] for t in topics[:7]] + [topics[0].split()[0] + " " + topics[0].split()[2]]
-    (col / "queries.jsonl").write_text("\n".join(json.dumps({"_id": f"q{i}", "text": x}) for i, x in enumerate(texts)))
-    (col / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)))
-    (col / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i % 8}\t1\n" for i in range(4, 8)))
-    return col
-
-
 def test_test_split_queries_never_enter_training_data(tiny_collection):
     pytest.importorskip("bm25s")
     guard = held_out_queries([tiny_collection])

@@ -315,6 +315,14 @@ def _retrieval_plane(args: argparse.Namespace) -> int:
     return _print_report(write_plane(args.runs, args.out))
 
 
+def _retrieval_blend(args: argparse.Namespace) -> int:
+    from .recipes.retrieval_blend import DEFAULT_WEIGHTS, run_retrieval_blend
+
+    weights = tuple(args.weights) if args.weights else DEFAULT_WEIGHTS
+    return _print_report(run_retrieval_blend(args.run, weights, tuple(args.supports), args.labels,
+                                             progress=not args.no_progress, command=" ".join(["sparsedistill", *sys.argv[1:]])))
+
+
 def _retrieval_train(args: argparse.Namespace) -> int:
     out = _run_recipe(args, "retrieval_train", "RetrievalTrainConfig", "run_retrieval_train", "retrieval_train",
                       "retrieval-train", prepare_only=args.prepare_only)
@@ -563,6 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
     rtp.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories of `retrieval train`")
     rtp.add_argument("--out", type=Path, required=True, help="folder for plane.md, plane.png and plane.json")
     rtp.set_defaults(func=_retrieval_plane)
+    rtb = rt_cmds.add_parser("blend", help="a trained run's documents plus BM25 impacts of their own tokens, one index "
+                                           "(weight chosen on train queries; blend/blend.md)",
+                             description="For each trained model of a finished `retrieval train` run: add BM25's "
+                             "term-frequency impacts of each document's own tokens to its vectors, choose their weight "
+                             "on the supervised collection's train queries, and evaluate every collection the run did "
+                             "again (float scores, the served index, latency), from the run's cached document vectors.")
+    rtb.add_argument("run", type=Path, metavar="RUN", help="a `retrieval train` run directory with finished evaluations")
+    rtb.add_argument("--weights", type=float, nargs="+", default=None,
+                     help="lexical weights to choose from (default: 0 0.25 0.5 1 2 4)")
+    rtb.add_argument("--supports", nargs="+", default=["student", "union"], choices=["student", "union"],
+                     help="impacts on the model's nonzero terms only (no new postings) and/or on the union with the document's tokens")
+    rtb.add_argument("--labels", nargs="+", default=None, help="models of the run (e.g. baseline-s0); default: every trained one")
+    rtb.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rtb.set_defaults(func=_retrieval_blend)
     rte = rt_cmds.add_parser("evaluate", help="BM25 vs inference-free sparse retrieval on BEIR-layout collections, with report.md",
                              description="Evaluate BM25 (bm25s) and inference-free sparse retrieval (SPLADE documents, IDF queries) "
                                          "on SciFact / Cranfield / Vaswani or any BEIR-layout folder: NDCG@10, Recall@100, "
