@@ -85,7 +85,8 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
     missing = [lab for lab in labels if lab not in trained]
     if missing or not labels:
         raise ValueError(f"{run_dir}: no finished evaluation of {missing or 'any trained model'}; evaluated: {trained}")
-    evals = [r for r in evals if r["label"] in labels]
+    order = {Path(c).name: i for i, c in enumerate(ev.get("collections", []))}  # the run's order, not the files'
+    evals = sorted((r for r in evals if r["label"] in labels), key=lambda r: order.get(r["collection"], len(order)))
     if Path(supervised).name not in {r["collection"] for r in evals}:
         raise ValueError(f"{run_dir}: the run did not evaluate {supervised}, whose train queries choose the weight "
                          "(its cached document vectors are needed); add it to eval.collections and resume the run")
