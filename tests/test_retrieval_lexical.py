@@ -93,3 +93,31 @@ def test_blend_command_on_a_tiny_run_reproduces_the_model_at_weight_zero(tiny_co
     assert main(["retrieval", "blend", str(run_dir), "--labels", "main-s0", "--no-progress"]) == 2
     assert "no finished evaluation of ['main-s0']" in capsys.readouterr().err
 
+    # deploying it: `retrieval index --lexical-weight` indexes the same blended vectors
+    from transformers import AutoTokenizer
+
+    from sparsedistill.data.beir import load_beir
+    from sparsedistill.retrieval import SparseDocEncoder
+    from sparsedistill.retrieval.index import SparseIndex
+
+    model_dir, ix = run_dir / "models" / "baseline-s0", tmp_path / "ix"
+    args = ["retrieval", "index", "--collection", col, "--index-dir", str(ix), "--encoder", str(model_dir),
+            "--max-length", "24", "--no-progress"]
+    assert main([*args, "--lexical-weight", "1.5"]) == 0
+    c = load_beir(col)
+    texts = [c.corpus[i] for i in c.corpus]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        vecs = SparseDocEncoder(model_dir, max_length=24)(texts).to_sparse()
+    want = blend_documents(vecs, lexical_impacts(texts, tok, vecs.shape[1]), 1.5, "union").to_dense()
+    with SparseIndex.open(ix) as index:
+        got = torch.zeros_like(want)
+        for doc_id, terms, weights in index.iter_documents():
+            got[list(c.corpus).index(doc_id), torch.as_tensor(terms).long()] = torch.as_tensor(weights).float()
+        assert index.metadata["lexical"]["weight"] == 1.5
+    assert not ((got != 0) & (want == 0)).any()  # (weights under half a uint8 step may round to no posting)
+    assert (got != 0).sum() > (vecs.to_dense() != 0).sum()  # the document tokens the encoder dropped are back
+    assert torch.allclose(got, want, rtol=0.02, atol=want.max().item() / 255)  # uint8 impacts
+    assert main([*args, "--lexical-weight", "0.5"]) == 2  # another weight: refused, not mixed into the index
+    assert "indexed with lexical impacts" in capsys.readouterr().err
+

@@ -342,7 +342,8 @@ def _retrieval_index(args: argparse.Namespace) -> int:
     from .retrieval.collection import build_collection_index
 
     index = build_collection_index(args.collection, args.index_dir, encoder=args.encoder or "", max_length=args.max_length,
-                                   batch_size=args.batch_size, chunk_docs=args.chunk_docs, progress=not args.no_progress)
+                                   batch_size=args.batch_size, chunk_docs=args.chunk_docs, progress=not args.no_progress,
+                                   lexical_weight=args.lexical_weight, lexical_support=args.lexical_support)
     try:
         st = index.stats()
     finally:
@@ -601,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     rti.add_argument("--max-length", type=int, default=256)
     rti.add_argument("--batch-size", type=int, default=32)
     rti.add_argument("--chunk-docs", type=int, default=512, help="documents per resumable chunk file")
+    rti.add_argument("--lexical-weight", type=float, default=0.0,
+                     help="add this weight x BM25 impacts of each document's own tokens to its vector (0: off; "
+                          "`retrieval blend` chooses it for a trained run)")
+    rti.add_argument("--lexical-support", choices=["union", "student"], default="union",
+                     help="impacts on every token of the document (union) or only on the encoder's nonzero terms")
     rti.add_argument("--no-progress", action="store_true", help="hide progress bars")
     rti.set_defaults(func=_retrieval_index)
     rts = rt_cmds.add_parser("search", help="search an index built by `retrieval index` with a text query")

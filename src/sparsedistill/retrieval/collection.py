@@ -25,6 +25,7 @@ from ..data.beir import BeirCollection, load_beir
 from ..files import sha256_file
 from ..runs import atomic_write_bytes
 from .idf import INDEX_IDF_FILE
+from .lexical import SUPPORTS, blend_documents, lexical_impacts
 from .term_weights import QueryTermWeights
 
 __all__ = ["build_collection_index", "open_collection_index", "query_encoder_for", "weights_sha256"]
@@ -53,6 +54,12 @@ def _save_chunk(path: Path, rows: torch.Tensor) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _torch_sparse(m) -> torch.Tensor:
+    """A scipy CSR matrix as a torch COO tensor."""
+    m = m.tocoo()
+    return torch.sparse_coo_tensor(np.vstack([m.row, m.col]), m.data, m.shape).coalesce()
+
+
 def _load_chunk(path: Path):
     import scipy.sparse as sp
 
@@ -61,12 +68,17 @@ def _load_chunk(path: Path):
 
 
 def build_collection_index(collection: str, index_dir: Path, encoder: str = "", max_length: int = 256,
-                           batch_size: int = 32, chunk_docs: int = 512, progress: bool = True):
-    """Encode (resumably) and index ``collection`` (a name under the IR data root, or a BEIR folder)."""
+                           batch_size: int = 32, chunk_docs: int = 512, progress: bool = True,
+                           lexical_weight: float = 0.0, lexical_support: str = "union"):
+    """Encode (resumably) and index ``collection`` (a name under the IR data root, or a BEIR folder). With
+    ``lexical_weight`` > 0 each document is indexed as its vector plus that weight times BM25 impacts of its own
+    tokens (``retrieval/lexical.py``; ``retrieval blend`` chooses the weight), on the ``lexical_support``."""
     from .encoders import SparseDocEncoder, splade_tiny_path
     from .idf import IDFTable, tokenizer_fingerprint
     from .index import MANIFEST, SparseIndex
 
+    if lexical_support not in SUPPORTS or lexical_weight < 0:
+        raise ValueError(f"lexical weight must be >= 0 and its support one of {SUPPORTS}, got {lexical_weight}, {lexical_support!r}")
     c = load_beir(collection)
     ids = list(c.corpus)
     texts = [c.corpus[i] for i in ids]
@@ -105,17 +117,27 @@ def build_collection_index(collection: str, index_dir: Path, encoder: str = "", 
 
     # 2. index every chunk not in the index yet (each add is one atomic segment), then one segment
     tok = doc_encoder.tokenizer
+    lexical = {"weight": lexical_weight, "support": lexical_support, "k1": 1.2, "b": 0.75} if lexical_weight else None
     if (index_dir / MANIFEST).exists():
         index = SparseIndex.open(index_dir)
         index.check_tokenizer(tok)
+        if (had := index.metadata.get("lexical")) != lexical:
+            index.close()
+            raise ValueError(f"{index_dir} was indexed with lexical impacts {had}, not {lexical}; "
+                             "delete its index files (keep chunks/: the encoded vectors are reused) or choose another --index-dir")
     else:
         index = SparseIndex.create(index_dir, doc_encoder.vocab_size, tokenizer_fingerprint(tok),
-                                   metadata={k: meta[k] for k in ("collection", "encoder", "max_length")})
+                                   metadata={**{k: meta[k] for k in ("collection", "encoder", "max_length")}, "lexical": lexical})
+    impacts = (lexical_impacts(texts, tok, doc_encoder.vocab_size, lexical["k1"], lexical["b"]) if lexical else None)
     for i, s in enumerate(tqdm(starts, desc="index", unit="chunk", disable=not progress)):
         chunk_ids = ids[s:s + chunk_docs]
         new = [r for r, d in enumerate(chunk_ids) if d not in index]
         if new:
-            index.add([chunk_ids[r] for r in new], _load_chunk(chunk_file(i))[new])
+            vectors = _load_chunk(chunk_file(i))[new]
+            if impacts is not None:
+                rows = torch.tensor([s + r for r in new])
+                vectors = blend_documents(_torch_sparse(vectors), impacts.index_select(0, rows), lexical_weight, lexical_support)
+            index.add([chunk_ids[r] for r in new], vectors)
     index.compact()
 
     # 3. the query side: IDF from this corpus with the encoder's tokenizer, times its learned term weights if any
