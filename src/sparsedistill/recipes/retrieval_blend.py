@@ -157,34 +157,39 @@ def _write_report(run: Run, out_dir: Path, evals: list[dict[str, Any]], rows: li
     bm25 = {r["collection"]: 100 * r["bm25"]["ndcg@10"] for r in evals if r["label"] in labels}
     table: list[list[str]] = [["BM25 (bm25s)", "", *[f"{bm25[c]:.2f}" for c in cols], ""]]
 
-    def cells(get) -> list[str]:
+    bars: dict[str, list[float]] = {"BM25 (bm25s)": [bm25[c] for c in cols]}  # NDCG@10 per collection, for the figure
+
+    def cells(get, name: str) -> list[str]:
         out, diffs = [], []
-        for c in cols:
+        bars[name] = [float("nan")] * len(cols)
+        for i, c in enumerate(cols):
             got = get(c)
             if got is None:
                 out.append("-")
                 continue
             ndcg, nnz, served = got
+            bars[name][i] = ndcg
             diffs.append(ndcg - bm25[c])
             out.append(f"{ndcg:.2f} ({ndcg - bm25[c]:+.2f}) / {nnz:.0f}" + (f" / {served:.2f}" if served is not None else ""))
         return out + [f"{sum(diffs) / len(diffs):+.2f}" if len(diffs) == len(cols) else ""]
 
     imp = {r["collection"]: r for r in rows if r["label"] == "impacts"}
-    table.append(["BM25 over the encoder's tokens (the impacts alone)", "",
-                  *cells(lambda c: (100 * imp[c]["ours"]["ndcg@10"], imp[c]["nnz_per_doc"], 100 * imp[c]["ours_index"]["ndcg@10"])
-                         if c in imp else None)])
+    name = "BM25 over the encoder's tokens (the impacts alone)"
+    table.append([name, "", *cells(lambda c: (100 * imp[c]["ours"]["ndcg@10"], imp[c]["nnz_per_doc"],
+                                              100 * imp[c]["ours_index"]["ndcg@10"]) if c in imp else None, name)])
     choices: dict[tuple[str, str], dict[str, Any]] = {}
     for label in labels:
         ev = {r["collection"]: r for r in evals if r["label"] == label}
-        table.append([f"{label} as trained and served", "",
-                      *cells(lambda c: (100 * _served(ev[c])["ndcg@10"], ev[c]["nnz_per_doc"], None) if c in ev else None)])
+        name = f"{label} as trained and served"
+        table.append([name, "", *cells(lambda c: (100 * _served(ev[c])["ndcg@10"], ev[c]["nnz_per_doc"], None)
+                                       if c in ev else None, name)])
         for support in supports:
             got = {r["collection"]: r for r in rows if r["label"] == label and r.get("support") == support}
             choices[(label, support)] = json.loads((out_dir / "results" / f"choice-{label}-{support}.json").read_text())
             w = choices[(label, support)]["weight"]
-            table.append([f"{label} + impacts on the {'student' if support == 'student' else 'union of both'}'s terms", f"{w:g}",
-                          *cells(lambda c: (100 * got[c]["ours"]["ndcg@10"], got[c]["nnz_per_doc"], 100 * got[c]["ours_index"]["ndcg@10"])
-                                 if c in got else None)])
+            name = f"{label} + impacts on the {'student' if support == 'student' else 'union of both'}'s terms"
+            table.append([name, f"{w:g}", *cells(lambda c: (100 * got[c]["ours"]["ndcg@10"], got[c]["nnz_per_doc"],
+                                                            100 * got[c]["ours_index"]["ndcg@10"]) if c in got else None, name)])
     lat = [r for r in rows if r["label"] in labels]
     here = {**environment(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     lines = [
@@ -216,7 +221,16 @@ def _write_report(run: Run, out_dir: Path, evals: list[dict[str, Any]], rows: li
         "![blend](blend.png)",
         "",
     ]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(bars)
+    for i, (name, ys) in enumerate(bars.items()):
+        bx.bar([j + i * width for j in range(len(cols))], ys, width, label=name)
+    bx.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
+    bx.set_ylabel("NDCG@10, test queries")
+    lowest = min(v for ys in bars.values() for v in ys if v == v)  # (nan: a collection not evaluated)
+    bx.set_ylim(max(0.0, lowest - 5), None)  # differences of a point or two show
+    bx.legend(fontsize=7)
+    bx.set_title("Test sets (the weight chosen on train queries)")
     for (lab, sup), ch in choices.items():
         xs = [float(w) for w in ch["train_ndcg@10"]]
         ax.plot(xs, [100 * v for v in ch["train_ndcg@10"].values()], marker="o", label=f"{lab}, {sup}")
