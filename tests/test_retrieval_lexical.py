@@ -90,6 +90,9 @@ def test_blend_command_on_a_tiny_run_reproduces_the_model_at_weight_zero(tiny_co
     assert row["nnz_per_doc"] == trained["nnz_per_doc"]
     assert any(r["label"] == "impacts" for r in out["results"])
     assert "| BM25 (bm25s) |" in (run_dir / "blend" / "blend.md").read_text() and (run_dir / "blend" / "blend.png").exists()
+    assert main(["retrieval", "blend", str(run_dir), "--weights", "2", "--supports", "student", "--no-progress"]) == 0
+    again = json.loads((run_dir / "blend" / "blend.json").read_text())  # another grid: chosen and evaluated again
+    assert [r["weight"] for r in again["results"] if r["label"] == "baseline-s0"] == [2.0]
     assert main(["retrieval", "blend", str(run_dir), "--labels", "main-s0", "--no-progress"]) == 2
     assert "no finished evaluation of ['main-s0']" in capsys.readouterr().err
 

@@ -116,16 +116,16 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
         gains = relevance_matrix(qids, ids, sup.qrels)
         for support in supports:
             choice_file = out_dir / "results" / f"choice-{label}-{support}.json"
-            if choice_file.exists():
-                choice = json.loads(choice_file.read_text())
-            else:
+            grid = [str(w) for w in sorted(set(float(x) for x in weights))]
+            choice = json.loads(choice_file.read_text()) if choice_file.exists() else None
+            if choice is None or list(choice["train_ndcg@10"]) != grid:  # kept only for the same grid of weights
                 best, curve = choose_lexical_weight(docs, impacts(Path(supervised).name, texts), queries, gains, weights, support)
                 choice = {"label": label, "support": support, "weight": best, "train_queries": len(qids),
                           "train_ndcg@10": {str(w): v for w, v in curve.items()}}
                 _save(choice_file, choice)
             for r in (r for r in evals if r["label"] == label):
                 f = out_dir / "results" / f"eval-{label}-{support}-{r['collection']}.json"
-                if not f.exists():
+                if not f.exists() or json.loads(f.read_text())["weight"] != choice["weight"]:
                     col_ids, col_docs = _doc_vectors(run_dir, label, r["collection"], max_length, model_dir)
                     col = load_beir(_collection_path(run_dir, r))
                     lex = impacts(r["collection"], [col.corpus[i] for i in col_ids])
