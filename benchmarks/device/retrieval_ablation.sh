@@ -34,6 +34,11 @@ done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done  # 124: cut by the limit (send again to resume); other: failed
 kill "$smi" 2>/dev/null
+# Each finished arm also gets its BM25-impact blends (retrieval/lexical.py; a minute of CPU, from the cached vectors)
+for name in "${names[@]}"; do
+  [ -f "runs/rt-abl-$name/report.md" ] && [ -f "runs/rt-abl-$name/summary.json" ] && \
+    timeout 300 python3 -m sparsedistill retrieval blend "runs/rt-abl-$name" --no-progress >> "$OUT/$name.log" 2>&1
+done
 dirs=()
 for name in "${names[@]}"; do echo "== $name"; tail -n 5 "$OUT/$name.log"; dirs+=("runs/rt-abl-$name"); done
 # Only this call's runs, without weights or cached document vectors (a call returns a few tens of MB at most).
