@@ -99,16 +99,16 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
         model_dir = run_dir / "models" / label
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         term_weights = QueryTermWeights.find(model_dir, tok)
-        vocab = len(tok)
+        # the weight, on the supervised collection's train queries, served as the evaluation serves them
+        sup = load_beir(supervised, split="train")
+        ids, docs = _doc_vectors(run_dir, label, Path(supervised).name, max_length, model_dir)
 
-        def impacts(collection: str, texts: list[str]) -> torch.Tensor:
+        def impacts(collection: str, texts: list[str], vocab: int = docs.shape[1]) -> torch.Tensor:
+            """A collection's impacts in corpus order (the order of its cached vectors), computed once a command."""
             if collection not in impacts_of:
                 impacts_of[collection] = lexical_impacts(texts, tok, vocab)
             return impacts_of[collection]
 
-        # the weight, on the supervised collection's train queries, served as the evaluation serves them
-        sup = load_beir(supervised, split="train")
-        ids, docs = _doc_vectors(run_dir, label, Path(supervised).name, max_length, model_dir)
         texts = [sup.corpus[i] for i in ids]
         idf = IDFTable.from_corpus(texts, tok)
         qids = [q for q in sup.qrels if q in sup.queries]
