@@ -51,7 +51,7 @@ def lexical_impacts(texts: Sequence[str], tokenizer, vocab_size: int, k1: float 
     return torch.sparse_coo_tensor(torch.stack([row, col]), impact, (len(texts), vocab_size)).coalesce()
 
 
-def blend_documents(docs: Tensor, impacts: Tensor, weight: float, support: str = "student") -> Tensor:
+def blend_documents(docs: Tensor, impacts: Tensor, weight: float, support: str = "union") -> Tensor:
     """``docs + weight * impacts`` (both (documents, vocab) sparse), on the learned vectors' nonzeros alone
     (``support="student"``) or on both's (``"union"``)."""
     if support not in SUPPORTS:
