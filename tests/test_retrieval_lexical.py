@@ -121,6 +121,16 @@ def test_blend_command_on_a_tiny_run_reproduces_the_model_at_weight_zero(tiny_co
     assert not ((got != 0) & (want == 0)).any()  # (weights under half a uint8 step may round to no posting)
     assert (got != 0).sum() > (vecs.to_dense() != 0).sum()  # the document tokens the encoder dropped are back
     assert torch.allclose(got, want, rtol=0.02, atol=want.max().item() / 255)  # uint8 impacts
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from sparsedistill.retrieval.service import create_app
+
+    with TestClient(create_app(ix)) as client:  # it serves, but cannot blend new documents: refused, not mixed in
+        assert client.post("/search", json={"query": "volcano lava", "k": 1}).json()["results"][0]["id"] == "d0"
+        r = client.post("/documents", json={"documents": [{"id": "n1", "text": "Lava again."}]})
+        assert r.status_code == 409 and "BM25 impacts" in r.text
     assert main([*args, "--lexical-weight", "0.5"]) == 2  # another weight: refused, not mixed into the index
     assert "indexed with lexical impacts" in capsys.readouterr().err
 

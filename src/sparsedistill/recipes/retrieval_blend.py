@@ -10,6 +10,7 @@ each (model, support, collection) result is kept as it finishes, so a cut comman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import tomllib
@@ -64,7 +65,9 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
     from ..retrieval import IDFTable, QueryEncoder
     from ..retrieval.evaluation import EvalSettings, evaluate_collection
     from ..retrieval.lexical import SUPPORTS, blend_documents, choose_lexical_weight, density, lexical_impacts, relevance_matrix
-    from ..retrieval.term_weights import QueryTermWeights
+    from ..retrieval.collection import weights_sha256
+    from ..retrieval.term_weights import QUERY_WEIGHTS_FILE, QueryTermWeights
+    from ..retrieval.train_data import held_out_queries
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
@@ -99,6 +102,10 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
         model_dir = run_dir / "models" / label
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         term_weights = QueryTermWeights.find(model_dir, tok)
+        qw_file = model_dir / QUERY_WEIGHTS_FILE
+        # what a kept choice or evaluation was made from: reused only if all of it is the same
+        made_from = {"model": weights_sha256(model_dir), "max_length": max_length,
+                     "query_weights": hashlib.sha256(qw_file.read_bytes()).hexdigest()[:16] if qw_file.exists() else ""}
         # the weight, on the supervised collection's train queries, served as the evaluation serves them
         sup = load_beir(supervised, split="train")
         ids, docs = _doc_vectors(run_dir, label, Path(supervised).name, max_length, model_dir)
@@ -111,28 +118,30 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
 
         texts = [sup.corpus[i] for i in ids]
         idf = IDFTable.from_corpus(texts, tok)
-        qids = [q for q in sup.qrels if q in sup.queries]
+        guard = held_out_queries(ev.get("collections", []))  # a train query with a test query's text never chooses
+        qids = [q for q in sup.qrels if q in sup.queries and sup.queries[q] not in guard]
         queries = QueryEncoder(tok, term_weights.apply(idf) if term_weights else idf)([sup.queries[q] for q in qids])
         gains = relevance_matrix(qids, ids, sup.qrels)
         for support in supports:
             choice_file = out_dir / "results" / f"choice-{label}-{support}.json"
             grid = [str(w) for w in sorted(set(float(x) for x in weights))]
             choice = json.loads(choice_file.read_text()) if choice_file.exists() else None
-            if choice is None or list(choice["train_ndcg@10"]) != grid:  # kept only for the same grid of weights
+            if choice is None or list(choice["train_ndcg@10"]) != grid or choice.get("made_from") != made_from:
                 best, curve = choose_lexical_weight(docs, impacts(Path(supervised).name, texts), queries, gains, weights, support)
-                choice = {"label": label, "support": support, "weight": best, "train_queries": len(qids),
+                choice = {"label": label, "support": support, "weight": best, "train_queries": len(qids), "made_from": made_from,
                           "train_ndcg@10": {str(w): v for w, v in curve.items()}}
                 _save(choice_file, choice)
             for r in (r for r in evals if r["label"] == label):
                 f = out_dir / "results" / f"eval-{label}-{support}-{r['collection']}.json"
-                if not f.exists() or json.loads(f.read_text())["weight"] != choice["weight"]:
+                kept = json.loads(f.read_text()) if f.exists() else {}
+                if kept.get("weight") != choice["weight"] or kept.get("made_from") != made_from:
                     col_ids, col_docs = _doc_vectors(run_dir, label, r["collection"], max_length, model_dir)
                     col = load_beir(_collection_path(run_dir, r))
                     lex = impacts(r["collection"], [col.corpus[i] for i in col_ids])
                     blended = blend_documents(col_docs, lex, choice["weight"], support)
                     res = evaluate_collection(_collection_path(run_dir, r), ecfg, _Tokenized(tok), progress, docs=blended,
                                               term_weights=term_weights)
-                    _save(f, {"label": label, "support": support, "weight": choice["weight"], **res,
+                    _save(f, {"label": label, "support": support, "weight": choice["weight"], "made_from": made_from, **res,
                               "nnz_student": density(col_docs), "nnz_impacts": density(lex)})
                 rows.append(json.loads(f.read_text()))
     for r in {r["collection"]: r for r in evals}.values():  # BM25 over the encoder's tokens: the impacts alone
@@ -144,6 +153,11 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
                                                                  progress, docs=lex)})
         rows.append(json.loads(f.read_text()))
     return _write_report(run, out_dir, evals, rows, labels, supports, command)
+
+
+def _rows_max_length(rows: list[dict[str, Any]]) -> int:
+    """The evaluation's document length (every blend row has it)."""
+    return next((r["max_length"] for r in rows if "max_length" in r), 256)
 
 
 def _served(r: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +231,11 @@ def _write_report(run: Run, out_dir: Path, evals: list[dict[str, Any]], rows: li
         "One-thread query latency, p50 ms (ours / bm25s, same process): "
         + "; ".join(f"{r['label']} {r['support']} {r['collection']} {r['latency_ms']['ours_p50']:.2f} / "
                     f"{r['latency_ms']['bm25_p50']:.2f}" for r in lat),
+        "",
+        "To serve a row (`--max-length` as the run's evaluation): "
+        + "; ".join(f"`sparsedistill retrieval index --collection C --index-dir IX --encoder {run.path / 'models' / lab} "
+                    f"--max-length {_rows_max_length(rows)} --lexical-weight {ch['weight']:g} --lexical-support {sup}`"
+                    for (lab, sup), ch in choices.items()),
         "",
         "![blend](blend.png)",
         "",

@@ -12,8 +12,6 @@ dropped. The weight is chosen on training queries (``choose_lexical_weight``), n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -61,6 +59,8 @@ def blend_documents(docs: Tensor, impacts: Tensor, weight: float, support: str =
     if weight < 0:
         raise ValueError(f"the lexical weight must be >= 0, got {weight}")
     docs, impacts = docs.coalesce().float(), impacts.coalesce().float()
+    if weight == 0:  # the sum would keep explicit zeros where only the impacts have a term: counted as nonzeros
+        return docs
     if support == "union":
         return (docs + weight * impacts).coalesce()
     mask = torch.sparse_coo_tensor(docs.indices(), torch.ones_like(docs.values()), docs.shape)

@@ -300,6 +300,10 @@ class SearchService:
         if repeated:
             raise ServiceError(422, f"document id {_first_more(repeated)} appears more than once in this request; "
                                     "ids must be unique", duplicates=sorted(set(repeated)))
+        if self.index.metadata.get("lexical"):
+            raise ServiceError(409, "this index holds documents blended with BM25 impacts (retrieval index --lexical-weight), "
+                                    "which this service does not compute for new documents: rebuild the index with the "
+                                    "new documents in its collection instead")
         self._check_new(ids)  # fail fast, before the encoder runs
         t = time.perf_counter()
         vectors = self.encode_documents([d.text for d in docs])
