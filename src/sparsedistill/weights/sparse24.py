@@ -186,7 +186,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x W^T + b``, plus ``residual`` (shaped as the output) if given: added in the GEMM's epilogue where
-        ``fuses_residual``, else after it."""
+        ``fuses_residual_at`` this many tokens, else after it."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {tuple(x.shape)}")
         lead = x.shape[:-1]
