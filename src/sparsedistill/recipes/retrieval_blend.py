@@ -29,15 +29,16 @@ DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _doc_vectors(run_dir: Path, label: str, collection: str, max_length: int, model_dir: Path) -> tuple[list[str], torch.Tensor]:
+    """The run's cached vectors of a collection under a trained model, checked against the corpus's documents."""
     from ..retrieval.collection import weights_sha256
+    from ..retrieval.evaluation import doc_vectors_file, load_doc_vectors
 
-    f = run_dir / "doc-vectors" / f"{label}-{collection}-{max_length}-{weights_sha256(model_dir)}.pt"
+    f = doc_vectors_file(run_dir, label, collection, max_length, weights_sha256(model_dir))
     if not f.exists():
         raise FileNotFoundError(f"{f} is missing: finish the run's evaluation first (`sparsedistill retrieval train ... "
                                 f"--run-dir {run_dir} --resume`), which caches every collection's document vectors")
-    saved = torch.load(f)
-    docs = torch.sparse_csr_tensor(saved["crow"], saved["col"].long(), saved["values"], saved["shape"]).to_sparse_coo()
-    return saved["ids"], docs.coalesce()
+    ids, docs, _, _ = load_doc_vectors(f)
+    return ids, docs
 
 
 def _collection_path(run_dir: Path, result: dict[str, Any]) -> str:
@@ -119,7 +120,8 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
         texts = [sup.corpus[i] for i in ids]
         idf = IDFTable.from_corpus(texts, tok)
         guard = held_out_queries(ev.get("collections", []))  # a train query with a test query's text never chooses
-        qids = [q for q in sup.qrels if q in sup.queries and sup.queries[q] not in guard]
+        qids = [q for q in sup.qrels if q in sup.queries and sup.queries[q] not in guard
+                and any(g > 0 for g in sup.qrels[q].values())]
         queries = QueryEncoder(tok, term_weights.apply(idf) if term_weights else idf)([sup.queries[q] for q in qids])
         gains = relevance_matrix(qids, ids, sup.qrels)
         for support in supports:
@@ -152,12 +154,7 @@ def run_retrieval_blend(run_dir: str | Path, weights: tuple[float, ...] = DEFAUL
             _save(f, {"label": "impacts", **evaluate_collection(_collection_path(run_dir, r), ecfg, _Tokenized(tok),
                                                                  progress, docs=lex)})
         rows.append(json.loads(f.read_text()))
-    return _write_report(run, out_dir, evals, rows, labels, supports, command)
-
-
-def _rows_max_length(rows: list[dict[str, Any]]) -> int:
-    """The evaluation's document length (every blend row has it)."""
-    return next((r["max_length"] for r in rows if "max_length" in r), 256)
+    return _write_report(run, out_dir, evals, rows, labels, supports, command, max_length)
 
 
 def _served(r: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +163,7 @@ def _served(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_report(run: Run, out_dir: Path, evals: list[dict[str, Any]], rows: list[dict[str, Any]], labels: list[str],
-                  supports: tuple[str, ...], command: str) -> Path:
+                  supports: tuple[str, ...], command: str, max_length: int) -> Path:
     cols = list(dict.fromkeys(r["collection"] for r in evals if r["label"] in labels))
     bm25 = {r["collection"]: 100 * r["bm25"]["ndcg@10"] for r in evals if r["label"] in labels}
     table: list[list[str]] = [["BM25 (bm25s)", "", *[f"{bm25[c]:.2f}" for c in cols], ""]]
@@ -234,7 +231,7 @@ def _write_report(run: Run, out_dir: Path, evals: list[dict[str, Any]], rows: li
         "",
         "To serve a row (`--max-length` as the run's evaluation): "
         + "; ".join(f"`sparsedistill retrieval index --collection C --index-dir IX --encoder {run.path / 'models' / lab} "
-                    f"--max-length {_rows_max_length(rows)} --lexical-weight {ch['weight']:g} --lexical-support {sup}`"
+                    f"--max-length {max_length} --lexical-weight {ch['weight']:g} --lexical-support {sup}`"
                     for (lab, sup), ch in choices.items()),
         "",
         "![blend](blend.png)",

@@ -709,26 +709,23 @@ class RetrievalTrain:
     def doc_vectors(self, label: str, model_dir: Path | None, collection: str | Path) -> tuple[list[str], Tensor, float, str]:
         """``(ids, (documents, vocab) sparse vectors, documents/s, device encoded on)`` of a collection under a model at the evaluation
         length, cached in ``doc-vectors/`` (the query-weight fit and the evaluation share them; a resumed run reuses them)."""
-        from ..retrieval.evaluation import encode_documents
+        from ..retrieval.evaluation import doc_vectors_file, encode_documents, load_doc_vectors, save_doc_vectors
         from ..retrieval.collection import weights_sha256
 
         ml = self.cfg.eval.max_length or self.cfg.student.max_length
         model = weights_sha256(model_dir) if model_dir else "base"  # a model retrained within the run gets new vectors
-        f = self.run.path / "doc-vectors" / f"{label}-{collection_name(collection)}-{ml}-{model}.pt"
+        f = doc_vectors_file(self.run.path, label, collection_name(collection), ml, model)
         col = load_beir(collection)
         ids = list(col.corpus)
         if f.exists():
-            saved = torch.load(f)
-            if saved["ids"] == ids:
-                m = torch.sparse_csr_tensor(saved["crow"], saved["col"].long(), saved["values"], saved["shape"])
-                return ids, m.to_sparse_coo().coalesce(), saved["docs_per_s"], saved.get("device", "cpu")
+            saved = load_doc_vectors(f)
+            if saved[0] == ids:
+                return saved
         t0 = time.time()
         docs = encode_documents(self._eval_encoder(label, model_dir), [col.corpus[i] for i in ids], self.cfg.eval.batch_size,
                                 self.progress, f"{label} {collection_name(collection)}")
         rate = len(ids) / (time.time() - t0)
-        csr = docs.to_sparse_csr()
-        atomic_torch_save({"ids": ids, "crow": csr.crow_indices(), "col": csr.col_indices().int(), "values": csr.values(),
-                           "shape": tuple(docs.shape), "docs_per_s": rate, "device": str(self.device)}, f)
+        save_doc_vectors(f, ids, docs, rate, str(self.device))
         return ids, docs, rate, str(self.device)
 
     def learn_query_weights(self, label: str, model_dir: Path, seed: int) -> None:

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,27 @@ def encode_documents(encoder, texts: list[str], batch_size: int, progress: bool,
         chunks = [encoder(texts[s : s + batch_size]).to_sparse() for s in
                   tqdm(range(0, len(texts), batch_size), desc=f"encode {name}", disable=not progress, leave=False)]
     return torch.cat(chunks).coalesce()
+
+
+def doc_vectors_file(run_dir: Path, label: str, collection: str, max_length: int, model_key: str) -> Path:
+    """Where a run caches a model's document vectors of a collection (``model_key``: its weights' hash, or "base")."""
+    return Path(run_dir) / "doc-vectors" / f"{label}-{collection}-{max_length}-{model_key}.pt"
+
+
+def save_doc_vectors(path: Path, ids: list[str], docs: torch.Tensor, docs_per_s: float, device: str) -> None:
+    """Atomically, as CSR: the ids in corpus order, the (documents, vocab) vectors, how fast they were encoded, where."""
+    from ..runs import atomic_torch_save
+
+    csr = docs.to_sparse_csr()
+    atomic_torch_save({"ids": ids, "crow": csr.crow_indices(), "col": csr.col_indices().int(), "values": csr.values(),
+                       "shape": tuple(docs.shape), "docs_per_s": docs_per_s, "device": device}, path)
+
+
+def load_doc_vectors(path: Path) -> tuple[list[str], torch.Tensor, float, str]:
+    """``(ids, (documents, vocab) sparse COO vectors, documents/s, device)`` as ``save_doc_vectors`` wrote them."""
+    saved = torch.load(path)
+    m = torch.sparse_csr_tensor(saved["crow"], saved["col"].long(), saved["values"], saved["shape"])
+    return saved["ids"], m.to_sparse_coo().coalesce(), saved["docs_per_s"], saved.get("device", "cpu")
 
 
 def teacher_score_matrix(name: str, texts: list[str], qtexts: list[str], cfg: EvalSettings, progress: bool,

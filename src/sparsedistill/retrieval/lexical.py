@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .term_weights import ndcg_at_10
+
 __all__ = ["SUPPORTS", "lexical_impacts", "blend_documents", "choose_lexical_weight", "relevance_matrix", "density"]
 
 SUPPORTS = ("student", "union")
@@ -68,21 +70,11 @@ def blend_documents(docs: Tensor, impacts: Tensor, weight: float, support: str =
     return (docs + weight * on_support).coalesce()
 
 
-def _ndcg10(scores: Tensor, gains: Tensor) -> float:
-    """Mean NDCG@10 (linear gains, as ranx's ``ndcg`` and trec_eval's ``ndcg_cut``) of (queries, docs) scores."""
-    k = min(10, scores.shape[1])
-    discount = 1 / torch.log2(torch.arange(k, dtype=torch.float32) + 2)
-    top = scores.topk(k, dim=1).indices
-    dcg = (gains.gather(1, top) * discount).sum(1)
-    ideal = (gains.topk(k, dim=1).values * discount).sum(1)
-    keep = ideal > 0
-    return float((dcg[keep] / ideal[keep]).mean()) if keep.any() else 0.0
-
-
 def choose_lexical_weight(docs: Tensor, impacts: Tensor, queries: Tensor, gains: Tensor, weights: Sequence[float],
                           support: str = "student") -> tuple[float, dict[float, float]]:
     """The weight of ``weights`` whose blend ranks ``queries`` ((queries, vocab) dense vectors, as served) best by
-    NDCG@10 against ``gains`` ((queries, documents) graded relevance); ties go to the smaller weight. Returns it and
+    NDCG@10 against ``gains`` ((queries, documents) graded relevance; a query without a relevant document counts 0);
+    ties go to the smaller weight. Returns it and
     every weight's NDCG@10."""
     if not weights:
         raise ValueError("no lexical weights to choose from")
@@ -92,7 +84,7 @@ def choose_lexical_weight(docs: Tensor, impacts: Tensor, queries: Tensor, gains:
     curve: dict[float, float] = {}
     for w in sorted(set(float(x) for x in weights)):
         d = blend_documents(docs, impacts, w, support).t().coalesce().to_sparse_csr()
-        curve[w] = _ndcg10((q @ d).to_dense(), gains.float())
+        curve[w] = float(ndcg_at_10((q @ d).to_dense(), gains))
     best = max(curve, key=lambda w: (curve[w], -w))
     return best, curve
 
